@@ -1,0 +1,39 @@
+"""epic: robust training against data poisoning (EPIC, Yang et al., ICML 2022).
+
+Example:
+    >>> import epic
+    >>> defense = epic.EPIC(fraction=0.1, warmup=10, every=2)
+"""
+
+from epic.data import Augment, ImageData, iterate_batches, load_cifar, load_dataset, load_digits
+from epic.defense import EPIC, EpicRound
+from epic.gradients import gradient_embeddings
+from epic.models import Classifier, build_model
+from epic.poisons import PoisonSet, PoisonSetError
+from epic.selection import Medoids, find_isolated, select_medoids
+from epic.train import TrainConfig, TrainResult, evaluate, train
+
+__all__ = [
+    "EPIC",
+    "Augment",
+    "Classifier",
+    "EpicRound",
+    "ImageData",
+    "Medoids",
+    "PoisonSet",
+    "PoisonSetError",
+    "TrainConfig",
+    "TrainResult",
+    "build_model",
+    "evaluate",
+    "find_isolated",
+    "gradient_embeddings",
+    "iterate_batches",
+    "load_cifar",
+    "load_dataset",
+    "load_digits",
+    "select_medoids",
+    "train",
+]
+
+__version__ = "0.1.0"

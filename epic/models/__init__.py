@@ -1,0 +1,49 @@
+"""Models: each is a :class:`Classifier` with ``features(x)`` and a last linear ``classifier``.
+
+=================  ===================================================  =========
+name               architecture                                         params
+=================  ===================================================  =========
+``resnet18``       ResNet-18, CIFAR stem (as in the paper)              11.2 M
+``vgg16``          VGG-16 with batch norm (as in the paper)             14.7 M
+``resnet18-small`` ResNet-18 layout at 1/4 width                        0.7 M
+``vgg16-small``    VGG-16-BN at 1/4 width                               0.9 M
+``convnet``        3-stage conv net, width 32 (seconds on a CPU)        0.1 M
+=================  ===================================================  =========
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from torch import nn
+
+from epic.models.base import Classifier, Normalize
+from epic.models.resnet import resnet_body
+from epic.models.small import convnet_body
+from epic.models.vgg import vgg_body
+
+__all__ = ["MODELS", "Classifier", "Normalize", "build_model"]
+
+MODELS: dict[str, Callable[[int], tuple[nn.Module, int]]] = {
+    "resnet18": lambda c: resnet_body(c, width=64),
+    "vgg16": lambda c: vgg_body(c, width=64),
+    "resnet18-small": lambda c: resnet_body(c, width=16),
+    "vgg16-small": lambda c: vgg_body(c, width=16),
+    "convnet": lambda c: convnet_body(c, width=32),
+}
+
+
+def build_model(name: str, *, num_classes: int, in_channels: int,
+                mean: Sequence[float], std: Sequence[float]) -> Classifier:
+    """A fresh model by name (see :data:`MODELS`); ``mean``/``std`` are the data's statistics.
+
+    Example:
+        >>> m = build_model("convnet", num_classes=10, in_channels=3, mean=[0.5] * 3,
+        ...                 std=[0.25] * 3)
+        >>> m.features(torch.rand(2, 3, 32, 32)).shape
+        torch.Size([2, 128])
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    body, dim = MODELS[name](in_channels)
+    return Classifier(body, dim, num_classes, mean, std)

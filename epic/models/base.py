@@ -1,0 +1,49 @@
+"""The shape every model here shares: normalization, a feature extractor, one linear layer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Classifier", "Normalize"]
+
+
+class Normalize(nn.Module):
+    """Per-channel ``(x - mean) / std`` for inputs in ``[0, 1]``, ``(B, C, H, W)``."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(list(mean)).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std)).view(1, -1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+
+class Classifier(nn.Module):
+    """A network split as ``classifier(features(x))``.
+
+    Inputs are images in ``[0, 1]``; normalization is the first step of :meth:`features`, so
+    attacks can work in pixel space. ``features(x)`` returns the penultimate representation
+    ``(B, F)``; ``classifier`` is the last ``nn.Linear(F, num_classes)``.
+    """
+
+    def __init__(self, body: nn.Module, feature_dim: int, num_classes: int,
+                 mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.body = body
+        self.feature_dim = feature_dim
+        self.classifier = nn.Linear(feature_dim, num_classes)
+
+    def features(self, x: Tensor) -> Tensor:
+        return torch.flatten(self.body(self.normalize(x)), 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x))
+
+    def reset_classifier(self) -> None:
+        """Re-initialize the last linear layer (transfer learning and fine-tuning)."""
+        self.classifier.reset_parameters()

@@ -1,0 +1,214 @@
+"""Poison sets: what an attack hands to a victim, saved as arrays plus JSON, never pickled.
+
+A poison set replaces some training images (``indices``) by perturbed ones (``images``) within
+an l-infinity budget ``eps``, and names what the attacker wants: ``target_images`` (test-time
+images) classified as ``adversarial_class``. A backdoor set also carries a ``trigger`` patch; its
+success is measured on patched test images of ``target_class`` (the source class).
+
+On disk a set is a folder with ``poisons.npz`` (arrays, read with ``allow_pickle=False``) and
+``poisons.json`` (everything else).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from epic.data import ImageData, iterate_batches
+
+__all__ = ["PoisonSet", "PoisonSetError", "apply_trigger"]
+
+FORMAT_VERSION = 1
+_ARRAYS = ("indices", "images", "target_images", "labels", "trigger")
+
+
+class PoisonSetError(ValueError):
+    """A poison set is malformed or breaks its own constraints."""
+
+
+def apply_trigger(images: Tensor, trigger: Tensor, *, generator: torch.Generator | None = None
+                  ) -> Tensor:
+    """Paste ``trigger`` ``(C, h, w)`` uint8 at a random position of each image ``(B, C, H, W)``.
+
+    Positions come from ``generator`` (CPU); the result is a new uint8 tensor.
+    """
+    b, _, hh, ww = images.shape
+    _, h, w = trigger.shape
+    out = images.clone()
+    rows = torch.randint(0, hh - h + 1, (b,), generator=generator).tolist()
+    cols = torch.randint(0, ww - w + 1, (b,), generator=generator).tolist()
+    for i, (r, c) in enumerate(zip(rows, cols, strict=True)):
+        out[i, :, r:r + h, c:c + w] = trigger.to(out.device)
+    return out
+
+
+@dataclass(frozen=True)
+class PoisonSet:
+    """Poisoned replacements for some training images, and the attacker's goal.
+
+    Attributes:
+        indices: ``(P,)`` int64, distinct training-set indices of the base images.
+        images: ``(P, C, H, W)`` uint8 poisoned images, within ``eps`` of their bases.
+        target_images: ``(T, C, H, W)`` uint8 test-time targets (may be empty for backdoors).
+        target_class: true class of the targets; for a backdoor, the source class.
+        adversarial_class: class the attacker wants the targets predicted as.
+        eps: l-infinity budget in ``[0, 1]`` pixel units (8/255, 16/255, or 1 for unbounded).
+        labels: ``(P,)`` labels the poisons carry, or None when they keep their base labels
+            (clean-label attacks).
+        trigger: ``(C, h, w)`` uint8 backdoor patch, or None.
+        metadata: attack name, hyperparameters, seed, model, seconds, anything JSON-ready.
+    """
+
+    indices: Tensor
+    images: Tensor
+    target_images: Tensor
+    target_class: int
+    adversarial_class: int
+    eps: float
+    labels: Tensor | None = None
+    trigger: Tensor | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        p = self.indices.shape[0] if self.indices.dim() == 1 else -1
+        if p < 0 or self.indices.dtype != torch.long:
+            raise PoisonSetError("indices must be an int64 vector")
+        if len(torch.unique(self.indices)) != p:
+            raise PoisonSetError("indices must be distinct")
+        for name in ("images", "target_images"):
+            t = getattr(self, name)
+            if t.dtype != torch.uint8 or t.dim() != 4:
+                raise PoisonSetError(f"{name} must be uint8 (N, C, H, W), got {t.dtype} "
+                                     f"{tuple(t.shape)}")
+        if self.images.shape[0] != p:
+            raise PoisonSetError(f"{p} indices but {self.images.shape[0]} images")
+        if self.labels is not None and self.labels.shape != (p,):
+            raise PoisonSetError(f"labels must be ({p},)")
+        if self.trigger is not None and (self.trigger.dtype != torch.uint8
+                                         or self.trigger.dim() != 3):
+            raise PoisonSetError("trigger must be uint8 (C, h, w)")
+        if not 0 < self.eps <= 1:
+            raise PoisonSetError(f"eps must be in (0, 1], got {self.eps}")
+
+    def __len__(self) -> int:
+        return int(self.indices.shape[0])
+
+    @property
+    def eps_pixels(self) -> int:
+        """The budget in 0..255 pixel steps."""
+        return math.floor(self.eps * 255 + 1e-6)
+
+    def validate(self, train: ImageData) -> None:
+        """Check the set against the training set it poisons.
+
+        Raises:
+            PoisonSetError: an index is out of range, an image's shape differs, a poison leaves
+                the eps-ball of its base image, or a clean-label poison changes its label.
+        """
+        n = len(train)
+        if len(self) and (int(self.indices.min()) < 0 or int(self.indices.max()) >= n):
+            raise PoisonSetError(f"indices must lie in [0, {n})")
+        if tuple(self.images.shape[1:]) != train.shape:
+            raise PoisonSetError(f"poison images are {tuple(self.images.shape[1:])}, training "
+                                 f"images {train.shape}")
+        base = train.images[self.indices.to(train.images.device)].cpu()
+        dist = (self.images.short() - base.short()).abs().amax(dim=(1, 2, 3))
+        bad = (dist > self.eps_pixels).nonzero().squeeze(1)
+        if len(bad):
+            raise PoisonSetError(
+                f"{len(bad)} poisons exceed eps={self.eps_pixels}/255 (first: index "
+                f"{int(self.indices[bad[0]])}, distance {int(dist[bad[0]])}/255)")
+        if self.labels is None:
+            return
+        base_labels = train.labels[self.indices.to(train.labels.device)].cpu()
+        if self.metadata.get("clean_label", True) and not torch.equal(self.labels, base_labels):
+            raise PoisonSetError("a clean-label poison set changes labels")
+
+    def apply(self, train: ImageData) -> ImageData:
+        """The training set with the poisons in place (validated first)."""
+        self.validate(train)
+        images = train.images.clone()
+        images[self.indices.to(images.device)] = self.images.to(images.device)
+        labels = train.labels
+        if self.labels is not None:
+            labels = labels.clone()
+            labels[self.indices.to(labels.device)] = self.labels.to(labels.device)
+        return replace(train, images=images, labels=labels)
+
+    def evaluation_images(self, test: ImageData, *, limit: int = 1000, seed: int = 0) -> Tensor:
+        """uint8 images the attack should flip: the targets, or patched source-class test images.
+
+        For a backdoor, up to ``limit`` test images of ``target_class`` get the trigger at a
+        random place (fixed by ``seed``), as in Sleeper Agent's evaluation.
+        """
+        if self.trigger is None:
+            return self.target_images
+        source = test.images[test.labels == self.target_class][:limit].cpu()
+        return apply_trigger(source, self.trigger, generator=torch.Generator().manual_seed(seed))
+
+    @torch.no_grad()
+    def success(self, model: nn.Module, test: ImageData) -> float:
+        """Share of :meth:`evaluation_images` the model assigns to ``adversarial_class``."""
+        images = self.evaluation_images(test)
+        if len(images) == 0:
+            raise PoisonSetError("nothing to evaluate: no targets and no source-class images")
+        probe = replace(test, images=images,
+                        labels=torch.full((len(images),), self.adversarial_class))
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        hits = 0
+        for x, y, _ in iterate_batches(probe, batch_size=500, device=device):
+            hits += int((model(x).argmax(1) == y).sum())
+        model.train(was_training)
+        return hits / len(images)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write ``path/poisons.npz`` and ``path/poisons.json``; returns the folder."""
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        arrays = {k: getattr(self, k).cpu().numpy() for k in _ARRAYS
+                  if getattr(self, k) is not None}
+        np.savez_compressed(folder / "poisons.npz", **arrays)
+        meta = {"format": "epic-poisons", "version": FORMAT_VERSION,
+                "target_class": self.target_class, "adversarial_class": self.adversarial_class,
+                "eps": self.eps, "metadata": self.metadata}
+        (folder / "poisons.json").write_text(json.dumps(meta, indent=2))
+        return folder
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], train: ImageData | None = None) -> PoisonSet:
+        """Read a set written by :meth:`save`, without pickle; validated against ``train``.
+
+        Raises:
+            PoisonSetError: missing files, unknown format, or a set that fails validation.
+        """
+        folder = Path(path)
+        try:
+            meta = json.loads((folder / "poisons.json").read_text())
+            with np.load(folder / "poisons.npz", allow_pickle=False) as npz:
+                arrays = {k: torch.from_numpy(npz[k].copy()) for k in npz.files if k in _ARRAYS}
+        except (OSError, ValueError) as exc:
+            raise PoisonSetError(f"cannot read a poison set at {folder}: {exc}") from exc
+        if meta.get("format") != "epic-poisons" or meta.get("version") != FORMAT_VERSION:
+            raise PoisonSetError(f"{folder}: not an epic poison set (version {FORMAT_VERSION})")
+        missing = {"indices", "images", "target_images"} - set(arrays)
+        if missing:
+            raise PoisonSetError(f"{folder}: poisons.npz lacks {sorted(missing)}")
+        arrays["indices"] = arrays["indices"].long()
+        if "labels" in arrays:
+            arrays["labels"] = arrays["labels"].long()
+        poisons = cls(target_class=int(meta["target_class"]),
+                      adversarial_class=int(meta["adversarial_class"]), eps=float(meta["eps"]),
+                      metadata=dict(meta.get("metadata", {})), **arrays)
+        if train is not None:
+            poisons.validate(train)
+        return poisons

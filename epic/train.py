@@ -1,0 +1,319 @@
+"""The training loop and its scenarios: from scratch, transfer learning, fine-tuning.
+
+One function, :func:`train`, runs SGD over an in-memory dataset with an optional defense
+(anything with ``due``/``update``/``keep_mask``, such as :class:`epic.EPIC`) and an optional
+poison set whose attack success it measures every epoch. With ``out`` it writes the resolved
+config, per-epoch metrics, defense records, a checkpoint each epoch (``resume=True`` continues
+from it) and a summary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from epic.data import ImageData, iterate_batches
+from epic.models import Classifier
+from epic.poisons import PoisonSet
+
+__all__ = ["Defense", "Scenario", "TrainConfig", "TrainResult", "default_milestones",
+           "evaluate", "prepare_model", "train"]
+
+log = logging.getLogger(__name__)
+
+Scenario = Literal["scratch", "transfer", "finetune"]
+
+
+class Defense(Protocol):
+    """What the trainer needs of a defense that drops training examples during training."""
+
+    keep_mask: Tensor | None
+
+    def due(self, epoch: int) -> bool: ...
+
+    def update(self, model: nn.Module, data: ImageData, epoch: int) -> Any: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def default_milestones(epochs: int) -> tuple[int, ...]:
+    """Learning-rate drops (/10): the paper's 100 and 150 for 200 epochs, else 25/40 and 35/40."""
+    if epochs == 200:
+        return (100, 150)
+    return tuple(sorted({m for m in (round(epochs * 25 / 40), round(epochs * 35 / 40))
+                         if 0 < m < epochs}))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters of a run (defaults: the paper's CIFAR-10 pipeline).
+
+    ``lr=None`` means 0.1, or 1e-4 when fine-tuning; ``milestones=None`` means
+    :func:`default_milestones`.
+    """
+
+    epochs: int = 40
+    scenario: Scenario = "scratch"
+    lr: float | None = None
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    milestones: tuple[int, ...] | None = None
+    gamma: float = 0.1
+    augment: bool = True
+    seed: int = 0
+
+    @property
+    def resolved_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 1e-4 if self.scenario == "finetune" else 0.1
+
+    @property
+    def resolved_milestones(self) -> tuple[int, ...]:
+        return self.milestones if self.milestones is not None else default_milestones(self.epochs)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: per-epoch metrics and the final summary."""
+
+    metrics: list[dict[str, Any]]
+    summary: dict[str, Any]
+    model: nn.Module = field(repr=False)
+
+
+def prepare_model(model: Classifier, scenario: Scenario) -> list[nn.Parameter]:
+    """Set a pretrained model up for ``scenario``; returns the parameters to optimize.
+
+    ``transfer`` freezes the feature extractor (and its batch-norm statistics) and
+    re-initializes the last layer; ``finetune`` re-initializes the last layer and trains all;
+    ``scratch`` leaves the model as it is.
+    """
+    if scenario == "scratch":
+        return list(model.parameters())
+    model.reset_classifier()
+    if scenario == "finetune":
+        return list(model.parameters())
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("classifier."))
+    return list(model.classifier.parameters())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: ImageData, *, batch_size: int = 1000) -> float:
+    """Accuracy of ``model`` on ``data`` (eval mode; training mode restored)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for x, y, _ in iterate_batches(data, batch_size=batch_size, device=device):
+        correct += int((model(x).argmax(1) == y).sum())
+    model.train(was_training)
+    return correct / max(len(data), 1)
+
+
+def _run_info() -> dict[str, Any]:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        rev = None
+    return {"torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version(), "git_revision": rev}
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def train(
+    model: Classifier,
+    train_data: ImageData,
+    test_data: ImageData,
+    config: TrainConfig = TrainConfig(),
+    *,
+    defense: Defense | None = None,
+    poisons: PoisonSet | None = None,
+    out: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    progress: bool = False,
+    run_info: dict[str, Any] | None = None,
+    on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` on ``train_data`` (poisoned by ``poisons`` if given) under ``defense``.
+
+    The model is trained on the device it lives on; data batches follow it. With a seed and
+    the same starting weights, a CPU run is reproducible, also across ``resume``.
+
+    Args:
+        model: a :class:`~epic.models.Classifier`; for transfer/fine-tuning, already loaded
+            with pretrained weights (see :func:`prepare_model`, applied here).
+        config: hyperparameters and scenario.
+        defense: e.g. :class:`epic.EPIC`; consulted before every epoch.
+        poisons: a poison set; applied to ``train_data`` and its success measured each epoch.
+        out: folder for ``config.json``, ``metrics.json``, ``defense.json``, ``checkpoint.pt``,
+            ``model.pt`` and ``summary.json``.
+        resume: continue from ``out/checkpoint.pt`` if it exists.
+        progress: show a progress bar on stderr.
+        run_info: extra facts to record in ``config.json`` (dataset, model name, ...).
+        on_epoch_end: called with ``(epoch, metrics)`` after each epoch's checkpoint.
+
+    Returns:
+        :class:`TrainResult` with per-epoch metrics and the summary.
+    """
+    device = next(model.parameters()).device
+    outp = Path(out) if out is not None else None
+    if poisons is not None:
+        train_data = poisons.apply(train_data)
+    params = prepare_model(model, config.scenario)
+    frozen_body = config.scenario == "transfer"
+    optimizer = torch.optim.SGD(params, lr=config.resolved_lr, momentum=config.momentum,
+                                nesterov=config.nesterov, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(
+        optimizer, milestones=list(config.resolved_milestones), gamma=config.gamma)
+    generator = torch.Generator().manual_seed(config.seed)
+    augment = train_data.augment if config.augment else None
+    metrics: list[dict[str, Any]] = []
+    start_epoch, elapsed = 0, 0.0
+
+    checkpoint = outp / "checkpoint.pt" if outp is not None else None
+    if resume and checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        if defense is not None and state["defense"] is not None:
+            defense.load_state_dict(state["defense"])
+        metrics = json.loads(state["metrics"])
+        start_epoch, elapsed = int(state["epoch"]) + 1, float(state["seconds"])
+        log.info("resuming from %s at epoch %d", checkpoint, start_epoch)
+    if outp is not None:
+        outp.mkdir(parents=True, exist_ok=True)
+        _write_json(outp / "config.json", {
+            "config": dataclasses.asdict(config) | {"lr": config.resolved_lr,
+                                                   "milestones": config.resolved_milestones},
+            "defense": _describe(defense), "poisons": None if poisons is None else {
+                "count": len(poisons), "metadata": poisons.metadata},
+            "device": str(device), "run": (run_info or {}) | _run_info()})
+
+    epochs = range(start_epoch, config.epochs)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.epochs, initial=start_epoch, unit="epoch", dynamic_ncols=True)
+    for epoch in epochs:
+        t0 = time.perf_counter()
+        record: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+        if defense is not None and defense.due(epoch):
+            round_ = defense.update(model, train_data, epoch)
+            record["defense_seconds"] = round(getattr(round_, "seconds", 0.0), 4)
+        keep = defense.keep_mask if defense is not None else None
+        model.train()
+        if frozen_body:
+            model.body.eval()
+        loss_sum, correct, seen = 0.0, 0, 0
+        for x, y, _ in iterate_batches(train_data, batch_size=config.batch_size, keep=keep,
+                                       shuffle=True, augment=augment, generator=generator,
+                                       device=device):
+            if frozen_body:
+                with torch.no_grad():
+                    feats = model.features(x)
+                logits = model.classifier(feats)
+            else:
+                logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += float(loss.detach()) * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+        scheduler.step()
+        record |= {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+                   "trained_on": seen, "test_acc": evaluate(model, test_data)}
+        if poisons is not None:
+            record["attack_success"] = poisons.success(model, test_data)
+            if keep is not None:
+                record["poisons_dropped"] = int((~keep[poisons.indices]).sum())
+        elapsed += time.perf_counter() - t0
+        record["seconds"] = round(elapsed, 3)
+        metrics.append(record)
+        if outp is not None:
+            _save_epoch(outp, model, optimizer, scheduler, generator, defense, metrics, epoch,
+                        elapsed)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['train_loss']:.3f}", acc=f"{record['test_acc']:.3f}")
+        log.info("epoch %d: %s", epoch, record)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, record)
+    if bar is not None:
+        bar.close()
+
+    summary = _summarize(metrics, defense, poisons, len(train_data))
+    if outp is not None:
+        torch.save(model.state_dict(), outp / "model.pt")
+        _write_json(outp / "summary.json", summary)
+    return TrainResult(metrics, summary, model)
+
+
+def _describe(defense: Defense | None) -> dict[str, Any] | None:
+    if defense is None:
+        return None
+    settings = {k: v for k, v in vars(defense).items()
+                if isinstance(v, (int, float, str, bool, type(None)))}
+    return {"name": type(defense).__name__} | settings
+
+
+def _save_epoch(outp: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                scheduler: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator,
+                defense: Defense | None, metrics: list[dict[str, Any]], epoch: int,
+                elapsed: float) -> None:
+    _write_json(outp / "metrics.json", metrics)
+    history = getattr(defense, "history", None)
+    if history:
+        _write_json(outp / "defense.json", [r.summary() for r in history])
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
+             "defense": None if defense is None else defense.state_dict(),
+             "metrics": json.dumps(metrics), "epoch": epoch, "seconds": elapsed}
+    tmp = outp / "checkpoint.pt.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, outp / "checkpoint.pt")
+
+
+def _summarize(metrics: list[dict[str, Any]], defense: Defense | None,
+               poisons: PoisonSet | None, n: int) -> dict[str, Any]:
+    last = metrics[-1] if metrics else {}
+    keep = defense.keep_mask if defense is not None else None
+    summary: dict[str, Any] = {
+        "test_acc": last.get("test_acc"), "epochs": len(metrics),
+        "seconds": last.get("seconds", 0.0),
+        "examples_dropped": 0 if keep is None else int((~keep).sum()), "examples": n}
+    if poisons is not None:
+        summary["attack_success"] = last.get("attack_success")
+        summary["poisons"] = len(poisons)
+        summary["poisons_dropped"] = 0 if keep is None else int((~keep[poisons.indices]).sum())
+    return summary
