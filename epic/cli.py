@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from --out/checkpoint.pt if present")
     g.add_argument("--progress", dest="progress", action="store_true", default=None,
                    help="show a progress bar (default: when stderr is a terminal)")
-    g.add_argument("--no-progress", dest="progress", action="store_false")
+    g.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="never show a progress bar")
     g.add_argument("--json", action="store_true",
                    help="print the summary as JSON on the last line of output")
     p.set_defaults(handler=cmd_train)

@@ -321,9 +321,10 @@ def _read_cifar_members(source: Path, spec: _CifarSpec) -> dict[str, dict[str, o
         for member in tar.getmembers():
             base = member.name.rsplit("/", 1)[-1]
             if base in wanted and member.isfile():
-                f = tar.extractfile(member)
-                assert f is not None
-                out[base] = _as_batch(safe_load(f), base)
+                member_file = tar.extractfile(member)
+                if member_file is None:
+                    raise ValueError(f"{source}: cannot read {member.name}")
+                out[base] = _as_batch(safe_load(member_file), base)
     missing = set(wanted) - set(out)
     if missing:
         raise ValueError(f"{source} lacks {sorted(missing)}")

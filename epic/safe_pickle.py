@@ -27,6 +27,13 @@ _NUMPY_GLOBALS = {
 }
 
 
+def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
+    """What protocol-2 pickles written by Python 3 call to rebuild ``bytes``."""
+    if not isinstance(text, str) or encoding.lower().replace("-", "") != "latin1":
+        raise UnsafePickleError("only latin-1 text may be encoded to bytes in an untrusted pickle")
+    return text.encode("latin1")
+
+
 class UnsafePickleError(pickle.UnpicklingError):
     """A pickle asked for a global outside the allowlist; nothing from it was executed."""
 
@@ -39,6 +46,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self._extra:
             return self._extra[(module, name)]
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_bytes
         if (module, name) in _NUMPY_GLOBALS:
             return super().find_class(module, name)
         raise UnsafePickleError(

@@ -13,6 +13,9 @@ __all__ = ["Classifier", "Normalize"]
 class Normalize(nn.Module):
     """Per-channel ``(x - mean) / std`` for inputs in ``[0, 1]``, ``(B, C, H, W)``."""
 
+    mean: Tensor
+    std: Tensor
+
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(list(mean)).view(1, -1, 1, 1))

@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from epic.cli import build_parser, main
+
+from .conftest import cifar_root, requires_cifar
+
+
+def test_help_explains_every_train_option() -> None:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    train = sub.choices["train"]  # type: ignore[union-attr]
+    for action in train._actions:
+        if action.dest != "help" and action.option_strings:
+            assert action.help, f"{action.option_strings} has no help"
+
+
+def test_train_on_embedded_digits_with_epic(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "run"
+    assert main(["train", "--epochs", "6", "--defense", "epic", "--warmup", "2", "--every", "2",
+                 "--out", str(out), "--json", "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["epochs"] == 6 and summary["test_acc"] > 0.5
+    rounds = json.loads((out / "defense.json").read_text())
+    assert [r["epoch"] for r in rounds] == [2, 4]  # until = last milestone (5)
+    assert summary["examples_dropped"] == sum(len(r["dropped"]) for r in rounds) > 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["run"]["seed"] == 0 and config["run"]["torch"]
+    assert config["defense"]["fraction"] == 0.1
+    assert (out / "checkpoint.pt").exists() and (out / "model.pt").exists()
+
+
+def test_transfer_without_pretrained_weights_is_an_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(SystemExit, match="--pretrained"):
+        main(["train", "--scenario", "transfer", "--out", str(tmp_path)])
+
+
+def test_missing_cifar_is_a_clear_error(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--dataset", "cifar10", "--data-dir", str(tmp_path)])
+    assert exc.value.code == 2
+    assert "no cifar-10-batches-py" in capsys.readouterr().err
+
+
+@requires_cifar
+def test_short_cifar10_run_drops_at_scheduled_epochs(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "cifar"
+    root = cifar_root().parent.parent  # type: ignore[union-attr]
+    assert main(["train", "--dataset", "cifar10", "--data-dir", str(root), "--subset", "2000",
+                 "--test-subset", "500", "--model", "convnet", "--epochs", "5", "--batch-size",
+                 "128", "--defense", "epic", "--fraction", "0.2", "--warmup", "1", "--every",
+                 "2", "--until", "5", "--out", str(out), "--json", "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rounds = json.loads((out / "defense.json").read_text())
+    assert [r["epoch"] for r in rounds] == [1, 3]
+    assert all(len(r["dropped"]) > 0 for r in rounds)
+    assert summary["examples_dropped"] == sum(len(r["dropped"]) for r in rounds)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics[0]["trained_on"] == 2000
+    assert metrics[1]["trained_on"] == 2000 - len(rounds[0]["dropped"])
+    assert summary["test_acc"] > 0.15

@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from epic.data import ImageData
+from epic.defense import EPIC, paper_warmup
+from epic.gradients import gradient_embeddings
+from epic.models import build_model
+
+
+def test_gradient_embedding_is_softmax_minus_onehot(tiny_data) -> None:  # type: ignore[no-untyped-def]
+    train, _ = tiny_data
+    torch.manual_seed(0)
+    model = build_model("convnet", num_classes=3, in_channels=3, mean=train.mean, std=train.std)
+    model.train()
+    grads, labels = gradient_embeddings(model, train, batch_size=16)
+    assert model.training  # mode restored
+    model.eval()
+    x = train.images.float() / 255
+    x.requires_grad_(False)
+    logits = model(x).detach().requires_grad_(True)
+    nn.functional.cross_entropy(logits, train.labels, reduction="sum").backward()
+    assert torch.allclose(grads, logits.grad, atol=1e-6)
+    assert torch.equal(labels, train.labels)
+    assert torch.allclose(grads.sum(1), torch.zeros(len(train)), atol=1e-6)
+
+
+def test_gradient_embedding_of_kept_examples_only(tiny_data) -> None:  # type: ignore[no-untyped-def]
+    train, _ = tiny_data
+    model = build_model("convnet", num_classes=3, in_channels=3, mean=train.mean, std=train.std)
+    keep = torch.arange(len(train)) % 4 != 0
+    grads, labels = gradient_embeddings(model, train, keep=keep)
+    full, _ = gradient_embeddings(model, train)
+    assert torch.allclose(grads, full[keep], atol=1e-6)
+    assert torch.equal(labels, train.labels[keep])
+
+
+def test_schedule_follows_warmup_every_until() -> None:
+    d = EPIC(0.1, warmup=10, every=2, until=25)
+    assert [e for e in range(40) if d.due(e)] == [10, 12, 14, 16, 18, 20, 22, 24]
+    assert paper_warmup(0.1) == 10 and paper_warmup(0.2) == 20 and paper_warmup(0.3) == 30
+
+
+class _Fixed(nn.Module):
+    """Logits straight from the pixels: the gradient embeddings are ours to plant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)[:, :3] * 20
+
+
+def _planted_data() -> tuple[ImageData, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    n = 300
+    labels = torch.arange(n) % 3
+    pix = torch.zeros(n, 1, 2, 2)
+    pix.view(n, 4)[torch.arange(n), labels] = 0.5 + 0.02 * torch.randn(n, generator=g)
+    planted = torch.tensor([0, 1, 2, 3, 4, 5])
+    # Planted examples get logits of a wrong class: their gradients sit far from their class.
+    pix.view(n, 4)[planted] = 0
+    # Two per class, pulled towards the two other classes: no two share a direction.
+    wrong = (labels[planted] + torch.tensor([1, 1, 1, 2, 2, 2])) % 3
+    pix.view(n, 4)[planted, wrong] = 0.9
+    images = (pix * 255).round().to(torch.uint8)
+    return ImageData.from_arrays(images, labels, ("a", "b", "c")), planted
+
+
+def test_epic_drops_planted_isolated_examples_and_keeps_them_dropped() -> None:
+    data, planted = _planted_data()
+    d = EPIC(0.1, warmup=0, every=1, num_examples=len(data))
+    assert d.keep_mask is not None and d.keep_mask.all()
+    model = _Fixed()
+    first = d.update(model, data, epoch=0)
+    assert set(planted.tolist()) <= set(first.dropped.tolist())
+    assert len(first.dropped) <= len(planted) + 6
+    assert first.histogram(planted) == {1: len(planted)}
+    assert sum(first.histogram().values()) == len(data)
+    second = d.update(model, data, epoch=1)
+    assert not set(second.dropped.tolist()) & set(first.dropped.tolist())
+    assert (second.cluster_sizes[first.dropped] == 0).all()
+    assert not d.keep_mask[first.dropped].any()
+    assert d.dropped.tolist() == sorted(first.dropped.tolist() + second.dropped.tolist())
+
+
+def test_state_dict_round_trip() -> None:
+    data, _ = _planted_data()
+    d = EPIC(0.1, warmup=0, every=1)
+    d.update(_Fixed(), data, epoch=0)
+    e = EPIC(0.1, warmup=0, every=1)
+    e.load_state_dict(d.state_dict())
+    assert torch.equal(e.keep_mask, d.keep_mask)  # type: ignore[arg-type]
+    assert e.history[0].summary() == d.history[0].summary()

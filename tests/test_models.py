@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from epic.models import MODELS, build_model
+
+
+@pytest.mark.parametrize("name", ["convnet", "resnet18-small", "vgg16-small"])
+def test_features_feed_the_last_linear_layer(name: str) -> None:
+    torch.manual_seed(0)
+    m = build_model(name, num_classes=7, in_channels=3, mean=[0.5] * 3, std=[0.25] * 3).eval()
+    x = torch.rand(4, 3, 32, 32)
+    feats = m.features(x)
+    assert feats.shape == (4, m.feature_dim)
+    assert torch.allclose(m.classifier(feats), m(x), atol=1e-6)
+    assert m.classifier.out_features == 7
+
+
+def test_paper_architectures_have_their_published_sizes() -> None:
+    sizes = {n: sum(p.numel() for p in build_model(n, num_classes=10, in_channels=3,
+                                                   mean=[0.5] * 3, std=[0.2] * 3).parameters())
+             for n in ("resnet18", "vgg16")}
+    assert 11.1e6 < sizes["resnet18"] < 11.2e6
+    assert 14.7e6 < sizes["vgg16"] < 14.8e6
+
+
+def test_normalization_is_inside_the_model() -> None:
+    m = build_model("convnet", num_classes=2, in_channels=1, mean=[0.3], std=[0.1])
+    x = torch.full((1, 1, 8, 8), 0.3)
+    assert torch.allclose(m.normalize(x), torch.zeros_like(x))
+
+
+def test_reset_classifier_changes_only_the_last_layer() -> None:
+    torch.manual_seed(0)
+    m = build_model("convnet", num_classes=3, in_channels=1, mean=[0.5], std=[0.2])
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    m.reset_classifier()
+    after = m.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"classifier.weight", "classifier.bias"}
+
+
+def test_unknown_model_is_named_in_the_error() -> None:
+    with pytest.raises(ValueError, match="resnet18"):
+        build_model("resnet50", num_classes=10, in_channels=3, mean=[0.5] * 3, std=[0.2] * 3)
+    assert set(MODELS) >= {"resnet18", "vgg16", "convnet"}

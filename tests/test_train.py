@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from epic.defense import EPIC
+from epic.models import build_model
+from epic.poisons import PoisonSet
+from epic.train import TrainConfig, default_milestones, evaluate, prepare_model, train
+
+
+def _model(train_data, seed=0):  # type: ignore[no-untyped-def]
+    torch.manual_seed(seed)
+    return build_model("convnet", num_classes=3, in_channels=3, mean=train_data.mean,
+                       std=train_data.std)
+
+
+def test_milestones_match_the_paper() -> None:
+    assert default_milestones(40) == (25, 35)
+    assert default_milestones(200) == (100, 150)
+
+
+def test_training_learns_the_tiny_task(tiny_data) -> None:  # type: ignore[no-untyped-def]
+    train_data, test_data = tiny_data
+    result = train(_model(train_data), train_data, test_data,
+                   TrainConfig(epochs=6, lr=0.05, batch_size=16))
+    assert result.summary["test_acc"] >= 0.9
+    assert result.metrics[0]["train_loss"] > result.metrics[-1]["train_loss"]
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def test_resume_after_a_crash_gives_the_uninterrupted_result(tiny_data, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    train_data, test_data = tiny_data
+    cfg = TrainConfig(epochs=5, lr=0.05, batch_size=16, milestones=(3,), seed=3)
+
+    def defense():  # type: ignore[no-untyped-def]
+        return EPIC(0.3, warmup=1, every=1, num_examples=len(train_data))
+
+    full = train(_model(train_data), train_data, test_data, cfg, defense=defense(),
+                 out=tmp_path / "full")
+
+    def crash(epoch, _):  # type: ignore[no-untyped-def]
+        if epoch == 2:
+            raise _Crash
+
+    with pytest.raises(_Crash):
+        train(_model(train_data), train_data, test_data, cfg, defense=defense(),
+              out=tmp_path / "cut", on_epoch_end=crash)
+    resumed_defense = defense()
+    resumed = train(_model(train_data, seed=99), train_data, test_data, cfg,
+                    defense=resumed_defense, out=tmp_path / "cut", resume=True)
+    strip = [{k: v for k, v in m.items() if k not in ("seconds", "defense_seconds")}
+             for m in full.metrics]
+    assert [{k: v for k, v in m.items() if k not in ("seconds", "defense_seconds")}
+            for m in resumed.metrics] == strip
+    assert resumed.summary["examples_dropped"] == full.summary["examples_dropped"]
+    assert len(resumed_defense.history) == 4
+    saved = json.loads((tmp_path / "cut" / "defense.json").read_text())
+    assert [r["epoch"] for r in saved] == [1, 2, 3, 4]
+
+
+def test_transfer_trains_only_the_new_last_layer(tiny_data) -> None:  # type: ignore[no-untyped-def]
+    train_data, test_data = tiny_data
+    model = _model(train_data)
+    body = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("classif")}
+    train(model, train_data, test_data, TrainConfig(epochs=2, scenario="transfer",
+                                                    batch_size=16))
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in body.items())  # BN statistics included
+
+
+def test_finetune_uses_small_lr_and_new_head(tiny_data) -> None:  # type: ignore[no-untyped-def]
+    train_data, _ = tiny_data
+    model = _model(train_data)
+    head = model.classifier.weight.clone()
+    params = prepare_model(model, "finetune")
+    assert len(params) == len(list(model.parameters()))
+    assert not torch.equal(head, model.classifier.weight)
+    assert TrainConfig(scenario="finetune").resolved_lr == 1e-4
+
+
+def test_poisons_are_applied_and_their_success_measured(tiny_data) -> None:  # type: ignore[no-untyped-def]
+    train_data, test_data = tiny_data
+    idx = torch.arange(0, 60, 3)[:5]
+    poisons = PoisonSet(idx, train_data.images[idx], test_data.images[:2], target_class=0,
+                        adversarial_class=1, eps=8 / 255)
+    model = _model(train_data)
+    result = train(model, train_data, test_data, TrainConfig(epochs=2, batch_size=16),
+                   poisons=poisons)
+    expected = float((model.eval()(test_data.images[:2].float() / 255).argmax(1) == 1)
+                     .float().mean())
+    assert result.summary["attack_success"] == pytest.approx(expected)
+    assert result.summary["poisons"] == 5 and result.summary["poisons_dropped"] == 0
+    assert 0 <= evaluate(model, test_data) <= 1
