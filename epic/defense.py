@@ -1,7 +1,13 @@
-"""EPIC: drop the examples that end up isolated in gradient space, every few epochs."""
+"""Defenses that drop training examples on a schedule; EPIC is the one this library is about.
+
+:class:`ScheduledDefense` holds what every such defense shares: the warmup / every / until
+schedule, the cumulative keep-mask (True = train on the example; dropped examples never come
+back), a record per round, and resumable state. :class:`EPIC` fills in the selection.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -14,7 +20,7 @@ from epic.data import ImageData
 from epic.gradients import gradient_embeddings
 from epic.selection import select_medoids
 
-__all__ = ["EPIC", "EpicRound", "paper_warmup"]
+__all__ = ["EPIC", "DropRound", "EpicRound", "ScheduledDefense", "paper_warmup"]
 
 log = logging.getLogger(__name__)
 
@@ -25,23 +31,33 @@ def paper_warmup(fraction: float) -> int:
 
 
 @dataclass(frozen=True)
-class EpicRound:
-    """What one EPIC round did.
+class DropRound:
+    """What one round of a scheduled defense did.
 
     Attributes:
         epoch: the epoch before which the round ran.
-        dropped: ``(D,)`` int64 dataset indices dropped in this round.
+        dropped: ``(D,)`` int64 dataset indices dropped in this round, sorted.
         remaining: examples kept after the round.
-        cluster_sizes: ``(N,)`` int64, for every dataset example the size of the gradient
-            cluster it fell in this round; 0 for examples dropped in earlier rounds.
-        seconds: wall time of the round (embedding plus selection).
+        seconds: wall time of the round.
     """
 
     epoch: int
     dropped: Tensor
     remaining: int
-    cluster_sizes: Tensor
     seconds: float
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-ready record of the round."""
+        return {"epoch": self.epoch, "dropped": self.dropped.tolist(),
+                "remaining": self.remaining, "seconds": round(self.seconds, 4)}
+
+
+@dataclass(frozen=True)
+class EpicRound(DropRound):
+    """An EPIC round; ``cluster_sizes`` ``(N,)`` int64 gives, for every dataset example, the size
+    of the gradient cluster it fell in this round (0 for examples dropped in earlier rounds)."""
+
+    cluster_sizes: Tensor
 
     def histogram(self, among: Tensor | None = None) -> dict[int, int]:
         """``{cluster size: number of examples in clusters of that size}``.
@@ -53,13 +69,78 @@ class EpicRound:
         return {int(v): int(c) for v, c in zip(values, counts, strict=True)}
 
     def summary(self) -> dict[str, Any]:
-        """A JSON-ready record of the round."""
-        return {"epoch": self.epoch, "dropped": self.dropped.tolist(),
-                "remaining": self.remaining, "cluster_size_histogram": self.histogram(),
-                "seconds": round(self.seconds, 4)}
+        return super().summary() | {"cluster_size_histogram": self.histogram()}
 
 
-class EPIC:
+class ScheduledDefense:
+    """Base of defenses that drop examples before some epochs; subclasses implement ``select``.
+
+    Rounds run before epoch ``warmup`` and then every ``every`` epochs, never at or after
+    ``until`` (None = no end). ``keep_mask`` is a bool ``(N,)`` over the training set, True =
+    train on the example; it is None before the first round unless ``num_examples`` is given.
+    """
+
+    record_type: type[DropRound] = DropRound
+
+    def __init__(self, *, warmup: int, every: int, until: int | None = None,
+                 num_examples: int | None = None, batch_size: int = 512) -> None:
+        if warmup < 0 or every < 1:
+            raise ValueError(f"need warmup >= 0 and every >= 1, got {warmup}, {every}")
+        self.warmup = warmup
+        self.every = every
+        self.until = until
+        self.batch_size = batch_size
+        self.keep_mask: Tensor | None = (
+            None if num_examples is None else torch.ones(num_examples, dtype=torch.bool))
+        self.history: list[DropRound] = []
+
+    def due(self, epoch: int) -> bool:
+        """Whether a round runs before training epoch ``epoch`` (0-based)."""
+        if epoch < self.warmup or (self.until is not None and epoch >= self.until):
+            return False
+        return (epoch - self.warmup) % self.every == 0
+
+    @property
+    def dropped(self) -> Tensor:
+        """``(D,)`` int64 indices of every example dropped so far."""
+        if self.keep_mask is None:
+            return torch.empty(0, dtype=torch.long)
+        return (~self.keep_mask).nonzero().squeeze(1)
+
+    def select(self, model: nn.Module, data: ImageData, keep: Tensor
+               ) -> tuple[Tensor, dict[str, Any]]:
+        """Dataset indices to drop among ``keep``, and extra fields for the round record."""
+        raise NotImplementedError
+
+    def update(self, model: nn.Module, data: ImageData, epoch: int) -> DropRound:
+        """Run one round on the examples still kept; returns (and records) what it did."""
+        start = time.perf_counter()
+        n = len(data)
+        if self.keep_mask is None:
+            self.keep_mask = torch.ones(n, dtype=torch.bool)
+        elif self.keep_mask.shape != (n,):
+            raise ValueError(f"keep_mask covers {self.keep_mask.numel()} examples, data has {n}")
+        dropped, extra = self.select(model, data, self.keep_mask)
+        self.keep_mask[dropped] = False
+        record = self.record_type(epoch=epoch, dropped=dropped.sort().values,
+                                  remaining=int(self.keep_mask.sum()),
+                                  seconds=time.perf_counter() - start, **extra)
+        self.history.append(record)
+        log.info("%s epoch %d: dropped %d, %d remain (%.2fs)", type(self).__name__, epoch,
+                 len(dropped), record.remaining, record.seconds)
+        return record
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: the keep-mask and the round records."""
+        return {"keep_mask": self.keep_mask,
+                "history": [dataclasses.asdict(r) for r in self.history]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.keep_mask = state["keep_mask"]
+        self.history = [self.record_type(**r) for r in state["history"]]
+
+
+class EPIC(ScheduledDefense):
     """Effective Poison IdentifiCation (Yang et al., ICML 2022, Alg. 1).
 
     After ``warmup`` epochs on all data, and then every ``every`` epochs until ``until``, embed
@@ -106,75 +187,37 @@ class EPIC:
     ) -> None:
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-        if warmup < 0 or every < 1:
-            raise ValueError(f"need warmup >= 0 and every >= 1, got {warmup}, {every}")
+        super().__init__(warmup=warmup, every=every, until=until, num_examples=num_examples,
+                         batch_size=batch_size)
         self.fraction = fraction
-        self.warmup = warmup
-        self.every = every
-        self.until = until
         self.max_cluster_size = max_cluster_size
         self.per_class = per_class
         self.similarity = similarity
         self.method = method
-        self.batch_size = batch_size
         self.generator = generator
-        self.keep_mask: Tensor | None = (
-            None if num_examples is None else torch.ones(num_examples, dtype=torch.bool))
-        self.history: list[EpicRound] = []
 
-    def due(self, epoch: int) -> bool:
-        """Whether a round runs before training epoch ``epoch`` (0-based)."""
-        if epoch < self.warmup or (self.until is not None and epoch >= self.until):
-            return False
-        return (epoch - self.warmup) % self.every == 0
+    record_type = EpicRound
 
-    @property
-    def dropped(self) -> Tensor:
-        """``(D,)`` int64 indices of every example dropped so far."""
-        if self.keep_mask is None:
-            return torch.empty(0, dtype=torch.long)
-        return (~self.keep_mask).nonzero().squeeze(1)
-
-    def update(self, model: nn.Module, data: ImageData, epoch: int) -> EpicRound:
-        """Run one round on the examples still kept; returns (and records) what it did."""
-        start = time.perf_counter()
-        n = len(data)
-        if self.keep_mask is None:
-            self.keep_mask = torch.ones(n, dtype=torch.bool)
-        elif self.keep_mask.shape != (n,):
-            raise ValueError(f"keep_mask covers {self.keep_mask.numel()} examples, data has {n}")
-        kept = self.keep_mask.nonzero().squeeze(1)
-        grads, labels = gradient_embeddings(model, data, keep=self.keep_mask,
-                                            batch_size=self.batch_size)
+    def select(self, model: nn.Module, data: ImageData, keep: Tensor
+               ) -> tuple[Tensor, dict[str, Any]]:
+        kept = keep.nonzero().squeeze(1)
+        grads, labels = gradient_embeddings(model, data, keep=keep, batch_size=self.batch_size)
         medoids = select_medoids(grads, labels, self.fraction, per_class=self.per_class,
                                  similarity=self.similarity, method=self.method,
                                  generator=self.generator)
         size_at_row = torch.zeros(len(kept), dtype=torch.long, device=grads.device)
         size_at_row[medoids.indices] = medoids.cluster_sizes
         isolated = medoids.indices[medoids.cluster_sizes <= self.max_cluster_size]
-        dropped = kept[isolated.cpu()]
-        cluster_sizes = torch.zeros(n, dtype=torch.long)
+        cluster_sizes = torch.zeros(len(keep), dtype=torch.long)
         cluster_sizes[kept] = size_at_row[medoids.assignment].cpu()
-        self.keep_mask[dropped] = False
-        record = EpicRound(epoch, dropped.sort().values, int(self.keep_mask.sum()),
-                           cluster_sizes, time.perf_counter() - start)
-        self.history.append(record)
-        log.info("EPIC epoch %d: dropped %d, %d remain (%.2fs)", epoch, len(dropped),
-                 record.remaining, record.seconds)
-        return record
+        return kept[isolated.cpu()], {"cluster_sizes": cluster_sizes}
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: the keep-mask and the round records."""
-        return {
-            "keep_mask": self.keep_mask,
-            "history": [{"epoch": r.epoch, "dropped": r.dropped, "remaining": r.remaining,
-                         "cluster_sizes": r.cluster_sizes, "seconds": r.seconds}
-                        for r in self.history],
-            "generator": None if self.generator is None else self.generator.get_state(),
-        }
+        state = super().state_dict()
+        state["generator"] = None if self.generator is None else self.generator.get_state()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.keep_mask = state["keep_mask"]
-        self.history = [EpicRound(**r) for r in state["history"]]
+        super().load_state_dict(state)
         if state.get("generator") is not None and self.generator is not None:
             self.generator.set_state(state["generator"])
