@@ -90,6 +90,7 @@ class ScheduledDefense:
         self.every = every
         self.until = until
         self.batch_size = batch_size
+        self.generator: torch.Generator | None = None
         self.keep_mask: Tensor | None = (
             None if num_examples is None else torch.ones(num_examples, dtype=torch.bool))
         self.history: list[DropRound] = []
@@ -131,13 +132,16 @@ class ScheduledDefense:
         return record
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: the keep-mask and the round records."""
+        """Everything needed to resume: keep-mask, round records, generator state."""
         return {"keep_mask": self.keep_mask,
-                "history": [dataclasses.asdict(r) for r in self.history]}
+                "history": [dataclasses.asdict(r) for r in self.history],
+                "generator": None if self.generator is None else self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.keep_mask = state["keep_mask"]
         self.history = [self.record_type(**r) for r in state["history"]]
+        if state.get("generator") is not None and self.generator is not None:
+            self.generator.set_state(state["generator"])
 
 
 class EPIC(ScheduledDefense):
@@ -211,13 +215,3 @@ class EPIC(ScheduledDefense):
         cluster_sizes = torch.zeros(len(keep), dtype=torch.long)
         cluster_sizes[kept] = size_at_row[medoids.assignment].cpu()
         return kept[isolated.cpu()], {"cluster_sizes": cluster_sizes}
-
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["generator"] = None if self.generator is None else self.generator.get_state()
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        if state.get("generator") is not None and self.generator is not None:
-            self.generator.set_state(state["generator"])

@@ -1,6 +1,8 @@
-"""Per-example gradients of the loss with respect to the last layer's output (the logits)."""
+"""Per-example embeddings from one eval-mode pass: last-layer gradients, features, logits."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -8,10 +10,29 @@ from torch.nn import functional as F
 
 from epic.data import ImageData, iterate_batches
 
-__all__ = ["gradient_embeddings"]
+__all__ = ["feature_embeddings", "gradient_embeddings", "logit_embeddings"]
 
 
 @torch.no_grad()
+def _embed(model: nn.Module, data: ImageData, fn: Callable[[Tensor, Tensor], Tensor], *,
+           keep: Tensor | None, batch_size: int, device: torch.device | str | None
+           ) -> tuple[Tensor, Tensor]:
+    if device is None:
+        device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    rows, labels = [], []
+    try:
+        for x, y, _ in iterate_batches(data, batch_size=batch_size, keep=keep, device=device):
+            rows.append(fn(x, y))
+            labels.append(y)
+    finally:
+        model.train(was_training)
+    if not rows:
+        return torch.empty(0, 0, device=device), torch.empty(0, dtype=torch.long, device=device)
+    return torch.cat(rows), torch.cat(labels)
+
+
 def gradient_embeddings(
     model: nn.Module,
     data: ImageData,
@@ -47,20 +68,39 @@ def gradient_embeddings(
         >>> g.shape
         torch.Size([1347, 10])
     """
-    if device is None:
-        device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    grads, labels = [], []
-    try:
-        for x, y, _ in iterate_batches(data, batch_size=batch_size, keep=keep, device=device):
-            logits = model(x).float()
-            g = torch.softmax(logits, dim=1)
-            g -= F.one_hot(y, logits.shape[1]).to(g.dtype)
-            grads.append(g)
-            labels.append(y)
-    finally:
-        model.train(was_training)
-    if not grads:
-        return torch.empty(0, 0, device=device), torch.empty(0, dtype=torch.long, device=device)
-    return torch.cat(grads), torch.cat(labels)
+
+    def grad(x: Tensor, y: Tensor) -> Tensor:
+        logits = model(x).float()
+        return torch.softmax(logits, dim=1) - F.one_hot(y, logits.shape[1]).to(logits.dtype)
+
+    return _embed(model, data, grad, keep=keep, batch_size=batch_size, device=device)
+
+
+def feature_embeddings(
+    model: nn.Module,
+    data: ImageData,
+    *,
+    keep: Tensor | None = None,
+    batch_size: int = 512,
+    device: torch.device | str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Penultimate features ``model.features(x)``, ``(M, F)``, and labels ``(M,)``.
+
+    Same conventions as :func:`gradient_embeddings`; ``model`` must have ``features``.
+    """
+    features: Callable[[Tensor], Tensor] = getattr(model, "features")  # noqa: B009
+    return _embed(model, data, lambda x, _: features(x).float(), keep=keep,
+                  batch_size=batch_size, device=device)
+
+
+def logit_embeddings(
+    model: nn.Module,
+    data: ImageData,
+    *,
+    keep: Tensor | None = None,
+    batch_size: int = 512,
+    device: torch.device | str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Logits ``(M, C)`` and labels ``(M,)``; same conventions as :func:`gradient_embeddings`."""
+    return _embed(model, data, lambda x, _: model(x).float(), keep=keep, batch_size=batch_size,
+                  device=device)

@@ -65,7 +65,9 @@ class TrainConfig:
     """Hyperparameters of a run (defaults: the paper's CIFAR-10 pipeline).
 
     ``lr=None`` means 0.1, or 1e-4 when fine-tuning; ``milestones=None`` means
-    :func:`default_milestones`.
+    :func:`default_milestones`. ``grad_clip`` and ``grad_noise`` turn on the DP-SGD-style
+    gradient shaping the paper compares with (Hong et al. 2020): every mini-batch gradient is
+    clipped to norm ``grad_clip`` and gets Gaussian noise of std ``grad_clip * grad_noise``.
     """
 
     epochs: int = 40
@@ -79,6 +81,8 @@ class TrainConfig:
     gamma: float = 0.1
     augment: bool = True
     seed: int = 0
+    grad_clip: float | None = None
+    grad_noise: float = 0.0
 
     @property
     def resolved_lr(self) -> float:
@@ -192,6 +196,9 @@ def train(
     scheduler = torch.optim.lr_scheduler.MultiStepLR(
         optimizer, milestones=list(config.resolved_milestones), gamma=config.gamma)
     generator = torch.Generator().manual_seed(config.seed)
+    noise = torch.Generator(device=device).manual_seed(config.seed + 1)
+    if config.grad_noise > 0 and config.grad_clip is None:
+        raise ValueError("grad_noise needs grad_clip (the noise scale is relative to the clip)")
     augment = train_data.augment if config.augment else None
     metrics: list[dict[str, Any]] = []
     start_epoch, elapsed = 0, 0.0
@@ -203,6 +210,7 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
+        noise.set_state(state["noise"].cpu())
         if defense is not None and state["defense"] is not None:
             defense.load_state_dict(state["defense"])
         metrics = json.loads(state["metrics"])
@@ -246,6 +254,8 @@ def train(
             loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if config.grad_clip is not None:
+                _shape_gradients(params, config.grad_clip, config.grad_noise, noise)
             optimizer.step()
             loss_sum += float(loss.detach()) * len(y)
             correct += int((logits.argmax(1) == y).sum())
@@ -261,8 +271,8 @@ def train(
         record["seconds"] = round(elapsed, 3)
         metrics.append(record)
         if outp is not None:
-            _save_epoch(outp, model, optimizer, scheduler, generator, defense, metrics, epoch,
-                        elapsed)
+            _save_epoch(outp, model, optimizer, scheduler, (generator, noise), defense, metrics,
+                        epoch, elapsed)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{record['train_loss']:.3f}", acc=f"{record['test_acc']:.3f}")
@@ -279,6 +289,18 @@ def train(
     return TrainResult(metrics, summary, model)
 
 
+@torch.no_grad()
+def _shape_gradients(params: list[nn.Parameter], clip: float, noise_multiplier: float,
+                     generator: torch.Generator) -> None:
+    nn.utils.clip_grad_norm_(params, clip)
+    if noise_multiplier <= 0:
+        return
+    for p in params:
+        if p.grad is not None:
+            p.grad.add_(torch.randn(p.grad.shape, generator=generator, device=p.grad.device,
+                                    dtype=p.grad.dtype), alpha=clip * noise_multiplier)
+
+
 def _describe(defense: Defense | None) -> dict[str, Any] | None:
     if defense is None:
         return None
@@ -288,15 +310,16 @@ def _describe(defense: Defense | None) -> dict[str, Any] | None:
 
 
 def _save_epoch(outp: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                scheduler: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator,
-                defense: Defense | None, metrics: list[dict[str, Any]], epoch: int,
-                elapsed: float) -> None:
+                scheduler: torch.optim.lr_scheduler.LRScheduler,
+                generators: tuple[torch.Generator, torch.Generator], defense: Defense | None,
+                metrics: list[dict[str, Any]], epoch: int, elapsed: float) -> None:
     _write_json(outp / "metrics.json", metrics)
     history = getattr(defense, "history", None)
     if history:
         _write_json(outp / "defense.json", [r.summary() for r in history])
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
+             "scheduler": scheduler.state_dict(), "generator": generators[0].get_state(),
+             "noise": generators[1].get_state(),
              "defense": None if defense is None else defense.state_dict(),
              "metrics": json.dumps(metrics), "epoch": epoch, "seconds": elapsed}
     tmp = outp / "checkpoint.pt.tmp"

@@ -1,0 +1,64 @@
+"""Activation Clustering (Chen et al., SafeAI 2019): split each class's activations in two and
+drop the small cluster."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from epic.data import ImageData
+from epic.defense import ScheduledDefense
+from epic.gradients import feature_embeddings
+
+
+def activation_clusters(features: Tensor, labels: Tensor, *, components: int = 10,
+                        size_threshold: float = 0.35, seed: int = 0) -> Tensor:
+    """Bool mask ``(N,)``, True = in the smaller of its class's two activation clusters, when
+    that cluster holds at most ``size_threshold`` of the class.
+
+    Per class, features are reduced to ``components`` dimensions by independent component
+    analysis and split by 2-means, as Chen et al. describe (scikit-learn, CPU).
+    """
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import FastICA
+
+    x = features.detach().cpu().double().numpy()
+    y = labels.cpu().numpy()
+    drop = np.zeros(len(y), dtype=bool)
+    for c in np.unique(y):
+        rows = np.flatnonzero(y == c)
+        if len(rows) < max(4, components + 1):
+            continue
+        dims = min(components, x.shape[1])
+        reduced = FastICA(n_components=dims, random_state=seed, max_iter=400,
+                          whiten="unit-variance").fit_transform(x[rows])
+        assign = KMeans(n_clusters=2, n_init=10, random_state=seed).fit_predict(reduced)
+        sizes = np.bincount(assign, minlength=2)
+        small = int(sizes.argmin())
+        if sizes[small] <= size_threshold * len(rows):
+            drop[rows[assign == small]] = True
+    return torch.from_numpy(drop).to(features.device)
+
+
+class ActivationClustering(ScheduledDefense):
+    """Activation clustering in the model's feature space, on a schedule."""
+
+    def __init__(self, *, components: int = 10, size_threshold: float = 0.35, seed: int = 0,
+                 warmup: int = 10, every: int = 1, until: int | None = 11,
+                 num_examples: int | None = None, batch_size: int = 512) -> None:
+        super().__init__(warmup=warmup, every=every, until=until, num_examples=num_examples,
+                         batch_size=batch_size)
+        self.components = components
+        self.size_threshold = size_threshold
+        self.seed = seed
+
+    def select(self, model: nn.Module, data: ImageData, keep: Tensor
+               ) -> tuple[Tensor, dict[str, Any]]:
+        kept = keep.nonzero().squeeze(1)
+        feats, labels = feature_embeddings(model, data, keep=keep, batch_size=self.batch_size)
+        drop = activation_clusters(feats, labels, components=self.components,
+                                   size_threshold=self.size_threshold, seed=self.seed)
+        return kept[drop.cpu()], {}

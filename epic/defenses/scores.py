@@ -1,0 +1,74 @@
+"""Simple drop rules the paper compares against (Sec. 3.3, Fig. 2): lowest confidence, highest
+loss, and random examples, applied during training on a schedule."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from epic.data import ImageData
+from epic.defense import ScheduledDefense
+from epic.gradients import logit_embeddings
+
+
+def low_confidence(logits: Tensor, labels: Tensor, threshold: float) -> Tensor:
+    """Bool mask ``(N,)``, True = softmax probability of the example's own label < threshold."""
+    return torch.softmax(logits, 1).gather(1, labels[:, None]).squeeze(1) < threshold
+
+
+def high_loss(logits: Tensor, labels: Tensor, threshold: float) -> Tensor:
+    """Bool mask ``(N,)``, True = cross-entropy loss of the example > threshold."""
+    return F.cross_entropy(logits, labels, reduction="none") > threshold
+
+
+class _LogitRule(ScheduledDefense):
+    def __init__(self, *, threshold: float, warmup: int = 10, every: int = 2,
+                 until: int | None = None, num_examples: int | None = None,
+                 batch_size: int = 512) -> None:
+        super().__init__(warmup=warmup, every=every, until=until, num_examples=num_examples,
+                         batch_size=batch_size)
+        self.threshold = threshold
+
+    @staticmethod
+    def rule(logits: Tensor, labels: Tensor, threshold: float) -> Tensor:
+        raise NotImplementedError
+
+    def select(self, model: nn.Module, data: ImageData, keep: Tensor
+               ) -> tuple[Tensor, dict[str, Any]]:
+        kept = keep.nonzero().squeeze(1)
+        logits, labels = logit_embeddings(model, data, keep=keep, batch_size=self.batch_size)
+        return kept[self.rule(logits, labels, self.threshold).cpu()], {}
+
+
+class LowestConfidence(_LogitRule):
+    """Drop examples whose confidence in their own label is below ``threshold`` (paper: .25, .5)."""
+
+    rule = staticmethod(low_confidence)
+
+
+class HighestLoss(_LogitRule):
+    """Drop examples whose loss exceeds ``threshold`` (paper: 1, 2)."""
+
+    rule = staticmethod(high_loss)
+
+
+class RandomDrop(ScheduledDefense):
+    """Drop a random ``fraction`` of the kept examples each round (a control)."""
+
+    def __init__(self, *, fraction: float = 0.01, warmup: int = 10, every: int = 2,
+                 until: int | None = None, num_examples: int | None = None,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__(warmup=warmup, every=every, until=until, num_examples=num_examples)
+        if not 0 <= fraction <= 1:
+            raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+        self.fraction = fraction
+        self.generator = generator
+
+    def select(self, model: nn.Module, data: ImageData, keep: Tensor
+               ) -> tuple[Tensor, dict[str, Any]]:
+        kept = keep.nonzero().squeeze(1)
+        m = round(self.fraction * len(kept))
+        return kept[torch.randperm(len(kept), generator=self.generator)[:m]], {}

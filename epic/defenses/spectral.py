@@ -1,0 +1,65 @@
+"""Spectral Signatures (Tran et al., NeurIPS 2018): drop the top outliers along each class's
+top singular direction of the centred features."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from epic.data import ImageData
+from epic.defense import ScheduledDefense
+from epic.gradients import feature_embeddings
+
+
+def spectral_signature_scores(features: Tensor, labels: Tensor) -> Tensor:
+    """Outlier score ``(N,)``: squared projection of each centred feature on its class's top
+    right singular vector (Tran et al. 2018)."""
+    scores = torch.zeros(features.shape[0], device=features.device)
+    for c in labels.unique():
+        rows = (labels == c).nonzero().squeeze(1)
+        centred = features[rows] - features[rows].mean(0, keepdim=True)
+        if len(rows) < 2:
+            continue
+        top = torch.linalg.svd(centred, full_matrices=False).Vh[0]
+        scores[rows] = (centred @ top) ** 2
+    return scores
+
+
+def spectral_signature_outliers(features: Tensor, labels: Tensor, per_class: int) -> Tensor:
+    """Bool mask ``(N,)``, True = among the ``per_class`` highest scores of its class (at most
+    half of the class)."""
+    scores = spectral_signature_scores(features, labels)
+    drop = torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)
+    for c in labels.unique():
+        rows = (labels == c).nonzero().squeeze(1)
+        m = min(per_class, len(rows) // 2)
+        if m > 0:
+            drop[rows[scores[rows].topk(m).indices]] = True
+    return drop
+
+
+class SpectralSignatures(ScheduledDefense):
+    """Spectral-signature filtering in the model's feature space, on a schedule.
+
+    The defender does not know which class holds the poisons, so every class loses
+    ``overestimation * budget * N`` examples (Tran et al. remove 1.5 times the expected
+    poisons), capped at half the class.
+    """
+
+    def __init__(self, *, budget: float = 0.01, overestimation: float = 1.5, warmup: int = 10,
+                 every: int = 1, until: int | None = 11, num_examples: int | None = None,
+                 batch_size: int = 512) -> None:
+        super().__init__(warmup=warmup, every=every, until=until, num_examples=num_examples,
+                         batch_size=batch_size)
+        self.budget = budget
+        self.overestimation = overestimation
+
+    def select(self, model: nn.Module, data: ImageData, keep: Tensor
+               ) -> tuple[Tensor, dict[str, Any]]:
+        kept = keep.nonzero().squeeze(1)
+        feats, labels = feature_embeddings(model, data, keep=keep, batch_size=self.batch_size)
+        per_class = math.ceil(self.overestimation * self.budget * len(data))
+        return kept[spectral_signature_outliers(feats, labels, per_class).cpu()], {}
