@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 
+from epic import defenses
 from epic.data import DATASETS, ImageData, load_dataset
-from epic.defense import EPIC, paper_warmup
+from epic.defense import EPIC, ScheduledDefense, paper_warmup
 from epic.models import MODELS, Classifier, build_model
 from epic.poisons import PoisonSet
 from epic.train import TrainConfig, train
@@ -70,26 +71,47 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="cpu, cuda, cuda:1, ... (default: cuda when available)")
 
 
+DEFENSES = ("none", "epic", "deep-knn", "spectral-signatures", "activation-clustering",
+            "lowest-confidence", "highest-loss", "random", "dp-sgd")
+
+
 def _add_defense_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("defense")
-    g.add_argument("--defense", choices=["none", "epic"], default="none",
-                   help="defense to train with (default: none)")
+    g.add_argument("--defense", choices=DEFENSES, default="none",
+                   help="defense to train with (default: none). epic is this library's; the "
+                        "others are the paper's baselines: deep-knn, spectral-signatures and "
+                        "activation-clustering filter once in feature space at --warmup; "
+                        "lowest-confidence, highest-loss and random drop on EPIC's schedule; "
+                        "dp-sgd clips and noises every gradient")
     g.add_argument("--fraction", type=float, default=0.1,
                    help="EPIC: share of each class chosen as medoids (default: 0.1)")
     g.add_argument("--warmup", type=int, default=None,
-                   help="EPIC: epochs before the first round (default: 100 x fraction, as the "
-                        "paper's 10/20/30 for 0.1/0.2/0.3)")
+                   help="epochs before the first round (default: 100 x --fraction, as the "
+                        "paper's 10/20/30 for EPIC-0.1/0.2/0.3)")
     g.add_argument("--every", type=int, default=None,
-                   help="EPIC: epochs between rounds (default: epochs/20, i.e. 2 of 40 and 10 of "
-                        "200; 1 in transfer learning)")
+                   help="epochs between rounds (default: epochs/20, i.e. 2 of 40 and 10 of 200; "
+                        "1 in transfer learning)")
     g.add_argument("--until", type=int, default=None,
-                   help="EPIC: no rounds from this epoch on (default: the last lr milestone)")
+                   help="no rounds from this epoch on (default: the last lr milestone; one round "
+                        "only for the feature-space filters)")
     g.add_argument("--max-cluster-size", type=int, default=1,
                    help="EPIC: drop medoids of clusters this small (default: 1, alone)")
     g.add_argument("--similarity", choices=["exp", "linear", "cosine"], default="exp",
                    help="EPIC: gradient similarity (default: exp(-d/D), the authors' code)")
     g.add_argument("--per-class", choices=["proportional", "equal"], default="proportional",
                    help="EPIC: medoids per class proportional to class size, or equal")
+    g.add_argument("--budget", type=float, default=0.01,
+                   help="deep-knn, spectral-signatures: the poison share the defender expects "
+                        "(default: 0.01)")
+    g.add_argument("--threshold", type=float, default=None,
+                   help="lowest-confidence: drop below this confidence (default 0.5); "
+                        "highest-loss: drop above this loss (default 1.0)")
+    g.add_argument("--drop-fraction", type=float, default=0.01,
+                   help="random: share of the kept examples dropped per round (default: 0.01)")
+    g.add_argument("--dp-clip", type=float, default=1.0,
+                   help="dp-sgd: gradient norm bound (default: 1.0)")
+    g.add_argument("--dp-noise", type=float, default=0.01,
+                   help="dp-sgd: noise std relative to --dp-clip (default: 0.01)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,17 +170,33 @@ def make_model(args: argparse.Namespace, train_data: ImageData,
     return model.to(device)
 
 
-def make_defense(args: argparse.Namespace, n: int, milestones: tuple[int, ...]) -> EPIC | None:
-    if args.defense == "none":
+def make_defense(args: argparse.Namespace, n: int,
+                 milestones: tuple[int, ...]) -> ScheduledDefense | None:
+    """The defense the arguments name, with the paper's schedule unless overridden."""
+    if args.defense in ("none", "dp-sgd"):
         return None
+    warmup = args.warmup if args.warmup is not None else paper_warmup(args.fraction)
     every = args.every
     if every is None:
         every = 1 if args.scenario == "transfer" else max(1, args.epochs // 20)
     until = args.until if args.until is not None else (milestones[-1] if milestones else None)
-    return EPIC(args.fraction,
-                warmup=args.warmup if args.warmup is not None else paper_warmup(args.fraction),
-                every=every, until=until, max_cluster_size=args.max_cluster_size,
-                similarity=args.similarity, per_class=args.per_class, num_examples=n)
+    schedule = {"warmup": warmup, "every": every, "until": until, "num_examples": n}
+    once = schedule | {"until": args.until if args.until is not None else warmup + 1}
+    if args.defense == "epic":
+        return EPIC(args.fraction, max_cluster_size=args.max_cluster_size,
+                    similarity=args.similarity, per_class=args.per_class, **schedule)
+    if args.defense == "deep-knn":
+        return defenses.DeepKNN(budget=args.budget, **once)
+    if args.defense == "spectral-signatures":
+        return defenses.SpectralSignatures(budget=args.budget, **once)
+    if args.defense == "activation-clustering":
+        return defenses.ActivationClustering(seed=args.seed, **once)
+    if args.defense == "lowest-confidence":
+        return defenses.LowestConfidence(threshold=args.threshold or 0.5, **schedule)
+    if args.defense == "highest-loss":
+        return defenses.HighestLoss(threshold=args.threshold or 1.0, **schedule)
+    return defenses.RandomDrop(fraction=args.drop_fraction,
+                               generator=torch.Generator().manual_seed(args.seed), **schedule)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -169,7 +207,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig(epochs=args.epochs, scenario=args.scenario, lr=args.lr,
                          batch_size=args.batch_size, weight_decay=args.weight_decay,
                          milestones=tuple(args.milestones) if args.milestones is not None
-                         else None, augment=not args.no_augment, seed=args.seed)
+                         else None, augment=not args.no_augment, seed=args.seed,
+                         grad_clip=args.dp_clip if args.defense == "dp-sgd" else None,
+                         grad_noise=args.dp_noise if args.defense == "dp-sgd" else 0.0)
     defense = make_defense(args, len(train_data), config.resolved_milestones)
     out = Path(args.out or f"runs/{args.dataset}-{args.model}-{args.scenario}")
     progress = sys.stderr.isatty() if args.progress is None else args.progress

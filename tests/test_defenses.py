@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from epic.defenses import (
+    ActivationClustering,
+    DeepKNN,
+    HighestLoss,
+    LowestConfidence,
+    RandomDrop,
+    SpectralSignatures,
+    activation_clusters,
+    deep_knn_outliers,
+    high_loss,
+    low_confidence,
+    spectral_signature_outliers,
+)
+from epic.models import build_model
+from epic.train import TrainConfig, train
+
+
+def _two_blobs(n: int = 100, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 2
+    feats = torch.randn(n, 8, generator=g) * 0.3 + labels[:, None] * 4.0
+    return feats, labels
+
+
+def test_deep_knn_flags_a_point_sitting_in_the_other_class() -> None:
+    feats, labels = _two_blobs()
+    feats[0] = feats[1]  # example 0 (label 0) now sits among the label-1 examples
+    drop = deep_knn_outliers(feats, labels, k=9, block=16)
+    assert drop.tolist() == [True] + [False] * 99
+
+
+def test_spectral_signatures_find_a_shifted_subpopulation() -> None:
+    g = torch.Generator().manual_seed(1)
+    feats = torch.randn(200, 16, generator=g)
+    labels = torch.zeros(200, dtype=torch.long)
+    feats[:10] += 6 * torch.nn.functional.normalize(torch.ones(16), dim=0)
+    drop = spectral_signature_outliers(feats, labels, per_class=15)
+    assert drop[:10].all() and int(drop.sum()) == 15
+
+
+def test_activation_clustering_splits_off_the_small_cluster_only() -> None:
+    g = torch.Generator().manual_seed(2)
+    clean = torch.randn(180, 12, generator=g)
+    poison = torch.randn(20, 12, generator=g) + 8
+    feats = torch.cat([clean, poison, torch.randn(200, 12, generator=g)])
+    labels = torch.cat([torch.zeros(200), torch.ones(200)]).long()
+    drop = activation_clusters(feats, labels, components=5)
+    assert drop[180:200].all() and not drop[:180].any()
+    assert not drop[200:].any()  # a unimodal class splits roughly in half: nothing dropped
+
+
+def test_confidence_and_loss_rules_match_their_definitions() -> None:
+    logits = torch.tensor([[2.0, 0.0], [0.0, 0.0], [-1.0, 3.0]])
+    labels = torch.tensor([0, 0, 0])
+    conf = torch.softmax(logits, 1)[:, 0]
+    assert low_confidence(logits, labels, 0.5).tolist() == (conf < 0.5).tolist()
+    loss = F.cross_entropy(logits, labels, reduction="none")
+    assert high_loss(logits, labels, 1.0).tolist() == (loss > 1.0).tolist() == [False, False,
+                                                                               True]
+
+
+def test_random_drop_is_seeded_and_sized(tiny_data) -> None:  # type: ignore[no-untyped-def]
+    train_data, _ = tiny_data
+    runs = []
+    for _ in range(2):
+        d = RandomDrop(fraction=0.1, warmup=0, generator=torch.Generator().manual_seed(4))
+        runs.append(d.update(torch.nn.Linear(1, 1), train_data, 0).dropped)
+    assert torch.equal(runs[0], runs[1]) and len(runs[0]) == 6
+
+
+def test_filter_baselines_run_once_by_default() -> None:
+    for d in (DeepKNN(), SpectralSignatures(), ActivationClustering()):
+        assert [e for e in range(40) if d.due(e)] == [10]
+
+
+@pytest.mark.parametrize("make", [
+    lambda n: DeepKNN(k=5, warmup=1, until=2, num_examples=n),
+    lambda n: SpectralSignatures(budget=0.05, warmup=1, until=2, num_examples=n),
+    lambda n: ActivationClustering(components=3, warmup=1, until=2, num_examples=n),
+    lambda n: LowestConfidence(threshold=0.5, warmup=1, every=1, num_examples=n),
+    lambda n: HighestLoss(threshold=1.0, warmup=1, every=1, num_examples=n),
+])
+def test_every_baseline_plugs_into_the_trainer(make, tiny_data) -> None:  # type: ignore[no-untyped-def]
+    train_data, test_data = tiny_data
+    torch.manual_seed(0)
+    model = build_model("convnet", num_classes=3, in_channels=3, mean=train_data.mean,
+                        std=train_data.std)
+    defense = make(len(train_data))
+    result = train(model, train_data, test_data, TrainConfig(epochs=3, batch_size=16),
+                   defense=defense)
+    assert len(defense.history) >= 1 and defense.history[0].epoch == 1
+    assert result.summary["examples_dropped"] == int((~defense.keep_mask).sum())
+    assert result.metrics[-1]["trained_on"] == int(defense.keep_mask.sum())
+
+
+def test_dp_sgd_noise_changes_training_and_needs_a_clip(tiny_data) -> None:  # type: ignore[no-untyped-def]
+    train_data, test_data = tiny_data
+
+    def run(**kw):  # type: ignore[no-untyped-def]
+        torch.manual_seed(0)
+        model = build_model("convnet", num_classes=3, in_channels=3, mean=train_data.mean,
+                            std=train_data.std)
+        return train(model, train_data, test_data, TrainConfig(epochs=1, batch_size=16, **kw))
+
+    clipped = run(grad_clip=1.0).metrics[0]["train_loss"]
+    assert clipped == run(grad_clip=1.0).metrics[0]["train_loss"]
+    assert run(grad_clip=1.0, grad_noise=0.5).metrics[0]["train_loss"] != clipped
+    with pytest.raises(ValueError, match="grad_clip"):
+        run(grad_noise=0.1)
