@@ -27,11 +27,12 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from epic.data import ImageData, iterate_batches
+from epic.defense import EpicRound
 from epic.models import Classifier
 from epic.poisons import PoisonSet
 
 __all__ = ["Defense", "Scenario", "TrainConfig", "TrainResult", "default_milestones",
-           "evaluate", "prepare_model", "train"]
+           "defense_records", "evaluate", "prepare_model", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -273,6 +274,8 @@ def train(
         if outp is not None:
             _save_epoch(outp, model, optimizer, scheduler, (generator, noise), defense, metrics,
                         epoch, elapsed)
+            if defense is not None and record.get("defense_seconds") is not None:
+                _write_json(outp / "defense.json", defense_records(defense, poisons))
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{record['train_loss']:.3f}", acc=f"{record['test_acc']:.3f}")
@@ -309,14 +312,26 @@ def _describe(defense: Defense | None) -> dict[str, Any] | None:
     return {"name": type(defense).__name__} | settings
 
 
+def defense_records(defense: Defense, poisons: PoisonSet | None = None
+                    ) -> list[dict[str, Any]]:
+    """JSON-ready records of a defense's rounds; with ``poisons``, how each round treated them
+    (poisons dropped, and for EPIC the cluster sizes the poisons fell in)."""
+    records = []
+    for r in getattr(defense, "history", []):
+        rec = r.summary()
+        if poisons is not None:
+            rec["poisons_dropped"] = int(torch.isin(r.dropped, poisons.indices).sum())
+            if isinstance(r, EpicRound):
+                rec["poison_cluster_size_histogram"] = r.histogram(poisons.indices)
+        records.append(rec)
+    return records
+
+
 def _save_epoch(outp: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler,
                 generators: tuple[torch.Generator, torch.Generator], defense: Defense | None,
                 metrics: list[dict[str, Any]], epoch: int, elapsed: float) -> None:
     _write_json(outp / "metrics.json", metrics)
-    history = getattr(defense, "history", None)
-    if history:
-        _write_json(outp / "defense.json", [r.summary() for r in history])
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "generator": generators[0].get_state(),
              "noise": generators[1].get_state(),

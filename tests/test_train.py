@@ -97,3 +97,19 @@ def test_poisons_are_applied_and_their_success_measured(tiny_data) -> None:  # t
     assert result.summary["attack_success"] == pytest.approx(expected)
     assert result.summary["poisons"] == 5 and result.summary["poisons_dropped"] == 0
     assert 0 <= evaluate(model, test_data) <= 1
+
+
+def test_defense_records_say_how_poisons_fared(tiny_data, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    train_data, test_data = tiny_data
+    idx = torch.tensor([0, 4, 8])
+    poisons = PoisonSet(idx, train_data.images[idx], test_data.images[:1], target_class=0,
+                        adversarial_class=1, eps=8 / 255)
+    defense = EPIC(0.5, warmup=1, every=1, num_examples=len(train_data))
+    train(_model(train_data), train_data, test_data, TrainConfig(epochs=3, batch_size=16),
+          defense=defense, poisons=poisons, out=tmp_path)
+    records = json.loads((tmp_path / "defense.json").read_text())
+    assert [r["epoch"] for r in records] == [1, 2]
+    for rec, rnd in zip(records, defense.history, strict=True):
+        assert rec["poisons_dropped"] == len(set(rnd.dropped.tolist()) & {0, 4, 8})
+        hist = {int(k): v for k, v in rec["poison_cluster_size_histogram"].items()}
+        assert sum(hist.values()) == int((rnd.cluster_sizes[idx] > 0).sum())
