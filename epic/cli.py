@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from epic import defenses
+from epic.attacks.cli import add_attack_commands
 from epic.data import DATASETS, ImageData, load_dataset
 from epic.defense import EPIC, ScheduledDefense, paper_warmup
 from epic.models import MODELS, Classifier, build_model
@@ -142,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true",
                    help="print the summary as JSON on the last line of output")
     p.set_defaults(handler=cmd_train)
+    add_attack_commands(sub)
     return parser
 
 
