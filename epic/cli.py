@@ -11,10 +11,9 @@ from pathlib import Path
 
 import torch
 
-from epic import defenses
-from epic.attacks.cli import add_attack_commands
 from epic.data import DATASETS, ImageData, load_dataset
-from epic.defense import EPIC, ScheduledDefense, paper_warmup
+from epic.defense import ScheduledDefense
+from epic.defenses import DEFENSES, build_defense
 from epic.models import MODELS, Classifier, build_model
 from epic.poisons import PoisonSet
 from epic.train import TrainConfig, train
@@ -70,10 +69,6 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed for init, order, augmentation")
     g.add_argument("--device", default=None,
                    help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-
-
-DEFENSES = ("none", "epic", "deep-knn", "spectral-signatures", "activation-clustering",
-            "lowest-confidence", "highest-loss", "random", "dp-sgd")
 
 
 def _add_defense_args(p: argparse.ArgumentParser) -> None:
@@ -143,7 +138,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true",
                    help="print the summary as JSON on the last line of output")
     p.set_defaults(handler=cmd_train)
-    add_attack_commands(sub)
     return parser
 
 
@@ -175,30 +169,12 @@ def make_model(args: argparse.Namespace, train_data: ImageData,
 def make_defense(args: argparse.Namespace, n: int,
                  milestones: tuple[int, ...]) -> ScheduledDefense | None:
     """The defense the arguments name, with the paper's schedule unless overridden."""
-    if args.defense in ("none", "dp-sgd"):
-        return None
-    warmup = args.warmup if args.warmup is not None else paper_warmup(args.fraction)
-    every = args.every
-    if every is None:
-        every = 1 if args.scenario == "transfer" else max(1, args.epochs // 20)
-    until = args.until if args.until is not None else (milestones[-1] if milestones else None)
-    schedule = {"warmup": warmup, "every": every, "until": until, "num_examples": n}
-    once = schedule | {"until": args.until if args.until is not None else warmup + 1}
-    if args.defense == "epic":
-        return EPIC(args.fraction, max_cluster_size=args.max_cluster_size,
-                    similarity=args.similarity, per_class=args.per_class, **schedule)
-    if args.defense == "deep-knn":
-        return defenses.DeepKNN(budget=args.budget, **once)
-    if args.defense == "spectral-signatures":
-        return defenses.SpectralSignatures(budget=args.budget, **once)
-    if args.defense == "activation-clustering":
-        return defenses.ActivationClustering(seed=args.seed, **once)
-    if args.defense == "lowest-confidence":
-        return defenses.LowestConfidence(threshold=args.threshold or 0.5, **schedule)
-    if args.defense == "highest-loss":
-        return defenses.HighestLoss(threshold=args.threshold or 1.0, **schedule)
-    return defenses.RandomDrop(fraction=args.drop_fraction,
-                               generator=torch.Generator().manual_seed(args.seed), **schedule)
+    return build_defense(args.defense, num_examples=n, epochs=args.epochs, milestones=milestones,
+                         scenario=args.scenario, fraction=args.fraction, warmup=args.warmup,
+                         every=args.every, until=args.until,
+                         max_cluster_size=args.max_cluster_size, similarity=args.similarity,
+                         per_class=args.per_class, budget=args.budget, threshold=args.threshold,
+                         drop_fraction=args.drop_fraction, seed=args.seed)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

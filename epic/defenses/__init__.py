@@ -8,6 +8,7 @@ instead (``TrainConfig.grad_clip`` / ``grad_noise``).
 
 from epic.defenses.clustering import ActivationClustering, activation_clusters
 from epic.defenses.knn import DeepKNN, deep_knn_outliers
+from epic.defenses.registry import DEFENSES, build_defense
 from epic.defenses.scores import (
     HighestLoss,
     LowestConfidence,
@@ -22,6 +23,8 @@ from epic.defenses.spectral import (
 )
 
 __all__ = [
+    "DEFENSES",
+    "build_defense",
     "ActivationClustering",
     "DeepKNN",
     "HighestLoss",
