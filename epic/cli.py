@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from epic.attacks.cli import add_attack_commands
+from epic.bench.cli import add_bench_commands
 from epic.data import DATASETS, ImageData, load_dataset
 from epic.defense import ScheduledDefense
 from epic.defenses import DEFENSES, build_defense
@@ -140,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the summary as JSON on the last line of output")
     p.set_defaults(handler=cmd_train)
     add_attack_commands(sub)
+    add_bench_commands(sub)
     return parser
 
 

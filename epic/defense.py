@@ -86,6 +86,9 @@ class ScheduledDefense:
                  num_examples: int | None = None, batch_size: int = 512) -> None:
         if warmup < 0 or every < 1:
             raise ValueError(f"need warmup >= 0 and every >= 1, got {warmup}, {every}")
+        if until is not None and warmup >= until:
+            log.warning("%s will never run: warmup %d >= until %d", type(self).__name__,
+                        warmup, until)
         self.warmup = warmup
         self.every = every
         self.until = until

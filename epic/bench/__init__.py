@@ -1,0 +1,15 @@
+"""The benchmark: poison sets x defenses x seeds -> attack success, accuracy, time; reports.
+
+Example:
+    >>> from epic.bench import ResultStore, run_trials, write_report  # doctest: +SKIP
+    >>> store = ResultStore("bench/results.jsonl")
+    >>> run_trials(["poisons/bp0"], ["none", "epic-0.1"], seeds=[0], ...)
+    >>> write_report(store.load(), "bench/report")
+"""
+
+from epic.bench.report import drop_curve, summarize, to_markdown, write_report
+from epic.bench.runner import parse_defense, run_trials
+from epic.bench.store import ResultStore
+
+__all__ = ["ResultStore", "drop_curve", "parse_defense", "run_trials", "summarize",
+           "to_markdown", "write_report"]

@@ -1,0 +1,96 @@
+"""``epic bench run`` and ``epic bench report``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from epic.bench.report import summarize, to_markdown, write_report
+from epic.bench.runner import run_trials
+from epic.bench.store import ResultStore
+from epic.train import TrainConfig
+
+__all__ = ["add_bench_commands"]
+
+
+def add_bench_commands(sub: Any) -> None:
+    """Register ``bench`` (with ``run`` and ``report``) on the ``epic`` subcommand parser."""
+    from epic.cli import _add_data_args, _add_train_args
+
+    p = sub.add_parser("bench", help="benchmark defenses against poison sets; report",
+                       description="Train once per poison set x defense x seed, store attack "
+                                   "success, accuracy and time, and turn the store into tables, "
+                                   "figures and an HTML page.")
+    bsub = p.add_subparsers(dest="bench_command", required=True)
+    r = bsub.add_parser("run", help="run trials (skips those already in the store)",
+                        description="Run trials; each poison set is a folder written by "
+                                    "`epic craft`. Resumable: finished trials are skipped.")
+    _add_data_args(r)
+    _add_train_args(r)
+    g = r.add_argument_group("benchmark")
+    g.add_argument("--poisons", nargs="+", required=True, metavar="DIR",
+                   help="poison set folders")
+    g.add_argument("--defenses", nargs="+", default=["none", "epic-0.1"],
+                   help="defenses: none, epic-<fraction>, deep-knn, spectral-signatures, "
+                        "activation-clustering, lowest-confidence, highest-loss, random, dp-sgd "
+                        "(default: none epic-0.1)")
+    g.add_argument("--seeds", nargs="+", type=int, default=[0],
+                   help="training seeds (default: 0)")
+    g.add_argument("--warmup", type=int, default=None,
+                   help="epochs before a defense's first round (default: the paper's, "
+                        "100 x fraction for EPIC)")
+    g.add_argument("--every", type=int, default=None,
+                   help="epochs between rounds (default: epochs/20; 1 in transfer learning)")
+    g.add_argument("--until", type=int, default=None,
+                   help="no rounds from this epoch on (default: the last lr milestone)")
+    g.add_argument("--out", default="bench", help="folder for results.jsonl and trial runs")
+    g.add_argument("--progress", action="store_true", help="show a progress bar per trial")
+    g.add_argument("--json", action="store_true", help="print the summary rows as JSON last")
+    r.set_defaults(handler=cmd_run)
+
+    rep = bsub.add_parser("report", help="tables, figures and report.html from a store",
+                          description="Summarize results.jsonl into summary.md, summary.json, "
+                                      "figures and a self-contained report.html.")
+    rep.add_argument("store", help="a results.jsonl written by `epic bench run`")
+    rep.add_argument("--out", default=None, help="output folder (default: beside the store)")
+    rep.set_defaults(handler=cmd_report)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from epic.cli import _device, load_data, make_model
+
+    device = _device(args.device)
+    train_data, test_data = load_data(args)
+    config = TrainConfig(epochs=args.epochs, scenario=args.scenario, lr=args.lr,
+                         batch_size=args.batch_size, weight_decay=args.weight_decay,
+                         milestones=tuple(args.milestones) if args.milestones is not None
+                         else None, augment=not args.no_augment, seed=args.seed)
+
+    def fresh(seed: int) -> Any:
+        return make_model(argparse.Namespace(**(vars(args) | {"seed": seed})), train_data,
+                          device)
+
+    store = ResultStore(Path(args.out) / "results.jsonl")
+    run_trials(args.poisons, args.defenses, seeds=args.seeds, train_data=train_data,
+               test_data=test_data, make_model=fresh, config=config, store=store, out=args.out,
+               warmup=args.warmup, every=args.every, until=args.until, progress=args.progress)
+    rows = summarize(store.load())
+    print(to_markdown(rows))
+    if args.json:
+        print(json.dumps(rows))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    store = ResultStore(args.store)
+    records = store.load()
+    if not records:
+        raise ValueError(f"no records in {args.store}")
+    page = write_report(records, args.out or Path(args.store).parent / "report")
+    print(to_markdown(summarize(records)))
+    print(f"report: {page}")
+    if store.skipped:
+        print(f"({store.skipped} unreadable lines skipped)")
+    return 0

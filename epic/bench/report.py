@@ -1,0 +1,197 @@
+"""Tables, figures and an HTML page from benchmark records and run folders.
+
+Figures follow the paper: attack success against wall time per defense (Fig. 6), the share of
+clean examples and of poisons in gradient clusters of each size at EPIC rounds (Figs. 4 and 5),
+and the cumulative share of poisons dropped against the share of all examples dropped (Figs. 2
+and 3b). matplotlib is needed for the figures (``pip install 'epic-defense[plot]'``).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+__all__ = ["drop_curve", "summarize", "to_markdown", "write_report"]
+
+SIZE_BUCKETS = ((1, 1), (2, 5), (6, 20), (21, 100), (101, math.inf))
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / len(values))
+
+
+def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (attack, scenario, defense): trials, mean attack success (the share of
+    targets flipped, or of patched images for backdoors), mean test accuracy, mean seconds."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        groups[(r["attack"], r["scenario"], r["defense"])].append(r)
+    rows = []
+    for (attack, scenario, defense), rs in sorted(groups.items()):
+        succ, succ_sd = _mean_std([float(r["attack_success"]) for r in rs])
+        acc, acc_sd = _mean_std([float(r["test_acc"]) for r in rs])
+        rows.append({
+            "attack": attack, "scenario": scenario, "defense": defense, "trials": len(rs),
+            "attack_success": succ, "attack_success_std": succ_sd, "test_acc": acc,
+            "test_acc_std": acc_sd,
+            "seconds": sum(float(r["seconds"]) for r in rs) / len(rs),
+            "poisons_dropped": sum(r.get("poisons_dropped", 0) for r in rs) / len(rs),
+            "poisons": sum(r.get("poisons", 0) for r in rs) / len(rs),
+            "examples_dropped": sum(r.get("examples_dropped", 0) for r in rs) / len(rs),
+        })
+    return rows
+
+
+def to_markdown(rows: list[dict[str, Any]]) -> str:
+    """The summary as a Markdown table."""
+    head = ("| attack | scenario | defense | trials | attack success | test acc | seconds | "
+            "poisons dropped | examples dropped |\n|---|---|---|---:|---:|---:|---:|---:|---:|")
+    lines = [head]
+    for r in rows:
+        lines.append(
+            f"| {r['attack']} | {r['scenario']} | {r['defense']} | {r['trials']} | "
+            f"{100 * r['attack_success']:.1f}% ± {100 * r['attack_success_std']:.1f} | "
+            f"{100 * r['test_acc']:.2f}% ± {100 * r['test_acc_std']:.2f} | {r['seconds']:.1f} | "
+            f"{r['poisons_dropped']:.1f} / {r['poisons']:.0f} | {r['examples_dropped']:.0f} |")
+    return "\n".join(lines)
+
+
+def drop_curve(run_dir: str | os.PathLike[str]) -> list[tuple[int, float, float]]:
+    """``(epoch, share of all examples dropped, share of poisons dropped)``, cumulative, per
+    defense round of a run folder that trained on poisons."""
+    run = Path(run_dir)
+    rounds = json.loads((run / "defense.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    n, p = summary["examples"], max(summary.get("poisons", 0), 1)
+    curve, all_dropped, poisons_dropped = [], 0, 0
+    for r in rounds:
+        all_dropped += len(r["dropped"])
+        poisons_dropped += r.get("poisons_dropped", 0)
+        curve.append((r["epoch"], all_dropped / n, poisons_dropped / p))
+    return curve
+
+
+def _bucket_shares(hist: dict[str, int]) -> list[float]:
+    total = sum(hist.values()) or 1
+    shares = []
+    for lo, hi in SIZE_BUCKETS:
+        shares.append(sum(c for s, c in hist.items() if lo <= int(s) <= hi) / total)
+    return shares
+
+
+def _bucket_label(lo: int, hi: float) -> str:
+    return str(lo) if lo == hi else (f">{lo - 1}" if math.isinf(hi) else f"{lo}-{int(hi)}")
+
+
+def _figures(records: list[dict[str, Any]], rows: list[dict[str, Any]],
+             out: Path) -> list[tuple[str, Path]]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise RuntimeError("figures need matplotlib: pip install 'epic-defense[plot]'") from exc
+    figures = []
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        ax.scatter(r["seconds"], 100 * r["attack_success"], s=40)
+        ax.annotate(f"{r['defense']} ({r['attack']})", (r["seconds"], 100 * r["attack_success"]),
+                    fontsize=7, xytext=(4, 2), textcoords="offset points")
+    ax.set_xlabel("wall time per run (s)")
+    ax.set_ylabel("attack success (%)")
+    ax.set_title("Attack success vs. time")
+    path = out / "success_vs_time.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    figures.append(("Attack success against wall time, per defense (paper Fig. 6)", path))
+
+    epic_runs = [r for r in records if str(r["defense"]).startswith("epic")
+                 and Path(r["run_dir"], "defense.json").exists()]
+    if epic_runs:
+        run = Path(epic_runs[0]["run_dir"])
+        rounds = json.loads((run / "defense.json").read_text())
+        picks = [rounds[i] for i in sorted({0, len(rounds) // 2, len(rounds) - 1})]
+        fig, axes = plt.subplots(1, len(picks), figsize=(4 * len(picks), 3.2), squeeze=False)
+        labels = [_bucket_label(lo, hi) for lo, hi in SIZE_BUCKETS]
+        for ax, rnd in zip(axes[0], picks, strict=True):
+            allh = rnd["cluster_size_histogram"]
+            poih = rnd.get("poison_cluster_size_histogram", {})
+            clean = {s: c - poih.get(s, 0) for s, c in allh.items()}
+            xs = range(len(labels))
+            ax.bar([x - 0.2 for x in xs], _bucket_shares(clean), 0.4, label="clean")
+            ax.bar([x + 0.2 for x in xs], _bucket_shares(poih), 0.4, label="poisons")
+            ax.set_xticks(list(xs), labels)
+            ax.set_xlabel("gradient cluster size")
+            ax.set_title(f"epoch {rnd['epoch']}")
+        axes[0][0].set_ylabel("share of examples")
+        axes[0][0].legend()
+        path = out / "cluster_sizes.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        figures.append((f"Clean vs. poisons by gradient cluster size at EPIC rounds, "
+                        f"{epic_runs[0]['key']} (paper Figs. 4, 5)", path))
+
+        fig, ax = plt.subplots(figsize=(5, 4))
+        curves = {r["key"]: drop_curve(r["run_dir"]) for r in epic_runs[:8]}
+        for key, curve in curves.items():
+            ax.plot([0] + [c[1] for c in curve], [0] + [c[2] for c in curve], marker="o",
+                    label=key, alpha=0.8)
+        ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="chance")
+        widest = max((c[-1][1] for c in curves.values() if c), default=0.0)
+        ax.set_xlim(0, max(0.05, 1.2 * widest))
+        ax.set_xlabel("share of all examples dropped")
+        ax.set_ylabel("share of poisons dropped")
+        ax.legend(fontsize=6)
+        path = out / "drop_curve.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        figures.append(("Cumulative share of poisons dropped vs. all examples dropped "
+                        "(paper Figs. 2, 3b)", path))
+    return figures
+
+
+def write_report(records: list[dict[str, Any]], out: str | os.PathLike[str]) -> Path:
+    """Write ``summary.md``, ``summary.json``, the figures and ``report.html`` to ``out``."""
+    outp = Path(out)
+    outp.mkdir(parents=True, exist_ok=True)
+    rows = summarize(records)
+    (outp / "summary.json").write_text(json.dumps(rows, indent=2))
+    table = to_markdown(rows)
+    (outp / "summary.md").write_text(table + "\n")
+    figures = _figures(records, rows, outp) if records else []
+    parts = ["<!doctype html><meta charset='utf-8'><title>epic benchmark</title>",
+             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}"
+             "td{text-align:right}</style>", "<h1>Benchmark report</h1>",
+             f"<p>{len(records)} trials.</p><table><tr>"]
+    cols = ["attack", "scenario", "defense", "trials", "attack_success", "test_acc", "seconds",
+            "poisons_dropped", "examples_dropped"]
+    parts.append("".join(f"<th>{c}</th>" for c in cols) + "</tr>")
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r[c]
+            text = f"{100 * v:.1f}%" if c in ("attack_success", "test_acc") else (
+                f"{v:.1f}" if isinstance(v, float) else str(v))
+            cells.append(f"<td>{html.escape(text)}</td>")
+        parts.append("<tr>" + "".join(cells) + "</tr>")
+    parts.append("</table>")
+    for caption, path in figures:
+        data = base64.b64encode(path.read_bytes()).decode()
+        parts.append(f"<figure><img src='data:image/png;base64,{data}'>"
+                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    page = outp / "report.html"
+    page.write_text("\n".join(parts))
+    return page

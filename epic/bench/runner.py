@@ -1,0 +1,113 @@
+"""Run poison set x defense x seed trials and store attack success, accuracy and time."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from epic.bench.store import ResultStore
+from epic.data import ImageData
+from epic.defenses import DEFENSES, build_defense
+from epic.models import Classifier
+from epic.poisons import PoisonSet
+from epic.train import TrainConfig, train
+
+__all__ = ["parse_defense", "run_trials"]
+
+log = logging.getLogger(__name__)
+
+
+def parse_defense(spec: str) -> tuple[str, float]:
+    """``"epic-0.2"`` -> ``("epic", 0.2)``; other names get EPIC's default fraction 0.1."""
+    name, _, fraction = spec.rpartition("-")
+    if name == "epic":
+        try:
+            return "epic", float(fraction)
+        except ValueError:
+            pass
+    if spec not in DEFENSES:
+        raise ValueError(f"unknown defense {spec!r}; choose from {', '.join(DEFENSES)} "
+                         "(epic takes a fraction: epic-0.1, epic-0.2, ...)")
+    return spec, 0.1
+
+
+def run_trials(
+    poison_dirs: Sequence[str | os.PathLike[str]],
+    defenses: Sequence[str],
+    *,
+    seeds: Sequence[int],
+    train_data: ImageData,
+    test_data: ImageData,
+    make_model: Callable[[int], Classifier],
+    config: TrainConfig,
+    store: ResultStore,
+    out: str | os.PathLike[str],
+    warmup: int | None = None,
+    every: int | None = None,
+    until: int | None = None,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Train once per (poison set, defense, seed) and append each outcome to ``store``.
+
+    Trials already in the store are skipped, so an interrupted benchmark resumes. Each trial's
+    run folder (metrics, defense records) goes under ``out/trials/``.
+
+    Args:
+        make_model: seed -> a fresh model (loaded with pretrained weights for transfer and
+            fine-tuning), on the device to train on.
+        config: the pipeline; its ``seed`` is replaced by each trial's seed.
+        warmup, every, until: override the defenses' paper schedules (see
+            :func:`epic.defenses.build_defense`).
+
+    Returns:
+        The records written in this call.
+    """
+    done = store.keys()
+    written = []
+    for poison_dir in poison_dirs:
+        poisons = PoisonSet.load(poison_dir, train_data)
+        attack = str(poisons.metadata.get("attack", "unknown"))
+        for spec in defenses:
+            name, fraction = parse_defense(spec)
+            for seed in seeds:
+                key = f"{Path(poison_dir).name}/{spec}/{config.scenario}/{seed}"
+                if key in done:
+                    continue
+                trial_config = dataclasses.replace(
+                    config, seed=seed,
+                    grad_clip=1.0 if name == "dp-sgd" else config.grad_clip,
+                    grad_noise=0.01 if name == "dp-sgd" else config.grad_noise)
+                defense = build_defense(name, num_examples=len(train_data),
+                                        epochs=config.epochs,
+                                        milestones=trial_config.resolved_milestones,
+                                        scenario=config.scenario, fraction=fraction,
+                                        warmup=warmup, every=every, until=until, seed=seed)
+                model = make_model(seed)
+                run_dir = Path(out) / "trials" / key.replace("/", "_")
+                start = time.perf_counter()
+                result = train(copy.deepcopy(model), train_data, test_data, trial_config,
+                               defense=defense, poisons=poisons, out=run_dir, progress=progress)
+                record = {"key": key, "poisons_dir": str(poison_dir), "attack": attack,
+                          "scenario": config.scenario, "defense": spec, "seed": seed,
+                          "eps": poisons.eps, "target_class": poisons.target_class,
+                          "adversarial_class": poisons.adversarial_class,
+                          "wall_seconds": round(time.perf_counter() - start, 3),
+                          "run_dir": str(run_dir), "device": str(_device_of(model))}
+                record |= result.summary
+                store.append(record)
+                written.append(record)
+                log.info("%s: success %.3f, acc %.4f", key, record["attack_success"],
+                         record["test_acc"])
+    return written
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device

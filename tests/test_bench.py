@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from epic.bench import ResultStore, parse_defense, run_trials, summarize, to_markdown, write_report
+from epic.models import build_model
+from epic.poisons import PoisonSet
+from epic.train import TrainConfig
+
+
+def test_store_survives_a_torn_last_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    store = ResultStore(tmp_path / "r.jsonl")
+    store.append({"key": "a", "x": 1})
+    with open(store.path, "a") as f:
+        f.write('{"key": "b", "x"')  # a crash mid-write
+    assert store.keys() == {"a"} and store.skipped == 1
+    with pytest.raises(ValueError, match="key"):
+        store.append({"x": 2})
+
+
+def test_parse_defense() -> None:
+    assert parse_defense("epic-0.3") == ("epic", 0.3)
+    assert parse_defense("deep-knn") == ("deep-knn", 0.1)
+    with pytest.raises(ValueError, match="unknown defense"):
+        parse_defense("magic")
+
+
+def test_summarize_averages_per_group() -> None:
+    base = {"attack": "bp", "scenario": "transfer", "seconds": 2.0, "poisons": 5,
+            "poisons_dropped": 0, "examples_dropped": 0}
+    recs = [base | {"defense": "none", "attack_success": 1.0, "test_acc": 0.9},
+            base | {"defense": "none", "attack_success": 0.0, "test_acc": 0.8},
+            base | {"defense": "epic-0.1", "attack_success": 0.0, "test_acc": 0.85}]
+    rows = {r["defense"]: r for r in summarize(recs)}
+    assert rows["none"]["trials"] == 2 and rows["none"]["attack_success"] == 0.5
+    assert rows["none"]["attack_success_std"] == 0.5
+    assert rows["none"]["test_acc"] == pytest.approx(0.85)
+    assert "| bp | transfer | none | 2 | 50.0% ± 50.0 |" in to_markdown(summarize(recs))
+
+
+def test_run_trials_resumes_and_reports(tiny_data, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    train_data, test_data = tiny_data
+    idx = torch.tensor([0, 3, 6])
+    PoisonSet(idx, train_data.images[idx], test_data.images[:1], target_class=0,
+              adversarial_class=1, eps=8 / 255, metadata={"attack": "copy"}).save(tmp_path / "p")
+
+    def make(seed: int):  # type: ignore[no-untyped-def]
+        torch.manual_seed(seed)
+        return build_model("convnet", num_classes=3, in_channels=3, mean=train_data.mean,
+                           std=train_data.std)
+
+    store = ResultStore(tmp_path / "bench" / "results.jsonl")
+    kwargs = {"seeds": [0], "train_data": train_data, "test_data": test_data, "make_model": make,
+              "config": TrainConfig(epochs=3, batch_size=16), "store": store,
+              "out": tmp_path / "bench", "warmup": 1, "every": 1}
+    first = run_trials([tmp_path / "p"], ["none", "epic-0.3"], **kwargs)  # type: ignore[arg-type]
+    assert [r["defense"] for r in first] == ["none", "epic-0.3"]
+    assert first[0]["attack"] == "copy" and first[0]["examples_dropped"] == 0
+    assert first[1]["examples_dropped"] > 0
+    assert run_trials([tmp_path / "p"], ["none", "epic-0.3"], **kwargs) == []  # type: ignore[arg-type]
+    page = write_report(store.load(), tmp_path / "report")
+    assert "<table>" in page.read_text()
+    assert {p.name for p in (tmp_path / "report").iterdir()} >= {
+        "summary.md", "summary.json", "success_vs_time.png", "cluster_sizes.png",
+        "drop_curve.png", "report.html"}
+    assert len(json.loads((tmp_path / "report" / "summary.json").read_text())) == 2
