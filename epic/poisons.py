@@ -132,6 +132,11 @@ class PoisonSet:
         if self.metadata.get("clean_label", True) and not torch.equal(self.labels, base_labels):
             raise PoisonSetError("a clean-label poison set changes labels")
 
+    def select(self, rows: Tensor) -> PoisonSet:
+        """The poisons at ``rows`` (positions in this set, or a bool mask ``(P,)``)."""
+        return replace(self, indices=self.indices[rows], images=self.images[rows],
+                       labels=None if self.labels is None else self.labels[rows])
+
     def apply(self, train: ImageData) -> ImageData:
         """The training set with the poisons in place (validated first)."""
         self.validate(train)

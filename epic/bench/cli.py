@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from epic.bench.report import summarize, to_markdown, write_report
 from epic.bench.runner import run_trials
 from epic.bench.store import ResultStore
@@ -50,6 +52,21 @@ def add_bench_commands(sub: Any) -> None:
     g.add_argument("--json", action="store_true", help="print the summary rows as JSON last")
     r.set_defaults(handler=cmd_run)
 
+    e = bsub.add_parser("effective", help="find the effective poisons of a poison set",
+                        description="Order the poisons by last-layer gradient distance to the "
+                                    "adversarial target and bisect on the shortest prefix that "
+                                    "alone makes the attack succeed (paper Sec. 3.2); about "
+                                    "log2(P)+2 training runs. Writes effective.json and "
+                                    "effective.png to --out.")
+    _add_data_args(e)
+    _add_train_args(e)
+    e.add_argument("--poisons", required=True, metavar="DIR", help="poison set folder")
+    e.add_argument("--threshold", type=float, default=0.5,
+                   help="attack counts as successful above this success rate (default: 0.5)")
+    e.add_argument("--out", default="effective", help="output folder")
+    e.add_argument("--json", action="store_true", help="print the result as JSON last")
+    e.set_defaults(handler=cmd_effective)
+
     rep = bsub.add_parser("report", help="tables, figures and report.html from a store",
                           description="Summarize results.jsonl into summary.md, summary.json, "
                                       "figures and a self-contained report.html.")
@@ -80,6 +97,53 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(to_markdown(rows))
     if args.json:
         print(json.dumps(rows))
+    return 0
+
+
+def cmd_effective(args: argparse.Namespace) -> int:
+    import copy
+
+    from epic.analysis import effective_poisons, gradient_distance_to_target
+    from epic.bench.report import plot_effective
+    from epic.cli import _device, load_data, make_model
+    from epic.poisons import PoisonSet
+    from epic.train import train
+
+    device = _device(args.device)
+    train_data, test_data = load_data(args)
+    poisons = PoisonSet.load(args.poisons, train_data)
+    config = TrainConfig(epochs=args.epochs, scenario=args.scenario, lr=args.lr,
+                         batch_size=args.batch_size, weight_decay=args.weight_decay,
+                         milestones=tuple(args.milestones) if args.milestones is not None
+                         else None, augment=not args.no_augment, seed=args.seed)
+    targets = poisons.target_images if len(poisons.target_images) else \
+        poisons.evaluation_images(test_data)
+    start = make_model(args, train_data, device)
+    probe = copy.deepcopy(start)
+    if args.pretrained is None:  # no clean model given: train one to measure distances in
+        train(probe, train_data, test_data, config)
+    distances = gradient_distance_to_target(probe, poisons, train_data, targets=targets)
+
+    def succeeds(subset: PoisonSet) -> bool:
+        result = train(copy.deepcopy(start), train_data, test_data, config, poisons=subset)
+        return float(result.summary["attack_success"]) > args.threshold
+
+    found = effective_poisons(poisons, succeeds, order=distances.argsort())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    effective = torch.zeros(len(poisons), dtype=torch.bool)
+    effective[found.effective] = True
+    result = {"poisons": len(poisons), "effective": len(found.effective),
+              "effective_indices": poisons.indices[found.effective].tolist(),
+              "succeeds_alone": found.succeeds_alone, "fails_without": found.fails_without,
+              "training_runs": len(found.trials), "trials": found.trials,
+              "distances": distances.tolist()}
+    (out / "effective.json").write_text(json.dumps(result, indent=2))
+    plot_effective(distances, effective, out / "effective.png")
+    print(f"{len(found.effective)} of {len(poisons)} poisons are effective "
+          f"({len(found.trials)} training runs); results in {out}")
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "distances"}))
     return 0
 
 

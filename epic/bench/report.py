@@ -17,7 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-__all__ = ["drop_curve", "summarize", "to_markdown", "write_report"]
+__all__ = ["drop_curve", "plot_effective", "summarize", "to_markdown", "write_report"]
 
 SIZE_BUCKETS = ((1, 1), (2, 5), (6, 20), (21, 100), (101, math.inf))
 
@@ -90,8 +90,7 @@ def _bucket_label(lo: int, hi: float) -> str:
     return str(lo) if lo == hi else (f">{lo - 1}" if math.isinf(hi) else f"{lo}-{int(hi)}")
 
 
-def _figures(records: list[dict[str, Any]], rows: list[dict[str, Any]],
-             out: Path) -> list[tuple[str, Path]]:
+def _pyplot() -> Any:
     try:
         import matplotlib
 
@@ -99,6 +98,30 @@ def _figures(records: list[dict[str, Any]], rows: list[dict[str, Any]],
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise RuntimeError("figures need matplotlib: pip install 'epic-defense[plot]'") from exc
+    return plt
+
+
+def plot_effective(distances: Any, effective: Any, path: str | os.PathLike[str]) -> None:
+    """Histogram of poisons' gradient distance to the target, effective vs. not (Fig. 1a)."""
+    plt = _pyplot()
+    d = [float(v) for v in distances]
+    eff = [bool(v) for v in effective]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.hist([x for x, e in zip(d, eff, strict=True) if e], bins=20, alpha=0.7,
+            label=f"effective ({sum(eff)})", color="tab:red")
+    ax.hist([x for x, e in zip(d, eff, strict=True) if not e], bins=20, alpha=0.7,
+            label=f"ineffective ({len(eff) - sum(eff)})", color="tab:purple")
+    ax.set_xlabel("last-layer gradient distance to the adversarial target")
+    ax.set_ylabel("poisons")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _figures(records: list[dict[str, Any]], rows: list[dict[str, Any]],
+             out: Path) -> list[tuple[str, Path]]:
+    plt = _pyplot()
     figures = []
 
     fig, ax = plt.subplots(figsize=(6, 4))

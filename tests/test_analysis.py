@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from epic.analysis import effective_poisons, gradient_distance_to_target
+from epic.models import build_model
+from epic.poisons import PoisonSet
+
+
+def _poisons(train, count=10):  # type: ignore[no-untyped-def]
+    idx = torch.arange(count) * 3
+    return PoisonSet(idx, train.images[idx], train.images[:1], target_class=0,
+                     adversarial_class=1, eps=8 / 255)
+
+
+def test_bisection_finds_the_responsible_poisons(tiny_data) -> None:  # type: ignore[no-untyped-def]
+    train, _ = tiny_data
+    poisons = _poisons(train)
+    needed = {int(poisons.indices[2]), int(poisons.indices[7])}
+    order = torch.tensor([7, 2, 0, 1, 3, 4, 5, 6, 8, 9])
+    found = effective_poisons(poisons, lambda s: set(s.indices.tolist()) >= needed, order=order)
+    assert sorted(found.effective.tolist()) == [2, 7]
+    assert found.succeeds_alone and found.fails_without
+    assert len(found.trials) <= 2 + 4
+    assert found.trials[0] == {"poisons": 10, "which": "prefix", "success": True}
+
+
+def test_a_failing_attack_has_no_effective_poisons(tiny_data) -> None:  # type: ignore[no-untyped-def]
+    train, _ = tiny_data
+    found = effective_poisons(_poisons(train), lambda s: False)
+    assert len(found.effective) == 0 and not found.succeeds_alone
+    with pytest.raises(ValueError, match="permutation"):
+        effective_poisons(_poisons(train), lambda s: True, order=torch.tensor([0, 0]))
+
+
+def test_gradient_distance_matches_a_direct_computation(tiny_data) -> None:  # type: ignore[no-untyped-def]
+    train, _ = tiny_data
+    torch.manual_seed(0)
+    model = build_model("convnet", num_classes=3, in_channels=3, mean=train.mean,
+                        std=train.std).eval()
+    poisons = _poisons(train, 4)
+    dist = gradient_distance_to_target(model, poisons, train)
+    with torch.no_grad():
+        px = train.images[poisons.indices].float() / 255
+        g = torch.softmax(model(px), 1) - torch.nn.functional.one_hot(
+            train.labels[poisons.indices], 3)
+        t = torch.softmax(model(train.images[:1].float() / 255), 1)[0] - torch.eye(3)[1]
+    assert torch.allclose(dist, (g - t).norm(dim=1), atol=1e-5)
