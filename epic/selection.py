@@ -81,6 +81,8 @@ _PER_CLASS = ("proportional", "equal")
 DEFAULT_MAX_MEMORY = 1 << 30
 # Scratch memory (bytes) for blockwise work that is not the similarity matrix itself.
 _BLOCK_BYTES = 64 << 20
+# Elements per block of the blocked kernel passes (cache-sized pieces).
+_BLOCK_ELEMENTS = 1 << 22
 # Partitioned classes are re-assigned to their nearest medoid over the whole class when
 # rows x medoids is at most this; otherwise rows keep the nearest medoid of their partition.
 _ASSIGN_PAIRS = 1 << 31
@@ -121,6 +123,7 @@ def select_medoids(
     epsilon: float = 0.01,
     generator: torch.Generator | None = None,
     max_memory: int = DEFAULT_MAX_MEMORY,
+    partition_size: int | None = None,
     batch_size: int = 32,
 ) -> Medoids:
     """Select per-class medoids by greedy facility-location maximization.
@@ -138,6 +141,9 @@ def select_medoids(
         generator: random source of stochastic greedy; the global torch RNG when None.
         max_memory: bytes allowed for similarity matrices held at once; larger classes are
             partitioned (see module docstring).
+        partition_size: classes with more rows are split into partitions of at most this many
+            rows; default (None): the largest size whose kernel fits ``max_memory``. Smaller
+            partitions are faster (time grows with N * partition_size) at a small cost in F.
         batch_size: candidates re-evaluated together by lazy greedy.
 
     Returns:
@@ -150,6 +156,8 @@ def select_medoids(
     x, labels = _validate(x, labels, fraction, per_class, similarity, method, epsilon)
     if max_memory <= 0 or batch_size <= 0:
         raise ValueError("max_memory and batch_size must be positive")
+    if partition_size is not None and partition_size < 2:
+        raise ValueError(f"partition_size must be at least 2, got {partition_size}")
     n_total = x.shape[0]
     device = x.device
     empty = torch.zeros(0, dtype=torch.long, device=device)
@@ -160,6 +168,8 @@ def select_medoids(
     budgets = _budgets([int(r.numel()) for r in classes], fraction, per_class)
     itemsize = x.element_size()
     max_rows = _max_dense_rows(max_memory, itemsize)
+    if partition_size is not None:
+        max_rows = min(max_rows, partition_size)
 
     problems: list[_Problem] = []
     owner: list[int] = []  # class position of each problem
@@ -206,6 +216,7 @@ def find_isolated(
     epsilon: float = 0.01,
     generator: torch.Generator | None = None,
     max_memory: int = DEFAULT_MAX_MEMORY,
+    partition_size: int | None = None,
     batch_size: int = 32,
 ) -> Tensor:
     """Flag isolated medoids: medoids whose cluster holds at most ``max_cluster_size`` rows.
@@ -217,8 +228,8 @@ def find_isolated(
         labels: (N,) integer class labels.
         fraction: share of each class selected as medoids, in (0, 1].
         max_cluster_size: clusters with at most this many rows (medoid included) are isolated.
-        per_class, similarity, method, epsilon, generator, max_memory, batch_size: as in
-            :func:`select_medoids`.
+        per_class, similarity, method, epsilon, generator, max_memory, partition_size,
+            batch_size: as in :func:`select_medoids`.
 
     Returns:
         (N,) bool tensor, True for rows to drop.
@@ -233,6 +244,7 @@ def find_isolated(
         epsilon=epsilon,
         generator=generator,
         max_memory=max_memory,
+        partition_size=partition_size,
         batch_size=batch_size,
     )
     drop = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
@@ -439,7 +451,7 @@ def _group_kernel(xg: Tensor, valid: Tensor, similarity: str) -> Tensor:
         xg = torch.nn.functional.normalize(xg, dim=-1)
     sq = (xg * xg).sum(-1)
     xt = xg.transpose(1, 2)
-    step = max(1, (1 << 20) // (g * n))
+    step = max(1, _BLOCK_ELEMENTS // (g * n))
     for start in range(0, n, step):
         blk = kern[:, start : start + step]
         torch.bmm(xg[:, start : start + step], xt, out=blk)
@@ -530,14 +542,16 @@ def _solve_group(
     fresh = torch.ones(g, n, dtype=torch.bool, device=device)
     gidx = torch.arange(g, device=device)
     n_samples = torch.ceil(sizes / ks.clamp(min=1) * math.log(1.0 / epsilon)).long()
-    next_check = 1
+    next_check = next_compact = 1
 
     for t in range(k_max):
         if method != "naive" and t == next_check:
-            cov.maybe_sparsify()
+            if cov.maybe_sparsify():
+                next_compact = 2 * t
             next_check *= 2
-        if cov.kern is None and t % _COMPACT_EVERY == 0:
+        if cov.kern is None and t >= next_compact:
             cov.compact()
+            next_compact = min(2 * t, t + _COMPACT_EVERY)
         act = gidx[ks > t]
         if method == "lazy":
             best = _lazy_step(cov, ub, fresh, act, batch_size)
@@ -560,9 +574,10 @@ def _solve_group(
 
 
 # Sparsify once sampled rows show at most this share of still-contributing pairs.
-_SPARSE_SHARE = 1.0 / 8.0
-# Drop pairs that stopped contributing from the sparse residue every this many steps.
-_COMPACT_EVERY = 32
+_SPARSE_SHARE = 1.0 / 32.0
+# Drop pairs that stopped contributing from the sparse residue at steps 2t (after a
+# compaction at step t), and at least every this many steps.
+_COMPACT_EVERY = 64
 
 
 class _Coverage:
@@ -575,7 +590,7 @@ class _Coverage:
     Gains come from the dense (G, n, n) kernel at first. As ``cur`` only grows, a pair with
     ``s_ji <= cur_i`` never contributes again; once few pairs still contribute, the dense kernel
     is replaced by a sparse residue holding only those pairs (CSR by candidate), pruned again
-    every ``_COMPACT_EVERY`` steps. Gains stay exact, up to the rounding of their sums in the
+    on a geometric schedule. Gains stay exact, up to the rounding of their sums in the
     dtype of ``x``: with float32 input, lazy and naive greedy can differ only where two gains
     agree to within float32 rounding; with float64 input they agree.
     """
@@ -596,7 +611,7 @@ class _Coverage:
         p = prob.numel()
         out = torch.empty(p, self.n, dtype=self.kern.dtype, device=self.kern.device)
         cur = self.cur[prob][:, None, :]
-        step = max(1, (1 << 20) // (p * self.n))
+        step = max(1, _BLOCK_ELEMENTS // (p * self.n))
         for start in range(0, self.n, step):
             block = self.kern[prob, start : start + step] - cur
             out[:, start : start + step] = block.clamp_(min=0.0).sum(-1)
@@ -629,14 +644,14 @@ class _Coverage:
         cur[idx] = new
         owner[idx] = t
 
-    def maybe_sparsify(self) -> None:
+    def maybe_sparsify(self) -> bool:
         """Switch to the sparse residue if sampled rows show few contributing pairs."""
         if self.kern is None:
-            return
+            return False
         sample = torch.linspace(0, self.n - 1, min(self.n, 64), device=self.kern.device).long()
         live = (self.kern[:, sample] > self.cur[:, None, :]) & self.valid[:, None, :]
         if float(live.float().mean()) > _SPARSE_SHARE:
-            return
+            return False
         ptr_parts, col_parts, val_parts = [], [], []
         for j in range(self.g):
             kj = self.kern[j]
@@ -650,6 +665,7 @@ class _Coverage:
         self.col, self.val = torch.cat(col_parts), torch.cat(val_parts)
         self.kern = None
         logger.debug("sparse residue with %d pairs", self.col.numel())
+        return True
 
     def compact(self) -> None:
         """Drop residue pairs that can no longer contribute (``s_ji <= cur_i``)."""

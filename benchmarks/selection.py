@@ -1,0 +1,252 @@
+"""Benchmark the medoid selection engine against submodlib and apricot.
+
+Default mode: a CIFAR-10-sized problem (10 classes x 5,000 embeddings of dimension 10, shaped
+like last-layer gradients softmax(z) - onehot(y)), 10% medoids per class, each library run end
+to end from embeddings to medoids in this process. Objectives are scored under submodlib's
+kernel exp(-||a - b|| / D).
+
+``--scale`` mode: one class of 1,000,000 embeddings (dimension 10): 10% medoids plus isolated
+points, reporting seconds and peak resident memory.
+
+Usage:
+    python benchmarks/selection.py --json
+    python benchmarks/selection.py --scale --json
+    python benchmarks/selection.py --partition-quality --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import math
+import os
+import platform
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from epic.selection import (  # noqa: E402
+    facility_location_value,
+    find_isolated,
+    select_medoids,
+)
+
+
+def gradient_embeddings(
+    n_per_class: int, n_classes: int, *, dim: int = 10, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, dim) embeddings softmax(z) - onehot(y) of a partly trained classifier, labels (N,).
+
+    Logits have a margin for the true class that varies per example (easy and hard examples), a
+    class-specific confusion pattern and per-example noise.
+    """
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n_classes).repeat_interleave(n_per_class)
+    onehot = torch.nn.functional.one_hot(labels, dim).float()
+    confusion = torch.randn(n_classes, dim, generator=g)
+    margin = 4.0 * torch.rand(labels.numel(), 1, generator=g) - 0.5
+    logits = confusion[labels] + 1.5 * torch.randn(labels.numel(), dim, generator=g)
+    logits += margin * onehot
+    return torch.softmax(logits, dim=1) - onehot, labels
+
+
+@contextlib.contextmanager
+def silenced() -> Iterator[None]:
+    """Silence stdout and stderr at the file-descriptor level (submodlib's C++ progress bar)."""
+    libc = ctypes.CDLL(None)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 1)
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            libc.fflush(None)
+            for fd, copy in zip((1, 2), saved, strict=True):
+                os.dup2(copy, fd)
+                os.close(copy)
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def run_ours(x: torch.Tensor, y: torch.Tensor, fraction: float, method: str) -> torch.Tensor:
+    return select_medoids(x, y, fraction, method=method).indices  # type: ignore[arg-type]
+
+
+def run_submodlib(x: torch.Tensor, y: torch.Tensor, fraction: float) -> torch.Tensor:
+    from submodlib import FacilityLocationFunction
+
+    picked = []
+    for c in torch.unique(y).tolist():
+        rows = (y == c).nonzero().flatten()
+        data = x[rows].numpy()
+        budget = math.ceil(fraction * rows.numel() - 1e-9)
+        fl = FacilityLocationFunction(n=rows.numel(), mode="dense", data=data, metric="euclidean")
+        with silenced():
+            greedy = fl.maximize(
+                budget=budget,
+                optimizer="LazyGreedy",
+                stopIfZeroGain=False,
+                stopIfNegativeGain=False,
+                verbose=False,
+            )
+        picked.append(rows[torch.tensor([j for j, _ in greedy], dtype=torch.long)])
+    return torch.cat(picked)
+
+
+def run_apricot(x: torch.Tensor, y: torch.Tensor, fraction: float) -> torch.Tensor:
+    from apricot import FacilityLocationSelection
+
+    picked = []
+    for c in torch.unique(y).tolist():
+        rows = (y == c).nonzero().flatten()
+        data = x[rows].numpy().astype(np.float64)
+        budget = math.ceil(fraction * rows.numel() - 1e-9)
+        sel = FacilityLocationSelection(budget, metric="euclidean", optimizer="lazy")
+        sel.fit(data)
+        picked.append(rows[torch.as_tensor(sel.ranking, dtype=torch.long)])
+    return torch.cat(picked)
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def machine() -> str:
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, " + (
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    )
+
+
+def compare(args: argparse.Namespace) -> dict[str, Any]:
+    x, y = gradient_embeddings(args.per_class, args.classes, seed=args.seed)
+    result: dict[str, Any] = {
+        "mode": "compare",
+        "n": int(x.shape[0]),
+        "classes": args.classes,
+        "dim": int(x.shape[1]),
+        "fraction": args.fraction,
+        "machine": machine(),
+    }
+    run_ours(x[:200], y[:200], args.fraction, args.method)  # warm-up (lazy init, allocator)
+    ours_s, ours = min(
+        (timed(lambda: run_ours(x, y, args.fraction, args.method)) for _ in range(args.repeat)),
+        key=lambda r: r[0],
+    )
+    result["ours_s"] = ours_s
+    result["ours_objective"] = facility_location_value(x, y, ours)
+    if not args.skip_submodlib:
+        sub_s, sub = timed(lambda: run_submodlib(x, y, args.fraction))
+        result["submodlib_s"] = sub_s
+        result["submodlib_objective"] = facility_location_value(x, y, sub)
+        result["speedup_vs_submodlib"] = sub_s / ours_s
+        result["objective_ratio_vs_submodlib"] = (
+            result["ours_objective"] / result["submodlib_objective"]
+        )
+        result["same_selection_as_submodlib"] = float(np.isin(ours.numpy(), sub.numpy()).mean())
+    if not args.skip_apricot:
+        apr_s, apr = timed(lambda: run_apricot(x, y, args.fraction))
+        result["apricot_s"] = apr_s
+        result["apricot_objective"] = facility_location_value(x, y, apr)
+        result["speedup_vs_apricot"] = apr_s / ours_s
+        result["objective_ratio_vs_apricot"] = (
+            result["ours_objective"] / result["apricot_objective"]
+        )
+    return result
+
+
+def scale(args: argparse.Namespace) -> dict[str, Any]:
+    x, y = gradient_embeddings(args.scale_n, 1, seed=args.seed)
+    start = time.perf_counter()
+    med = select_medoids(x, y, args.fraction, method=args.method)  # type: ignore[arg-type]
+    select_s = time.perf_counter() - start
+    drop = med.indices[med.cluster_sizes <= 1]
+    total_s = time.perf_counter() - start
+    return {
+        "mode": "scale",
+        "n": int(x.shape[0]),
+        "dim": int(x.shape[1]),
+        "fraction": args.fraction,
+        "method": args.method,
+        "medoids": int(med.indices.numel()),
+        "isolated": int(drop.numel()),
+        "select_s": select_s,
+        "seconds": total_s,
+        "peak_rss_mib": peak_rss_mib(),
+        "machine": machine(),
+    }
+
+
+def partition_quality(args: argparse.Namespace) -> dict[str, Any]:
+    """Objective of memory-bounded (partitioned) selection relative to dense lazy greedy."""
+    x, y = gradient_embeddings(args.quality_n, 1, seed=args.seed)
+    out: dict[str, Any] = {"mode": "partition_quality", "n": int(x.shape[0]), "runs": []}
+    dense_s, dense = timed(lambda: select_medoids(x, y, args.fraction).indices)
+    dense_f = facility_location_value(x, y, dense)
+    out["dense_s"] = dense_s
+    for parts in (4, 16, 64):
+        rows = math.ceil(x.shape[0] / parts)
+        budget = rows * rows * 5  # float32 kernel plus scratch, see _max_dense_rows
+        t, sel = timed(lambda b=budget: select_medoids(x, y, args.fraction, max_memory=b).indices)
+        iso_dense = find_isolated(x, y, args.fraction)
+        iso_part = find_isolated(x, y, args.fraction, max_memory=budget)
+        out["runs"].append(
+            {
+                "max_memory": budget,
+                "partitions": parts,
+                "seconds": t,
+                "objective_ratio_vs_dense": facility_location_value(x, y, sel) / dense_f,
+                "isolated_dense": int(iso_dense.sum()),
+                "isolated_partitioned": int(iso_part.sum()),
+            }
+        )
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--scale", action="store_true", help="1,000,000-row single-class run")
+    p.add_argument("--partition-quality", action="store_true", help="partitioned vs dense")
+    p.add_argument("--json", action="store_true", help="print a JSON object as the last line")
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--per-class", type=int, default=5000)
+    p.add_argument("--fraction", type=float, default=0.1)
+    p.add_argument("--method", default="lazy", choices=["lazy", "stochastic", "naive"])
+    p.add_argument("--repeat", type=int, default=3, help="runs of ours; the best is reported")
+    p.add_argument("--scale-n", type=int, default=1_000_000)
+    p.add_argument("--quality-n", type=int, default=20_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-submodlib", action="store_true")
+    p.add_argument("--skip-apricot", action="store_true")
+    args = p.parse_args()
+    if args.scale:
+        result = scale(args)
+    elif args.partition_quality:
+        result = partition_quality(args)
+    else:
+        result = compare(args)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>32}: {value}")
+
+
+if __name__ == "__main__":
+    main()
