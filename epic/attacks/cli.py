@@ -77,7 +77,7 @@ def add_attack_commands(sub: Any) -> None:
                     "source/adversarial class pairs, train from scratch undefended and with "
                     "EPIC at its default settings, and print attack success and test accuracy "
                     "(means over the pairs). Under 3 minutes on 2 CPU cores.")
-    d.add_argument("--pairs", type=int, default=5, help="source/target class pairs (default 5)")
+    d.add_argument("--pairs", type=int, default=4, help="source/target class pairs (default: 4)")
     d.add_argument("--epochs", type=int, default=40, help="training epochs (default: 40)")
     d.add_argument("--budget", type=float, default=0.01, help="poison budget (default: 0.01)")
     d.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
@@ -177,7 +177,7 @@ def cmd_craft(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_demo(*, pairs: int = 5, epochs: int = 40, budget: float = 0.01, seed: int = 0,
+def run_demo(*, pairs: int = 4, epochs: int = 40, budget: float = 0.01, seed: int = 0,
              device: torch.device | None = None) -> dict[str, Any]:
     """The demo's numbers: means over ``pairs`` backdoors of attack success and accuracy.
 

@@ -1,0 +1,208 @@
+"""Attacks: constraints of the sets they craft, that they optimize what they claim, CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from epic.attacks import (
+    BullseyePolytope,
+    FeatureCollision,
+    GradientMatching,
+    PatchBackdoor,
+    SleeperAgent,
+    make_trigger,
+)
+from epic.attacks.gradient import gradient_norms
+from epic.cli import main
+from epic.data import ImageData, load_digits
+from epic.models import Classifier, build_model
+from epic.poisons import PoisonSet, PoisonSetError
+from epic.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[ImageData, ImageData]:
+    return load_digits()
+
+
+@pytest.fixture(scope="module")
+def model(digits: tuple[ImageData, ImageData]) -> Classifier:
+    tr, te = digits
+    torch.manual_seed(0)
+    m = build_model("convnet", num_classes=10, in_channels=1, mean=tr.mean, std=tr.std)
+    train(m, tr, te, TrainConfig(epochs=3, seed=0))
+    return m
+
+
+def _check_constraints(ps: PoisonSet, tr: ImageData, eps_steps: int) -> None:
+    base = tr.images[ps.indices]
+    assert ps.images.dtype == torch.uint8
+    assert int((ps.images.short() - base.short()).abs().max()) <= eps_steps
+    assert ps.labels is None  # clean label
+    assert torch.all(tr.labels[ps.indices] == ps.adversarial_class)
+    md = ps.metadata
+    for key in ("attack", "hyperparameters", "seed", "model", "seconds"):
+        assert key in md
+    ps.validate(tr)
+
+
+def _state(m: Classifier) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def test_bullseye_polytope_pulls_poison_mean_to_target(digits, model) -> None:
+    tr, te = digits
+    before = _state(model)
+    attack = BullseyePolytope(eps=16 / 255, budget=10, iterations=40)
+    ps = attack.craft(model, tr, te.images[0], int(te.labels[0]), 3, seed=1)
+    _check_constraints(ps, tr, 16)
+    assert len(ps) == 10 and ps.metadata["attack"] == "bullseye_polytope"
+    assert ps.metadata["hyperparameters"]["iterations"] == 40
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    model.eval()
+    with torch.no_grad():
+        ft = model.features(te.images[:1].float() / 255)[0]
+        clean = model.features(tr.images[ps.indices].float() / 255).mean(0)
+        pois = model.features(ps.images.float() / 255).mean(0)
+    assert (pois - ft).norm() < 0.9 * (clean - ft).norm()
+    again = attack.craft(model, tr, te.images[0], int(te.labels[0]), 3, seed=1)
+    assert torch.equal(again.images, ps.images) and torch.equal(again.indices, ps.indices)
+
+
+def test_feature_collision_moves_each_poison_towards_target(digits, model) -> None:
+    tr, te = digits
+    ps = FeatureCollision(eps=16 / 255, budget=6, iterations=40).craft(
+        model, tr, te.images[1], int(te.labels[1]), 4, seed=0)
+    _check_constraints(ps, tr, 16)
+    model.eval()
+    with torch.no_grad():
+        ft = model.features(te.images[1:2].float() / 255)
+        d_clean = (model.features(tr.images[ps.indices].float() / 255) - ft).norm(dim=1)
+        d_pois = (model.features(ps.images.float() / 255) - ft).norm(dim=1)
+    assert bool((d_pois < d_clean).all())
+
+
+def test_feature_collision_soft_constraint_only(digits, model) -> None:
+    tr, te = digits
+    ps = FeatureCollision(eps=1.0, budget=3, iterations=20).craft(
+        model, tr, te.images[1], int(te.labels[1]), 4, seed=0)
+    assert ps.eps == 1.0
+    ps.validate(tr)
+
+
+def test_gradient_matching_aligns_gradients(digits, model) -> None:
+    tr, te = digits
+    attack = GradientMatching(budget=8, iterations=12, restarts=2)
+    ps = attack.craft(model, tr, te.images[2], int(te.labels[2]), 7, seed=0)
+    _check_constraints(ps, tr, 16)
+    loss = ps.metadata["final_loss"]
+    assert 0 <= loss < 1  # cosine similarity above zero after crafting
+    assert ps.metadata["hyperparameters"]["restarts"] == 2
+    # the crafted poisons align better than the clean bases
+    from epic.attacks.gradient import _adversarial_gradient, _alignment_loss, _norm
+
+    m = copy.deepcopy(model).eval()
+    tx = te.images[2:3].float() / 255
+    tg = _adversarial_gradient(m, tx, torch.tensor([7]), 8)
+    y = tr.labels[ps.indices]
+    clean = _alignment_loss(m, tr.images[ps.indices].float() / 255, y, tg, _norm(tg))
+    pois = _alignment_loss(m, ps.images.float() / 255, y, tg, _norm(tg))
+    assert float(pois.detach()) < float(clean.detach())
+
+
+def test_sleeper_agent_backdoor_set(digits, model) -> None:
+    tr, te = digits
+    ps = SleeperAgent(budget=6, iterations=6, retrain_every=3, retrain_epochs=1).craft(
+        model, tr, 1, 8, seed=0)
+    _check_constraints(ps, tr, 16)
+    assert ps.trigger is not None and ps.trigger.shape == (1, 2, 2)
+    assert len(ps.target_images) == 0 and ps.target_class == 1
+    assert len(ps.evaluation_images(te)) == int((te.labels == 1).sum())
+    # poisons are the adversarial-class images with the largest gradient norms
+    members = (tr.labels == 8).nonzero().squeeze(1)
+    norms = gradient_norms(model, tr, members)
+    top = members[norms.argsort(descending=True)[:6]].sort().values
+    assert torch.equal(ps.indices, top)
+
+
+@pytest.mark.parametrize("clean_label", [False, True])
+def test_patch_backdoor(digits, clean_label: bool) -> None:
+    tr, _ = digits
+    ps = PatchBackdoor(budget=0.01, clean_label=clean_label).craft(None, tr, 2, 6, seed=0)
+    assert len(ps) == round(0.01 * len(tr)) and ps.eps == 1.0
+    assert ps.trigger is not None
+    base_class = 6 if clean_label else 2
+    assert torch.all(tr.labels[ps.indices] == base_class)
+    if clean_label:
+        assert ps.labels is None
+    else:
+        assert ps.labels is not None and torch.all(ps.labels == 6)
+        assert ps.metadata["clean_label"] is False
+    # each poison differs from its base only inside one patch-sized window
+    diff = (ps.images != tr.images[ps.indices]).any(1)
+    assert int(diff.flatten(1).sum(1).max()) <= ps.trigger.shape[1] * ps.trigger.shape[2]
+    ps.validate(tr)
+
+
+def test_make_trigger_is_seeded() -> None:
+    a = make_trigger(3, 8, generator=torch.Generator().manual_seed(0))
+    b = make_trigger(3, 8, generator=torch.Generator().manual_seed(0))
+    assert a.shape == (3, 8, 8) and a.dtype == torch.uint8 and torch.equal(a, b)
+    assert set(a.unique().tolist()) <= {0, 255}
+
+
+def test_saved_set_round_trips_and_load_rejects_tampering(digits, model, tmp_path) -> None:
+    tr, te = digits
+    ps = BullseyePolytope(budget=5, iterations=5).craft(model, tr, te.images[0],
+                                                        int(te.labels[0]), 3, seed=0)
+    ps.save(tmp_path / "p")
+    got = PoisonSet.load(tmp_path / "p", tr)
+    assert torch.equal(got.images, ps.images) and got.metadata == json.loads(
+        json.dumps(ps.metadata))
+    import numpy as np
+
+    with np.load(tmp_path / "p" / "poisons.npz") as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    arrays["images"] = arrays["images"].copy()
+    arrays["images"][0] = 255 - arrays["images"][0]
+    np.savez(tmp_path / "p" / "poisons.npz", **arrays)
+    with pytest.raises(PoisonSetError, match="exceed eps"):
+        PoisonSet.load(tmp_path / "p", tr)
+
+
+def test_craft_cli_writes_a_loadable_set(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "bp"
+    rc = main(["craft", "--attack", "bp", "--epochs", "1", "--iterations", "3",
+               "--target-index", "4", "--out", str(out), "--export", "benchmark", "--json",
+               "--device", "cpu"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["attack"] == "bullseye_polytope" and summary["poisons"] == 13
+    tr, _ = load_digits()
+    ps = PoisonSet.load(out, tr)
+    assert ps.metadata["target_index"] == 4 and ps.eps == 8 / 255
+    from epic.formats import import_benchmark
+
+    again = import_benchmark(out / "benchmark", tr)
+    assert torch.equal(again.images, ps.images)
+    rc = main(["train", "--epochs", "2", "--scenario", "transfer", "--pretrained",
+               str(out / "clean_model" / "model.pt"), "--poisons", str(out), "--out",
+               str(tmp_path / "run"), "--json", "--device", "cpu"])
+    assert rc == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert all("attack_success" in m for m in metrics)
+
+
+@pytest.mark.slow
+def test_demo_attack_works_and_epic_stops_it(capsys) -> None:
+    rc = main(["demo", "--json"])
+    assert rc == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["undefended"]["attack_success"] > 0.4
+    assert r["epic"]["attack_success"] < r["undefended"]["attack_success"] / 2
+    assert r["seconds"] < 180
