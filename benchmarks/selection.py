@@ -174,20 +174,24 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
 def scale(args: argparse.Namespace) -> dict[str, Any]:
     x, y = gradient_embeddings(args.scale_n, 1, seed=args.seed)
     start = time.perf_counter()
-    med = select_medoids(x, y, args.fraction, method=args.method)  # type: ignore[arg-type]
-    select_s = time.perf_counter() - start
-    drop = med.indices[med.cluster_sizes <= 1]
-    total_s = time.perf_counter() - start
+    drop = find_isolated(
+        x,
+        y,
+        args.fraction,
+        method=args.method,
+        partition_size=args.partition_size,
+    )
+    seconds = time.perf_counter() - start
     return {
         "mode": "scale",
         "n": int(x.shape[0]),
         "dim": int(x.shape[1]),
         "fraction": args.fraction,
         "method": args.method,
-        "medoids": int(med.indices.numel()),
-        "isolated": int(drop.numel()),
-        "select_s": select_s,
-        "seconds": total_s,
+        "partition_size": args.partition_size,
+        "medoids": math.ceil(args.fraction * x.shape[0] - 1e-9),
+        "isolated": int(drop.sum()),
+        "seconds": seconds,
         "peak_rss_mib": peak_rss_mib(),
         "machine": machine(),
     }
@@ -196,24 +200,26 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
 def partition_quality(args: argparse.Namespace) -> dict[str, Any]:
     """Objective of memory-bounded (partitioned) selection relative to dense lazy greedy."""
     x, y = gradient_embeddings(args.quality_n, 1, seed=args.seed)
+    dense_memory = 5 * x.shape[0] ** 2  # enough for the whole class as one dense problem
     out: dict[str, Any] = {"mode": "partition_quality", "n": int(x.shape[0]), "runs": []}
-    dense_s, dense = timed(lambda: select_medoids(x, y, args.fraction).indices)
-    dense_f = facility_location_value(x, y, dense)
+    dense_s, dense = timed(lambda: select_medoids(x, y, args.fraction, max_memory=dense_memory))
+    dense_f = facility_location_value(x, y, dense.indices)
     out["dense_s"] = dense_s
-    for parts in (4, 16, 64):
-        rows = math.ceil(x.shape[0] / parts)
-        budget = rows * rows * 5  # float32 kernel plus scratch, see _max_dense_rows
-        t, sel = timed(lambda b=budget: select_medoids(x, y, args.fraction, max_memory=b).indices)
-        iso_dense = find_isolated(x, y, args.fraction)
-        iso_part = find_isolated(x, y, args.fraction, max_memory=budget)
+    out["dense_isolated"] = int((dense.cluster_sizes <= 1).sum())
+    for size in (5000, 2000, 1000):
+        t, part = timed(lambda s=size: select_medoids(x, y, args.fraction, partition_size=s))
         out["runs"].append(
             {
-                "max_memory": budget,
-                "partitions": parts,
+                "partition_size": size,
                 "seconds": t,
-                "objective_ratio_vs_dense": facility_location_value(x, y, sel) / dense_f,
-                "isolated_dense": int(iso_dense.sum()),
-                "isolated_partitioned": int(iso_part.sum()),
+                "objective_ratio_vs_dense": facility_location_value(x, y, part.indices) / dense_f,
+                "isolated": int((part.cluster_sizes <= 1).sum()),
+                "isolated_also_dense": int(
+                    torch.isin(
+                        part.indices[part.cluster_sizes <= 1],
+                        dense.indices[dense.cluster_sizes <= 1],
+                    ).sum()
+                ),
             }
         )
     return out
@@ -230,6 +236,12 @@ def main() -> None:
     p.add_argument("--method", default="lazy", choices=["lazy", "stochastic", "naive"])
     p.add_argument("--repeat", type=int, default=3, help="runs of ours; the best is reported")
     p.add_argument("--scale-n", type=int, default=1_000_000)
+    p.add_argument(
+        "--partition-size",
+        type=int,
+        default=None,
+        help="rows per partition of classes too large to solve densely (default: max_memory)",
+    )
     p.add_argument("--quality-n", type=int, default=20_000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-submodlib", action="store_true")

@@ -30,11 +30,13 @@ Ties between equal gains are broken towards the lowest row index, by every metho
 naive greedy agree exactly. Rows equally similar to two medoids are assigned to the medoid that
 was selected first.
 
-Memory: classes whose dense similarity matrix exceeds ``max_memory`` bytes are split into
-spatially coherent partitions (recursive median splits along the coordinate of largest spread,
-like a k-d tree) that fit; each partition receives a share of the class budget proportional to
-its size and is solved exactly like a small class (GreeDi-style partitioned greedy, without a
-second stage). See docs/selection.md for the measured objective relative to dense greedy.
+Memory: classes whose dense similarity matrix exceeds ``max_memory`` bytes (or with more than
+``partition_size`` rows) are split into spatially coherent partitions (recursive median splits
+along the coordinate of largest range, like a k-d tree). Each partition runs greedy up to twice
+its proportional share of the class budget, and the class keeps the picks with the largest
+marginal gains over all partitions (exactly global greedy if the partitions did not interact;
+GreeDi-style, without a second stage). See docs/selection.md for the measured objective
+relative to dense greedy.
 
 Example:
     >>> import torch
@@ -83,6 +85,9 @@ DEFAULT_MAX_MEMORY = 1 << 30
 _BLOCK_BYTES = 64 << 20
 # Elements per block of the blocked kernel passes (cache-sized pieces).
 _BLOCK_ELEMENTS = 1 << 22
+# Each partition of a large class runs greedy to this many times its proportional budget;
+# the class then keeps the picks with the largest gains over all partitions.
+_OVERSELECT = 2
 # Partitioned classes are re-assigned to their nearest medoid over the whole class when
 # rows x medoids is at most this; otherwise rows keep the nearest medoid of their partition.
 _ASSIGN_PAIRS = 1 << 31
@@ -172,34 +177,39 @@ def select_medoids(
         max_rows = min(max_rows, partition_size)
 
     problems: list[_Problem] = []
-    owner: list[int] = []  # class position of each problem
-    for ci, (rows, k) in enumerate(zip(classes, budgets, strict=True)):
+    class_problems: list[list[int]] = []  # problem positions of every class
+    for rows, k in zip(classes, budgets, strict=True):
         parts = [rows] if rows.numel() <= max_rows else _partition(x, rows, max_rows)
         if len(parts) > 1:
-            logger.info(
-                "class with %d rows exceeds max_memory; %d partitions", rows.numel(), len(parts)
-            )
-        for part, kp in zip(parts, _apportion(k, [int(p.numel()) for p in parts]), strict=True):
-            problems.append(_Problem(part, kp))
-            owner.append(ci)
+            logger.info("class of %d rows split into %d partitions", rows.numel(), len(parts))
+        quotas = _apportion(k, [int(p.numel()) for p in parts])
+        class_problems.append(list(range(len(problems), len(problems) + len(parts))))
+        for part, quota in zip(parts, quotas, strict=True):
+            run = quota if len(parts) == 1 else min(part.numel(), _OVERSELECT * quota)
+            problems.append(_Problem(part, run))
 
-    selected, assigned = _solve(
+    selected, assigned, gains = _solve(
         x, problems, similarity, method, epsilon, generator, max_memory, batch_size
     )
 
     assignment = torch.empty(n_total, dtype=torch.long, device=device)
-    per_class_sel: list[list[Tensor]] = [[] for _ in classes]
-    for prob, ci, sel, asg in zip(problems, owner, selected, assigned, strict=True):
-        per_class_sel[ci].append(sel)
-        assignment[prob.rows] = asg
-    for ci, rows in enumerate(classes):
-        if len(per_class_sel[ci]) > 1 and (
-            rows.numel() * budgets[ci] <= _ASSIGN_PAIRS
-            or min(s.numel() for s in per_class_sel[ci]) == 0
-        ):
-            medoids = torch.cat(per_class_sel[ci])
+    chosen: list[Tensor] = []
+    for rows, k, mine in zip(classes, budgets, class_problems, strict=True):
+        if len(mine) == 1:
+            chosen.append(selected[mine[0]])
+            assignment[rows] = assigned[mine[0]]
+            continue
+        kept = _merge_partitions([selected[i] for i in mine], [gains[i] for i in mine], k)
+        medoids = torch.cat(kept)
+        chosen.append(medoids)
+        if rows.numel() * medoids.numel() <= _ASSIGN_PAIRS:
             assignment[rows] = _nearest_medoid(x, rows, medoids, similarity)
-    indices = torch.cat([s for sel in per_class_sel for s in sel])
+            continue
+        for i, own in zip(mine, kept, strict=True):
+            part = problems[i].rows
+            candidates = own if own.numel() else medoids
+            assignment[part] = _nearest_medoid(x, part, candidates, similarity)
+    indices = torch.cat(chosen)
     assignment[indices] = indices
     return Medoids(indices, assignment, _cluster_sizes(indices, assignment))
 
@@ -370,6 +380,18 @@ def _apportion(k: int, sizes: list[int]) -> list[int]:
     return out
 
 
+def _merge_partitions(selected: list[Tensor], gains: list[Tensor], k: int) -> list[Tensor]:
+    """Keep the ``k`` picks with the largest marginal gains over all partitions of a class.
+
+    Each partition's picks are in greedy order, so a partition keeps a prefix of its picks.
+    Were the partitions independent (F separable over them), this is exactly global greedy.
+    """
+    part = torch.cat([torch.full_like(s, i) for i, s in enumerate(selected)])
+    top = torch.argsort(torch.cat(gains), descending=True, stable=True)[:k]
+    counts = torch.bincount(part[top], minlength=len(selected)).tolist()
+    return [s[:c] for s, c in zip(selected, counts, strict=True)]
+
+
 def _partition(x: Tensor, rows: Tensor, max_rows: int) -> list[Tensor]:
     """Split ``rows`` into spatially coherent parts of at most ``max_rows`` rows.
 
@@ -419,15 +441,12 @@ def _similarity(a: Tensor, b: Tensor, similarity: str, c0: float) -> Tensor:
 
 
 def _distances(a: Tensor, b: Tensor) -> Tensor:
-    """Euclidean distances via ``|a|^2 + |b|^2 - 2 a.b``; works batched over leading dims."""
-    sq = torch.baddbmm(
-        (a * a).sum(-1, keepdim=True),
-        a.reshape(-1, *a.shape[-2:]),
-        b.reshape(-1, *b.shape[-2:]).transpose(-1, -2),
-        alpha=-2.0,
-    )
-    sq = sq.reshape(*a.shape[:-1], b.shape[-2]).add_((b * b).sum(-1).unsqueeze(-2))
-    return sq.clamp_(min=0.0).sqrt_()
+    """(n, m) Euclidean distances between rows of ``a`` (n, D) and ``b`` (m, D).
+
+    Via ``|a|^2 + |b|^2 - 2 a.b`` (one matrix product), clamped at 0 against rounding.
+    """
+    sq = torch.addmm((a * a).sum(-1, keepdim=True), a, b.T, alpha=-2.0)
+    return sq.add_((b * b).sum(-1)).clamp_(min=0.0).sqrt_()
 
 
 def _max_pairwise_distance(x: Tensor) -> float:
@@ -442,7 +461,8 @@ def _max_pairwise_distance(x: Tensor) -> float:
 def _group_kernel(xg: Tensor, valid: Tensor, similarity: str) -> Tensor:
     """(G, n, n) similarity of a padded group ``xg`` (G, n, D); padded rows/columns are 0.
 
-    Built in row blocks so that the elementwise passes run on cache-sized pieces.
+    Built per problem in row blocks (one matrix product each) so that the elementwise passes
+    run on cache-sized pieces.
     """
     g, n, dim = xg.shape
     padded = not bool(valid.all())
@@ -450,18 +470,21 @@ def _group_kernel(xg: Tensor, valid: Tensor, similarity: str) -> Tensor:
     if similarity == "cosine":
         xg = torch.nn.functional.normalize(xg, dim=-1)
     sq = (xg * xg).sum(-1)
-    xt = xg.transpose(1, 2)
-    step = max(1, _BLOCK_ELEMENTS // (g * n))
-    for start in range(0, n, step):
-        blk = kern[:, start : start + step]
-        torch.bmm(xg[:, start : start + step], xt, out=blk)
-        if similarity == "cosine":
-            blk.add_(1.0).mul_(0.5).clamp_(0.0, 1.0)
-            continue
-        blk.mul_(-2.0).add_(sq[:, start : start + step, None]).add_(sq[:, None, :])
-        blk.clamp_(min=0.0).sqrt_()
-        if similarity == "exp":
-            blk.mul_(-1.0 / dim).exp_()
+    step = max(1, _BLOCK_ELEMENTS // n)
+    for j in range(g):
+        xj, sqj = xg[j], sq[j]
+        for start in range(0, n, step):
+            blk = kern[j, start : start + step]
+            if similarity == "cosine":
+                torch.mm(xj[start : start + step], xj.T, out=blk)
+                blk.add_(1.0).mul_(0.5).clamp_(0.0, 1.0)
+                continue
+            # |a|^2 - 2 a.b + |b|^2, clamped at 0 against rounding
+            torch.addmm(sqj[start : start + step, None], xj[start : start + step], xj.T,
+                        alpha=-2.0, out=blk)  # fmt: skip
+            blk.add_(sqj[None, :]).clamp_(min=0.0).sqrt_()
+            if similarity == "exp":
+                blk.mul_(-1.0 / dim).exp_()
     if similarity == "linear":
         if padded:
             kern.masked_fill_(~(valid[:, :, None] & valid[:, None, :]), 0.0)
@@ -485,14 +508,18 @@ def _solve(
     generator: torch.Generator | None,
     max_memory: int,
     batch_size: int,
-) -> tuple[list[Tensor], list[Tensor]]:
-    """Greedy-solve every problem; returns per problem (selected rows, assignment of its rows).
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """Greedy-solve every problem.
+
+    Returns, per problem: the selected rows in greedy order, the medoid row of each of its rows
+    and the marginal gain of each pick.
 
     Problems are sorted by size and packed into groups whose padded kernels fit ``max_memory``;
     a group is solved with one batched greedy loop.
     """
-    selected: list[Tensor] = [torch.empty(0, dtype=torch.long, device=x.device)] * len(problems)
-    assigned: list[Tensor] = [torch.empty(0, dtype=torch.long, device=x.device)] * len(problems)
+    selected: list[Tensor] = [torch.empty(0)] * len(problems)
+    assigned: list[Tensor] = [torch.empty(0)] * len(problems)
+    gains: list[Tensor] = [torch.empty(0)] * len(problems)
     order = sorted(range(len(problems)), key=lambda i: problems[i].rows.numel())
     itemsize = x.element_size()
     start = 0
@@ -504,11 +531,11 @@ def _solve(
                 break
             end += 1
         group = [problems[i] for i in order[start:end]]
-        sel, asg = _solve_group(x, group, similarity, method, epsilon, generator, batch_size)
+        out = _solve_group(x, group, similarity, method, epsilon, generator, batch_size)
         for j, i in enumerate(order[start:end]):
-            selected[i], assigned[i] = sel[j], asg[j]
+            selected[i], assigned[i], gains[i] = out[0][j], out[1][j], out[2][j]
         start = end
-    return selected, assigned
+    return selected, assigned, gains
 
 
 def _solve_group(
@@ -519,7 +546,7 @@ def _solve_group(
     epsilon: float,
     generator: torch.Generator | None,
     batch_size: int,
-) -> tuple[list[Tensor], list[Tensor]]:
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """Batched greedy over a group of problems padded to a common size."""
     device = x.device
     g = len(group)
@@ -536,6 +563,7 @@ def _solve_group(
     del xg
 
     picks = torch.zeros(g, max(k_max, 1), dtype=torch.long, device=device)
+    gain_of = torch.zeros(g, max(k_max, 1), dtype=x.dtype, device=device)
     # Candidate scores: exact gains or upper bounds on them; -inf marks selected or padded
     # columns. ``fresh`` marks scores that are exact at the current step.
     ub = cov.all_gains()
@@ -555,12 +583,15 @@ def _solve_group(
         act = gidx[ks > t]
         if method == "lazy":
             best = _lazy_step(cov, ub, fresh, act, batch_size)
+            gain = ub[act, best]
         elif method == "naive":
-            gains = cov.all_gains()[act]
-            best = gains.masked_fill_(torch.isinf(ub[act]), -math.inf).argmax(dim=1)
+            gains = cov.all_gains()[act].masked_fill_(torch.isinf(ub[act]), -math.inf)
+            best = gains.argmax(dim=1)
+            gain = gains.gather(1, best[:, None]).squeeze(1)
         else:
-            best = _stochastic_step(cov, ub, act, n_samples, generator)
+            best, gain = _stochastic_step(cov, ub, act, n_samples, generator)
         picks[act, t] = best
+        gain_of[act, t] = gain
         ub[act, best] = -math.inf
         cov.add(act, best, t)
         fresh[act] = False
@@ -570,6 +601,7 @@ def _solve_group(
     return (
         [sel[j, : p.k] for j, p in enumerate(group)],
         [asg[j, : p.rows.numel()] for j, p in enumerate(group)],
+        [gain_of[j, : p.k] for j, p in enumerate(group)],
     )
 
 
@@ -607,15 +639,19 @@ class _Coverage:
         """(P, n) exact gains of every column of problems ``prob`` (default all), from the
         dense kernel in cache-sized row blocks; -inf on padding."""
         assert self.kern is not None
-        prob = torch.arange(self.g, device=self.kern.device) if prob is None else prob
-        p = prob.numel()
-        out = torch.empty(p, self.n, dtype=self.kern.dtype, device=self.kern.device)
-        cur = self.cur[prob][:, None, :]
+        everything = prob is None or prob.numel() == self.g
+        kern = self.kern if everything else self.kern[prob]
+        cur = (self.cur if everything else self.cur[prob])[:, None, :]
+        valid = self.valid if everything else self.valid[prob]
+        p = kern.shape[0]
+        out = torch.empty(p, self.n, dtype=kern.dtype, device=kern.device)
         step = max(1, _BLOCK_ELEMENTS // (p * self.n))
+        buf = torch.empty(p, min(step, self.n), self.n, dtype=kern.dtype, device=kern.device)
         for start in range(0, self.n, step):
-            block = self.kern[prob, start : start + step] - cur
-            out[:, start : start + step] = block.clamp_(min=0.0).sum(-1)
-        return out.masked_fill_(~self.valid[prob], -math.inf)
+            block = kern[:, start : start + step]
+            diff = torch.sub(block, cur, out=buf[:, : block.shape[1]])
+            torch.sum(diff.clamp_(min=0.0), dim=-1, out=out[:, start : start + step])
+        return out.masked_fill_(~valid, -math.inf)
 
     def gains(self, prob: Tensor, cand: Tensor) -> Tensor:
         """(P, B) exact gains of candidate columns ``cand`` (P, B) of problems ``prob``."""
@@ -723,8 +759,8 @@ def _stochastic_step(
     act: Tensor,
     n_samples: Tensor,
     generator: torch.Generator | None,
-) -> Tensor:
-    """One stochastic-greedy step: best of a uniform sample of unselected columns."""
+) -> tuple[Tensor, Tensor]:
+    """One stochastic-greedy step: best of a uniform sample of unselected columns, its gain."""
     n = ub.shape[1]
     device = ub.device
     s = int(n_samples[act].max().clamp(max=n))
@@ -736,7 +772,7 @@ def _stochastic_step(
     gains = cov.gains(act, cand).masked_fill_(~use, -math.inf)
     top = gains.max(dim=1, keepdim=True).values
     tied = torch.where(gains == top, cand, n)
-    return tied.min(dim=1).values
+    return tied.min(dim=1).values, top.squeeze(1)
 
 
 # --------------------------------------------------------------------------- assignment
@@ -745,14 +781,15 @@ def _stochastic_step(
 def _nearest_medoid(x: Tensor, rows: Tensor, medoids: Tensor, similarity: str) -> Tensor:
     """Row index of the most similar medoid for every row of ``rows`` (first on ties)."""
     xm = x[medoids]
+    neg_sq = -(xm * xm).sum(-1)
     out = torch.empty(rows.numel(), dtype=torch.long, device=x.device)
     step = max(1, _BLOCK_BYTES // (x.element_size() * medoids.numel()))
     for start in range(0, rows.numel(), step):
         xb = x[rows[start : start + step]]
         if similarity == "cosine":
             score = _similarity(xb, xm, similarity, 0.0)
-        else:  # exp and linear both decrease with distance
-            score = _distances(xb, xm).neg_()
+        else:  # exp and linear both decrease with distance: maximize 2 a.b - |b|^2
+            score = torch.addmm(neg_sq, xb, xm.T, alpha=2.0)
         out[start : start + step] = medoids[score.argmax(dim=1)]
     return out
 
