@@ -412,10 +412,12 @@ def _partition(x: Tensor, rows: Tensor, max_rows: int) -> list[Tensor]:
         lo = torch.full((n_seg, dim), math.inf, dtype=xs.dtype, device=x.device)
         hi = hi.scatter_reduce(0, idx, pts, "amax")
         lo = lo.scatter_reduce(0, idx, pts, "amin")
-        axis = (hi - lo).argmax(dim=1)
-        key = pts.gather(1, axis[seg][:, None]).squeeze(1)
-        order = torch.argsort(key, stable=True)
-        order = order[torch.argsort(seg[order], stable=True)]
+        spread, axis = (hi - lo).max(dim=1)
+        value = pts.gather(1, axis[seg][:, None]).squeeze(1)
+        low = lo.gather(1, axis[:, None]).squeeze(1)
+        # segment id plus the position along the split axis scaled into [0, 0.5]: one sort
+        key = seg.double() + 0.5 * ((value - low[seg]) / spread.clamp(min=1e-30)[seg]).double()
+        order = torch.argsort(key)
         perm, seg = perm[order], seg[order]
         counts = torch.bincount(seg, minlength=n_seg)
         starts = torch.cumsum(counts, 0) - counts
@@ -576,7 +578,7 @@ def _solve_group(
         if method != "naive" and t == next_check:
             if cov.maybe_sparsify():
                 next_compact = 2 * t
-            next_check *= 2
+            next_check = max(t + 1, t * 3 // 2)
         if cov.kern is None and t >= next_compact:
             cov.compact()
             next_compact = min(2 * t, t + _COMPACT_EVERY)
@@ -639,18 +641,17 @@ class _Coverage:
         """(P, n) exact gains of every column of problems ``prob`` (default all), from the
         dense kernel in cache-sized row blocks; -inf on padding."""
         assert self.kern is not None
-        everything = prob is None or prob.numel() == self.g
-        kern = self.kern if everything else self.kern[prob]
-        cur = (self.cur if everything else self.cur[prob])[:, None, :]
-        valid = self.valid if everything else self.valid[prob]
-        p = kern.shape[0]
-        out = torch.empty(p, self.n, dtype=kern.dtype, device=kern.device)
-        step = max(1, _BLOCK_ELEMENTS // (p * self.n))
-        buf = torch.empty(p, min(step, self.n), self.n, dtype=kern.dtype, device=kern.device)
-        for start in range(0, self.n, step):
-            block = kern[:, start : start + step]
-            diff = torch.sub(block, cur, out=buf[:, : block.shape[1]])
-            torch.sum(diff.clamp_(min=0.0), dim=-1, out=out[:, start : start + step])
+        prob = torch.arange(self.g, device=self.kern.device) if prob is None else prob
+        out = torch.empty(prob.numel(), self.n, dtype=self.kern.dtype, device=self.kern.device)
+        step = max(1, _BLOCK_ELEMENTS // self.n)
+        buf = torch.empty(min(step, self.n), self.n, dtype=out.dtype, device=out.device)
+        for i, j in enumerate(prob.tolist()):
+            kern, cur = self.kern[j], self.cur[j]
+            for start in range(0, self.n, step):
+                block = kern[start : start + step]
+                diff = torch.sub(block, cur, out=buf[: block.shape[0]])
+                torch.sum(diff.clamp_(min=0.0), dim=-1, out=out[i, start : start + step])
+        valid = self.valid[prob]
         return out.masked_fill_(~valid, -math.inf)
 
     def gains(self, prob: Tensor, cand: Tensor) -> Tensor:
