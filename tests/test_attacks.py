@@ -104,14 +104,14 @@ def test_gradient_matching_aligns_gradients(digits, model) -> None:
     assert 0 <= loss < 1  # cosine similarity above zero after crafting
     assert ps.metadata["hyperparameters"]["restarts"] == 2
     # the crafted poisons align better than the clean bases
-    from epic.attacks.gradient import _adversarial_gradient, _alignment_loss, _norm
+    from epic.attacks.gradient import alignment_loss, gradient_norm, parameter_gradient
 
     m = copy.deepcopy(model).eval()
     tx = te.images[2:3].float() / 255
-    tg = _adversarial_gradient(m, tx, torch.tensor([7]), 8)
+    tg = parameter_gradient(m, tx, torch.tensor([7]), 8)
     y = tr.labels[ps.indices]
-    clean = _alignment_loss(m, tr.images[ps.indices].float() / 255, y, tg, _norm(tg))
-    pois = _alignment_loss(m, ps.images.float() / 255, y, tg, _norm(tg))
+    clean = alignment_loss(m, tr.images[ps.indices].float() / 255, y, tg, gradient_norm(tg))
+    pois = alignment_loss(m, ps.images.float() / 255, y, tg, gradient_norm(tg))
     assert float(pois.detach()) < float(clean.detach())
 
 

@@ -36,12 +36,14 @@ from epic.poisons import PoisonSet, apply_trigger
 from epic.train import TrainConfig
 from epic.train import train as train_model
 
-__all__ = ["GradientMatching", "SleeperAgent", "gradient_norms"]
+__all__ = ["GradientMatching", "SleeperAgent", "alignment_loss", "gradient_norm", "gradient_norms",
+           "parameter_gradient"]
 
 log = logging.getLogger("epic.attacks")
 
 
-def _norm(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
+def gradient_norm(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
+    """Euclidean norm of a list of gradient tensors taken as one vector."""
     return torch.stack([t.pow(2).sum() for t in tensors]).sum().sqrt()
 
 
@@ -49,7 +51,7 @@ def _params(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _adversarial_gradient(model: nn.Module, x: Tensor, y: Tensor, chunk: int) -> list[Tensor]:
+def parameter_gradient(model: nn.Module, x: Tensor, y: Tensor, chunk: int) -> list[Tensor]:
     """Mean cross-entropy gradient of ``(x, y)`` w.r.t. the parameters (detached)."""
     params = _params(model)
     total = [torch.zeros_like(p) for p in params]
@@ -60,14 +62,14 @@ def _adversarial_gradient(model: nn.Module, x: Tensor, y: Tensor, chunk: int) ->
     return total
 
 
-def _alignment_loss(model: nn.Module, x: Tensor, y: Tensor, target_grad: list[Tensor],
-                    target_norm: Tensor) -> Tensor:
+def alignment_loss(model: nn.Module, x: Tensor, y: Tensor, target_grad: list[Tensor],
+                   target_norm: Tensor) -> Tensor:
     """``1 - cos(grad L(x, y), target_grad)`` with a graph back to ``x``."""
     params = _params(model)
     loss = F.cross_entropy(model(x), y)
     grads = torch.autograd.grad(loss, params, create_graph=True)
     dot = torch.stack([(g * t).sum() for g, t in zip(grads, target_grad, strict=True)]).sum()
-    norm = _norm(grads)
+    norm = gradient_norm(grads)
     return 1 - dot / (norm * target_norm + 1e-12)
 
 
@@ -84,7 +86,7 @@ def gradient_norms(model: nn.Module, data: ImageData, indices: Tensor, *, chunk:
         for j in range(len(idx)):
             loss = F.cross_entropy(model(x[j:j + 1]), y[j:j + 1])
             g = torch.autograd.grad(loss, params)
-            out.append(_norm(g).detach().cpu())
+            out.append(gradient_norm(g).detach().cpu())
     return torch.stack(out) if out else torch.zeros(0)
 
 
@@ -120,8 +122,8 @@ def _craft_alignment(settings: _AlignmentSettings, model: Classifier, train: Ima
         for restart in range(settings.restarts):
             net = model
             net.eval()
-            tgrad = _adversarial_gradient(net, target_x, target_y, settings.chunk)
-            tnorm = _norm(tgrad)
+            tgrad = parameter_gradient(net, target_x, target_y, settings.chunk)
+            tnorm = gradient_norm(tgrad)
             init = torch.randn(base.shape, generator=generator).to(device) * (eps / 3)
             delta = init.clamp(-eps, eps).requires_grad_(True)
             opt = torch.optim.Adam([delta], lr=settings.lr)
@@ -133,15 +135,15 @@ def _craft_alignment(settings: _AlignmentSettings, model: Classifier, train: Ima
                     poisons = project(base + delta.detach(), base, eps)
                     net = retrain_fn(poisons)
                     net.eval()
-                    tgrad = _adversarial_gradient(net, target_x, target_y, settings.chunk)
-                    tnorm = _norm(tgrad)
+                    tgrad = parameter_gradient(net, target_x, target_y, settings.chunk)
+                    tnorm = gradient_norm(tgrad)
                 opt.zero_grad(set_to_none=True)
                 loss_sum = 0.0
                 for i in range(0, len(base), settings.chunk):
                     x = (base[i:i + settings.chunk] + delta[i:i + settings.chunk]).clamp(0, 1)
                     if augment is not None:
                         x = augment_batch(x, augment, generator=generator)
-                    loss = _alignment_loss(net, x, labels[i:i + settings.chunk], tgrad, tnorm)
+                    loss = alignment_loss(net, x, labels[i:i + settings.chunk], tgrad, tnorm)
                     loss.backward()
                     loss_sum += float(loss.detach()) * len(x) / len(base)
                 assert delta.grad is not None
