@@ -15,7 +15,7 @@ from epic.attacks.cli import add_attack_commands
 from epic.bench.cli import add_bench_commands
 from epic.data import DATASETS, ImageData, load_dataset
 from epic.defense import ScheduledDefense
-from epic.defenses import DEFENSES, build_defense
+from epic.defenses import DEFENSES, DP_SGD_CLIP, DP_SGD_NOISE, build_batch_transform, build_defense
 from epic.models import MODELS, Classifier, build_model
 from epic.poisons import PoisonSet
 from epic.train import TrainConfig, train
@@ -80,7 +80,8 @@ def _add_defense_args(p: argparse.ArgumentParser) -> None:
                         "others are the paper's baselines: deep-knn, spectral-signatures and "
                         "activation-clustering filter once in feature space at --warmup; "
                         "lowest-confidence, highest-loss and random drop on EPIC's schedule; "
-                        "dp-sgd clips and noises every gradient")
+                        "dp-sgd clips and noises every gradient; adversarial-poisoning poisons "
+                        "part of every batch on the fly")
     g.add_argument("--fraction", type=float, default=0.1,
                    help="EPIC: share of each class chosen as medoids (default: 0.1)")
     g.add_argument("--warmup", type=int, default=None,
@@ -106,10 +107,16 @@ def _add_defense_args(p: argparse.ArgumentParser) -> None:
                         "highest-loss: drop above this loss (default 1.0)")
     g.add_argument("--drop-fraction", type=float, default=0.01,
                    help="random: share of the kept examples dropped per round (default: 0.01)")
-    g.add_argument("--dp-clip", type=float, default=1.0,
-                   help="dp-sgd: gradient norm bound (default: 1.0)")
-    g.add_argument("--dp-noise", type=float, default=0.01,
-                   help="dp-sgd: noise std relative to --dp-clip (default: 0.01)")
+    g.add_argument("--dp-clip", type=float, default=DP_SGD_CLIP,
+                   help=f"dp-sgd: gradient norm bound (default: {DP_SGD_CLIP})")
+    g.add_argument("--dp-noise", type=float, default=DP_SGD_NOISE,
+                   help=f"dp-sgd: noise std relative to --dp-clip (default: "
+                        f"{DP_SGD_NOISE})")
+    g.add_argument("--ap-share", type=float, default=0.5,
+                   help="adversarial-poisoning: share of each batch poisoned on the fly "
+                        "(default: 0.5, the paper's AP-0.5)")
+    g.add_argument("--ap-eps", type=float, default=16,
+                   help="adversarial-poisoning: budget in pixel steps of 255 (default: 16)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,6 +204,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     result = train(model, train_data, test_data, config, defense=defense, poisons=poisons,
                    out=out, resume=args.resume, progress=progress,
+                   batch_transform=build_batch_transform(args.defense, share=args.ap_share,
+                                                         eps=args.ap_eps / 255, seed=args.seed),
                    run_info={"argv": sys.argv[1:], "dataset": args.dataset, "model": args.model,
                              "train_examples": len(train_data), "seed": args.seed})
     s = result.summary

@@ -163,6 +163,7 @@ def train(
     resume: bool = False,
     progress: bool = False,
     run_info: dict[str, Any] | None = None,
+    batch_transform: Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``train_data`` (poisoned by ``poisons`` if given) under ``defense``.
@@ -181,6 +182,8 @@ def train(
         resume: continue from ``out/checkpoint.pt`` if it exists.
         progress: show a progress bar on stderr.
         run_info: extra facts to record in ``config.json`` (dataset, model name, ...).
+        batch_transform: ``(model, x, y) -> (x, y)`` applied to every augmented training
+            batch, e.g. :class:`epic.defenses.AdversarialPoisoning`.
         on_epoch_end: called with ``(epoch, metrics)`` after each epoch's checkpoint.
 
     Returns:
@@ -222,7 +225,8 @@ def train(
         _write_json(outp / "config.json", {
             "config": dataclasses.asdict(config) | {"lr": config.resolved_lr,
                                                    "milestones": config.resolved_milestones},
-            "defense": _describe(defense), "poisons": None if poisons is None else {
+            "defense": _describe(defense), "batch_transform": _describe(batch_transform),
+            "poisons": None if poisons is None else {
                 "count": len(poisons), "metadata": poisons.metadata},
             "device": str(device), "run": (run_info or {}) | _run_info()})
 
@@ -246,6 +250,10 @@ def train(
         for x, y, _ in iterate_batches(train_data, batch_size=config.batch_size, keep=keep,
                                        shuffle=True, augment=augment, generator=generator,
                                        device=device):
+            if batch_transform is not None:
+                x, y = batch_transform(model, x, y)
+                if frozen_body:
+                    model.body.eval()
             if frozen_body:
                 with torch.no_grad():
                     feats = model.features(x)
@@ -304,12 +312,12 @@ def _shape_gradients(params: list[nn.Parameter], clip: float, noise_multiplier: 
                                     dtype=p.grad.dtype), alpha=clip * noise_multiplier)
 
 
-def _describe(defense: Defense | None) -> dict[str, Any] | None:
-    if defense is None:
+def _describe(obj: object | None) -> dict[str, Any] | None:
+    if obj is None:
         return None
-    settings = {k: v for k, v in vars(defense).items()
+    settings = {k: v for k, v in vars(obj).items()
                 if isinstance(v, (int, float, str, bool, type(None)))}
-    return {"name": type(defense).__name__} | settings
+    return {"name": type(obj).__name__} | settings
 
 
 def defense_records(defense: Defense, poisons: PoisonSet | None = None

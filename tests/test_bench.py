@@ -24,6 +24,7 @@ def test_store_survives_a_torn_last_line(tmp_path) -> None:  # type: ignore[no-u
 def test_parse_defense() -> None:
     assert parse_defense("epic-0.3") == ("epic", 0.3)
     assert parse_defense("deep-knn") == ("deep-knn", 0.1)
+    assert parse_defense("ap-0.25") == ("adversarial-poisoning", 0.25)
     with pytest.raises(ValueError, match="unknown defense"):
         parse_defense("magic")
 

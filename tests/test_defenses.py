@@ -6,6 +6,7 @@ from torch.nn import functional as F
 
 from epic.defenses import (
     ActivationClustering,
+    AdversarialPoisoning,
     DeepKNN,
     HighestLoss,
     LowestConfidence,
@@ -113,3 +114,36 @@ def test_dp_sgd_noise_changes_training_and_needs_a_clip(tiny_data) -> None:  # t
     assert run(grad_clip=1.0, grad_noise=0.5).metrics[0]["train_loss"] != clipped
     with pytest.raises(ValueError, match="grad_clip"):
         run(grad_noise=0.1)
+
+
+def test_adversarial_poisoning_perturbs_only_its_share_within_eps(tiny_data) -> None:  # type: ignore[no-untyped-def]
+    train_data, _ = tiny_data
+    torch.manual_seed(0)
+    model = build_model("convnet", num_classes=3, in_channels=3, mean=train_data.mean,
+                        std=train_data.std).train()
+    x = train_data.images[:16].float() / 255
+    y = train_data.labels[:16]
+    ap = AdversarialPoisoning(share=0.25, eps=8 / 255, steps=3, targets=2)
+    px, py = ap(model, x, y)
+    assert torch.equal(py, y) and model.training
+    assert torch.equal(px[4:], x[4:])
+    change = (px[:4] - x[:4]).abs()
+    assert change.max() <= 8 / 255 + 1e-6 and change.max() > 0
+    with pytest.raises(ValueError, match="share"):
+        AdversarialPoisoning(share=1.0)
+
+
+def test_adversarial_poisoning_plugs_into_training(tiny_data) -> None:  # type: ignore[no-untyped-def]
+    train_data, test_data = tiny_data
+    torch.manual_seed(0)
+    model = build_model("convnet", num_classes=3, in_channels=3, mean=train_data.mean,
+                        std=train_data.std)
+    calls = []
+
+    def counting(m, x, y):  # type: ignore[no-untyped-def]
+        calls.append(len(x))
+        return AdversarialPoisoning(share=0.5, steps=1)(m, x, y)
+
+    result = train(model, train_data, test_data, TrainConfig(epochs=1, batch_size=16),
+                   batch_transform=counting)
+    assert sum(calls) == len(train_data) and result.metrics[0]["trained_on"] == len(train_data)

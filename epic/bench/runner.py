@@ -15,7 +15,7 @@ import torch
 
 from epic.bench.store import ResultStore
 from epic.data import ImageData
-from epic.defenses import DEFENSES, build_defense
+from epic.defenses import DEFENSES, DP_SGD_CLIP, DP_SGD_NOISE, build_batch_transform, build_defense
 from epic.models import Classifier
 from epic.poisons import PoisonSet
 from epic.train import TrainConfig, train
@@ -26,17 +26,20 @@ log = logging.getLogger(__name__)
 
 
 def parse_defense(spec: str) -> tuple[str, float]:
-    """``"epic-0.2"`` -> ``("epic", 0.2)``; other names get EPIC's default fraction 0.1."""
-    name, _, fraction = spec.rpartition("-")
-    if name == "epic":
+    """A defense spec and its number: ``"epic-0.2"`` -> ``("epic", 0.2)`` (medoid fraction),
+    ``"ap-0.25"`` -> ``("adversarial-poisoning", 0.25)`` (share of each batch poisoned); other
+    names come with 0.1 for EPIC and 0.5 for Adversarial Poisoning."""
+    prefix, _, number = spec.rpartition("-")
+    name = {"epic": "epic", "ap": "adversarial-poisoning"}.get(prefix)
+    if name is not None:
         try:
-            return "epic", float(fraction)
+            return name, float(number)
         except ValueError:
             pass
     if spec not in DEFENSES:
         raise ValueError(f"unknown defense {spec!r}; choose from {', '.join(DEFENSES)} "
-                         "(epic takes a fraction: epic-0.1, epic-0.2, ...)")
-    return spec, 0.1
+                         "(or epic-<fraction>, ap-<share>: epic-0.1, ap-0.5, ...)")
+    return spec, 0.5 if spec == "adversarial-poisoning" else 0.1
 
 
 def run_trials(
@@ -76,25 +79,27 @@ def run_trials(
         poisons = PoisonSet.load(poison_dir, train_data)
         attack = str(poisons.metadata.get("attack", "unknown"))
         for spec in defenses:
-            name, fraction = parse_defense(spec)
+            name, number = parse_defense(spec)
             for seed in seeds:
                 key = f"{Path(poison_dir).name}/{spec}/{config.scenario}/{seed}"
                 if key in done:
                     continue
+                dp = name == "dp-sgd"
                 trial_config = dataclasses.replace(
-                    config, seed=seed,
-                    grad_clip=1.0 if name == "dp-sgd" else config.grad_clip,
-                    grad_noise=0.01 if name == "dp-sgd" else config.grad_noise)
+                    config, seed=seed, grad_clip=DP_SGD_CLIP if dp else config.grad_clip,
+                    grad_noise=DP_SGD_NOISE if dp else config.grad_noise)
                 defense = build_defense(name, num_examples=len(train_data),
                                         epochs=config.epochs,
                                         milestones=trial_config.resolved_milestones,
-                                        scenario=config.scenario, fraction=fraction,
+                                        scenario=config.scenario, fraction=number,
                                         warmup=warmup, every=every, until=until, seed=seed)
                 model = make_model(seed)
                 run_dir = Path(out) / "trials" / key.replace("/", "_")
                 start = time.perf_counter()
+                transform = build_batch_transform(name, share=number, eps=poisons.eps, seed=seed)
                 result = train(copy.deepcopy(model), train_data, test_data, trial_config,
-                               defense=defense, poisons=poisons, out=run_dir, progress=progress)
+                               defense=defense, poisons=poisons, out=run_dir, progress=progress,
+                               batch_transform=transform)
                 record = {"key": key, "poisons_dir": str(poison_dir), "attack": attack,
                           "scenario": config.scenario, "defense": spec, "seed": seed,
                           "eps": poisons.eps, "target_class": poisons.target_class,

@@ -7,13 +7,18 @@ from typing import Literal
 import torch
 
 from epic.defense import EPIC, ScheduledDefense, paper_warmup
+from epic.defenses.adversarial import AdversarialPoisoning
 from epic.defenses.clustering import ActivationClustering
 from epic.defenses.knn import DeepKNN
 from epic.defenses.scores import HighestLoss, LowestConfidence, RandomDrop
 from epic.defenses.spectral import SpectralSignatures
 
 DEFENSES = ("none", "epic", "deep-knn", "spectral-signatures", "activation-clustering",
-            "lowest-confidence", "highest-loss", "random", "dp-sgd")
+            "lowest-confidence", "highest-loss", "random", "dp-sgd", "adversarial-poisoning")
+
+# DP-SGD's default gradient shaping: clip norm, and noise std relative to it.
+DP_SGD_CLIP = 1.0
+DP_SGD_NOISE = 0.01
 
 
 def build_defense(
@@ -40,12 +45,14 @@ def build_defense(
     Defaults: warmup ``100 * fraction`` epochs (10 / 20 / 30 for EPIC-0.1 / 0.2 / 0.3), a round
     every ``epochs / 20`` epochs (2 of 40, 10 of 200; every epoch in transfer learning) until the
     last learning-rate milestone. Deep k-NN, Spectral Signatures and Activation Clustering filter
-    once, at the warmup epoch. ``none`` and ``dp-sgd`` (a change to the optimizer step, see
-    :class:`epic.TrainConfig`) return None.
+    once, at the warmup epoch. ``none``, ``dp-sgd`` (a change to the optimizer step: see
+    ``DP_SGD_CLIP``, ``DP_SGD_NOISE`` and :class:`epic.TrainConfig`) and
+    ``adversarial-poisoning`` (a change to every batch: see :func:`build_batch_transform`)
+    return None.
     """
     if name not in DEFENSES:
         raise ValueError(f"unknown defense {name!r}; choose from {', '.join(DEFENSES)}")
-    if name in ("none", "dp-sgd"):
+    if name in ("none", "dp-sgd", "adversarial-poisoning"):
         return None
     warmup = warmup if warmup is not None else paper_warmup(fraction)
     if every is None:
@@ -72,3 +79,12 @@ def build_defense(
                            warmup=warmup, every=every, until=end, num_examples=n)
     return RandomDrop(fraction=drop_fraction, generator=torch.Generator().manual_seed(seed),
                       warmup=warmup, every=every, until=end, num_examples=n)
+
+
+def build_batch_transform(name: str, *, share: float = 0.5, eps: float = 16 / 255,
+                          seed: int = 0) -> AdversarialPoisoning | None:
+    """The per-batch change a defense makes (Adversarial Poisoning), or None for the others."""
+    if name != "adversarial-poisoning":
+        return None
+    return AdversarialPoisoning(share=share, eps=eps,
+                                generator=torch.Generator().manual_seed(seed))
