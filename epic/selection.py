@@ -20,15 +20,19 @@ All kernels are non-negative and F(empty set) = 0.
 
 Greedy methods (``method=``):
 
-* ``"lazy"`` (default): exact batched lazy greedy (Minoux). Returns exactly the selection of
-  ``"naive"``.
+* ``"lazy"`` (default): exact batched lazy greedy (Minoux). Returns the selection of
+  ``"naive"``: exactly for float64 input; for float32 input gains are summed in another order,
+  so the two can differ only where two gains agree to within float32 rounding.
 * ``"stochastic"``: stochastic greedy (Mirzasoleiman et al., 2015); every step evaluates
   ``ceil(n / k * log(1 / epsilon))`` candidates drawn with ``generator``.
 * ``"naive"``: plain greedy; evaluates every candidate at every step (reference).
 
-Ties between equal gains are broken towards the lowest row index, by every method, so lazy and
-naive greedy agree exactly. Rows equally similar to two medoids are assigned to the medoid that
-was selected first.
+Ties between equal gains are broken towards the lowest row index within the class, by every
+method. Rows equally similar to two medoids are assigned to the medoid that was selected first.
+
+Gains come from the dense kernel for the first steps; as coverage only grows, pairs with
+``s_ji <= max_{j' in S} s_ij'`` never contribute again, and once few pairs still do, the kernel
+is replaced by a sparse residue of the contributing pairs (gains stay exact).
 
 Memory: classes whose dense similarity matrix exceeds ``max_memory`` bytes (or with more than
 ``partition_size`` rows) are split into spatially coherent partitions (recursive median splits
