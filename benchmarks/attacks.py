@@ -62,13 +62,16 @@ def _fresh(name: str, data: ImageData, seed: int) -> Classifier:
 
 
 def _clean_model(args: argparse.Namespace, tr: ImageData, te: ImageData) -> Classifier:
-    path = Path(args.cache) / (f"clean-{args.model}-{args.train_size}-{args.pretrain_epochs}"
+    size = args.pretrain_size or args.train_size
+    path = Path(args.cache) / (f"clean-{args.model}-{size}-{args.pretrain_epochs}"
                                f"-{args.seed}.pt")
     model = _fresh(args.model, tr, args.seed)
     if path.exists():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     else:
-        train(model, tr, te, TrainConfig(epochs=args.pretrain_epochs, seed=args.seed))
+        data = tr if size == args.train_size else _subset(args.full_train, size)
+        train(model, data.with_stats_of(tr), te,
+              TrainConfig(epochs=args.pretrain_epochs, seed=args.seed))
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), path)
     acc = evaluate(model, te)
@@ -204,6 +207,7 @@ def _settings(args: argparse.Namespace, attack: Any) -> dict[str, Any]:
     import dataclasses
 
     return {"argv": sys.argv[1:], "train_size": args.train_size, "test_size": args.test_size,
+            "pretrain_size": args.pretrain_size or args.train_size,
             "model": args.model, "pretrain_epochs": args.pretrain_epochs,
             "victim_epochs": args.epochs, "victim_augment": args.augment, "seed": args.seed,
             "attack": dataclasses.asdict(attack), "threads": torch.get_num_threads()}
@@ -229,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
                              "in transfer learning, where features are computed once)")
     parser.add_argument("--train-size", type=int, default=5000)
     parser.add_argument("--test-size", type=int, default=1000)
+    parser.add_argument("--pretrain-size", type=int, default=None,
+                        help="training images of the clean model (default: --train-size; "
+                             "transfer learning reuses a model trained on more data)")
     parser.add_argument("--model", default="convnet")
     parser.add_argument("--pretrain-epochs", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
@@ -242,8 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.augment is None:
         args.augment = args.experiment != "transfer"
     started = time.perf_counter()
-    tr, te = load_cifar("cifar10", args.data_dir)
-    tr = _subset(tr, args.train_size)
+    args.full_train, te = load_cifar("cifar10", args.data_dir)
+    tr = _subset(args.full_train, args.train_size)
     te = te.subset(torch.arange(min(args.test_size, len(te))))
     runner = {"transfer": run_transfer, "gm": run_gm, "sa": run_sa}[args.experiment]
     summary = runner(args, tr, te)

@@ -236,8 +236,13 @@ def run_demo(*, pairs: int = 4, epochs: int = 40, budget: float = 0.01, seed: in
 def cmd_demo(args: argparse.Namespace) -> int:
     from epic.cli import _device
 
-    r = run_demo(pairs=args.pairs, epochs=args.epochs, budget=args.budget, seed=args.seed,
-                 device=_device(args.device))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 8x8 images, a tiny model: more threads only add overhead
+    try:
+        r = run_demo(pairs=args.pairs, epochs=args.epochs, budget=args.budget, seed=args.seed,
+                     device=_device(args.device))
+    finally:
+        torch.set_num_threads(threads)
     print(f"{r['attack']}; {r['pairs']} source/target pairs, means over pairs")
     print(f"{'':12} {'attack success':>15} {'test acc':>9} {'succeeded':>10} "
           f"{'poisons dropped':>16}")
