@@ -35,7 +35,8 @@ Gains come from the dense kernel for the first steps; as coverage only grows, pa
 is replaced by a sparse residue of the contributing pairs (gains stay exact).
 
 Memory: classes whose dense similarity matrix exceeds ``max_memory`` bytes (or with more than
-``partition_size`` rows) are split into spatially coherent partitions (recursive median splits
+``partition_size`` rows) are split into spatially coherent partitions of ``partition_size``
+rows (default 1,000, where time per row stays small) (recursive median splits
 along the coordinate of largest range, like a k-d tree). Each partition runs greedy up to twice
 its proportional share of the class budget, and the class keeps the picks with the largest
 marginal gains over all partitions (exactly global greedy if the partitions did not interact;
@@ -85,6 +86,8 @@ _SIMILARITIES = ("exp", "linear", "cosine")
 _METHODS = ("lazy", "stochastic", "naive")
 _PER_CLASS = ("proportional", "equal")
 DEFAULT_MAX_MEMORY = 1 << 30
+# Rows per partition of a class too large for one dense kernel (see partition_size).
+DEFAULT_PARTITION_ROWS = 1000
 # Scratch memory (bytes) for blockwise work that is not the similarity matrix itself.
 _BLOCK_BYTES = 64 << 20
 # Elements per block of the blocked kernel passes (cache-sized pieces).
@@ -151,8 +154,9 @@ def select_medoids(
         max_memory: bytes allowed for similarity matrices held at once; larger classes are
             partitioned (see module docstring).
         partition_size: classes with more rows are split into partitions of at most this many
-            rows; default (None): the largest size whose kernel fits ``max_memory``. Smaller
-            partitions are faster (time grows with N * partition_size) at a small cost in F.
+            rows. Default (None): classes whose kernel fits ``max_memory`` are solved whole
+            (exact greedy), larger ones in partitions of 1,000 rows. Smaller partitions are
+            faster (time grows with N * partition_size) at a small cost in F.
         batch_size: candidates re-evaluated together by lazy greedy.
 
     Returns:
@@ -179,11 +183,12 @@ def select_medoids(
     max_rows = _max_dense_rows(max_memory, itemsize)
     if partition_size is not None:
         max_rows = min(max_rows, partition_size)
+    part_rows = min(max_rows, partition_size or DEFAULT_PARTITION_ROWS)
 
     problems: list[_Problem] = []
     class_problems: list[list[int]] = []  # problem positions of every class
     for rows, k in zip(classes, budgets, strict=True):
-        parts = [rows] if rows.numel() <= max_rows else _partition(x, rows, max_rows)
+        parts = [rows] if rows.numel() <= max_rows else _partition(x, rows, part_rows)
         if len(parts) > 1:
             logger.info("class of %d rows split into %d partitions", rows.numel(), len(parts))
         quotas = _apportion(k, [int(p.numel()) for p in parts])
