@@ -205,4 +205,4 @@ def test_demo_attack_works_and_epic_stops_it(capsys) -> None:
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert r["undefended"]["attack_success"] > 0.4
     assert r["epic"]["attack_success"] < r["undefended"]["attack_success"] / 2
-    assert r["seconds"] < 180
+    assert r["epic"]["poisons_dropped"] == r["epic"]["poisons"]
