@@ -188,6 +188,13 @@ def make_defense(args: argparse.Namespace, n: int,
                          drop_fraction=args.drop_fraction, seed=args.seed)
 
 
+def _report_attack(epoch: int, record: dict[str, object]) -> None:
+    dropped = record.get("poisons_dropped")
+    print(f"epoch {epoch}: attack success {record['attack_success']:.3f}, test accuracy "
+          f"{record['test_acc']:.4f}" + ("" if dropped is None else f", poisons dropped {dropped}"),
+          flush=True)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     device = _device(args.device)
     train_data, test_data = load_data(args)
@@ -207,7 +214,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                    batch_transform=build_batch_transform(args.defense, share=args.ap_share,
                                                          eps=args.ap_eps / 255, seed=args.seed),
                    run_info={"argv": sys.argv[1:], "dataset": args.dataset, "model": args.model,
-                             "train_examples": len(train_data), "seed": args.seed})
+                             "train_examples": len(train_data), "seed": args.seed},
+                   on_epoch_end=_report_attack if poisons is not None else None)
     s = result.summary
     print(f"test accuracy {s['test_acc']:.4f} after {s['epochs']} epochs, {s['seconds']:.1f}s; "
           f"dropped {s['examples_dropped']} of {s['examples']} examples; results in {out}")

@@ -83,13 +83,6 @@ class _ObjectSentinel:
     """Stands in for ``builtins.object`` (protocol 0/1 pickles name it); calls nothing."""
 
 
-def _latin1_encode(text: Any, encoding: Any = "utf-8") -> bytes:
-    # Protocol 2 pickles store bytes as _codecs.encode(str, "latin1"); admit only that.
-    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise UnsafePickleError("only latin-1 byte strings may be encoded in this pickle")
-    return text.encode("latin1")
-
-
 def _reconstructor(cls: Any, base: Any, state: Any = None) -> PilStandIn:
     if cls is not PilStandIn or base is not _ObjectSentinel or state is not None:
         raise UnsafePickleError("refusing to reconstruct anything but a PIL image")
@@ -98,7 +91,6 @@ def _reconstructor(cls: Any, base: Any, state: Any = None) -> PilStandIn:
 
 _EXTRA: dict[tuple[str, str], Any] = {
     ("PIL.Image", "Image"): PilStandIn,
-    ("_codecs", "encode"): _latin1_encode,
     ("copyreg", "_reconstructor"): _reconstructor,
     ("copy_reg", "_reconstructor"): _reconstructor,
     ("builtins", "object"): _ObjectSentinel,

@@ -186,7 +186,7 @@ def run_demo(*, pairs: int = 4, epochs: int = 40, budget: float = 0.01, seed: in
     line's default settings (EPIC-0.1, warmup 10, every epochs/20, until the last milestone).
     """
     from epic.data import load_digits
-    from epic.defense import EPIC, paper_warmup
+    from epic.defenses import build_defense
     from epic.models import build_model
     from epic.train import TrainConfig, train
 
@@ -206,12 +206,9 @@ def run_demo(*, pairs: int = 4, epochs: int = 40, budget: float = 0.01, seed: in
             model = build_model("convnet", num_classes=train_data.num_classes,
                                 in_channels=train_data.shape[0], mean=train_data.mean,
                                 std=train_data.std).to(device)
-            defense = None
-            if name == "epic":
-                milestones = config.resolved_milestones
-                defense = EPIC(0.1, warmup=paper_warmup(0.1), every=max(1, epochs // 20),
-                               until=milestones[-1] if milestones else None,
-                               num_examples=len(train_data))
+            defense = build_defense(name if name == "epic" else "none",
+                                    num_examples=len(train_data), epochs=epochs,
+                                    milestones=config.resolved_milestones, seed=seed)
             s = train(model, train_data, test_data, config, defense=defense,
                       poisons=poisons).summary
             rows[name].append({"source": source, "adversarial": adversarial,

@@ -7,11 +7,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from epic.data import ImageData
-from epic.defense import ScheduledDefense
-from epic.gradients import feature_embeddings
+from epic.defenses.filtering import FeatureFilter
 
 
 def activation_clusters(features: Tensor, labels: Tensor, *, components: int = 10,
@@ -43,22 +41,16 @@ def activation_clusters(features: Tensor, labels: Tensor, *, components: int = 1
     return torch.from_numpy(drop).to(features.device)
 
 
-class ActivationClustering(ScheduledDefense):
+class ActivationClustering(FeatureFilter):
     """Activation clustering in the model's feature space, on a schedule."""
 
     def __init__(self, *, components: int = 10, size_threshold: float = 0.35, seed: int = 0,
-                 warmup: int = 10, every: int = 1, until: int | None = 11,
-                 num_examples: int | None = None, batch_size: int = 512) -> None:
-        super().__init__(warmup=warmup, every=every, until=until, num_examples=num_examples,
-                         batch_size=batch_size)
+                 **schedule: Any) -> None:
+        super().__init__(**schedule)
         self.components = components
         self.size_threshold = size_threshold
         self.seed = seed
 
-    def select(self, model: nn.Module, data: ImageData, keep: Tensor
-               ) -> tuple[Tensor, dict[str, Any]]:
-        kept = keep.nonzero().squeeze(1)
-        feats, labels = feature_embeddings(model, data, keep=keep, batch_size=self.batch_size)
-        drop = activation_clusters(feats, labels, components=self.components,
+    def outliers(self, features: Tensor, labels: Tensor, n: int) -> Tensor:
+        return activation_clusters(features, labels, components=self.components,
                                    size_threshold=self.size_threshold, seed=self.seed)
-        return kept[drop.cpu()], {}

@@ -5,11 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from epic.data import ImageData
-from epic.defense import ScheduledDefense
-from epic.gradients import feature_embeddings
+from epic.defenses.filtering import FeatureFilter
 
 
 def deep_knn_outliers(features: Tensor, labels: Tensor, k: int, *, block: int = 512) -> Tensor:
@@ -44,7 +42,7 @@ def deep_knn_outliers(features: Tensor, labels: Tensor, k: int, *, block: int = 
     return drop
 
 
-class DeepKNN(ScheduledDefense):
+class DeepKNN(FeatureFilter):
     """Deep k-NN filtering in the model's feature space, on a schedule.
 
     ``k`` defaults to ``overestimation * budget * N`` (the expected number of poisons, doubled),
@@ -52,18 +50,12 @@ class DeepKNN(ScheduledDefense):
     """
 
     def __init__(self, *, k: int | None = None, budget: float = 0.01, overestimation: float = 2.0,
-                 warmup: int = 10, every: int = 1, until: int | None = 11,
-                 num_examples: int | None = None, batch_size: int = 512) -> None:
-        super().__init__(warmup=warmup, every=every, until=until, num_examples=num_examples,
-                         batch_size=batch_size)
+                 **schedule: Any) -> None:
+        super().__init__(**schedule)
         self.k = k
         self.budget = budget
         self.overestimation = overestimation
 
-    def select(self, model: nn.Module, data: ImageData, keep: Tensor
-               ) -> tuple[Tensor, dict[str, Any]]:
-        kept = keep.nonzero().squeeze(1)
-        feats, labels = feature_embeddings(model, data, keep=keep, batch_size=self.batch_size)
-        k = self.k if self.k is not None else max(1, int(self.overestimation * self.budget
-                                                        * len(data)))
-        return kept[deep_knn_outliers(feats, labels, k).cpu()], {}
+    def outliers(self, features: Tensor, labels: Tensor, n: int) -> Tensor:
+        k = self.k if self.k is not None else max(1, int(self.overestimation * self.budget * n))
+        return deep_knn_outliers(features, labels, k)

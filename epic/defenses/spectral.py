@@ -7,11 +7,9 @@ import math
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from epic.data import ImageData
-from epic.defense import ScheduledDefense
-from epic.gradients import feature_embeddings
+from epic.defenses.filtering import FeatureFilter
 
 
 def spectral_signature_scores(features: Tensor, labels: Tensor) -> Tensor:
@@ -41,7 +39,7 @@ def spectral_signature_outliers(features: Tensor, labels: Tensor, per_class: int
     return drop
 
 
-class SpectralSignatures(ScheduledDefense):
+class SpectralSignatures(FeatureFilter):
     """Spectral-signature filtering in the model's feature space, on a schedule.
 
     The defender does not know which class holds the poisons, so every class loses
@@ -49,17 +47,12 @@ class SpectralSignatures(ScheduledDefense):
     poisons), capped at half the class.
     """
 
-    def __init__(self, *, budget: float = 0.01, overestimation: float = 1.5, warmup: int = 10,
-                 every: int = 1, until: int | None = 11, num_examples: int | None = None,
-                 batch_size: int = 512) -> None:
-        super().__init__(warmup=warmup, every=every, until=until, num_examples=num_examples,
-                         batch_size=batch_size)
+    def __init__(self, *, budget: float = 0.01, overestimation: float = 1.5,
+                 **schedule: Any) -> None:
+        super().__init__(**schedule)
         self.budget = budget
         self.overestimation = overestimation
 
-    def select(self, model: nn.Module, data: ImageData, keep: Tensor
-               ) -> tuple[Tensor, dict[str, Any]]:
-        kept = keep.nonzero().squeeze(1)
-        feats, labels = feature_embeddings(model, data, keep=keep, batch_size=self.batch_size)
-        per_class = math.ceil(self.overestimation * self.budget * len(data))
-        return kept[spectral_signature_outliers(feats, labels, per_class).cpu()], {}
+    def outliers(self, features: Tensor, labels: Tensor, n: int) -> Tensor:
+        per_class = math.ceil(self.overestimation * self.budget * n)
+        return spectral_signature_outliers(features, labels, per_class)
