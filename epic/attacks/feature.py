@@ -45,6 +45,18 @@ def _check_target(target: Tensor, train: ImageData) -> Tensor:
     return target
 
 
+def _start(model: Classifier, train: ImageData, target: Tensor, adversarial_class: int,
+           budget: float | int, seed: int, bases: Tensor | None
+           ) -> tuple[Tensor, Tensor, Tensor]:
+    """Checked ``(1, C, H, W)`` target, base indices (drawn by ``seed`` when None) and the
+    bases as floats on the model's device."""
+    target = _check_target(target, train)
+    if bases is None:
+        bases = choose_bases(train, adversarial_class, budget_count(budget, len(train)),
+                             generator=torch.Generator().manual_seed(seed))
+    return target, bases, to_float(train.images[bases], next(model.parameters()).device)
+
+
 @dataclass(frozen=True, kw_only=True)
 class BullseyePolytope:
     """Bullseye Polytope (Aghakhani et al., EuroS&P 2021), single target.
@@ -92,13 +104,9 @@ class BullseyePolytope:
             progress: show a progress bar.
         """
         started = time.perf_counter()
-        target = _check_target(target, train)
-        device = next(model.parameters()).device
-        gen = torch.Generator().manual_seed(seed)
-        if bases is None:
-            bases = choose_bases(train, adversarial_class,
-                                 budget_count(self.budget, len(train)), generator=gen)
-        base = to_float(train.images[bases], device)
+        target, bases, base = _start(model, train, target, adversarial_class, self.budget,
+                                     seed, bases)
+        device = base.device
         x = base.clone().requires_grad_(True)
         opt = torch.optim.Adam([x], lr=self.lr)
         sched = torch.optim.lr_scheduler.MultiStepLR(
@@ -165,13 +173,9 @@ class FeatureCollision:
         Arguments as in :meth:`BullseyePolytope.craft`.
         """
         started = time.perf_counter()
-        target = _check_target(target, train)
-        device = next(model.parameters()).device
-        gen = torch.Generator().manual_seed(seed)
-        if bases is None:
-            bases = choose_bases(train, adversarial_class,
-                                 budget_count(self.budget, len(train)), generator=gen)
-        base = to_float(train.images[bases], device)
+        target, bases, base = _start(model, train, target, adversarial_class, self.budget,
+                                     seed, bases)
+        device = base.device
         x = base.clone().requires_grad_(True)
         opt = torch.optim.Adam([x], lr=self.lr)
         with frozen(model):
