@@ -62,3 +62,24 @@ def test_short_cifar10_run_drops_at_scheduled_epochs(tmp_path, capsys) -> None: 
     assert metrics[0]["trained_on"] == 2000
     assert metrics[1]["trained_on"] == 2000 - len(rounds[0]["dropped"])
     assert summary["test_acc"] > 0.15
+
+
+def test_train_with_poisons_reports_attack_success_each_epoch(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    from epic.data import load_digits
+    from epic.poisons import PoisonSet
+
+    train_data, test_data = load_digits()
+    idx = torch.arange(0, 40, 4)
+    PoisonSet(idx, train_data.images[idx], test_data.images[:2], target_class=0,
+              adversarial_class=1, eps=8 / 255).save(tmp_path / "p")
+    assert main(["train", "--epochs", "3", "--poisons", str(tmp_path / "p"), "--defense", "epic",
+                 "--warmup", "1", "--every", "1", "--until", "3", "--out", str(tmp_path / "r"),
+                 "--json", "--no-progress"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    per_epoch = [line for line in lines if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in per_epoch] == ["epoch 0", "epoch 1", "epoch 2"]
+    assert "attack success" in per_epoch[0] and "poisons dropped" in per_epoch[1]
+    summary = json.loads(lines[-1])
+    assert summary["poisons"] == 10 and 0 <= summary["attack_success"] <= 1
