@@ -36,6 +36,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -107,13 +108,21 @@ def run_transfer(args: argparse.Namespace, tr: ImageData, te: ImageData) -> dict
     cls = BullseyePolytope if args.attack == "bp" else FeatureCollision
     attack = cls(eps=args.eps / 255, budget=args.budget,
                  **({"iterations": args.iterations} if args.iterations else {}))
+    return _targeted_trials(
+        args, attack, clean, tr, te, f"transfer-{args.attack}",
+        lambda k: (copy.deepcopy(clean), TrainConfig(epochs=args.epochs, scenario="transfer",
+                                                     seed=args.seed + k, augment=args.augment)))
+
+
+def _targeted_trials(args: argparse.Namespace, attack: Any, clean: Classifier, tr: ImageData,
+                     te: ImageData, experiment: str,
+                     victim: Callable[[int], tuple[Classifier, TrainConfig]]) -> dict[str, Any]:
+    """Craft against each target, train the victim ``victim(k)`` on the poisons, count flips."""
     wins, trials = 0, []
     for k, (idx, true, adv) in enumerate(_targets(args, clean, te, args.targets)):
         ps = attack.craft(clean, tr, te.images[idx], true, adv, seed=args.seed + k)
-        victim = copy.deepcopy(clean)
-        s = train(victim, tr, te, TrainConfig(epochs=args.epochs, scenario="transfer",
-                                              seed=args.seed + k, augment=args.augment),
-                  poisons=ps).summary
+        model, config = victim(k)
+        s = train(model, tr, te, config, poisons=ps).summary
         hit = s["attack_success"] >= 0.5
         wins += hit
         trial = {"target_index": idx, "target_class": true, "adversarial_class": adv,
@@ -122,9 +131,8 @@ def run_transfer(args: argparse.Namespace, tr: ImageData, te: ImageData) -> dict
                  "final_loss": round(ps.metadata["final_loss"], 4)}
         trials.append(trial)
         _emit(trial)
-    return {"experiment": f"transfer-{args.attack}", "successes": wins,
-            "targets": len(trials), "success_rate": wins / max(len(trials), 1),
-            "settings": _settings(args, attack)}
+    return {"experiment": experiment, "successes": wins, "targets": len(trials),
+            "success_rate": wins / max(len(trials), 1), "settings": _settings(args, attack)}
 
 
 def run_gm(args: argparse.Namespace, tr: ImageData, te: ImageData) -> dict[str, Any]:
@@ -135,22 +143,10 @@ def run_gm(args: argparse.Namespace, tr: ImageData, te: ImageData) -> dict[str, 
     if args.restarts:
         extra["restarts"] = args.restarts
     attack = GradientMatching(eps=args.eps / 255, budget=args.budget, **extra)
-    wins, trials = 0, []
-    for k, (idx, true, adv) in enumerate(_targets(args, clean, te, args.targets)):
-        ps = attack.craft(clean, tr, te.images[idx], true, adv, seed=args.seed + k)
-        victim = _fresh(args.model, tr, args.seed + 100 + k)
-        s = train(victim, tr, te, TrainConfig(epochs=args.epochs, seed=args.seed + k),
-                  poisons=ps).summary
-        hit = s["attack_success"] >= 0.5
-        wins += hit
-        trial = {"target_index": idx, "target_class": true, "adversarial_class": adv,
-                 "success": hit, "test_acc": round(s["test_acc"], 4),
-                 "craft_seconds": ps.metadata["seconds"],
-                 "final_loss": round(ps.metadata["final_loss"], 4)}
-        trials.append(trial)
-        _emit(trial)
-    return {"experiment": "gm-scratch", "successes": wins, "targets": len(trials),
-            "success_rate": wins / max(len(trials), 1), "settings": _settings(args, attack)}
+    return _targeted_trials(
+        args, attack, clean, tr, te, "gm-scratch",
+        lambda k: (_fresh(args.model, tr, args.seed + 100 + k),
+                   TrainConfig(epochs=args.epochs, seed=args.seed + k)))
 
 
 def _patched_success(model: Classifier, te: ImageData, ps: PoisonSet, patch: bool) -> float:
