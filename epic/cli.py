@@ -171,7 +171,13 @@ def make_model(args: argparse.Namespace, train_data: ImageData,
                         std=train_data.std)
     if args.pretrained is not None:
         state = torch.load(args.pretrained, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            lines = str(exc).splitlines()
+            detail = (lines[1].strip() if len(lines) > 1 else lines[0])[:160]
+            raise ValueError(f"{args.pretrained} is not a {args.model} for {args.dataset} "
+                             f"({detail}); pass the --model it was trained as") from exc
     elif args.scenario != "scratch":
         raise SystemExit(f"--scenario {args.scenario} needs --pretrained MODEL_PT")
     return model.to(device)

@@ -83,3 +83,17 @@ def test_train_with_poisons_reports_attack_success_each_epoch(tmp_path, capsys) 
     assert "attack success" in per_epoch[0] and "poisons dropped" in per_epoch[1]
     summary = json.loads(lines[-1])
     assert summary["poisons"] == 10 and 0 <= summary["attack_success"] <= 1
+
+
+def test_pretrained_weights_of_another_model_are_a_clear_error(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    from epic.models import build_model
+
+    other = build_model("vgg16-small", num_classes=10, in_channels=1, mean=[0.5], std=[0.2])
+    torch.save(other.state_dict(), tmp_path / "vgg.pt")
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--scenario", "transfer", "--pretrained", str(tmp_path / "vgg.pt"),
+              "--out", str(tmp_path / "r")])
+    assert exc.value.code == 2
+    assert "is not a convnet" in capsys.readouterr().err
