@@ -103,11 +103,16 @@ def _emit(obj: dict[str, Any]) -> None:
     print(json.dumps(obj), flush=True)
 
 
+def _overrides(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The attack hyperparameters given on the command line (the rest keep their defaults)."""
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
 def run_transfer(args: argparse.Namespace, tr: ImageData, te: ImageData) -> dict[str, Any]:
     clean = _clean_model(args, tr, te)
     cls = BullseyePolytope if args.attack == "bp" else FeatureCollision
     attack = cls(eps=args.eps / 255, budget=args.budget,
-                 **({"iterations": args.iterations} if args.iterations else {}))
+                 **_overrides(args, "iterations"))
     return _targeted_trials(
         args, attack, clean, tr, te, f"transfer-{args.attack}",
         lambda k: (copy.deepcopy(clean), TrainConfig(epochs=args.epochs, scenario="transfer",
@@ -137,12 +142,8 @@ def _targeted_trials(args: argparse.Namespace, attack: Any, clean: Classifier, t
 
 def run_gm(args: argparse.Namespace, tr: ImageData, te: ImageData) -> dict[str, Any]:
     clean = _clean_model(args, tr, te)
-    extra: dict[str, Any] = {}
-    if args.iterations:
-        extra["iterations"] = args.iterations
-    if args.restarts:
-        extra["restarts"] = args.restarts
-    attack = GradientMatching(eps=args.eps / 255, budget=args.budget, **extra)
+    attack = GradientMatching(eps=args.eps / 255, budget=args.budget,
+                              **_overrides(args, "iterations", "restarts"))
     return _targeted_trials(
         args, attack, clean, tr, te, "gm-scratch",
         lambda k: (_fresh(args.model, tr, args.seed + 100 + k),
@@ -166,13 +167,7 @@ def _patched_success(model: Classifier, te: ImageData, ps: PoisonSet, patch: boo
 
 def run_sa(args: argparse.Namespace, tr: ImageData, te: ImageData) -> dict[str, Any]:
     clean = _clean_model(args, tr, te)
-    extra: dict[str, Any] = {}
-    if args.iterations:
-        extra["iterations"] = args.iterations
-    if args.retrain_epochs:
-        extra["retrain_epochs"] = args.retrain_epochs
-    if args.retrain_every is not None:
-        extra["retrain_every"] = args.retrain_every
+    extra = _overrides(args, "iterations", "retrain_epochs", "retrain_every")
     attack = SleeperAgent(eps=args.eps / 255, budget=args.budget, **extra)
     g = torch.Generator().manual_seed(args.seed)
     rows = []
