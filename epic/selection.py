@@ -90,8 +90,8 @@ DEFAULT_MAX_MEMORY = 1 << 30
 DEFAULT_PARTITION_ROWS = 1000
 # Scratch memory (bytes) for blockwise work that is not the similarity matrix itself.
 _BLOCK_BYTES = 64 << 20
-# Elements per block of the blocked kernel passes (cache-sized pieces).
-_BLOCK_ELEMENTS = 1 << 22
+# Elements per block of the blocked kernel passes (pieces that stay in cache).
+_CACHE_ELEMENTS = 1 << 18
 # Each partition of a large class runs greedy to this many times its proportional budget;
 # the class then keeps the picks with the largest gains over all partitions.
 _OVERSELECT = 2
@@ -469,42 +469,53 @@ def _max_pairwise_distance(x: Tensor) -> float:
     return best
 
 
-def _group_kernel(xg: Tensor, valid: Tensor, similarity: str) -> Tensor:
-    """(G, n, n) similarity of a padded group ``xg`` (G, n, D); padded rows/columns are 0.
+def _group_kernel(xg: Tensor, sizes: list[int], similarity: str) -> tuple[Tensor, Tensor]:
+    """Similarity of a padded group and the first greedy gains, in one blocked pass.
 
-    Built per problem in row blocks (one matrix product each) so that the elementwise passes
-    run on cache-sized pieces.
+    ``xg`` (G, n, D) holds problem ``j`` in its first ``sizes[j]`` rows. Returns the (G, n, n)
+    kernel, 0 on padded rows and columns, and its (G, n) row sums: the gains of every column
+    before any selection, as :meth:`_Coverage.all_gains` would compute them (-inf on padding).
+    Rows are built in cache-sized blocks (one matrix product each) and summed while hot.
     """
     g, n, dim = xg.shape
-    padded = not bool(valid.all())
     kern = torch.empty(g, n, n, dtype=xg.dtype, device=xg.device)
+    if kern.device.type == "cpu":
+        # Fault the pages in with one cheap strided write: first touches from the threads of
+        # the matrix products below contend and cost more than the products themselves.
+        kern.view(-1)[:: 4096 // kern.element_size()].zero_()
+    first = torch.full((g, n), -math.inf, dtype=xg.dtype, device=xg.device)
     if similarity == "cosine":
         xg = torch.nn.functional.normalize(xg, dim=-1)
     sq = (xg * xg).sum(-1)
-    step = max(1, _BLOCK_ELEMENTS // n)
-    for j in range(g):
-        xj, sqj = xg[j], sq[j]
-        for start in range(0, n, step):
-            blk = kern[j, start : start + step]
+    step = max(1, _CACHE_ELEMENTS // n)
+    c0 = [0.0] * g
+    for j, m in enumerate(sizes):
+        xj, sqj = xg[j, :m], sq[j, :m]
+        kern[j, m:].zero_()
+        for start in range(0, m, step):
+            blk = kern[j, start : min(start + step, m)]
+            rows = slice(start, start + blk.shape[0])
             if similarity == "cosine":
-                torch.mm(xj[start : start + step], xj.T, out=blk)
-                blk.add_(1.0).mul_(0.5).clamp_(0.0, 1.0)
-                continue
-            # |a|^2 - 2 a.b + |b|^2, clamped at 0 against rounding
-            torch.addmm(sqj[start : start + step, None], xj[start : start + step], xj.T,
-                        alpha=-2.0, out=blk)  # fmt: skip
-            blk.add_(sqj[None, :]).clamp_(min=0.0).sqrt_()
-            if similarity == "exp":
-                blk.mul_(-1.0 / dim).exp_()
-    if similarity == "linear":
-        if padded:
-            kern.masked_fill_(~(valid[:, :, None] & valid[:, None, :]), 0.0)
-        c0 = kern.amax(dim=(1, 2), keepdim=True)
-        kern.neg_().add_(c0)
-    if padded:
-        kern.masked_fill_(~valid[:, :, None], 0.0)
-        kern.masked_fill_(~valid[:, None, :], 0.0)
-    return kern
+                torch.mm(xj[rows], xj.T, out=blk[:, :m])
+                blk[:, :m].add_(1.0).mul_(0.5).clamp_(0.0, 1.0)
+            else:
+                # |a|^2 - 2 a.b + |b|^2, clamped at 0 against rounding
+                torch.addmm(sqj[rows, None], xj[rows], xj.T, alpha=-2.0, out=blk[:, :m])
+                blk[:, :m].add_(sqj[None, :]).clamp_(min=0.0).sqrt_()
+                if similarity == "exp":
+                    blk[:, :m].mul_(-1.0 / dim).exp_()
+                else:
+                    c0[j] = max(c0[j], float(blk[:, :m].max()))
+            blk[:, m:].zero_()
+            if similarity != "linear":
+                torch.sum(blk, dim=1, out=first[j, rows])
+    if similarity == "linear":  # c0 - d needs the largest distance of the whole problem
+        for j, m in enumerate(sizes):
+            for start in range(0, m, step):
+                blk = kern[j, start : min(start + step, m)]
+                blk[:, :m].neg_().add_(c0[j])
+                torch.sum(blk, dim=1, out=first[j, start : start + blk.shape[0]])
+    return kern, first
 
 
 # --------------------------------------------------------------------------- greedy engine
@@ -569,15 +580,14 @@ def _solve_group(
     rows = torch.zeros(g, n, dtype=torch.long, device=device)
     for j, p in enumerate(group):
         rows[j, : p.rows.numel()] = p.rows
-    xg = x[rows] * valid[:, :, None]
-    cov = _Coverage(_group_kernel(xg, valid, similarity), valid)
-    del xg
+    kern, first = _group_kernel(x[rows], [p.rows.numel() for p in group], similarity)
+    cov = _Coverage(kern, valid)
 
     picks = torch.zeros(g, max(k_max, 1), dtype=torch.long, device=device)
     gain_of = torch.zeros(g, max(k_max, 1), dtype=x.dtype, device=device)
     # Candidate scores: exact gains or upper bounds on them; -inf marks selected or padded
     # columns. ``fresh`` marks scores that are exact at the current step.
-    ub = cov.all_gains()
+    ub = first
     fresh = torch.ones(g, n, dtype=torch.bool, device=device)
     gidx = torch.arange(g, device=device)
     n_samples = torch.ceil(sizes / ks.clamp(min=1) * math.log(1.0 / epsilon)).long()
@@ -645,6 +655,8 @@ class _Coverage:
         self.cur = torch.zeros(self.g, self.n, dtype=kern.dtype, device=kern.device)
         self.owner = torch.zeros(self.g, self.n, dtype=torch.long, device=kern.device)
         self.ptr = self.col = self.val = torch.empty(0)
+        rows = max(self.g, _CACHE_ELEMENTS // self.n)
+        self._scratch = torch.empty(rows, self.n, dtype=kern.dtype, device=kern.device)
 
     def all_gains(self, prob: Tensor | None = None) -> Tensor:
         """(P, n) exact gains of every column of problems ``prob`` (default all), from the
@@ -652,24 +664,30 @@ class _Coverage:
         assert self.kern is not None
         prob = torch.arange(self.g, device=self.kern.device) if prob is None else prob
         out = torch.empty(prob.numel(), self.n, dtype=self.kern.dtype, device=self.kern.device)
-        step = max(1, _BLOCK_ELEMENTS // self.n)
-        buf = torch.empty(min(step, self.n), self.n, dtype=out.dtype, device=out.device)
+        step = self._scratch.shape[0]
         for i, j in enumerate(prob.tolist()):
             kern, cur = self.kern[j], self.cur[j]
             for start in range(0, self.n, step):
                 block = kern[start : start + step]
-                diff = torch.sub(block, cur, out=buf[: block.shape[0]])
+                diff = torch.sub(block, cur, out=self._scratch[: block.shape[0]])
                 torch.sum(diff.clamp_(min=0.0), dim=-1, out=out[i, start : start + step])
         valid = self.valid[prob]
         return out.masked_fill_(~valid, -math.inf)
 
     def gains(self, prob: Tensor, cand: Tensor) -> Tensor:
         """(P, B) exact gains of candidate columns ``cand`` (P, B) of problems ``prob``."""
-        flat = (prob[:, None] * self.n + cand).flatten()
         if self.kern is not None:
-            rows = self.kern.view(-1, self.n).index_select(0, flat).view(*cand.shape, self.n)
-            rows -= self.cur[prob][:, None, :]
-            return rows.clamp_(min=0.0).sum(-1)
+            # Rows gathered a cache-sized chunk of candidates at a time into one scratch buffer.
+            kern, cur = self.kern.view(-1, self.n), self.cur[prob][:, None, :]
+            out = torch.empty(cand.shape, dtype=kern.dtype, device=kern.device)
+            step = max(1, self._scratch.shape[0] // prob.numel())
+            for start in range(0, cand.shape[1], step):
+                part = (prob[:, None] * self.n + cand[:, start : start + step]).flatten()
+                rows = torch.index_select(kern, 0, part, out=self._scratch[: part.numel()])
+                rows = rows.view(prob.numel(), -1, self.n).sub_(cur).clamp_(min=0.0)
+                out[:, start : start + step] = rows.sum(-1)
+            return out
+        flat = (prob[:, None] * self.n + cand).flatten()
         seg, pos = self._entries(flat)
         terms = (self.val[pos] - self.cur.view(-1)[self.col[pos]]).clamp_(min=0.0)
         out = torch.zeros(flat.numel(), dtype=terms.dtype, device=flat.device)
