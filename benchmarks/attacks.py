@@ -64,18 +64,21 @@ def _fresh(name: str, data: ImageData, seed: int) -> Classifier:
 
 def _clean_model(args: argparse.Namespace, tr: ImageData, te: ImageData) -> Classifier:
     size = args.pretrain_size or args.train_size
+    split = "" if args.pretrain_classes is None else "-classes" + "".join(
+        map(str, args.pretrain_classes))
     path = Path(args.cache) / (f"clean-{args.model}-{size}-{args.pretrain_epochs}"
-                               f"-{args.seed}.pt")
+                               f"-{args.seed}{split}.pt")
     model = _fresh(args.model, tr, args.seed)
+    pre_train, pre_test = args.pretrain_data
     if path.exists():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     else:
-        data = tr if size == args.train_size else _subset(args.full_train, size)
-        train(model, data.with_stats_of(tr), te,
+        data = tr if pre_train is tr and size == args.train_size else _subset(pre_train, size)
+        train(model, data.with_stats_of(tr), pre_test,
               TrainConfig(epochs=args.pretrain_epochs, seed=args.seed))
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), path)
-    acc = evaluate(model, te)
+    acc = evaluate(model, pre_test)
     _emit({"clean_model": str(path), "test_acc": round(acc, 4)})
     return model
 
@@ -94,7 +97,8 @@ def _targets(args: argparse.Namespace, model: Classifier, te: ImageData,
     out = []
     for i in picks.tolist():
         true = int(te.labels[i])
-        adv = (true + 1 + int(torch.randint(0, te.num_classes - 1, (1,), generator=g))) % 10
+        adv = (true + 1 + int(torch.randint(0, te.num_classes - 1, (1,), generator=g)))
+        adv %= te.num_classes
         out.append((i, true, adv))
     return out
 
@@ -172,8 +176,9 @@ def run_sa(args: argparse.Namespace, tr: ImageData, te: ImageData) -> dict[str, 
     g = torch.Generator().manual_seed(args.seed)
     rows = []
     for k in range(args.pairs):
-        source = int(torch.randint(0, 10, (1,), generator=g))
-        adv = (source + 1 + int(torch.randint(0, 9, (1,), generator=g))) % 10
+        k = te.num_classes
+        source = int(torch.randint(0, k, (1,), generator=g))
+        adv = (source + 1 + int(torch.randint(0, k - 1, (1,), generator=g))) % k
         ps = attack.craft(clean, tr, source, adv, seed=args.seed + k)
         victim = _fresh(args.model, tr, args.seed + 100 + k)
         s = train(victim, tr, te, TrainConfig(epochs=args.epochs, seed=args.seed + k),
@@ -227,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pretrain-size", type=int, default=None,
                         help="training images of the clean model (default: --train-size; "
                              "transfer learning reuses a model trained on more data)")
+    parser.add_argument("--pretrain-classes", type=lambda v: [int(c) for c in v.split(",")],
+                        default=None,
+                        help="comma-separated classes the clean model is trained on; the "
+                             "victim's task is then the other classes (a disjoint-class "
+                             "transfer, like the benchmark's CIFAR-100 extractor on CIFAR-10)")
     parser.add_argument("--model", default="convnet")
     parser.add_argument("--pretrain-epochs", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
@@ -240,9 +250,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.augment is None:
         args.augment = args.experiment != "transfer"
     started = time.perf_counter()
-    args.full_train, te = load_cifar("cifar10", args.data_dir)
-    tr = _subset(args.full_train, args.train_size)
+    full_train, te = load_cifar("cifar10", args.data_dir)
     te = te.subset(torch.arange(min(args.test_size, len(te))))
+    if args.pretrain_classes is None:
+        tr = _subset(full_train, args.train_size)
+        args.pretrain_data = (full_train, te)
+    else:  # extractor trained on some classes, the victim's task made of the others
+        rest = [c for c in range(full_train.num_classes) if c not in args.pretrain_classes]
+        args.pretrain_data = (full_train.select_classes(args.pretrain_classes),
+                              te.select_classes(args.pretrain_classes))
+        tr = _subset(full_train.select_classes(rest), args.train_size)
+        te = te.select_classes(rest)
     runner = {"transfer": run_transfer, "gm": run_gm, "sa": run_sa}[args.experiment]
     summary = runner(args, tr, te)
     summary["seconds"] = round(time.perf_counter() - started, 1)

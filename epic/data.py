@@ -17,7 +17,7 @@ import os
 import tarfile
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -98,6 +98,23 @@ class ImageData:
     def subset(self, indices: Tensor) -> ImageData:
         """The examples at ``indices`` (statistics unchanged)."""
         return replace(self, images=self.images[indices], labels=self.labels[indices])
+
+    def select_classes(self, classes: Sequence[int]) -> ImageData:
+        """The examples of ``classes`` only, relabelled ``0..len(classes)-1`` in that order.
+
+        Builds disjoint-class tasks, e.g. a feature extractor trained on some classes and
+        transferred to the others (statistics unchanged).
+        """
+        keep = [int(c) for c in classes]
+        if len(set(keep)) != len(keep) or not all(0 <= c < self.num_classes for c in keep):
+            raise ValueError(f"classes must be distinct labels in [0, {self.num_classes}), "
+                             f"got {keep}")
+        remap = torch.full((self.num_classes,), -1, dtype=torch.long, device=self.labels.device)
+        remap[keep] = torch.arange(len(keep), device=self.labels.device)
+        new = remap[self.labels]
+        idx = (new >= 0).nonzero().squeeze(1)
+        return replace(self, images=self.images[idx], labels=new[idx],
+                       classes=tuple(self.classes[c] for c in keep))
 
     def to(self, device: torch.device | str) -> ImageData:
         return replace(self, images=self.images.to(device), labels=self.labels.to(device))

@@ -107,6 +107,19 @@ def test_iterate_batches_respects_keep_mask(tiny_data) -> None:  # type: ignore[
         next(iterate_batches(train, keep=keep.long()))
 
 
+def test_select_classes_relabels_in_the_given_order() -> None:
+    images = torch.arange(6, dtype=torch.uint8).view(6, 1, 1, 1).expand(6, 1, 2, 2).contiguous()
+    data = ImageData(images, torch.tensor([0, 1, 2, 0, 1, 2]), ("a", "b", "c"), (0.5,), (0.2,))
+    part = data.select_classes([2, 0])
+    assert part.classes == ("c", "a")
+    assert part.labels.tolist() == [1, 0, 1, 0]
+    assert part.images[:, 0, 0, 0].tolist() == [0, 2, 3, 5]
+    with pytest.raises(ValueError, match="distinct labels"):
+        data.select_classes([0, 0])
+    with pytest.raises(ValueError, match="distinct labels"):
+        data.select_classes([3])
+
+
 def test_image_data_rejects_bad_shapes() -> None:
     with pytest.raises(ValueError, match="uint8"):
         ImageData(torch.zeros(2, 3, 4, 4), torch.zeros(2, dtype=torch.long), ("a",), (0.5,) * 3,
