@@ -204,6 +204,10 @@ def train(
     if config.grad_noise > 0 and config.grad_clip is None:
         raise ValueError("grad_noise needs grad_clip (the noise scale is relative to the clip)")
     augment = train_data.augment if config.augment else None
+    # A frozen body sees the same images every epoch unless they are augmented or transformed:
+    # their features are computed once.
+    cached = (_frozen_features(model, train_data, device)
+              if frozen_body and augment is None and batch_transform is None else None)
     metrics: list[dict[str, Any]] = []
     start_epoch, elapsed = 0, 0.0
 
@@ -247,14 +251,16 @@ def train(
         if frozen_body:
             model.body.eval()
         loss_sum, correct, seen = 0.0, 0, 0
-        for x, y, _ in iterate_batches(train_data, batch_size=config.batch_size, keep=keep,
-                                       shuffle=True, augment=augment, generator=generator,
-                                       device=device):
+        for x, y, idx in iterate_batches(train_data, batch_size=config.batch_size, keep=keep,
+                                         shuffle=True, augment=augment, generator=generator,
+                                         device=device):
             if batch_transform is not None:
                 x, y = batch_transform(model, x, y)
                 if frozen_body:
                     model.body.eval()
-            if frozen_body:
+            if cached is not None:
+                logits = model.classifier(cached[idx.to(device)])
+            elif frozen_body:
                 with torch.no_grad():
                     feats = model.features(x)
                 logits = model.classifier(feats)
@@ -298,6 +304,14 @@ def train(
         torch.save(model.state_dict(), outp / "model.pt")
         _write_json(outp / "summary.json", summary)
     return TrainResult(metrics, summary, model)
+
+
+@torch.no_grad()
+def _frozen_features(model: Classifier, data: ImageData, device: torch.device) -> Tensor:
+    """``(N, F)`` eval-mode features of every example of ``data``, in order."""
+    model.body.eval()
+    return torch.cat([model.features(x) for x, _, _ in
+                      iterate_batches(data, batch_size=500, device=device)])
 
 
 @torch.no_grad()

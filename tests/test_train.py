@@ -74,6 +74,21 @@ def test_transfer_trains_only_the_new_last_layer(tiny_data) -> None:  # type: ig
     assert all(torch.equal(v, after[k]) for k, v in body.items())  # BN statistics included
 
 
+def test_transfer_without_augmentation_matches_per_batch_features(tiny_data) -> None:  # type: ignore[no-untyped-def]
+    train_data, test_data = tiny_data
+    config = TrainConfig(epochs=3, scenario="transfer", batch_size=16, augment=False)
+    cached = _model(train_data)
+    per_batch = _model(train_data)
+    per_batch.load_state_dict(cached.state_dict())
+    torch.manual_seed(0)  # the re-initialized last layer draws from the global generator
+    train(cached, train_data, test_data, config)
+    torch.manual_seed(0)
+    # An identity batch transform forces the features to be recomputed for every batch.
+    train(per_batch, train_data, test_data, config, batch_transform=lambda m, x, y: (x, y))
+    for name, value in cached.classifier.state_dict().items():
+        torch.testing.assert_close(value, per_batch.classifier.state_dict()[name])
+
+
 def test_finetune_uses_small_lr_and_new_head(tiny_data) -> None:  # type: ignore[no-untyped-def]
     train_data, _ = tiny_data
     model = _model(train_data)
