@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import functools
 import json
 import math
 import os
@@ -207,7 +208,8 @@ def partition_quality(args: argparse.Namespace) -> dict[str, Any]:
     out["dense_s"] = dense_s
     out["dense_isolated"] = int((dense.cluster_sizes <= 1).sum())
     for size in (5000, 2000, 1000):
-        t, part = timed(lambda s=size: select_medoids(x, y, args.fraction, partition_size=s))
+        t, part = timed(functools.partial(select_medoids, x, y, args.fraction,
+                                          partition_size=size))
         out["runs"].append(
             {
                 "partition_size": size,
