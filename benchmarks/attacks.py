@@ -174,11 +174,16 @@ def run_sa(args: argparse.Namespace, tr: ImageData, te: ImageData) -> dict[str, 
     extra = _overrides(args, "iterations", "retrain_epochs", "retrain_every")
     attack = SleeperAgent(eps=args.eps / 255, budget=args.budget, **extra)
     g = torch.Generator().manual_seed(args.seed)
-    rows = []
-    for k in range(args.pairs):
-        k = te.num_classes
-        source = int(torch.randint(0, k, (1,), generator=g))
-        adv = (source + 1 + int(torch.randint(0, k - 1, (1,), generator=g))) % k
+    rows: list[dict[str, Any]] = []
+    drawn: set[tuple[int, int]] = set()
+    while len(rows) < args.pairs:  # distinct random source/adversarial class pairs
+        classes = te.num_classes
+        source = int(torch.randint(0, classes, (1,), generator=g))
+        adv = (source + 1 + int(torch.randint(0, classes - 1, (1,), generator=g))) % classes
+        if (source, adv) in drawn:
+            continue
+        drawn.add((source, adv))
+        k = len(rows)
         ps = attack.craft(clean, tr, source, adv, seed=args.seed + k)
         victim = _fresh(args.model, tr, args.seed + 100 + k)
         s = train(victim, tr, te, TrainConfig(epochs=args.epochs, seed=args.seed + k),
