@@ -173,11 +173,13 @@ def run_sa(args: argparse.Namespace, tr: ImageData, te: ImageData) -> dict[str, 
     clean = _clean_model(args, tr, te)
     extra = _overrides(args, "iterations", "retrain_epochs", "retrain_every")
     attack = SleeperAgent(eps=args.eps / 255, budget=args.budget, **extra)
+    classes = te.num_classes
+    if args.pairs > classes * (classes - 1):
+        raise SystemExit(f"--pairs {args.pairs}: only {classes * (classes - 1)} class pairs")
     g = torch.Generator().manual_seed(args.seed)
     rows: list[dict[str, Any]] = []
     drawn: set[tuple[int, int]] = set()
     while len(rows) < args.pairs:  # distinct random source/adversarial class pairs
-        classes = te.num_classes
         source = int(torch.randint(0, classes, (1,), generator=g))
         adv = (source + 1 + int(torch.randint(0, classes - 1, (1,), generator=g))) % classes
         if (source, adv) in drawn:
