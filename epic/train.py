@@ -28,6 +28,7 @@ from torch.nn import functional as F
 
 from epic.data import ImageData, iterate_batches
 from epic.defense import EpicRound
+from epic.gradients import feature_embeddings
 from epic.models import Classifier
 from epic.poisons import PoisonSet
 
@@ -206,7 +207,7 @@ def train(
     augment = train_data.augment if config.augment else None
     # A frozen body sees the same images every epoch unless they are augmented or transformed:
     # their features are computed once.
-    cached = (_frozen_features(model, train_data, device)
+    cached = (feature_embeddings(model, train_data, device=device)[0]
               if frozen_body and augment is None and batch_transform is None else None)
     metrics: list[dict[str, Any]] = []
     start_epoch, elapsed = 0, 0.0
@@ -304,14 +305,6 @@ def train(
         torch.save(model.state_dict(), outp / "model.pt")
         _write_json(outp / "summary.json", summary)
     return TrainResult(metrics, summary, model)
-
-
-@torch.no_grad()
-def _frozen_features(model: Classifier, data: ImageData, device: torch.device) -> Tensor:
-    """``(N, F)`` eval-mode features of every example of ``data``, in order."""
-    model.body.eval()
-    return torch.cat([model.features(x) for x, _, _ in
-                      iterate_batches(data, batch_size=500, device=device)])
 
 
 @torch.no_grad()
