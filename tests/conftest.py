@@ -7,6 +7,14 @@ import pytest
 import torch
 
 from epic.data import ImageData
+from epic.models import Classifier, build_model
+
+
+def seeded_convnet(data: ImageData, seed: int = 0) -> Classifier:
+    """A ``convnet`` for ``data``, initialized from ``torch.manual_seed(seed)``."""
+    torch.manual_seed(seed)
+    return build_model("convnet", num_classes=data.num_classes, in_channels=data.shape[0],
+                       mean=data.mean, std=data.std)
 
 
 def cifar_root() -> Path | None:

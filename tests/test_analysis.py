@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from epic.analysis import effective_poisons, gradient_distance_to_target
-from epic.models import build_model
 from epic.poisons import PoisonSet
+
+from .conftest import seeded_convnet
 
 
 def _poisons(train, count=10):  # type: ignore[no-untyped-def]
@@ -36,9 +37,7 @@ def test_a_failing_attack_has_no_effective_poisons(tiny_data) -> None:  # type: 
 
 def test_gradient_distance_matches_a_direct_computation(tiny_data) -> None:  # type: ignore[no-untyped-def]
     train, _ = tiny_data
-    torch.manual_seed(0)
-    model = build_model("convnet", num_classes=3, in_channels=3, mean=train.mean,
-                        std=train.std).eval()
+    model = seeded_convnet(train).eval()
     poisons = _poisons(train, 4)
     dist = gradient_distance_to_target(model, poisons, train)
     with torch.no_grad():

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from epic.bench import ResultStore, parse_defense, run_trials, summarize, to_markdown, write_report
-from epic.models import build_model
 from epic.poisons import PoisonSet
 from epic.train import TrainConfig
+
+from .conftest import seeded_convnet
 
 
 def test_store_survives_a_torn_last_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -49,9 +50,7 @@ def test_run_trials_resumes_and_reports(tiny_data, tmp_path) -> None:  # type: i
               adversarial_class=1, eps=8 / 255, metadata={"attack": "copy"}).save(tmp_path / "p")
 
     def make(seed: int):  # type: ignore[no-untyped-def]
-        torch.manual_seed(seed)
-        return build_model("convnet", num_classes=3, in_channels=3, mean=train_data.mean,
-                           std=train_data.std)
+        return seeded_convnet(train_data, seed)
 
     store = ResultStore(tmp_path / "bench" / "results.jsonl")
     kwargs = {"seeds": [0], "train_data": train_data, "test_data": test_data, "make_model": make,

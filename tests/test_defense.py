@@ -8,12 +8,12 @@ from epic.defense import EPIC, paper_warmup
 from epic.gradients import gradient_embeddings
 from epic.models import build_model
 
+from .conftest import seeded_convnet
+
 
 def test_gradient_embedding_is_softmax_minus_onehot(tiny_data) -> None:  # type: ignore[no-untyped-def]
     train, _ = tiny_data
-    torch.manual_seed(0)
-    model = build_model("convnet", num_classes=3, in_channels=3, mean=train.mean, std=train.std)
-    model.train()
+    model = seeded_convnet(train).train()
     grads, labels = gradient_embeddings(model, train, batch_size=16)
     assert model.training  # mode restored
     model.eval()

@@ -18,8 +18,9 @@ from epic.defenses import (
     low_confidence,
     spectral_signature_outliers,
 )
-from epic.models import build_model
 from epic.train import TrainConfig, train
+
+from .conftest import seeded_convnet
 
 
 def _two_blobs(n: int = 100, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,9 +90,7 @@ def test_filter_baselines_run_once_by_default() -> None:
 ])
 def test_every_baseline_plugs_into_the_trainer(make, tiny_data) -> None:  # type: ignore[no-untyped-def]
     train_data, test_data = tiny_data
-    torch.manual_seed(0)
-    model = build_model("convnet", num_classes=3, in_channels=3, mean=train_data.mean,
-                        std=train_data.std)
+    model = seeded_convnet(train_data)
     defense = make(len(train_data))
     result = train(model, train_data, test_data, TrainConfig(epochs=3, batch_size=16),
                    defense=defense)
@@ -104,9 +103,7 @@ def test_dp_sgd_noise_changes_training_and_needs_a_clip(tiny_data) -> None:  # t
     train_data, test_data = tiny_data
 
     def run(**kw):  # type: ignore[no-untyped-def]
-        torch.manual_seed(0)
-        model = build_model("convnet", num_classes=3, in_channels=3, mean=train_data.mean,
-                            std=train_data.std)
+        model = seeded_convnet(train_data)
         return train(model, train_data, test_data, TrainConfig(epochs=1, batch_size=16, **kw))
 
     clipped = run(grad_clip=1.0).metrics[0]["train_loss"]
@@ -118,9 +115,7 @@ def test_dp_sgd_noise_changes_training_and_needs_a_clip(tiny_data) -> None:  # t
 
 def test_adversarial_poisoning_perturbs_only_its_share_within_eps(tiny_data) -> None:  # type: ignore[no-untyped-def]
     train_data, _ = tiny_data
-    torch.manual_seed(0)
-    model = build_model("convnet", num_classes=3, in_channels=3, mean=train_data.mean,
-                        std=train_data.std).train()
+    model = seeded_convnet(train_data).train()
     x = train_data.images[:16].float() / 255
     y = train_data.labels[:16]
     ap = AdversarialPoisoning(share=0.25, eps=8 / 255, steps=3, targets=2)
@@ -135,9 +130,7 @@ def test_adversarial_poisoning_perturbs_only_its_share_within_eps(tiny_data) -> 
 
 def test_adversarial_poisoning_plugs_into_training(tiny_data) -> None:  # type: ignore[no-untyped-def]
     train_data, test_data = tiny_data
-    torch.manual_seed(0)
-    model = build_model("convnet", num_classes=3, in_channels=3, mean=train_data.mean,
-                        std=train_data.std)
+    model = seeded_convnet(train_data)
     calls = []
 
     def counting(m, x, y):  # type: ignore[no-untyped-def]

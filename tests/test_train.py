@@ -6,15 +6,10 @@ import pytest
 import torch
 
 from epic.defense import EPIC
-from epic.models import build_model
 from epic.poisons import PoisonSet
 from epic.train import TrainConfig, default_milestones, evaluate, prepare_model, train
 
-
-def _model(train_data, seed=0):  # type: ignore[no-untyped-def]
-    torch.manual_seed(seed)
-    return build_model("convnet", num_classes=3, in_channels=3, mean=train_data.mean,
-                       std=train_data.std)
+from .conftest import seeded_convnet
 
 
 def test_milestones_match_the_paper() -> None:
@@ -24,7 +19,7 @@ def test_milestones_match_the_paper() -> None:
 
 def test_training_learns_the_tiny_task(tiny_data) -> None:  # type: ignore[no-untyped-def]
     train_data, test_data = tiny_data
-    result = train(_model(train_data), train_data, test_data,
+    result = train(seeded_convnet(train_data), train_data, test_data,
                    TrainConfig(epochs=6, lr=0.05, batch_size=16))
     assert result.summary["test_acc"] >= 0.9
     assert result.metrics[0]["train_loss"] > result.metrics[-1]["train_loss"]
@@ -41,7 +36,7 @@ def test_resume_after_a_crash_gives_the_uninterrupted_result(tiny_data, tmp_path
     def defense():  # type: ignore[no-untyped-def]
         return EPIC(0.3, warmup=1, every=1, num_examples=len(train_data))
 
-    full = train(_model(train_data), train_data, test_data, cfg, defense=defense(),
+    full = train(seeded_convnet(train_data), train_data, test_data, cfg, defense=defense(),
                  out=tmp_path / "full")
 
     def crash(epoch, _):  # type: ignore[no-untyped-def]
@@ -49,10 +44,10 @@ def test_resume_after_a_crash_gives_the_uninterrupted_result(tiny_data, tmp_path
             raise _Crash
 
     with pytest.raises(_Crash):
-        train(_model(train_data), train_data, test_data, cfg, defense=defense(),
+        train(seeded_convnet(train_data), train_data, test_data, cfg, defense=defense(),
               out=tmp_path / "cut", on_epoch_end=crash)
     resumed_defense = defense()
-    resumed = train(_model(train_data, seed=99), train_data, test_data, cfg,
+    resumed = train(seeded_convnet(train_data, seed=99), train_data, test_data, cfg,
                     defense=resumed_defense, out=tmp_path / "cut", resume=True)
     strip = [{k: v for k, v in m.items() if k not in ("seconds", "defense_seconds")}
              for m in full.metrics]
@@ -66,7 +61,7 @@ def test_resume_after_a_crash_gives_the_uninterrupted_result(tiny_data, tmp_path
 
 def test_transfer_trains_only_the_new_last_layer(tiny_data) -> None:  # type: ignore[no-untyped-def]
     train_data, test_data = tiny_data
-    model = _model(train_data)
+    model = seeded_convnet(train_data)
     body = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("classif")}
     train(model, train_data, test_data, TrainConfig(epochs=2, scenario="transfer",
                                                     batch_size=16))
@@ -77,8 +72,8 @@ def test_transfer_trains_only_the_new_last_layer(tiny_data) -> None:  # type: ig
 def test_transfer_without_augmentation_matches_per_batch_features(tiny_data) -> None:  # type: ignore[no-untyped-def]
     train_data, test_data = tiny_data
     config = TrainConfig(epochs=3, scenario="transfer", batch_size=16, augment=False)
-    cached = _model(train_data)
-    per_batch = _model(train_data)
+    cached = seeded_convnet(train_data)
+    per_batch = seeded_convnet(train_data)
     per_batch.load_state_dict(cached.state_dict())
     torch.manual_seed(0)  # the re-initialized last layer draws from the global generator
     train(cached, train_data, test_data, config)
@@ -91,7 +86,7 @@ def test_transfer_without_augmentation_matches_per_batch_features(tiny_data) -> 
 
 def test_finetune_uses_small_lr_and_new_head(tiny_data) -> None:  # type: ignore[no-untyped-def]
     train_data, _ = tiny_data
-    model = _model(train_data)
+    model = seeded_convnet(train_data)
     head = model.classifier.weight.clone()
     params = prepare_model(model, "finetune")
     assert len(params) == len(list(model.parameters()))
@@ -104,7 +99,7 @@ def test_poisons_are_applied_and_their_success_measured(tiny_data) -> None:  # t
     idx = torch.arange(0, 60, 3)[:5]
     poisons = PoisonSet(idx, train_data.images[idx], test_data.images[:2], target_class=0,
                         adversarial_class=1, eps=8 / 255)
-    model = _model(train_data)
+    model = seeded_convnet(train_data)
     result = train(model, train_data, test_data, TrainConfig(epochs=2, batch_size=16),
                    poisons=poisons)
     expected = float((model.eval()(test_data.images[:2].float() / 255).argmax(1) == 1)
@@ -120,7 +115,7 @@ def test_defense_records_say_how_poisons_fared(tiny_data, tmp_path) -> None:  # 
     poisons = PoisonSet(idx, train_data.images[idx], test_data.images[:1], target_class=0,
                         adversarial_class=1, eps=8 / 255)
     defense = EPIC(0.5, warmup=1, every=1, num_examples=len(train_data))
-    train(_model(train_data), train_data, test_data, TrainConfig(epochs=3, batch_size=16),
+    train(seeded_convnet(train_data), train_data, test_data, TrainConfig(epochs=3, batch_size=16),
           defense=defense, poisons=poisons, out=tmp_path)
     records = json.loads((tmp_path / "defense.json").read_text())
     assert [r["epoch"] for r in records] == [1, 2]
