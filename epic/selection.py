@@ -20,9 +20,10 @@ All kernels are non-negative and F(empty set) = 0.
 
 Greedy methods (``method=``):
 
-* ``"lazy"`` (default): exact batched lazy greedy (Minoux). Returns the selection of
-  ``"naive"``: exactly for float64 input; for float32 input gains are summed in another order,
-  so the two can differ only where two gains agree to within float32 rounding.
+* ``"lazy"`` (default): exact greedy, batched over classes: lazy evaluation (Minoux) while the
+  kernel is dense, then gains kept exact by incremental updates (below). Returns the selection
+  of ``"naive"``: gains within rounding of the best are summed afresh the way ``"naive"`` sums
+  them, so ties and near-ties break the same way.
 * ``"stochastic"``: stochastic greedy (Mirzasoleiman et al., 2015); every step evaluates
   ``ceil(n / k * log(1 / epsilon))`` candidates drawn with ``generator``.
 * ``"naive"``: plain greedy; evaluates every candidate at every step (reference).
@@ -30,9 +31,11 @@ Greedy methods (``method=``):
 Ties between equal gains are broken towards the lowest row index within the class, by every
 method. Rows equally similar to two medoids are assigned to the medoid that was selected first.
 
-Gains come from the dense kernel for the first steps; as coverage only grows, pairs with
-``s_ji <= max_{j' in S} s_ij'`` never contribute again, and once few pairs still do, the kernel
-is replaced by a sparse residue of the contributing pairs (gains stay exact).
+Gains come from the dense kernel for the first steps. As coverage only grows, a pair with
+``s_ij <= max_{j' in S} s_ij'`` never contributes again; once few pairs still do, the
+contributing ones are kept as a sparse residue grouped by row, every gain is computed once in
+float64, and each selection lowers the gains of the candidates paired with the rows it covers
+better, so no candidate needs evaluating again.
 
 Memory: classes whose dense similarity matrix exceeds ``max_memory`` bytes (or with more than
 ``partition_size`` rows) are split into spatially coherent partitions of ``partition_size``
@@ -90,6 +93,8 @@ DEFAULT_MAX_MEMORY = 1 << 30
 DEFAULT_PARTITION_ROWS = 1000
 # Scratch memory (bytes) for blockwise work that is not the similarity matrix itself.
 _BLOCK_BYTES = 64 << 20
+# exp(-d / D) is computed as exp2(-d * log2(e) / D): the same values, 2-3x faster on CPUs.
+_LOG2_E = math.log2(math.e)
 # Elements per block of the blocked kernel passes (pieces that stay in cache).
 _CACHE_ELEMENTS = 1 << 18
 # Each partition of a large class runs greedy to this many times its proportional budget;
@@ -447,7 +452,7 @@ def _similarity(a: Tensor, b: Tensor, similarity: str, c0: float) -> Tensor:
         return (a @ b.transpose(-1, -2)).add_(1.0).mul_(0.5).clamp_(0.0, 1.0)
     d = _distances(a, b)
     if similarity == "exp":
-        return d.mul_(-1.0 / a.shape[-1]).exp_()
+        return d.mul_(-_LOG2_E / a.shape[-1]).exp2_()
     return d.neg_().add_(c0)
 
 
@@ -474,8 +479,9 @@ def _group_kernel(xg: Tensor, sizes: list[int], similarity: str) -> tuple[Tensor
 
     ``xg`` (G, n, D) holds problem ``j`` in its first ``sizes[j]`` rows. Returns the (G, n, n)
     kernel, 0 on padded rows and columns, and its (G, n) row sums: the gains of every column
-    before any selection, as :meth:`_Coverage.all_gains` would compute them (-inf on padding).
-    Rows are built in cache-sized blocks (one matrix product each) and summed while hot.
+    before any selection (-inf on padding). The kernel is built in cache-sized square blocks
+    on and above the diagonal (one matrix product each), each mirrored below it, so it is
+    exactly symmetric: a row is also a column. Row sums are taken while blocks are hot.
     """
     g, n, dim = xg.shape
     kern = torch.empty(g, n, n, dtype=xg.dtype, device=xg.device)
@@ -483,38 +489,52 @@ def _group_kernel(xg: Tensor, sizes: list[int], similarity: str) -> tuple[Tensor
         # Fault the pages in with one cheap strided write: first touches from the threads of
         # the matrix products below contend and cost more than the products themselves.
         kern.view(-1)[:: 4096 // kern.element_size()].zero_()
-    first = torch.full((g, n), -math.inf, dtype=xg.dtype, device=xg.device)
+    sums = torch.zeros(g, n, dtype=torch.float64, device=xg.device)
     if similarity == "cosine":
         xg = torch.nn.functional.normalize(xg, dim=-1)
     sq = (xg * xg).sum(-1)
-    step = max(1, _CACHE_ELEMENTS // n)
+    side = math.isqrt(_CACHE_ELEMENTS)
     c0 = [0.0] * g
     for j, m in enumerate(sizes):
         xj, sqj = xg[j, :m], sq[j, :m]
         kern[j, m:].zero_()
-        for start in range(0, m, step):
-            blk = kern[j, start : min(start + step, m)]
-            rows = slice(start, start + blk.shape[0])
-            if similarity == "cosine":
-                torch.mm(xj[rows], xj.T, out=blk[:, :m])
-                blk[:, :m].add_(1.0).mul_(0.5).clamp_(0.0, 1.0)
-            else:
-                # |a|^2 - 2 a.b + |b|^2, clamped at 0 against rounding
-                torch.addmm(sqj[rows, None], xj[rows], xj.T, alpha=-2.0, out=blk[:, :m])
-                blk[:, :m].add_(sqj[None, :]).clamp_(min=0.0).sqrt_()
-                if similarity == "exp":
-                    blk[:, :m].mul_(-1.0 / dim).exp_()
+        kern[j, :m, m:].zero_()
+        for lo in range(0, m, side):
+            rows = slice(lo, min(lo + side, m))
+            for lo2 in range(lo, m, side):
+                cols = slice(lo2, min(lo2 + side, m))
+                blk = kern[j, rows, cols]
+                if similarity == "cosine":
+                    torch.mm(xj[rows], xj[cols].T, out=blk)
+                    blk.add_(1.0).mul_(0.5).clamp_(0.0, 1.0)
                 else:
-                    c0[j] = max(c0[j], float(blk[:, :m].max()))
-            blk[:, m:].zero_()
-            if similarity != "linear":
-                torch.sum(blk, dim=1, out=first[j, rows])
+                    # |a|^2 + |b|^2 - 2 a.b, clamped at 0 against rounding
+                    torch.add(sqj[rows, None], sqj[None, cols], out=blk)
+                    torch.addmm(blk, xj[rows], xj[cols].T, alpha=-2.0, out=blk)
+                    blk.clamp_(min=0.0).sqrt_()
+                    if similarity == "exp":
+                        blk.mul_(-_LOG2_E / dim).exp2_()
+                    else:
+                        c0[j] = max(c0[j], float(blk.max()))
+                if lo2 == lo:  # the product is symmetric only up to rounding: mirror it
+                    upper = torch.triu(blk, diagonal=1).T
+                    blk.triu_().add_(upper)
+                else:
+                    kern[j, cols, rows].copy_(blk.T)
+                if similarity != "linear":
+                    sums[j, rows] += blk.sum(dim=1, dtype=torch.float64)
+                    if lo2 != lo:
+                        sums[j, cols] += blk.sum(dim=0, dtype=torch.float64)
     if similarity == "linear":  # c0 - d needs the largest distance of the whole problem
+        step = max(1, _CACHE_ELEMENTS // n)
         for j, m in enumerate(sizes):
             for start in range(0, m, step):
-                blk = kern[j, start : min(start + step, m)]
-                blk[:, :m].neg_().add_(c0[j])
-                torch.sum(blk, dim=1, out=first[j, start : start + blk.shape[0]])
+                blk = kern[j, start : min(start + step, m), :m]
+                blk.neg_().add_(c0[j])
+                sums[j, start : start + blk.shape[0]] = blk.sum(dim=1, dtype=torch.float64)
+    first = sums.to(xg.dtype)
+    for j, m in enumerate(sizes):
+        first[j, m:] = -math.inf
     return kern, first
 
 
@@ -591,18 +611,16 @@ def _solve_group(
     fresh = torch.ones(g, n, dtype=torch.bool, device=device)
     gidx = torch.arange(g, device=device)
     n_samples = torch.ceil(sizes / ks.clamp(min=1) * math.log(1.0 / epsilon)).long()
-    next_check = next_compact = 1
+    next_check = 1
 
     for t in range(k_max):
         if method != "naive" and t == next_check:
-            if cov.maybe_sparsify():
-                next_compact = 2 * t
+            cov.maybe_sparsify(ub)
             next_check = max(t + 1, t * 3 // 2)
-        if cov.kern is None and t >= next_compact:
-            cov.compact()
-            next_compact = min(2 * t, t + _COMPACT_EVERY)
         act = gidx[ks > t]
-        if method == "lazy":
+        if method == "lazy" and cov.exact is not None:  # every gain is known
+            best, gain = cov.best(act)
+        elif method == "lazy":
             best = _lazy_step(cov, ub, fresh, act, batch_size)
             gain = ub[act, best]
         elif method == "naive":
@@ -613,9 +631,10 @@ def _solve_group(
             best, gain = _stochastic_step(cov, ub, act, n_samples, generator)
         picks[act, t] = best
         gain_of[act, t] = gain
-        ub[act, best] = -math.inf
+        if cov.exact is None or method != "lazy":
+            ub[act, best] = -math.inf
+            fresh[act] = False
         cov.add(act, best, t)
-        fresh[act] = False
 
     sel = rows.gather(1, picks)
     asg = sel.gather(1, cov.owner)
@@ -628,9 +647,8 @@ def _solve_group(
 
 # Sparsify once sampled rows show at most this share of still-contributing pairs.
 _SPARSE_SHARE = 1.0 / 32.0
-# Drop pairs that stopped contributing from the sparse residue at steps 2t (after a
-# compaction at step t), and at least every this many steps.
-_COMPACT_EVERY = 64
+# Columns per problem compared afresh when exact gains are within rounding of each other.
+_NEAR = 4
 
 
 class _Coverage:
@@ -638,114 +656,178 @@ class _Coverage:
 
     ``cur[g, i]`` is the best similarity of row ``i`` to a selected medoid (0 before any) and
     ``owner[g, i]`` the greedy step that selected that medoid. The gain of candidate ``j`` is
-    ``sum_i max(0, s_ji - cur_i)`` (the kernel is symmetric, so candidates are kernel rows).
+    ``sum_i max(0, s_ij - cur_i)``; the kernel is exactly symmetric, so a candidate's
+    similarities are a kernel row, and so are a row's.
 
-    Gains come from the dense (G, n, n) kernel at first. As ``cur`` only grows, a pair with
-    ``s_ji <= cur_i`` never contributes again; once few pairs still contribute, the dense kernel
-    is replaced by a sparse residue holding only those pairs (CSR by candidate), pruned again
-    on a geometric schedule. Gains stay exact, up to the rounding of their sums in the
-    dtype of ``x``: with float32 input, lazy and naive greedy can differ only where two gains
-    agree to within float32 rounding; with float64 input they agree.
+    Dense phase: gains are summed from the (G, n, n) kernel on demand. As ``cur`` only grows, a
+    pair with ``s_ij <= cur_i`` never contributes again; once few pairs still do, the coverage
+    turns sparse: every gain is computed once (``exact``, float64), the contributing pairs are
+    kept as a residue grouped by row (CSR), and each selection updates the gains in place: a
+    row ``i`` whose coverage rises from ``a`` to ``b`` lowers the gain of every candidate ``j``
+    in its residue by ``min(s_ij, b) - a`` (if positive). So every gain stays exact and no
+    candidate needs evaluating. The residue is pruned again on a geometric schedule.
+
+    Rounding: dense gains are summed in the dtype of ``x``, sparse ones in float64. With
+    float32 input, lazy and naive greedy can differ only where two gains agree to within
+    float32 rounding; with float64 input they agree.
     """
 
     def __init__(self, kern: Tensor, valid: Tensor) -> None:
-        self.kern: Tensor | None = kern
+        self.kern = kern
         self.valid = valid
         self.g, self.n = valid.shape
         self.cur = torch.zeros(self.g, self.n, dtype=kern.dtype, device=kern.device)
         self.owner = torch.zeros(self.g, self.n, dtype=torch.long, device=kern.device)
-        self.ptr = self.col = self.val = torch.empty(0)
+        self.exact: Tensor | None = None
+        self.start = self.length = self.col = self.val = torch.empty(0)
+        self._abs = self._rel = 0.0
+        self._zeros_settled = False
         rows = max(self.g, _CACHE_ELEMENTS // self.n)
         self._scratch = torch.empty(rows, self.n, dtype=kern.dtype, device=kern.device)
 
-    def all_gains(self, prob: Tensor | None = None) -> Tensor:
+    def all_gains(self, prob: Tensor | None = None, dtype: torch.dtype | None = None) -> Tensor:
         """(P, n) exact gains of every column of problems ``prob`` (default all), from the
-        dense kernel in cache-sized row blocks; -inf on padding."""
-        assert self.kern is not None
+        dense kernel in cache-sized row blocks, summed in ``dtype`` (default the kernel's);
+        -inf on padding."""
         prob = torch.arange(self.g, device=self.kern.device) if prob is None else prob
-        out = torch.empty(prob.numel(), self.n, dtype=self.kern.dtype, device=self.kern.device)
+        dtype = dtype or self.kern.dtype
+        out = torch.empty(prob.numel(), self.n, dtype=dtype, device=self.kern.device)
         step = self._scratch.shape[0]
         for i, j in enumerate(prob.tolist()):
             kern, cur = self.kern[j], self.cur[j]
             for start in range(0, self.n, step):
                 block = kern[start : start + step]
-                diff = torch.sub(block, cur, out=self._scratch[: block.shape[0]])
-                torch.sum(diff.clamp_(min=0.0), dim=-1, out=out[i, start : start + step])
+                diff = torch.sub(block, cur, out=self._scratch[: block.shape[0]]).clamp_(min=0.0)
+                torch.sum(diff, dim=-1, dtype=dtype, out=out[i, start : start + step])
         valid = self.valid[prob]
         return out.masked_fill_(~valid, -math.inf)
 
     def gains(self, prob: Tensor, cand: Tensor) -> Tensor:
-        """(P, B) exact gains of candidate columns ``cand`` (P, B) of problems ``prob``."""
-        if self.kern is not None:
-            # Rows gathered a cache-sized chunk of candidates at a time into one scratch buffer.
-            kern, cur = self.kern.view(-1, self.n), self.cur[prob][:, None, :]
-            out = torch.empty(cand.shape, dtype=kern.dtype, device=kern.device)
-            step = max(1, self._scratch.shape[0] // prob.numel())
-            for start in range(0, cand.shape[1], step):
-                part = (prob[:, None] * self.n + cand[:, start : start + step]).flatten()
-                rows = torch.index_select(kern, 0, part, out=self._scratch[: part.numel()])
-                rows = rows.view(prob.numel(), -1, self.n).sub_(cur).clamp_(min=0.0)
-                out[:, start : start + step] = rows.sum(-1)
-            return out
-        flat = (prob[:, None] * self.n + cand).flatten()
-        seg, pos = self._entries(flat)
-        terms = (self.val[pos] - self.cur.view(-1)[self.col[pos]]).clamp_(min=0.0)
-        out = torch.zeros(flat.numel(), dtype=terms.dtype, device=flat.device)
-        return out.index_add_(0, seg, terms).view(cand.shape)
+        """(P, B) exact gains of candidate columns ``cand`` (P, B) of problems ``prob``, summed
+        from the kernel as :meth:`all_gains` sums them."""
+        # Rows gathered a cache-sized chunk of candidates at a time into one scratch buffer.
+        kern, cur = self.kern.view(-1, self.n), self.cur[prob][:, None, :]
+        out = torch.empty(cand.shape, dtype=kern.dtype, device=kern.device)
+        step = max(1, self._scratch.shape[0] // prob.numel())
+        for start in range(0, cand.shape[1], step):
+            part = (prob[:, None] * self.n + cand[:, start : start + step]).flatten()
+            rows = torch.index_select(kern, 0, part, out=self._scratch[: part.numel()])
+            rows = rows.view(prob.numel(), -1, self.n).sub_(cur).clamp_(min=0.0)
+            out[:, start : start + step] = rows.sum(-1)
+        return out
+
+    def best(self, act: Tensor, cand: Tensor | None = None,
+             use: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Sparse phase: naive greedy's choice for problems ``act`` among columns ``cand``
+        (P, C) where ``use`` (default: every unselected column), and its gain.
+
+        ``exact`` is accurate to float64 rounding, naive greedy's sums only to the kernel
+        dtype's: the columns within that of the best are summed afresh, as naive greedy sums
+        them, and the highest wins, the lowest column on ties.
+        """
+        assert self.exact is not None
+        if cand is None:
+            score = self.exact if act.numel() == self.g else self.exact[act]
+        else:
+            assert use is not None
+            score = self.exact[act[:, None], cand].masked_fill_(~use, -math.inf)
+        vals, pos = score.topk(min(_NEAR, score.shape[1]), dim=1)
+        cols = pos if cand is None else cand.gather(1, pos)
+        top = vals[:, :1]
+        near = vals >= top - torch.clamp(top * self._rel, min=self._abs)
+        if bool(near[:, -1].any()) or bool((top <= self._abs).any()):
+            return self._best_of_many(act, score, cand)
+        if not bool(near[:, 1:].any()):
+            return cols[:, 0], vals[:, 0].to(self.kern.dtype)
+        fresh = self.gains(act, cols).masked_fill_(~near, -math.inf)
+        gain = fresh.max(dim=1, keepdim=True).values
+        return torch.where(fresh == gain, cols, self.n).min(dim=1).values, gain.squeeze(1)
+
+    def _best_of_many(self, act: Tensor, score: Tensor,
+                      cand: Tensor | None) -> tuple[Tensor, Tensor]:
+        """:meth:`best` when many columns are within rounding of the best: near-zero gains
+        are settled exactly first (a column without contributing pairs gains exactly 0)."""
+        assert self.exact is not None
+        if bool((score.max(dim=1).values <= self._abs).any()) and not self._zeros_settled:
+            rows = torch.repeat_interleave(
+                torch.arange(self.g * self.n, device=self.col.device), self.length)
+            live = self.val > self.cur.view(-1)[rows]
+            some = torch.bincount(self.col[live], minlength=self.g * self.n) > 0
+            self.exact.view(-1).masked_fill_(~some & torch.isfinite(self.exact.view(-1)), 0.0)
+            self._zeros_settled = True
+            return self.best(act, cand, None if cand is None else torch.isfinite(score))
+        if cand is None:
+            cand = torch.arange(self.n, device=act.device).expand_as(score)
+        top = score.max(dim=1, keepdim=True).values
+        near = score >= top - torch.clamp(top * self._rel, min=self._abs)
+        width = int(near.sum(dim=1).max())
+        cols = torch.where(near, cand, self.n).topk(width, dim=1, largest=False).values
+        fresh = self.gains(act, cols.clamp(max=self.n - 1))
+        fresh.masked_fill_(cols >= self.n, -math.inf)
+        gain = fresh.max(dim=1, keepdim=True).values
+        return torch.where(fresh == gain, cols, self.n).min(dim=1).values, gain.squeeze(1)
 
     def add(self, act: Tensor, best: Tensor, t: int) -> None:
         """Record that problems ``act`` selected columns ``best`` at greedy step ``t``."""
-        cur, owner = self.cur.view(-1), self.owner.view(-1)
-        if self.kern is not None:
-            new = self.kern[act, best]
-            idx = (act[:, None] * self.n + torch.arange(self.n, device=act.device)).flatten()
-            new = new.flatten()
-        else:
-            _, pos = self._entries(act * self.n + best)
-            idx, new = self.col[pos], self.val[pos]
-        better = new > cur[idx]
-        idx, new = idx[better], new[better]
+        new = self.kern[act, best]  # (P, n): the medoid's row, hence its column
+        cur = self.cur if act.numel() == self.g else self.cur[act]
+        prob, row = (new > cur).nonzero(as_tuple=True)
+        idx = act[prob] * self.n + row
+        new = new[prob, row]
+        cur = self.cur.view(-1)
+        if self.exact is not None:
+            self.exact[act, best] = -math.inf
+            if idx.numel():
+                self._lower_gains(idx, cur[idx], new)
+                self._zeros_settled = False
         cur[idx] = new
-        owner[idx] = t
+        self.owner.view(-1)[idx] = t
 
-    def maybe_sparsify(self) -> bool:
-        """Switch to the sparse residue if sampled rows show few contributing pairs."""
-        if self.kern is None:
+    def _lower_gains(self, rows: Tensor, old: Tensor, new: Tensor) -> None:
+        """Coverage of flat ``rows`` rises from ``old`` to ``new``: every residue pair
+        ``(row, j)`` lowers the exact gain of candidate ``j`` by ``min(s, new) - old`` if that
+        is positive (pairs with ``s <= old`` stopped contributing earlier and add 0)."""
+        assert self.exact is not None
+        starts, lens = self.start[rows], self.length[rows]
+        seg = torch.repeat_interleave(torch.arange(rows.numel(), device=rows.device), lens)
+        first = torch.cumsum(lens, 0) - lens  # position of each segment among the entries
+        pos = torch.arange(seg.numel(), device=rows.device) + (starts - first)[seg]
+        drop = torch.minimum(self.val[pos], new[seg]).sub_(old[seg]).clamp_(min=0.0)
+        self.exact.view(-1).index_add_(0, self.col[pos], drop.to(self.exact.dtype), alpha=-1.0)
+
+    def maybe_sparsify(self, scores: Tensor) -> bool:
+        """Turn sparse if sampled rows show few contributing pairs; ``scores`` marks selected
+        and padded columns with -inf."""
+        if self.exact is not None:
             return False
         sample = torch.linspace(0, self.n - 1, min(self.n, 64), device=self.kern.device).long()
-        live = (self.kern[:, sample] > self.cur[:, None, :]) & self.valid[:, None, :]
+        live = (self.kern[:, sample] > self.cur[:, sample, None]) & self.valid[:, None, :]
         if float(live.float().mean()) > _SPARSE_SHARE:
             return False
-        ptr_parts, col_parts, val_parts = [], [], []
+        self.exact = torch.zeros(self.g, self.n, dtype=torch.float64, device=self.kern.device)
+        lengths, cols, vals = [], [], []
         for j in range(self.g):
-            kj = self.kern[j]
+            kern, cur = self.kern[j].view(-1), self.cur[j]
             # Padded rows and columns hold 0 <= cur, so they never enter the residue.
-            r, c = (kj > self.cur[j][None, :]).nonzero(as_tuple=True)
-            ptr_parts.append(torch.bincount(r, minlength=self.n))
-            col_parts.append(c + j * self.n)
-            val_parts.append(kj[r, c])
-        counts = torch.cat(ptr_parts)
-        self.ptr = torch.nn.functional.pad(torch.cumsum(counts, 0), (1, 0))
-        self.col, self.val = torch.cat(col_parts), torch.cat(val_parts)
-        self.kern = None
+            live = (self.kern[j] > cur[:, None]).view(-1).nonzero().squeeze(1)
+            row = torch.div(live, self.n, rounding_mode="floor")
+            col = live - row * self.n
+            sims = torch.index_select(kern, 0, live)
+            self.exact[j].index_add_(0, col, (sims - cur[row]).to(torch.float64))
+            vals.append(sims)
+            cols.append(col + j * self.n)
+            lengths.append(torch.bincount(row, minlength=self.n))
+        self.length = torch.cat(lengths)
+        self.start = torch.cumsum(self.length, 0) - self.length
+        self.col, self.val = torch.cat(cols), torch.cat(vals)
+        self.exact.masked_fill_(torch.isinf(scores), -math.inf)
+        # Rounding of the float64 gains, absolute (sums of up to n terms of size at most
+        # the largest gain) and relative to naive greedy's sums in the kernel dtype.
+        self._abs = 64 * torch.finfo(torch.float64).eps * max(1.0, float(self.exact.max()))
+        self._rel = 64 * torch.finfo(self.kern.dtype).eps * math.log2(self.n + 1)
+        self._zeros_settled = False
         logger.debug("sparse residue with %d pairs", self.col.numel())
         return True
-
-    def compact(self) -> None:
-        """Drop residue pairs that can no longer contribute (``s_ji <= cur_i``)."""
-        keep = self.val > self.cur.view(-1)[self.col]
-        kept_before = torch.nn.functional.pad(torch.cumsum(keep, 0), (1, 0))
-        self.ptr = kept_before[self.ptr]
-        self.col, self.val = self.col[keep], self.val[keep]
-
-    def _entries(self, flat_rows: Tensor) -> tuple[Tensor, Tensor]:
-        """Residue entries of the given flat rows: (segment of each entry, its position)."""
-        starts = self.ptr[flat_rows]
-        lens = self.ptr[flat_rows + 1] - starts
-        seg = torch.repeat_interleave(torch.arange(flat_rows.numel(), device=lens.device), lens)
-        offsets = starts - (torch.cumsum(lens, 0) - lens)
-        return seg, torch.arange(seg.numel(), device=lens.device) + offsets[seg]
-
 
 def _lazy_step(cov: _Coverage, ub: Tensor, fresh: Tensor, act: Tensor, batch_size: int) -> Tensor:
     """One exact lazy-greedy step for the active problems ``act``; returns their picks.
@@ -765,7 +847,7 @@ def _lazy_step(cov: _Coverage, ub: Tensor, fresh: Tensor, act: Tensor, batch_siz
         if bool(done.all()):
             break
         pending = pending[~done]
-        if cov.kern is not None and 4 * b >= ub.shape[1]:
+        if 4 * b >= ub.shape[1]:
             # Most bounds are stale: one blocked pass over the kernel beats gathering rows.
             gains = cov.all_gains(pending)
             ub[pending] = torch.where(torch.isinf(ub[pending]), ub[pending], gains)
@@ -797,6 +879,8 @@ def _stochastic_step(
     noise.masked_fill_(torch.isinf(ub[act]), 2.0)
     vals, cand = noise.topk(s, dim=1, largest=False)  # random subset of untaken columns
     use = (vals <= 1.0) & (torch.arange(s, device=device)[None, :] < n_samples[act, None])
+    if cov.exact is not None:
+        return cov.best(act, cand, use)
     gains = cov.gains(act, cand).masked_fill_(~use, -math.inf)
     top = gains.max(dim=1, keepdim=True).values
     tied = torch.where(gains == top, cand, n)

@@ -74,7 +74,6 @@ def test_lazy_equals_naive(similarity: str, seed: int) -> None:
 def test_sparse_residue_matches_dense(monkeypatch: pytest.MonkeyPatch, share: float) -> None:
     # share 1.0: sparse residue from the first check on; 0.0: dense kernel throughout.
     monkeypatch.setattr(selection, "_SPARSE_SHARE", share)
-    monkeypatch.setattr(selection, "_COMPACT_EVERY", 3)
     x, y = blobs(300, 2, 4, seed=7)
     for method in ("lazy", "stochastic"):
         kw = {"method": method, "generator": torch.Generator().manual_seed(3)}
