@@ -474,12 +474,18 @@ def _max_pairwise_distance(x: Tensor) -> float:
     return best
 
 
+def _rounding(dtype: torch.dtype, n: int) -> float:
+    """Generous relative rounding error of a sum of ``n`` non-negative terms in ``dtype``."""
+    return 64 * torch.finfo(dtype).eps * math.log2(n + 1)
+
+
 def _group_kernel(xg: Tensor, sizes: list[int], similarity: str) -> tuple[Tensor, Tensor]:
     """Similarity of a padded group and the first greedy gains, in one blocked pass.
 
     ``xg`` (G, n, D) holds problem ``j`` in its first ``sizes[j]`` rows. Returns the (G, n, n)
     kernel, 0 on padded rows and columns, and its (G, n) row sums: the gains of every column
-    before any selection (-inf on padding). The kernel is built in cache-sized square blocks
+    before any selection (-inf on padding), summed blockwise, so only up to rounding the way
+    :meth:`_Coverage.all_gains` sums them. The kernel is built in cache-sized square blocks
     on and above the diagonal (one matrix product each), each mirrored below it, so it is
     exactly symmetric: a row is also a column. Row sums are taken while blocks are hot.
     """
@@ -489,7 +495,7 @@ def _group_kernel(xg: Tensor, sizes: list[int], similarity: str) -> tuple[Tensor
         # Fault the pages in with one cheap strided write: first touches from the threads of
         # the matrix products below contend and cost more than the products themselves.
         kern.view(-1)[:: 4096 // kern.element_size()].zero_()
-    sums = torch.zeros(g, n, dtype=torch.float64, device=xg.device)
+    first = torch.zeros(g, n, dtype=xg.dtype, device=xg.device)
     if similarity == "cosine":
         xg = torch.nn.functional.normalize(xg, dim=-1)
     sq = (xg * xg).sum(-1)
@@ -522,17 +528,16 @@ def _group_kernel(xg: Tensor, sizes: list[int], similarity: str) -> tuple[Tensor
                 else:
                     kern[j, cols, rows].copy_(blk.T)
                 if similarity != "linear":
-                    sums[j, rows] += blk.sum(dim=1, dtype=torch.float64)
+                    first[j, rows] += blk.sum(dim=1)
                     if lo2 != lo:
-                        sums[j, cols] += blk.sum(dim=0, dtype=torch.float64)
+                        first[j, cols] += blk.sum(dim=0)
     if similarity == "linear":  # c0 - d needs the largest distance of the whole problem
         step = max(1, _CACHE_ELEMENTS // n)
         for j, m in enumerate(sizes):
             for start in range(0, m, step):
                 blk = kern[j, start : min(start + step, m), :m]
                 blk.neg_().add_(c0[j])
-                sums[j, start : start + blk.shape[0]] = blk.sum(dim=1, dtype=torch.float64)
-    first = sums.to(xg.dtype)
+                first[j, start : start + blk.shape[0]] = blk.sum(dim=1)
     for j, m in enumerate(sizes):
         first[j, m:] = -math.inf
     return kern, first
@@ -606,9 +611,11 @@ def _solve_group(
     picks = torch.zeros(g, max(k_max, 1), dtype=torch.long, device=device)
     gain_of = torch.zeros(g, max(k_max, 1), dtype=x.dtype, device=device)
     # Candidate scores: exact gains or upper bounds on them; -inf marks selected or padded
-    # columns. ``fresh`` marks scores that are exact at the current step.
-    ub = first
-    fresh = torch.ones(g, n, dtype=torch.bool, device=device)
+    # columns. ``fresh`` marks scores that are exact at the current step. The first gains are
+    # summed blockwise: with a margin for rounding they are upper bounds, and lazy greedy
+    # re-sums the best ones the way naive greedy does.
+    ub = first.mul_(1.0 + _rounding(x.dtype, n)).add_(torch.finfo(x.dtype).tiny)
+    fresh = torch.zeros(g, n, dtype=torch.bool, device=device)
     gidx = torch.arange(g, device=device)
     n_samples = torch.ceil(sizes / ks.clamp(min=1) * math.log(1.0 / epsilon)).long()
     next_check = 1
@@ -621,7 +628,9 @@ def _solve_group(
         if method == "lazy" and cov.exact is not None:  # every gain is known
             best, gain = cov.best(act)
         elif method == "lazy":
-            best = _lazy_step(cov, ub, fresh, act, batch_size)
+            # The first pick lowers nearly every bound (each the sum of a whole kernel row):
+            # the step after it re-evaluates every column in one pass.
+            best = _lazy_step(cov, ub, fresh, act, cov.n if t == 1 else batch_size)
             gain = ub[act, best]
         elif method == "naive":
             gains = cov.all_gains()[act].masked_fill_(torch.isinf(ub[act]), -math.inf)
@@ -771,14 +780,15 @@ class _Coverage:
         """Record that problems ``act`` selected columns ``best`` at greedy step ``t``."""
         new = self.kern[act, best]  # (P, n): the medoid's row, hence its column
         cur = self.cur if act.numel() == self.g else self.cur[act]
-        prob, row = (new > cur).nonzero(as_tuple=True)
-        idx = act[prob] * self.n + row
-        new = new[prob, row]
+        flat = (new > cur).view(-1).nonzero().squeeze(1)
+        new = torch.index_select(new.view(-1), 0, flat)
+        prob = torch.div(flat, self.n, rounding_mode="floor")
+        idx = flat + (torch.index_select(act, 0, prob) - prob) * self.n
         cur = self.cur.view(-1)
         if self.exact is not None:
             self.exact[act, best] = -math.inf
             if idx.numel():
-                self._lower_gains(idx, cur[idx], new)
+                self._lower_gains(idx, torch.index_select(cur, 0, idx), new)
                 self._zeros_settled = False
         cur[idx] = new
         self.owner.view(-1)[idx] = t
@@ -788,12 +798,14 @@ class _Coverage:
         ``(row, j)`` lowers the exact gain of candidate ``j`` by ``min(s, new) - old`` if that
         is positive (pairs with ``s <= old`` stopped contributing earlier and add 0)."""
         assert self.exact is not None
-        starts, lens = self.start[rows], self.length[rows]
-        seg = torch.repeat_interleave(torch.arange(rows.numel(), device=rows.device), lens)
+        pick = torch.index_select  # much cheaper than advanced indexing for 1-D gathers
+        starts, lens = pick(self.start, 0, rows), pick(self.length, 0, rows)
+        seg = torch.repeat_interleave(lens)  # segment of each entry
         first = torch.cumsum(lens, 0) - lens  # position of each segment among the entries
-        pos = torch.arange(seg.numel(), device=rows.device) + (starts - first)[seg]
-        drop = torch.minimum(self.val[pos], new[seg]).sub_(old[seg]).clamp_(min=0.0)
-        self.exact.view(-1).index_add_(0, self.col[pos], drop.to(self.exact.dtype), alpha=-1.0)
+        pos = torch.arange(seg.numel(), device=rows.device) + pick(starts - first, 0, seg)
+        drop = torch.minimum(pick(self.val, 0, pos), pick(new, 0, seg))
+        drop = drop.sub_(pick(old, 0, seg)).clamp_(min=0.0).to(self.exact.dtype)
+        self.exact.view(-1).index_add_(0, pick(self.col, 0, pos), drop, alpha=-1.0)
 
     def maybe_sparsify(self, scores: Tensor) -> bool:
         """Turn sparse if sampled rows show few contributing pairs; ``scores`` marks selected
@@ -824,7 +836,7 @@ class _Coverage:
         # Rounding of the float64 gains, absolute (sums of up to n terms of size at most
         # the largest gain) and relative to naive greedy's sums in the kernel dtype.
         self._abs = 64 * torch.finfo(torch.float64).eps * max(1.0, float(self.exact.max()))
-        self._rel = 64 * torch.finfo(self.kern.dtype).eps * math.log2(self.n + 1)
+        self._rel = _rounding(self.kern.dtype, self.n)
         self._zeros_settled = False
         logger.debug("sparse residue with %d pairs", self.col.numel())
         return True
