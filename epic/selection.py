@@ -20,22 +20,25 @@ All kernels are non-negative and F(empty set) = 0.
 
 Greedy methods (``method=``):
 
-* ``"lazy"`` (default): exact greedy, batched over classes: lazy evaluation (Minoux) while the
-  kernel is dense, then gains kept exact by incremental updates (below). Returns the selection
-  of ``"naive"``: gains within rounding of the best are summed afresh the way ``"naive"`` sums
-  them, so ties and near-ties break the same way.
-* ``"stochastic"``: stochastic greedy (Mirzasoleiman et al., 2015); every step evaluates
-  ``ceil(n / k * log(1 / epsilon))`` candidates drawn with ``generator``.
-* ``"naive"``: plain greedy; evaluates every candidate at every step (reference).
+* ``"lazy"`` (default): exact greedy, batched over classes, that never re-sums a gain a
+  selection left unchanged: every gain is known and each selection lowers just the gains it
+  changes (below). Returns the selection of ``"naive"``: the few gains within rounding of the
+  best are summed afresh the way ``"naive"`` sums them, so ties and near-ties break the same
+  way.
+* ``"stochastic"``: stochastic greedy (Mirzasoleiman et al., 2015); every step takes the best
+  of ``ceil(n / k * log(1 / epsilon))`` candidates drawn with ``generator``.
+* ``"naive"``: plain greedy; sums the gain of every candidate afresh at every step (reference).
 
 Ties between equal gains are broken towards the lowest row index within the class, by every
 method. Rows equally similar to two medoids are assigned to the medoid that was selected first.
 
-Gains come from the dense kernel for the first steps. As coverage only grows, a pair with
-``s_ij <= max_{j' in S} s_ij'`` never contributes again; once few pairs still do, the
-contributing ones are kept as a sparse residue grouped by row, every gain is computed once in
-float64, and each selection lowers the gains of the candidates paired with the rows it covers
-better, so no candidate needs evaluating again.
+Known gains: the kernel is exactly symmetric, so the similarities of a row to every candidate
+are a kernel row. When a selection raises the coverage of row ``i`` from ``a`` to ``b``, the
+gain of candidate ``j`` drops by ``max(0, min(s_ij, b) - a)``: a step reads only the kernel
+rows whose coverage rose, which are few once medoids are spread out. The gains are summed
+afresh (in float64) only when a selection raises most rows' coverage, as the first does.
+Minoux's lazy greedy instead re-sums whole kernel rows of candidates whose stale upper bounds
+lead; on the CIFAR-sized benchmark that did several times more work (docs/selection.md).
 
 Memory: classes whose dense similarity matrix exceeds ``max_memory`` bytes (or with more than
 ``partition_size`` rows) are split into spatially coherent partitions of ``partition_size``
@@ -141,7 +144,6 @@ def select_medoids(
     generator: torch.Generator | None = None,
     max_memory: int = DEFAULT_MAX_MEMORY,
     partition_size: int | None = None,
-    batch_size: int = 32,
 ) -> Medoids:
     """Select per-class medoids by greedy facility-location maximization.
 
@@ -162,7 +164,6 @@ def select_medoids(
             rows. Default (None): classes whose kernel fits ``max_memory`` are solved whole
             (exact greedy), larger ones in partitions of 1,000 rows. Smaller partitions are
             faster (time grows with N * partition_size) at a small cost in F.
-        batch_size: candidates re-evaluated together by lazy greedy.
 
     Returns:
         The medoids, the assignment of every row and the cluster sizes.
@@ -172,8 +173,8 @@ def select_medoids(
             or invalid options.
     """
     x, labels = _validate(x, labels, fraction, per_class, similarity, method, epsilon)
-    if max_memory <= 0 or batch_size <= 0:
-        raise ValueError("max_memory and batch_size must be positive")
+    if max_memory <= 0:
+        raise ValueError(f"max_memory must be positive, got {max_memory}")
     if partition_size is not None and partition_size < 2:
         raise ValueError(f"partition_size must be at least 2, got {partition_size}")
     n_total = x.shape[0]
@@ -203,7 +204,7 @@ def select_medoids(
             problems.append(_Problem(part, run))
 
     selected, assigned, gains = _solve(
-        x, problems, similarity, method, epsilon, generator, max_memory, batch_size
+        x, problems, similarity, method, epsilon, generator, max_memory
     )
 
     assignment = torch.empty(n_total, dtype=torch.long, device=device)
@@ -241,7 +242,6 @@ def find_isolated(
     generator: torch.Generator | None = None,
     max_memory: int = DEFAULT_MAX_MEMORY,
     partition_size: int | None = None,
-    batch_size: int = 32,
 ) -> Tensor:
     """Flag isolated medoids: medoids whose cluster holds at most ``max_cluster_size`` rows.
 
@@ -252,8 +252,8 @@ def find_isolated(
         labels: (N,) integer class labels.
         fraction: share of each class selected as medoids, in (0, 1].
         max_cluster_size: clusters with at most this many rows (medoid included) are isolated.
-        per_class, similarity, method, epsilon, generator, max_memory, partition_size,
-            batch_size: as in :func:`select_medoids`.
+        per_class, similarity, method, epsilon, generator, max_memory, partition_size: as in
+            :func:`select_medoids`.
 
     Returns:
         (N,) bool tensor, True for rows to drop.
@@ -269,7 +269,6 @@ def find_isolated(
         generator=generator,
         max_memory=max_memory,
         partition_size=partition_size,
-        batch_size=batch_size,
     )
     drop = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     drop[med.indices[med.cluster_sizes <= max_cluster_size]] = True
@@ -554,7 +553,6 @@ def _solve(
     epsilon: float,
     generator: torch.Generator | None,
     max_memory: int,
-    batch_size: int,
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """Greedy-solve every problem.
 
@@ -578,7 +576,7 @@ def _solve(
                 break
             end += 1
         group = [problems[i] for i in order[start:end]]
-        out = _solve_group(x, group, similarity, method, epsilon, generator, batch_size)
+        out = _solve_group(x, group, similarity, method, epsilon, generator)
         for j, i in enumerate(order[start:end]):
             selected[i], assigned[i], gains[i] = out[0][j], out[1][j], out[2][j]
         start = end
@@ -592,7 +590,6 @@ def _solve_group(
     method: str,
     epsilon: float,
     generator: torch.Generator | None,
-    batch_size: int,
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """Batched greedy over a group of problems padded to a common size."""
     device = x.device
@@ -606,43 +603,24 @@ def _solve_group(
     for j, p in enumerate(group):
         rows[j, : p.rows.numel()] = p.rows
     kern, first = _group_kernel(x[rows], [p.rows.numel() for p in group], similarity)
-    cov = _Coverage(kern, valid)
+    cov = _Coverage(kern, valid, None if method == "naive" else first)
 
     picks = torch.zeros(g, max(k_max, 1), dtype=torch.long, device=device)
     gain_of = torch.zeros(g, max(k_max, 1), dtype=x.dtype, device=device)
-    # Candidate scores: exact gains or upper bounds on them; -inf marks selected or padded
-    # columns. ``fresh`` marks scores that are exact at the current step. The first gains are
-    # summed blockwise: with a margin for rounding they are upper bounds, and lazy greedy
-    # re-sums the best ones the way naive greedy does.
-    ub = first.mul_(1.0 + _rounding(x.dtype, n)).add_(torch.finfo(x.dtype).tiny)
-    fresh = torch.zeros(g, n, dtype=torch.bool, device=device)
     gidx = torch.arange(g, device=device)
     n_samples = torch.ceil(sizes / ks.clamp(min=1) * math.log(1.0 / epsilon)).long()
-    next_check = 1
-
     for t in range(k_max):
-        if method != "naive" and t == next_check:
-            cov.maybe_sparsify(ub)
-            next_check = max(t + 1, t * 3 // 2)
         act = gidx[ks > t]
-        if method == "lazy" and cov.exact is not None:  # every gain is known
+        if method == "lazy":
             best, gain = cov.best(act)
-        elif method == "lazy":
-            # The first pick lowers nearly every bound (each the sum of a whole kernel row):
-            # the step after it re-evaluates every column in one pass.
-            best = _lazy_step(cov, ub, fresh, act, cov.n if t == 1 else batch_size)
-            gain = ub[act, best]
         elif method == "naive":
-            gains = cov.all_gains()[act].masked_fill_(torch.isinf(ub[act]), -math.inf)
+            gains = cov.all_gains()[act].masked_fill_(cov.taken[act], -math.inf)
             best = gains.argmax(dim=1)
             gain = gains.gather(1, best[:, None]).squeeze(1)
         else:
-            best, gain = _stochastic_step(cov, ub, act, n_samples, generator)
+            best, gain = _stochastic_step(cov, act, n_samples, generator)
         picks[act, t] = best
         gain_of[act, t] = gain
-        if cov.exact is None or method != "lazy":
-            ub[act, best] = -math.inf
-            fresh[act] = False
         cov.add(act, best, t)
 
     sel = rows.gather(1, picks)
@@ -654,45 +632,48 @@ def _solve_group(
     )
 
 
-# Sparsify once sampled rows show at most this share of still-contributing pairs.
-_SPARSE_SHARE = 1.0 / 32.0
-# Columns per problem compared afresh when exact gains are within rounding of each other.
+# Columns per problem compared afresh when known gains are within rounding of each other.
 _NEAR = 4
 
 
 class _Coverage:
-    """Coverage state of a padded group of problems and exact marginal gains.
+    """Coverage state of a padded group of problems and its marginal gains.
 
     ``cur[g, i]`` is the best similarity of row ``i`` to a selected medoid (0 before any) and
     ``owner[g, i]`` the greedy step that selected that medoid. The gain of candidate ``j`` is
-    ``sum_i max(0, s_ij - cur_i)``; the kernel is exactly symmetric, so a candidate's
-    similarities are a kernel row, and so are a row's.
+    ``sum_i max(0, s_ij - cur_i)``. The kernel is exactly symmetric, so a candidate's
+    similarities are a kernel row, and so are a covered row's.
 
-    Dense phase: gains are summed from the (G, n, n) kernel on demand. As ``cur`` only grows, a
-    pair with ``s_ij <= cur_i`` never contributes again; once few pairs still do, the coverage
-    turns sparse: every gain is computed once (``exact``, float64), the contributing pairs are
-    kept as a residue grouped by row (CSR), and each selection updates the gains in place: a
-    row ``i`` whose coverage rises from ``a`` to ``b`` lowers the gain of every candidate ``j``
-    in its residue by ``min(s_ij, b) - a`` (if positive). So every gain stays exact and no
-    candidate needs evaluating. The residue is pruned again on a geometric schedule.
+    ``known`` (float64; not kept for naive greedy) holds every gain, kept up to date
+    incrementally: when a selection raises the coverage of row ``i`` from ``a`` to ``b``, the
+    gain of every candidate ``j`` drops by ``max(0, min(s_ij, b) - a)``. So a step reads only
+    the kernel rows whose coverage rose (few, once medoids are spread out) and no gain is
+    re-summed from scratch, except when a selection raises the coverage of most rows (the
+    first one does): then all are summed afresh, which costs no more.
 
-    Rounding: dense gains are summed in the dtype of ``x``, sparse ones in float64. With
-    float32 input, lazy and naive greedy can differ only where two gains agree to within
-    float32 rounding; with float64 input they agree.
+    Rounding: ``known`` is accurate to float64 rounding, naive greedy's gains (summed afresh
+    by :meth:`all_gains` in the kernel dtype) only to the kernel dtype's. :meth:`best` sums the
+    few columns within that of the best afresh, the way naive greedy does: the same choice,
+    ties included.
     """
 
-    def __init__(self, kern: Tensor, valid: Tensor) -> None:
+    def __init__(self, kern: Tensor, valid: Tensor, first: Tensor | None) -> None:
         self.kern = kern
-        self.valid = valid
         self.g, self.n = valid.shape
+        self.valid = valid
+        self.taken = ~valid  # selected or padded columns
         self.cur = torch.zeros(self.g, self.n, dtype=kern.dtype, device=kern.device)
         self.owner = torch.zeros(self.g, self.n, dtype=torch.long, device=kern.device)
-        self.exact: Tensor | None = None
-        self.start = self.length = self.col = self.val = torch.empty(0)
-        self._abs = self._rel = 0.0
-        self._zeros_settled = False
         rows = max(self.g, _CACHE_ELEMENTS // self.n)
         self._scratch = torch.empty(rows, self.n, dtype=kern.dtype, device=kern.device)
+        self.known: Tensor | None = None
+        self._slack = 0.0  # absolute rounding of ``known``
+        if first is not None:  # the first gains, summed blockwise in the kernel dtype
+            self._know(first.to(torch.float64), kern.dtype)
+
+    def _know(self, gains: Tensor, summed_in: torch.dtype) -> None:
+        self.known = gains.masked_fill_(self.taken, -math.inf)
+        self._slack = _rounding(summed_in, self.n) * max(1.0, float(self.known.max()))
 
     def all_gains(self, prob: Tensor | None = None, dtype: torch.dtype | None = None) -> Tensor:
         """(P, n) exact gains of every column of problems ``prob`` (default all), from the
@@ -708,8 +689,7 @@ class _Coverage:
                 block = kern[start : start + step]
                 diff = torch.sub(block, cur, out=self._scratch[: block.shape[0]]).clamp_(min=0.0)
                 torch.sum(diff, dim=-1, dtype=dtype, out=out[i, start : start + step])
-        valid = self.valid[prob]
-        return out.masked_fill_(~valid, -math.inf)
+        return out.masked_fill_(~self.valid[prob], -math.inf)
 
     def gains(self, prob: Tensor, cand: Tensor) -> Tensor:
         """(P, B) exact gains of candidate columns ``cand`` (P, B) of problems ``prob``, summed
@@ -727,176 +707,90 @@ class _Coverage:
 
     def best(self, act: Tensor, cand: Tensor | None = None,
              use: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Sparse phase: naive greedy's choice for problems ``act`` among columns ``cand``
-        (P, C) where ``use`` (default: every unselected column), and its gain.
-
-        ``exact`` is accurate to float64 rounding, naive greedy's sums only to the kernel
-        dtype's: the columns within that of the best are summed afresh, as naive greedy sums
-        them, and the highest wins, the lowest column on ties.
-        """
-        assert self.exact is not None
+        """Naive greedy's choice for problems ``act`` among columns ``cand`` (P, C) where
+        ``use`` (default: among every column not taken), and its gain: the highest gain, the
+        lowest column on ties. Known gains within rounding of the best are summed afresh."""
+        assert self.known is not None
         if cand is None:
-            score = self.exact if act.numel() == self.g else self.exact[act]
+            score = self.known if act.numel() == self.g else self.known[act]
         else:
             assert use is not None
-            score = self.exact[act[:, None], cand].masked_fill_(~use, -math.inf)
+            score = self.known[act[:, None], cand].masked_fill_(~use, -math.inf)
         vals, pos = score.topk(min(_NEAR, score.shape[1]), dim=1)
         cols = pos if cand is None else cand.gather(1, pos)
         top = vals[:, :1]
-        near = vals >= top - torch.clamp(top * self._rel, min=self._abs)
-        if bool(near[:, -1].any()) or bool((top <= self._abs).any()):
-            return self._best_of_many(act, score, cand)
-        if not bool(near[:, 1:].any()):
+        near = vals >= top - self._tolerance(top)
+        if bool(near[:, -1].any()):  # many near ties: compare them all
+            if cand is None:
+                cand = torch.arange(self.n, device=act.device).expand_as(score)
+            near = score >= top - self._tolerance(top)
+            width = int(near.sum(dim=1).max())
+            cols = torch.where(near, cand, self.n).topk(width, dim=1, largest=False).values
+            near = cols < self.n
+            cols = cols.clamp(max=self.n - 1)
+        elif not bool(near[:, 1:].any()):
             return cols[:, 0], vals[:, 0].to(self.kern.dtype)
         fresh = self.gains(act, cols).masked_fill_(~near, -math.inf)
         gain = fresh.max(dim=1, keepdim=True).values
         return torch.where(fresh == gain, cols, self.n).min(dim=1).values, gain.squeeze(1)
 
-    def _best_of_many(self, act: Tensor, score: Tensor,
-                      cand: Tensor | None) -> tuple[Tensor, Tensor]:
-        """:meth:`best` when many columns are within rounding of the best: near-zero gains
-        are settled exactly first (a column without contributing pairs gains exactly 0)."""
-        assert self.exact is not None
-        if bool((score.max(dim=1).values <= self._abs).any()) and not self._zeros_settled:
-            rows = torch.repeat_interleave(
-                torch.arange(self.g * self.n, device=self.col.device), self.length)
-            live = self.val > self.cur.view(-1)[rows]
-            some = torch.bincount(self.col[live], minlength=self.g * self.n) > 0
-            self.exact.view(-1).masked_fill_(~some & torch.isfinite(self.exact.view(-1)), 0.0)
-            self._zeros_settled = True
-            return self.best(act, cand, None if cand is None else torch.isfinite(score))
-        if cand is None:
-            cand = torch.arange(self.n, device=act.device).expand_as(score)
-        top = score.max(dim=1, keepdim=True).values
-        near = score >= top - torch.clamp(top * self._rel, min=self._abs)
-        width = int(near.sum(dim=1).max())
-        cols = torch.where(near, cand, self.n).topk(width, dim=1, largest=False).values
-        fresh = self.gains(act, cols.clamp(max=self.n - 1))
-        fresh.masked_fill_(cols >= self.n, -math.inf)
-        gain = fresh.max(dim=1, keepdim=True).values
-        return torch.where(fresh == gain, cols, self.n).min(dim=1).values, gain.squeeze(1)
+    def _tolerance(self, top: Tensor) -> Tensor:
+        """Gains within this of ``top`` may be the best by naive greedy's sums."""
+        return torch.clamp(top.abs() * _rounding(self.kern.dtype, self.n), min=self._slack)
 
     def add(self, act: Tensor, best: Tensor, t: int) -> None:
         """Record that problems ``act`` selected columns ``best`` at greedy step ``t``."""
+        self.taken[act, best] = True
         new = self.kern[act, best]  # (P, n): the medoid's row, hence its column
         cur = self.cur if act.numel() == self.g else self.cur[act]
         flat = (new > cur).view(-1).nonzero().squeeze(1)
         new = torch.index_select(new.view(-1), 0, flat)
         prob = torch.div(flat, self.n, rounding_mode="floor")
-        idx = flat + (torch.index_select(act, 0, prob) - prob) * self.n
+        rows = flat + (torch.index_select(act, 0, prob) - prob) * self.n
         cur = self.cur.view(-1)
-        if self.exact is not None:
-            self.exact[act, best] = -math.inf
-            if idx.numel():
-                self._lower_gains(idx, torch.index_select(cur, 0, idx), new)
-                self._zeros_settled = False
-        cur[idx] = new
-        self.owner.view(-1)[idx] = t
+        if self.known is not None and 2 * rows.numel() > self.valid.sum():
+            cur[rows] = new  # most rows: sum every gain afresh
+            self._know(self.all_gains(dtype=torch.float64), torch.float64)
+        elif self.known is not None:
+            self._lower(rows, torch.index_select(cur, 0, rows), new)
+            self.known[act, best] = -math.inf
+        cur[rows] = new
+        self.owner.view(-1)[rows] = t
 
-    def _lower_gains(self, rows: Tensor, old: Tensor, new: Tensor) -> None:
-        """Coverage of flat ``rows`` rises from ``old`` to ``new``: every residue pair
-        ``(row, j)`` lowers the exact gain of candidate ``j`` by ``min(s, new) - old`` if that
-        is positive (pairs with ``s <= old`` stopped contributing earlier and add 0)."""
-        assert self.exact is not None
-        pick = torch.index_select  # much cheaper than advanced indexing for 1-D gathers
-        starts, lens = pick(self.start, 0, rows), pick(self.length, 0, rows)
-        seg = torch.repeat_interleave(lens)  # segment of each entry
-        first = torch.cumsum(lens, 0) - lens  # position of each segment among the entries
-        pos = torch.arange(seg.numel(), device=rows.device) + pick(starts - first, 0, seg)
-        drop = torch.minimum(pick(self.val, 0, pos), pick(new, 0, seg))
-        drop = drop.sub_(pick(old, 0, seg)).clamp_(min=0.0).to(self.exact.dtype)
-        self.exact.view(-1).index_add_(0, pick(self.col, 0, pos), drop, alpha=-1.0)
-
-    def maybe_sparsify(self, scores: Tensor) -> bool:
-        """Turn sparse if sampled rows show few contributing pairs; ``scores`` marks selected
-        and padded columns with -inf."""
-        if self.exact is not None:
-            return False
-        sample = torch.linspace(0, self.n - 1, min(self.n, 64), device=self.kern.device).long()
-        live = (self.kern[:, sample] > self.cur[:, sample, None]) & self.valid[:, None, :]
-        if float(live.float().mean()) > _SPARSE_SHARE:
-            return False
-        self.exact = torch.zeros(self.g, self.n, dtype=torch.float64, device=self.kern.device)
-        lengths, cols, vals = [], [], []
-        for j in range(self.g):
-            kern, cur = self.kern[j].view(-1), self.cur[j]
-            # Padded rows and columns hold 0 <= cur, so they never enter the residue.
-            live = (self.kern[j] > cur[:, None]).view(-1).nonzero().squeeze(1)
-            row = torch.div(live, self.n, rounding_mode="floor")
-            col = live - row * self.n
-            sims = torch.index_select(kern, 0, live)
-            self.exact[j].index_add_(0, col, (sims - cur[row]).to(torch.float64))
-            vals.append(sims)
-            cols.append(col + j * self.n)
-            lengths.append(torch.bincount(row, minlength=self.n))
-        self.length = torch.cat(lengths)
-        self.start = torch.cumsum(self.length, 0) - self.length
-        self.col, self.val = torch.cat(cols), torch.cat(vals)
-        self.exact.masked_fill_(torch.isinf(scores), -math.inf)
-        # Rounding of the float64 gains, absolute (sums of up to n terms of size at most
-        # the largest gain) and relative to naive greedy's sums in the kernel dtype.
-        self._abs = 64 * torch.finfo(torch.float64).eps * max(1.0, float(self.exact.max()))
-        self._rel = _rounding(self.kern.dtype, self.n)
-        self._zeros_settled = False
-        logger.debug("sparse residue with %d pairs", self.col.numel())
-        return True
-
-def _lazy_step(cov: _Coverage, ub: Tensor, fresh: Tensor, act: Tensor, batch_size: int) -> Tensor:
-    """One exact lazy-greedy step for the active problems ``act``; returns their picks.
-
-    ``ub`` holds upper bounds on the gains (exact where ``fresh``). Until every active problem's
-    top-scoring column (lowest index among equal scores) is fresh, the best stale columns of each
-    unfinished problem are re-evaluated together, ``batch_size`` of them at first and twice as
-    many every further round. A fresh top column's gain equals its bound and is at least every
-    other bound, hence at least every other gain; so this is the naive greedy choice, including
-    its tie-break.
-    """
-    pending = act
-    b = batch_size
-    while True:
-        best = ub[pending].argmax(dim=1)
-        done = fresh[pending, best]
-        if bool(done.all()):
-            break
-        pending = pending[~done]
-        if 4 * b >= ub.shape[1]:
-            # Most bounds are stale: one blocked pass over the kernel beats gathering rows.
-            gains = cov.all_gains(pending)
-            ub[pending] = torch.where(torch.isinf(ub[pending]), ub[pending], gains)
-            fresh[pending] = True
-            continue
-        stale = ub[pending].masked_fill(fresh[pending], -math.inf)
-        vals, cand = stale.topk(min(b, stale.shape[1]), dim=1)
-        gains = cov.gains(pending, cand)
-        keep = torch.isinf(vals)  # selected, padded or already fresh: leave as is
-        ub[pending[:, None], cand] = torch.where(keep, ub[pending[:, None], cand], gains)
-        fresh[pending[:, None], cand] = True
-        b *= 2
-    return ub[act].argmax(dim=1)
+    def _lower(self, rows: Tensor, old: Tensor, new: Tensor) -> None:
+        """Lower the known gains for the coverage of flat ``rows`` rising from ``old`` to
+        ``new``, reading their kernel rows a cache-sized chunk at a time."""
+        assert self.known is not None
+        kern = self.kern.view(-1, self.n)
+        drop = torch.zeros(self.g, self.n, dtype=torch.float64, device=kern.device)
+        prob = torch.div(rows, self.n, rounding_mode="floor")
+        step = self._scratch.shape[0]
+        wide = torch.empty(step, self.n, dtype=torch.float64, device=kern.device)
+        for lo in range(0, rows.numel(), step):
+            part = rows[lo : lo + step]
+            block = torch.index_select(kern, 0, part, out=self._scratch[: part.numel()])
+            torch.minimum(block, new[lo : lo + step, None], out=block)
+            block.sub_(old[lo : lo + step, None]).clamp_(min=0.0)
+            drop.index_add_(0, prob[lo : lo + step], wide[: part.numel()].copy_(block))
+        self.known.sub_(drop)
 
 
 def _stochastic_step(
     cov: _Coverage,
-    ub: Tensor,
     act: Tensor,
     n_samples: Tensor,
     generator: torch.Generator | None,
 ) -> tuple[Tensor, Tensor]:
     """One stochastic-greedy step: best of a uniform sample of unselected columns, its gain."""
-    n = ub.shape[1]
-    device = ub.device
+    n = cov.n
+    device = cov.kern.device
     s = int(n_samples[act].max().clamp(max=n))
     gen_device = generator.device if generator is not None else device
     noise = torch.rand(act.numel(), n, generator=generator, device=gen_device).to(device)
-    noise.masked_fill_(torch.isinf(ub[act]), 2.0)
+    noise.masked_fill_(cov.taken[act], 2.0)
     vals, cand = noise.topk(s, dim=1, largest=False)  # random subset of untaken columns
     use = (vals <= 1.0) & (torch.arange(s, device=device)[None, :] < n_samples[act, None])
-    if cov.exact is not None:
-        return cov.best(act, cand, use)
-    gains = cov.gains(act, cand).masked_fill_(~use, -math.inf)
-    top = gains.max(dim=1, keepdim=True).values
-    tied = torch.where(gains == top, cand, n)
-    return tied.min(dim=1).values, top.squeeze(1)
+    return cov.best(act, cand, use)
 
 
 # --------------------------------------------------------------------------- assignment

@@ -63,28 +63,51 @@ def check_consistent(med: Medoids, y: torch.Tensor) -> None:
 def test_lazy_equals_naive(similarity: str, seed: int) -> None:
     x, y = blobs(400, 3, 5, seed=seed)
     naive = select_medoids(x, y, 0.3, similarity=similarity, method="naive")
-    for batch_size in (1, 4, 32):
-        lazy = select_medoids(x, y, 0.3, similarity=similarity, batch_size=batch_size)
-        assert torch.equal(lazy.indices, naive.indices)
-        assert torch.equal(lazy.assignment, naive.assignment)
-        assert torch.equal(lazy.cluster_sizes, naive.cluster_sizes)
+    lazy = select_medoids(x, y, 0.3, similarity=similarity)
+    assert torch.equal(lazy.indices, naive.indices)
+    assert torch.equal(lazy.assignment, naive.assignment)
+    assert torch.equal(lazy.cluster_sizes, naive.cluster_sizes)
 
 
-@pytest.mark.parametrize("share", [0.0, 1.0])
-def test_sparse_residue_matches_dense(monkeypatch: pytest.MonkeyPatch, share: float) -> None:
-    # share 1.0: sparse residue from the first check on; 0.0: dense kernel throughout.
-    monkeypatch.setattr(selection, "_SPARSE_SHARE", share)
-    x, y = blobs(300, 2, 4, seed=7)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_known_gains_follow_fresh_sums(dtype: torch.dtype) -> None:
+    # The incrementally updated gains equal gains summed afresh after every selection, to the
+    # rounding of the kernel's terms.
+    x, _ = blobs(300, 1, 4, seed=7, dtype=dtype)
+    kern, first = selection._group_kernel(x[None], [300], "exp")
+    assert torch.equal(kern[0], kern[0].T)
+    cov = selection._Coverage(kern, torch.ones(1, 300, dtype=torch.bool), first)
+    act = torch.zeros(1, dtype=torch.long)
+    for t in range(60):
+        best, gain = cov.best(act)
+        fresh = cov.all_gains(dtype=torch.float64).masked_fill_(cov.taken, -math.inf)
+        assert int(best) == int(fresh.argmax())
+        assert float(gain) == pytest.approx(float(fresh.max()), rel=1e-5)
+        cov.add(act, best, t)
+        assert cov.known is not None
+        live = ~cov.taken
+        fresh = cov.all_gains(dtype=torch.float64)
+        eps = 64 * torch.finfo(dtype).eps
+        atol = eps * float(first.max())
+        assert torch.allclose(cov.known[live], fresh[live], rtol=eps, atol=atol)
+
+
+def test_exact_ties_break_like_naive() -> None:
+    # Pairs of points that only cover each other have exactly equal gains; lazy greedy picks
+    # the lower index, as naive greedy does, although its gains are updated incrementally.
+    g = torch.Generator().manual_seed(5)
+    centers = 40.0 * torch.randn(30, 3, generator=g, dtype=torch.float64)
+    offsets = 0.3 * torch.randn(30, 3, generator=g, dtype=torch.float64)
+    x = torch.cat([centers, centers + offsets])[torch.randperm(60, generator=g)]
+    y = torch.zeros(60, dtype=torch.long)
     for method in ("lazy", "stochastic"):
-        kw = {"method": method, "generator": torch.Generator().manual_seed(3)}
-        got = select_medoids(x, y, 0.25, **kw)
-        monkeypatch.setattr(selection, "_SPARSE_SHARE", 1.0 - share)
-        ref = select_medoids(x, y, 0.25, **{**kw, "generator": torch.Generator().manual_seed(3)})
-        monkeypatch.setattr(selection, "_SPARSE_SHARE", share)
-        assert torch.equal(got.indices, ref.indices)
-        assert torch.equal(got.assignment, ref.assignment)
-    naive = select_medoids(x, y, 0.25, method="naive")
-    assert torch.equal(select_medoids(x, y, 0.25).indices, naive.indices)
+        gen = torch.Generator().manual_seed(1)
+        got = select_medoids(x, y, 0.5, method=method, generator=gen)  # type: ignore[arg-type]
+        assert got.indices.numel() == 30
+    naive = select_medoids(x, y, 0.5, method="naive")
+    lazy = select_medoids(x, y, 0.5)
+    assert torch.equal(lazy.indices, naive.indices)
+    assert torch.equal(lazy.assignment, naive.assignment)
 
 
 def test_float32_lazy_matches_naive_objective() -> None:
