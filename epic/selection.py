@@ -607,10 +607,13 @@ def _solve_group(
 
     picks = torch.zeros(g, max(k_max, 1), dtype=torch.long, device=device)
     gain_of = torch.zeros(g, max(k_max, 1), dtype=x.dtype, device=device)
-    gidx = torch.arange(g, device=device)
     n_samples = torch.ceil(sizes / ks.clamp(min=1) * math.log(1.0 / epsilon)).long()
+    act = torch.arange(g, device=device)  # problems still selecting
+    until = int(ks.min())  # the first step at which some problem of act is done
     for t in range(k_max):
-        act = gidx[ks > t]
+        if t >= until:
+            act = act[ks[act] > t]
+            until = int(ks[act].min())
         if method == "lazy":
             best, gain = cov.best(act)
         elif method == "naive":
@@ -666,10 +669,13 @@ class _Coverage:
         self.owner = torch.zeros(self.g, self.n, dtype=torch.long, device=kern.device)
         rows = max(self.g, _CACHE_ELEMENTS // self.n)
         self._scratch = torch.empty(rows, self.n, dtype=kern.dtype, device=kern.device)
+        self._rows = int(valid.sum())
         self.known: Tensor | None = None
         self._slack = 0.0  # absolute rounding of ``known``
         if first is not None:  # the first gains, summed blockwise in the kernel dtype
             self._know(first.to(torch.float64), kern.dtype)
+            self._drop = torch.empty(self.g, self.n, dtype=torch.float64, device=kern.device)
+            self._wide = torch.empty(rows, self.n, dtype=torch.float64, device=kern.device)
 
     def _know(self, gains: Tensor, summed_in: torch.dtype) -> None:
         self.known = gains.masked_fill_(self.taken, -math.inf)
@@ -719,53 +725,54 @@ class _Coverage:
         vals, pos = score.topk(min(_NEAR, score.shape[1]), dim=1)
         cols = pos if cand is None else cand.gather(1, pos)
         top = vals[:, :1]
-        near = vals >= top - self._tolerance(top)
-        if bool(near[:, -1].any()):  # many near ties: compare them all
+        # Gains within this of the best may be the best by naive greedy's sums.
+        floor = top - torch.clamp(top.abs() * _rounding(self.kern.dtype, self.n),
+                                  min=self._slack)
+        near = vals >= floor
+        ties = int(near.sum(dim=1).max())
+        if ties == 1:
+            return cols[:, 0], vals[:, 0].to(self.kern.dtype)
+        if ties == vals.shape[1]:  # maybe more near ties than looked at: compare them all
             if cand is None:
                 cand = torch.arange(self.n, device=act.device).expand_as(score)
-            near = score >= top - self._tolerance(top)
+            near = score >= floor
             width = int(near.sum(dim=1).max())
             cols = torch.where(near, cand, self.n).topk(width, dim=1, largest=False).values
             near = cols < self.n
             cols = cols.clamp(max=self.n - 1)
-        elif not bool(near[:, 1:].any()):
-            return cols[:, 0], vals[:, 0].to(self.kern.dtype)
         fresh = self.gains(act, cols).masked_fill_(~near, -math.inf)
         gain = fresh.max(dim=1, keepdim=True).values
         return torch.where(fresh == gain, cols, self.n).min(dim=1).values, gain.squeeze(1)
-
-    def _tolerance(self, top: Tensor) -> Tensor:
-        """Gains within this of ``top`` may be the best by naive greedy's sums."""
-        return torch.clamp(top.abs() * _rounding(self.kern.dtype, self.n), min=self._slack)
 
     def add(self, act: Tensor, best: Tensor, t: int) -> None:
         """Record that problems ``act`` selected columns ``best`` at greedy step ``t``."""
         self.taken[act, best] = True
         new = self.kern[act, best]  # (P, n): the medoid's row, hence its column
         cur = self.cur if act.numel() == self.g else self.cur[act]
-        flat = (new > cur).view(-1).nonzero().squeeze(1)
-        new = torch.index_select(new.view(-1), 0, flat)
-        prob = torch.div(flat, self.n, rounding_mode="floor")
-        rows = flat + (torch.index_select(act, 0, prob) - prob) * self.n
+        rows = (new > cur).view(-1).nonzero().squeeze(1)
+        new = torch.index_select(new.view(-1), 0, rows)
+        prob = torch.div(rows, self.n, rounding_mode="floor")
+        if act.numel() < self.g:  # rows of the active problems -> rows of all
+            prob = torch.index_select(act, 0, prob)
+            rows = rows % self.n + prob * self.n
         cur = self.cur.view(-1)
-        if self.known is not None and 2 * rows.numel() > self.valid.sum():
+        if self.known is not None and 2 * rows.numel() > self._rows:
             cur[rows] = new  # most rows: sum every gain afresh
             self._know(self.all_gains(dtype=torch.float64), torch.float64)
         elif self.known is not None:
-            self._lower(rows, torch.index_select(cur, 0, rows), new)
+            self._lower(rows, prob, torch.index_select(cur, 0, rows), new)
             self.known[act, best] = -math.inf
         cur[rows] = new
         self.owner.view(-1)[rows] = t
 
-    def _lower(self, rows: Tensor, old: Tensor, new: Tensor) -> None:
-        """Lower the known gains for the coverage of flat ``rows`` rising from ``old`` to
-        ``new``, reading their kernel rows a cache-sized chunk at a time."""
+    def _lower(self, rows: Tensor, prob: Tensor, old: Tensor, new: Tensor) -> None:
+        """Lower the known gains for the coverage of flat ``rows`` (of problems ``prob``)
+        rising from ``old`` to ``new``, reading their kernel rows a cache-sized chunk at a time
+        and summing the drops in float64."""
         assert self.known is not None
         kern = self.kern.view(-1, self.n)
-        drop = torch.zeros(self.g, self.n, dtype=torch.float64, device=kern.device)
-        prob = torch.div(rows, self.n, rounding_mode="floor")
+        drop, wide = self._drop.zero_(), self._wide
         step = self._scratch.shape[0]
-        wide = torch.empty(step, self.n, dtype=torch.float64, device=kern.device)
         for lo in range(0, rows.numel(), step):
             part = rows[lo : lo + step]
             block = torch.index_select(kern, 0, part, out=self._scratch[: part.numel()])
