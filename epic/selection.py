@@ -671,31 +671,31 @@ class _Coverage:
         self._scratch = torch.empty(rows, self.n, dtype=kern.dtype, device=kern.device)
         self._rows = int(valid.sum())
         self.known: Tensor | None = None
-        self._slack = 0.0  # absolute rounding of ``known``
-        if first is not None:  # the first gains, summed blockwise in the kernel dtype
-            self._know(first.to(torch.float64), kern.dtype)
+        self._slack = 0.0  # how far ``known`` may be from naive greedy's sums, absolute
+        if first is not None:  # summed blockwise in the kernel dtype, naive's sums by rows
+            self._know(first.to(torch.float64), _rounding(kern.dtype, self.n))
             self._drop = torch.empty(self.g, self.n, dtype=torch.float64, device=kern.device)
             self._wide = torch.empty(rows, self.n, dtype=torch.float64, device=kern.device)
 
-    def _know(self, gains: Tensor, summed_in: torch.dtype) -> None:
+    def _know(self, gains: Tensor, rounding: float) -> None:
+        """Take ``gains`` as the known gains, accurate to ``rounding`` relative to the largest
+        (naive greedy's own rounding, relative to each gain, is added in :meth:`best`)."""
         self.known = gains.masked_fill_(self.taken, -math.inf)
-        self._slack = _rounding(summed_in, self.n) * max(1.0, float(self.known.max()))
+        self._slack = rounding * max(1.0, float(self.known.max()))
 
-    def all_gains(self, prob: Tensor | None = None, dtype: torch.dtype | None = None) -> Tensor:
-        """(P, n) exact gains of every column of problems ``prob`` (default all), from the
-        dense kernel in cache-sized row blocks, summed in ``dtype`` (default the kernel's);
-        -inf on padding."""
-        prob = torch.arange(self.g, device=self.kern.device) if prob is None else prob
+    def all_gains(self, dtype: torch.dtype | None = None) -> Tensor:
+        """(G, n) exact gains of every column, from the dense kernel in cache-sized row blocks,
+        summed in ``dtype`` (default the kernel's); -inf on padding."""
         dtype = dtype or self.kern.dtype
-        out = torch.empty(prob.numel(), self.n, dtype=dtype, device=self.kern.device)
+        out = torch.empty(self.g, self.n, dtype=dtype, device=self.kern.device)
         step = self._scratch.shape[0]
-        for i, j in enumerate(prob.tolist()):
+        for j in range(self.g):
             kern, cur = self.kern[j], self.cur[j]
             for start in range(0, self.n, step):
                 block = kern[start : start + step]
                 diff = torch.sub(block, cur, out=self._scratch[: block.shape[0]]).clamp_(min=0.0)
-                torch.sum(diff, dim=-1, dtype=dtype, out=out[i, start : start + step])
-        return out.masked_fill_(~self.valid[prob], -math.inf)
+                torch.sum(diff, dim=-1, dtype=dtype, out=out[j, start : start + step])
+        return out.masked_fill_(~self.valid, -math.inf)
 
     def gains(self, prob: Tensor, cand: Tensor) -> Tensor:
         """(P, B) exact gains of candidate columns ``cand`` (P, B) of problems ``prob``, summed
@@ -758,7 +758,10 @@ class _Coverage:
         cur = self.cur.view(-1)
         if self.known is not None and 2 * rows.numel() > self._rows:
             cur[rows] = new  # most rows: sum every gain afresh
-            self._know(self.all_gains(dtype=torch.float64), torch.float64)
+            # Later drops are rounded to the kernel dtype, each relative to itself, and a
+            # candidate's drops add up to at most its gain now.
+            rounding = 2 * torch.finfo(self.kern.dtype).eps + _rounding(torch.float64, self.n)
+            self._know(self.all_gains(dtype=torch.float64), rounding)
         elif self.known is not None:
             self._lower(rows, prob, torch.index_select(cur, 0, rows), new)
             self.known[act, best] = -math.inf
