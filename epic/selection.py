@@ -98,6 +98,12 @@ DEFAULT_PARTITION_ROWS = 1000
 _BLOCK_BYTES = 64 << 20
 # exp(-d / D) is computed as exp2(-d * log2(e) / D): the same values, 2-3x faster on CPUs.
 _LOG2_E = math.log2(math.e)
+# Problems with more rows are put in k-d tree order before their kernel is built; for smaller
+# ones, like the 1,000-row partitions of a large class, ordering costs more than it saves.
+_ORDER_ROWS = 2048
+# Columns per segment of a kernel row; a segment whose largest similarity does not beat a
+# row's coverage holds no pair that still contributes.
+_SEGMENT = 64
 # Elements per block of the blocked kernel passes (pieces that stay in cache).
 _CACHE_ELEMENTS = 1 << 18
 # Each partition of a large class runs greedy to this many times its proportional budget;
@@ -478,15 +484,19 @@ def _rounding(dtype: torch.dtype, n: int) -> float:
     return 64 * torch.finfo(dtype).eps * math.log2(n + 1)
 
 
-def _group_kernel(xg: Tensor, sizes: list[int], similarity: str) -> tuple[Tensor, Tensor]:
-    """Similarity of a padded group and the first greedy gains, in one blocked pass.
+def _group_kernel(
+    xg: Tensor, sizes: list[int], similarity: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Similarity of a padded group, its first greedy gains and its segment maxima.
 
-    ``xg`` (G, n, D) holds problem ``j`` in its first ``sizes[j]`` rows. Returns the (G, n, n)
-    kernel, 0 on padded rows and columns, and its (G, n) row sums: the gains of every column
-    before any selection (-inf on padding), summed blockwise, so only up to rounding the way
-    :meth:`_Coverage.all_gains` sums them. The kernel is built in cache-sized square blocks
-    on and above the diagonal (one matrix product each), each mirrored below it, so it is
-    exactly symmetric: a row is also a column. Row sums are taken while blocks are hot.
+    ``xg`` (G, n, D) holds problem ``j`` in its first ``sizes[j]`` rows, with ``n`` a multiple
+    of ``_SEGMENT``. Returns the (G, n, n) kernel, 0 on padded rows and columns; its (G, n)
+    row sums, the gains of every column before any selection (-inf on padding), summed
+    blockwise, so only up to rounding the way :meth:`_Coverage.all_gains` sums them; and the
+    (G, n, n / _SEGMENT) largest similarity of every row within each segment of
+    ``_SEGMENT`` columns. The kernel is built in cache-sized square blocks on and above the
+    diagonal (one matrix product each), each mirrored below it, so it is exactly symmetric:
+    a row is also a column. Sums and maxima are taken while blocks are hot.
     """
     g, n, dim = xg.shape
     kern = torch.empty(g, n, n, dtype=xg.dtype, device=xg.device)
@@ -495,19 +505,18 @@ def _group_kernel(xg: Tensor, sizes: list[int], similarity: str) -> tuple[Tensor
         # the matrix products below contend and cost more than the products themselves.
         kern.view(-1)[:: 4096 // kern.element_size()].zero_()
     first = torch.zeros(g, n, dtype=xg.dtype, device=xg.device)
+    peak = torch.empty(g, n, n // _SEGMENT, dtype=xg.dtype, device=xg.device)
     if similarity == "cosine":
         xg = torch.nn.functional.normalize(xg, dim=-1)
     sq = (xg * xg).sum(-1)
-    side = math.isqrt(_CACHE_ELEMENTS)
+    side = math.isqrt(_CACHE_ELEMENTS) // _SEGMENT * _SEGMENT
     c0 = [0.0] * g
     for j, m in enumerate(sizes):
-        xj, sqj = xg[j, :m], sq[j, :m]
-        kern[j, m:].zero_()
-        kern[j, :m, m:].zero_()
-        for lo in range(0, m, side):
-            rows = slice(lo, min(lo + side, m))
-            for lo2 in range(lo, m, side):
-                cols = slice(lo2, min(lo2 + side, m))
+        xj, sqj = xg[j], sq[j]
+        for lo in range(0, n, side):
+            rows = slice(lo, min(lo + side, n))
+            for lo2 in range(lo, n, side):
+                cols = slice(lo2, min(lo2 + side, n))
                 blk = kern[j, rows, cols]
                 if similarity == "cosine":
                     torch.mm(xj[rows], xj[cols].T, out=blk)
@@ -519,8 +528,11 @@ def _group_kernel(xg: Tensor, sizes: list[int], similarity: str) -> tuple[Tensor
                     blk.clamp_(min=0.0).sqrt_()
                     if similarity == "exp":
                         blk.mul_(-_LOG2_E / dim).exp2_()
-                    else:
-                        c0[j] = max(c0[j], float(blk.max()))
+                if lo2 + blk.shape[1] > m:  # padding: 0 in padded rows and columns
+                    blk[:, max(0, m - lo2) :].zero_()
+                    blk[max(0, m - lo) :].zero_()
+                if similarity == "linear":
+                    c0[j] = max(c0[j], float(blk.max()))
                 if lo2 == lo:  # the product is symmetric only up to rounding: mirror it
                     upper = torch.triu(blk, diagonal=1).T
                     blk.triu_().add_(upper)
@@ -528,8 +540,10 @@ def _group_kernel(xg: Tensor, sizes: list[int], similarity: str) -> tuple[Tensor
                     kern[j, cols, rows].copy_(blk.T)
                 if similarity != "linear":
                     first[j, rows] += blk.sum(dim=1)
+                    _segment_max(blk, peak[j, rows, lo2 // _SEGMENT :])
                     if lo2 != lo:
                         first[j, cols] += blk.sum(dim=0)
+                        _segment_max(kern[j, cols, rows], peak[j, cols, lo // _SEGMENT :])
     if similarity == "linear":  # c0 - d needs the largest distance of the whole problem
         step = max(1, _CACHE_ELEMENTS // n)
         for j, m in enumerate(sizes):
@@ -537,9 +551,20 @@ def _group_kernel(xg: Tensor, sizes: list[int], similarity: str) -> tuple[Tensor
                 blk = kern[j, start : min(start + step, m), :m]
                 blk.neg_().add_(c0[j])
                 first[j, start : start + blk.shape[0]] = blk.sum(dim=1)
+            for start in range(0, n, step):
+                blk = kern[j, start : start + step]
+                _segment_max(blk, peak[j, start : start + step])
     for j, m in enumerate(sizes):
         first[j, m:] = -math.inf
-    return kern, first
+    return kern, first, peak
+
+
+def _segment_max(blk: Tensor, out: Tensor) -> None:
+    """Largest value of each row of ``blk`` within each run of ``_SEGMENT`` columns, written
+    to the first columns of ``out``."""
+    rows, width = blk.shape
+    runs = blk.view(rows, width // _SEGMENT, _SEGMENT)
+    torch.amax(runs, dim=-1, out=out[:, : width // _SEGMENT])
 
 
 # --------------------------------------------------------------------------- greedy engine
@@ -571,8 +596,7 @@ def _solve(
     while start < len(order):
         end = start + 1
         while end < len(order):
-            n_max = problems[order[end]].rows.numel()
-            if (end + 1 - start) * n_max * n_max * itemsize > max_memory:
+            if (end + 1 - start) * _kernel_bytes(problems[order[end]], itemsize) > max_memory:
                 break
             end += 1
         group = [problems[i] for i in order[start:end]]
@@ -581,6 +605,17 @@ def _solve(
             selected[i], assigned[i], gains[i] = out[0][j], out[1][j], out[2][j]
         start = end
     return selected, assigned, gains
+
+
+def _padded(rows: int) -> int:
+    """Kernel side for a problem of ``rows`` rows: a whole number of segments."""
+    return -(-rows // _SEGMENT) * _SEGMENT
+
+
+def _kernel_bytes(problem: _Problem, itemsize: int) -> int:
+    """Bytes of a problem's padded kernel and its segment maxima."""
+    n = _padded(problem.rows.numel())
+    return n * (n + n // _SEGMENT) * itemsize
 
 
 def _solve_group(
@@ -596,14 +631,23 @@ def _solve_group(
     g = len(group)
     sizes = torch.tensor([p.rows.numel() for p in group], device=device)
     ks = torch.tensor([p.k for p in group], device=device)
-    n = int(sizes.max())
+    n = _padded(int(sizes.max()))
     k_max = int(ks.max())
     valid = torch.arange(n, device=device)[None, :] < sizes[:, None]
-    rows = torch.zeros(g, n, dtype=torch.long, device=device)
+    # The rows of a large problem go in k-d tree order, so that the pairs of a row that
+    # still contribute sit in few segments of its kernel row.
+    rows = torch.full((g, n), x.shape[0], dtype=torch.long, device=device)
+    orders = []  # column of each of the problem's rows
     for j, p in enumerate(group):
-        rows[j, : p.rows.numel()] = p.rows
-    kern, first = _group_kernel(x[rows], [p.rows.numel() for p in group], similarity)
-    cov = _Coverage(kern, valid, None if method == "naive" else first)
+        size = p.rows.numel()
+        pos = torch.arange(size, device=device)
+        if size > max(_ORDER_ROWS, _SEGMENT):
+            pos = torch.cat(_partition(x[p.rows], pos, _SEGMENT))
+        rows[j, :size] = p.rows[pos]
+        orders.append(torch.empty_like(pos).scatter_(0, pos, torch.arange(size, device=device)))
+    kern, first, peak = _group_kernel(x[rows.clamp(max=x.shape[0] - 1)],
+                                      [p.rows.numel() for p in group], similarity)
+    cov = _Coverage(kern, valid, rows, peak, None if method == "naive" else first)
 
     picks = torch.zeros(g, max(k_max, 1), dtype=torch.long, device=device)
     gain_of = torch.zeros(g, max(k_max, 1), dtype=x.dtype, device=device)
@@ -618,8 +662,8 @@ def _solve_group(
             best, gain = cov.best(act)
         elif method == "naive":
             gains = cov.all_gains()[act].masked_fill_(cov.taken[act], -math.inf)
-            best = gains.argmax(dim=1)
-            gain = gains.gather(1, best[:, None]).squeeze(1)
+            gain = gains.max(dim=1).values
+            best = cov.first_row(act, gains == gain[:, None])
         else:
             best, gain = _stochastic_step(cov, act, n_samples, generator)
         picks[act, t] = best
@@ -627,10 +671,10 @@ def _solve_group(
         cov.add(act, best, t)
 
     sel = rows.gather(1, picks)
-    asg = sel.gather(1, cov.owner)
+    asg = sel.gather(1, cov.owner)  # padded rows: any medoid, cut off below
     return (
         [sel[j, : p.k] for j, p in enumerate(group)],
-        [asg[j, : p.rows.numel()] for j, p in enumerate(group)],
+        [asg[j, order] for j, order in enumerate(orders)],
         [gain_of[j, : p.k] for j, p in enumerate(group)],
     )
 
@@ -660,22 +704,27 @@ class _Coverage:
     ties included.
     """
 
-    def __init__(self, kern: Tensor, valid: Tensor, first: Tensor | None) -> None:
+    def __init__(self, kern: Tensor, valid: Tensor, rows: Tensor, peak: Tensor,
+                 first: Tensor | None) -> None:
         self.kern = kern
         self.g, self.n = valid.shape
         self.valid = valid
+        self.rows = rows  # the data row of every column: ties go to the lowest
+        self.peak = peak  # (G, n, n / _SEGMENT) segment maxima of the kernel rows
         self.taken = ~valid  # selected or padded columns
         self.cur = torch.zeros(self.g, self.n, dtype=kern.dtype, device=kern.device)
         self.owner = torch.zeros(self.g, self.n, dtype=torch.long, device=kern.device)
-        rows = max(self.g, _CACHE_ELEMENTS // self.n)
-        self._scratch = torch.empty(rows, self.n, dtype=kern.dtype, device=kern.device)
+        chunk = max(self.g, _CACHE_ELEMENTS // self.n)
+        self._scratch = torch.empty(chunk, self.n, dtype=kern.dtype, device=kern.device)
         self._rows = int(valid.sum())
         self.known: Tensor | None = None
         self._slack = 0.0  # how far ``known`` may be from naive greedy's sums, absolute
         if first is not None:  # summed blockwise in the kernel dtype, naive's sums by rows
             self._know(first.to(torch.float64), _rounding(kern.dtype, self.n))
             self._drop = torch.empty(self.g, self.n, dtype=torch.float64, device=kern.device)
-            self._wide = torch.empty(rows, self.n, dtype=torch.float64, device=kern.device)
+            step = _CACHE_ELEMENTS // _SEGMENT
+            self._segments = torch.empty(step, _SEGMENT, dtype=kern.dtype, device=kern.device)
+            self._wide = torch.empty(step, _SEGMENT, dtype=torch.float64, device=kern.device)
 
     def _know(self, gains: Tensor, rounding: float) -> None:
         """Take ``gains`` as the known gains, accurate to ``rounding`` relative to the largest
@@ -742,7 +791,14 @@ class _Coverage:
             cols = cols.clamp(max=self.n - 1)
         fresh = self.gains(act, cols).masked_fill_(~near, -math.inf)
         gain = fresh.max(dim=1, keepdim=True).values
-        return torch.where(fresh == gain, cols, self.n).min(dim=1).values, gain.squeeze(1)
+        return self.first_row(act, fresh == gain, cols), gain.squeeze(1)
+
+    def first_row(self, act: Tensor, tied: Tensor, cols: Tensor | None = None) -> Tensor:
+        """Of the columns ``cols`` (P, C) (default every column) of problems ``act`` where
+        ``tied``, the one holding the lowest data row."""
+        rows = self.rows[act] if cols is None else self.rows[act[:, None], cols]
+        pos = rows.masked_fill(~tied, torch.iinfo(rows.dtype).max).argmin(dim=1)
+        return pos if cols is None else cols.gather(1, pos[:, None]).squeeze(1)
 
     def add(self, act: Tensor, best: Tensor, t: int) -> None:
         """Record that problems ``act`` selected columns ``best`` at greedy step ``t``."""
@@ -770,18 +826,27 @@ class _Coverage:
 
     def _lower(self, rows: Tensor, prob: Tensor, old: Tensor, new: Tensor) -> None:
         """Lower the known gains for the coverage of flat ``rows`` (of problems ``prob``)
-        rising from ``old`` to ``new``, reading their kernel rows a cache-sized chunk at a time
-        and summing the drops in float64."""
+        rising from ``old`` to ``new``. Only the segments of their kernel rows whose largest
+        similarity beats ``old`` are read (the others add nothing), a cache-sized batch at a
+        time, and the drops are summed in float64."""
         assert self.known is not None
-        kern = self.kern.view(-1, self.n)
+        per_row = self.n // _SEGMENT
+        peak = torch.index_select(self.peak.view(-1, per_row), 0, rows)
+        pick = torch.index_select  # much cheaper than advanced indexing for 1-D gathers
+        row, seg = (peak > old[:, None]).nonzero(as_tuple=True)
+        where = pick(rows, 0, row) * per_row + seg  # in the kernel viewed as segments
+        into = pick(prob, 0, row) * per_row + seg  # in the drops viewed as segments
+        kern = self.kern.view(-1, _SEGMENT)
         drop, wide = self._drop.zero_(), self._wide
-        step = self._scratch.shape[0]
-        for lo in range(0, rows.numel(), step):
-            part = rows[lo : lo + step]
-            block = torch.index_select(kern, 0, part, out=self._scratch[: part.numel()])
-            torch.minimum(block, new[lo : lo + step, None], out=block)
-            block.sub_(old[lo : lo + step, None]).clamp_(min=0.0)
-            drop.index_add_(0, prob[lo : lo + step], wide[: part.numel()].copy_(block))
+        step = wide.shape[0]
+        for lo in range(0, where.numel(), step):
+            part = where[lo : lo + step]
+            block = pick(kern, 0, part, out=self._segments[: part.numel()])
+            r = row[lo : lo + step]
+            torch.minimum(block, pick(new, 0, r)[:, None], out=block)
+            block.sub_(pick(old, 0, r)[:, None]).clamp_(min=0.0)
+            drop.view(-1, _SEGMENT).index_add_(0, into[lo : lo + step],
+                                               wide[: part.numel()].copy_(block))
         self.known.sub_(drop)
 
 

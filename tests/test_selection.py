@@ -58,9 +58,17 @@ def check_consistent(med: Medoids, y: torch.Tensor) -> None:
     assert torch.all(y[med.indices].diff() >= 0)
 
 
+@pytest.fixture(params=["as given", "k-d order"])
+def row_order(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run a test as is, and with every problem's rows put in k-d tree order (which only
+    problems of thousands of rows get by default)."""
+    if request.param == "k-d order":
+        monkeypatch.setattr(selection, "_ORDER_ROWS", 0)
+
+
 @pytest.mark.parametrize("similarity", KERNELS)
 @pytest.mark.parametrize("seed", range(4))
-def test_lazy_equals_naive(similarity: str, seed: int) -> None:
+def test_lazy_equals_naive(similarity: str, seed: int, row_order: None) -> None:
     x, y = blobs(400, 3, 5, seed=seed)
     naive = select_medoids(x, y, 0.3, similarity=similarity, method="naive")
     lazy = select_medoids(x, y, 0.3, similarity=similarity)
@@ -74,9 +82,12 @@ def test_known_gains_follow_fresh_sums(dtype: torch.dtype) -> None:
     # The incrementally updated gains equal gains summed afresh after every selection, to the
     # rounding of the kernel's terms.
     x, _ = blobs(300, 1, 4, seed=7, dtype=dtype)
-    kern, first = selection._group_kernel(x[None], [300], "exp")
+    padded = torch.cat([x, torch.zeros(20, 4, dtype=dtype)])  # 320 = 5 segments of 64
+    kern, first, peak = selection._group_kernel(padded[None], [300], "exp")
     assert torch.equal(kern[0], kern[0].T)
-    cov = selection._Coverage(kern, torch.ones(1, 300, dtype=torch.bool), first)
+    assert torch.equal(peak[0], kern[0].view(320, 5, 64).amax(-1))
+    valid = (torch.arange(320) < 300)[None]
+    cov = selection._Coverage(kern, valid, torch.arange(320)[None], peak, first)
     act = torch.zeros(1, dtype=torch.long)
     for t in range(60):
         best, gain = cov.best(act)
@@ -92,7 +103,7 @@ def test_known_gains_follow_fresh_sums(dtype: torch.dtype) -> None:
         assert torch.allclose(cov.known[live], fresh[live], rtol=eps, atol=atol)
 
 
-def test_exact_ties_break_like_naive() -> None:
+def test_exact_ties_break_like_naive(row_order: None) -> None:
     # Pairs of points that only cover each other have exactly equal gains; lazy greedy picks
     # the lower index, as naive greedy does, although its gains are updated incrementally.
     g = torch.Generator().manual_seed(5)
@@ -111,7 +122,7 @@ def test_exact_ties_break_like_naive() -> None:
 
 
 @pytest.mark.parametrize("similarity", KERNELS)
-def test_float32_lazy_equals_naive(similarity: str) -> None:
+def test_float32_lazy_equals_naive(similarity: str, row_order: None) -> None:
     # float32 input, spread-out points (kernel values far apart, so the drops are rounded)
     # and some duplicated rows (exact ties).
     x, y = blobs(600, 4, 10, seed=11, dtype=torch.float32)
@@ -171,7 +182,7 @@ def test_pinned_selection_on_toy_problem() -> None:
     assert linear.indices.tolist() == [3, 5, 7, 10, 12]
 
 
-def test_planted_isolated_points_are_found() -> None:
+def test_planted_isolated_points_are_found(row_order: None) -> None:
     x, y, is_planted = planted()
     drop = find_isolated(x, y, fraction=0.1)
     assert drop.dtype == torch.bool and drop.shape == (x.shape[0],)
