@@ -35,10 +35,13 @@ method. Rows equally similar to two medoids are assigned to the medoid that was 
 Known gains: the kernel is exactly symmetric, so the similarities of a row to every candidate
 are a kernel row. When a selection raises the coverage of row ``i`` from ``a`` to ``b``, the
 gain of candidate ``j`` drops by ``max(0, min(s_ij, b) - a)``: a step reads only the kernel
-rows whose coverage rose, which are few once medoids are spread out. The gains are summed
-afresh (in float64) only when a selection raises most rows' coverage, as the first does.
-Minoux's lazy greedy instead re-sums whole kernel rows of candidates whose stale upper bounds
-lead; on the CIFAR-sized benchmark that did several times more work (docs/selection.md).
+rows whose coverage rose, which are few once medoids are spread out, and of those only the
+segments of 64 columns whose largest similarity beats ``a`` (rows of large problems are put
+in k-d tree order so that these are few). The gains are summed afresh (in float64) only when
+a selection raises most rows' coverage, as the first does. Minoux's lazy greedy instead
+re-sums whole kernel rows of candidates whose stale upper bounds lead; on the CIFAR-sized
+benchmark it read more of the kernel and needed more tensor operations per step, and took
+half again as long (docs/selection.md).
 
 Memory: classes whose dense similarity matrix exceeds ``max_memory`` bytes (or with more than
 ``partition_size`` rows) are split into spatially coherent partitions of ``partition_size``
