@@ -722,12 +722,21 @@ class _Coverage:
         self._rows = int(valid.sum())
         self.known: Tensor | None = None
         self._slack = 0.0  # how far ``known`` may be from naive greedy's sums, absolute
+        self._settled = False  # whether ``known`` was summed afresh since coverage last rose
         if first is not None:  # summed blockwise in the kernel dtype, naive's sums by rows
             self._know(first.to(torch.float64), _rounding(kern.dtype, self.n))
             self._drop = torch.empty(self.g, self.n, dtype=torch.float64, device=kern.device)
             step = _CACHE_ELEMENTS // _SEGMENT
             self._segments = torch.empty(step, _SEGMENT, dtype=kern.dtype, device=kern.device)
             self._wide = torch.empty(step, _SEGMENT, dtype=torch.float64, device=kern.device)
+
+    def _refresh(self) -> None:
+        """Sum every gain afresh, in float64: a gain of 0 is then exactly 0."""
+        # Later drops are rounded to the kernel dtype, each relative to itself, and a
+        # candidate's drops add up to at most its gain now.
+        rounding = 2 * torch.finfo(self.kern.dtype).eps + _rounding(torch.float64, self.n)
+        self._know(self.all_gains(dtype=torch.float64), rounding)
+        self._settled = True
 
     def _know(self, gains: Tensor, rounding: float) -> None:
         """Take ``gains`` as the known gains, accurate to ``rounding`` relative to the largest
@@ -784,6 +793,24 @@ class _Coverage:
         ties = int(near.sum(dim=1).max())
         if ties == 1:
             return cols[:, 0], vals[:, 0].to(self.kern.dtype)
+        if ties == vals.shape[1] and bool((top <= self._slack).any()):
+            # Many gains near 0 (duplicated rows, or more medoids than distinct rows): those
+            # that are exactly 0 need no summing, once rounding cannot blur them.
+            if not self._settled:
+                self._refresh()
+                return self.best(act, cand, use)
+            zero = top.squeeze(1) == 0
+            if bool(zero.any()):
+                choice = torch.empty_like(act)
+                gain = torch.zeros(act.numel(), dtype=self.kern.dtype, device=act.device)
+                some = cand if cand is None else cand[zero]
+                choice[zero] = self.first_row(act[zero], score[zero] == 0, some)
+                if not bool(zero.all()):
+                    rest = ~zero
+                    choice[rest], gain[rest] = self.best(
+                        act[rest], None if cand is None else cand[rest],
+                        None if use is None else use[rest])
+                return choice, gain
         if ties == vals.shape[1]:  # maybe more near ties than looked at: compare them all
             if cand is None:
                 cand = torch.arange(self.n, device=act.device).expand_as(score)
@@ -817,13 +844,12 @@ class _Coverage:
         cur = self.cur.view(-1)
         if self.known is not None and 2 * rows.numel() > self._rows:
             cur[rows] = new  # most rows: sum every gain afresh
-            # Later drops are rounded to the kernel dtype, each relative to itself, and a
-            # candidate's drops add up to at most its gain now.
-            rounding = 2 * torch.finfo(self.kern.dtype).eps + _rounding(torch.float64, self.n)
-            self._know(self.all_gains(dtype=torch.float64), rounding)
+            self._refresh()
         elif self.known is not None:
-            self._lower(rows, prob, torch.index_select(cur, 0, rows), new)
             self.known[act, best] = -math.inf
+            if rows.numel():
+                self._lower(rows, prob, torch.index_select(cur, 0, rows), new)
+                self._settled = False
         cur[rows] = new
         self.owner.view(-1)[rows] = t
 

@@ -121,6 +121,20 @@ def test_exact_ties_break_like_naive(row_order: None) -> None:
     assert torch.equal(lazy.assignment, naive.assignment)
 
 
+def test_more_medoids_than_distinct_rows(row_order: None) -> None:
+    # Like gradients of confidently classified examples, which are exactly 0: most rows are
+    # duplicates, the budget exceeds the distinct rows, and the last picks all gain 0.
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 5, generator=g)[torch.randint(0, 7, (700,), generator=g)]
+    x[::3] = 0.0
+    y = torch.arange(700) % 2
+    lazy = select_medoids(x, y, 0.1)
+    naive = select_medoids(x, y, 0.1, method="naive")
+    assert torch.equal(lazy.indices, naive.indices)
+    assert torch.equal(lazy.assignment, naive.assignment)
+    check_consistent(lazy, y)
+
+
 @pytest.mark.parametrize("similarity", KERNELS)
 def test_float32_lazy_equals_naive(similarity: str, row_order: None) -> None:
     # float32 input, spread-out points (kernel values far apart, so the drops are rounded)
