@@ -12,6 +12,7 @@ Usage:
     python benchmarks/selection.py --json
     python benchmarks/selection.py --scale --json
     python benchmarks/selection.py --partition-quality --json
+    python benchmarks/selection.py --duplicates --json
 """
 
 from __future__ import annotations
@@ -227,10 +228,32 @@ def partition_quality(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def duplicates(args: argparse.Namespace) -> dict[str, Any]:
+    """Exact greedy on one class of ``--duplicates-n`` rows with only 10 distinct values
+    (more medoids than distinct rows): lazy against naive."""
+    g = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(10, 10, generator=g)[torch.arange(args.duplicates_n) % 10]
+    y = torch.zeros(args.duplicates_n, dtype=torch.long)
+    lazy_s, lazy = timed(lambda: select_medoids(x, y, args.fraction))
+    naive_s, naive = timed(lambda: select_medoids(x, y, args.fraction, method="naive"))
+    return {
+        "mode": "duplicates",
+        "n": args.duplicates_n,
+        "distinct": 10,
+        "fraction": args.fraction,
+        "lazy_s": lazy_s,
+        "naive_s": naive_s,
+        "same_selection": bool(torch.equal(lazy.indices, naive.indices)),
+        "machine": machine(),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--scale", action="store_true", help="1,000,000-row single-class run")
     p.add_argument("--partition-quality", action="store_true", help="partitioned vs dense")
+    p.add_argument("--duplicates", action="store_true", help="10 distinct rows, lazy vs naive")
+    p.add_argument("--duplicates-n", type=int, default=3000)
     p.add_argument("--json", action="store_true", help="print a JSON object as the last line")
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--per-class", type=int, default=5000)
@@ -253,6 +276,8 @@ def main() -> None:
         result = scale(args)
     elif args.partition_quality:
         result = partition_quality(args)
+    elif args.duplicates:
+        result = duplicates(args)
     else:
         result = compare(args)
     if args.json:
