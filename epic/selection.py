@@ -697,9 +697,10 @@ class _Coverage:
     ``known`` (float64; not kept for naive greedy) holds every gain, kept up to date
     incrementally: when a selection raises the coverage of row ``i`` from ``a`` to ``b``, the
     gain of every candidate ``j`` drops by ``max(0, min(s_ij, b) - a)``. So a step reads only
-    the kernel rows whose coverage rose (few, once medoids are spread out) and no gain is
-    re-summed from scratch, except when a selection raises the coverage of most rows (the
-    first one does): then all are summed afresh, which costs no more.
+    the kernel rows whose coverage rose (few, once medoids are spread out), and of those only
+    the segments whose largest similarity (``peak``) beats ``a``; no gain is re-summed from
+    scratch, except when a selection raises the coverage of most rows (the first one does):
+    then all are summed afresh, which costs no more.
 
     Rounding: ``known`` is accurate to float64 rounding, naive greedy's gains (summed afresh
     by :meth:`all_gains` in the kernel dtype) only to the kernel dtype's. :meth:`best` sums the
@@ -776,7 +777,7 @@ class _Coverage:
              use: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Naive greedy's choice for problems ``act`` among columns ``cand`` (P, C) where
         ``use`` (default: among every column not taken), and its gain: the highest gain, the
-        lowest column on ties. Known gains within rounding of the best are summed afresh."""
+        lowest data row on ties. Known gains within rounding of the best are summed afresh."""
         assert self.known is not None
         if cand is None:
             score = self.known if act.numel() == self.g else self.known[act]
@@ -803,7 +804,7 @@ class _Coverage:
             if bool(zero.any()):
                 choice = torch.empty_like(act)
                 gain = torch.zeros(act.numel(), dtype=self.kern.dtype, device=act.device)
-                some = cand if cand is None else cand[zero]
+                some = None if cand is None else cand[zero]
                 choice[zero] = self.first_row(act[zero], score[zero] == 0, some)
                 if not bool(zero.all()):
                     rest = ~zero
