@@ -383,8 +383,10 @@ def _budgets(sizes: list[int], fraction: float, per_class: str) -> list[int]:
 
 
 def _max_dense_rows(max_memory: int, itemsize: int) -> int:
-    """Largest class size whose dense similarity matrix (plus scratch) fits ``max_memory``."""
-    return max(2, math.isqrt(max_memory // (itemsize + 1)))
+    """Largest class size whose padded kernel and segment maxima fit ``max_memory`` (at least
+    2 rows)."""
+    side = math.isqrt(max_memory * _SEGMENT // ((_SEGMENT + 1) * itemsize))
+    return max(2, side // _SEGMENT * _SEGMENT)
 
 
 def _apportion(k: int, sizes: list[int]) -> list[int]:
