@@ -459,20 +459,35 @@ def _similarity(a: Tensor, b: Tensor, similarity: str, c0: float) -> Tensor:
     if similarity == "cosine":
         a = torch.nn.functional.normalize(a, dim=-1)
         b = torch.nn.functional.normalize(b, dim=-1)
-        return (a @ b.transpose(-1, -2)).add_(1.0).mul_(0.5).clamp_(0.0, 1.0)
-    d = _distances(a, b)
-    if similarity == "exp":
-        return d.mul_(-_LOG2_E / a.shape[-1]).exp2_()
-    return d.neg_().add_(c0)
+    out = torch.empty(a.shape[0], b.shape[0], dtype=a.dtype, device=a.device)
+    _fill_kernel(out, a, b, (a * a).sum(-1), (b * b).sum(-1), similarity)
+    return out.neg_().add_(c0) if similarity == "linear" else out
 
 
 def _distances(a: Tensor, b: Tensor) -> Tensor:
-    """(n, m) Euclidean distances between rows of ``a`` (n, D) and ``b`` (m, D).
+    """(n, m) Euclidean distances between rows of ``a`` (n, D) and ``b`` (m, D)."""
+    out = torch.empty(a.shape[0], b.shape[0], dtype=a.dtype, device=a.device)
+    return _fill_kernel(out, a, b, (a * a).sum(-1), (b * b).sum(-1), "linear")
 
-    Via ``|a|^2 + |b|^2 - 2 a.b`` (one matrix product), clamped at 0 against rounding.
+
+def _fill_kernel(out: Tensor, a: Tensor, b: Tensor, sq_a: Tensor, sq_b: Tensor,
+                 similarity: str) -> Tensor:
+    """Write into ``out`` (n, m) the similarity between rows of ``a`` (n, D) and ``b`` (m, D),
+    with ``sq_*`` their squared norms (for ``"cosine"``, ``a`` and ``b`` normalized); for
+    ``"linear"`` the distance, from which ``c0 - d`` follows once ``c0`` is known.
+
+    Distances via ``|a|^2 + |b|^2 - 2 a.b`` (one matrix product), clamped at 0 against
+    rounding; ``exp(-d / D)`` as ``exp2(-d * log2(e) / D)``.
     """
-    sq = torch.addmm((a * a).sum(-1, keepdim=True), a, b.T, alpha=-2.0)
-    return sq.add_((b * b).sum(-1)).clamp_(min=0.0).sqrt_()
+    if similarity == "cosine":
+        torch.mm(a, b.T, out=out)
+        return out.add_(1.0).mul_(0.5).clamp_(0.0, 1.0)
+    torch.add(sq_a[:, None], sq_b[None, :], out=out)
+    torch.addmm(out, a, b.T, alpha=-2.0, out=out)
+    out.clamp_(min=0.0).sqrt_()
+    if similarity == "exp":
+        out.mul_(-_LOG2_E / a.shape[-1]).exp2_()
+    return out
 
 
 def _max_pairwise_distance(x: Tensor) -> float:
@@ -503,7 +518,7 @@ def _group_kernel(
     diagonal (one matrix product each), each mirrored below it, so it is exactly symmetric:
     a row is also a column. Sums and maxima are taken while blocks are hot.
     """
-    g, n, dim = xg.shape
+    g, n, _ = xg.shape
     kern = torch.empty(g, n, n, dtype=xg.dtype, device=xg.device)
     if kern.device.type == "cpu":
         # Fault the pages in with one cheap strided write: first touches from the threads of
@@ -522,17 +537,8 @@ def _group_kernel(
             rows = slice(lo, min(lo + side, n))
             for lo2 in range(lo, n, side):
                 cols = slice(lo2, min(lo2 + side, n))
-                blk = kern[j, rows, cols]
-                if similarity == "cosine":
-                    torch.mm(xj[rows], xj[cols].T, out=blk)
-                    blk.add_(1.0).mul_(0.5).clamp_(0.0, 1.0)
-                else:
-                    # |a|^2 + |b|^2 - 2 a.b, clamped at 0 against rounding
-                    torch.add(sqj[rows, None], sqj[None, cols], out=blk)
-                    torch.addmm(blk, xj[rows], xj[cols].T, alpha=-2.0, out=blk)
-                    blk.clamp_(min=0.0).sqrt_()
-                    if similarity == "exp":
-                        blk.mul_(-_LOG2_E / dim).exp2_()
+                blk = _fill_kernel(kern[j, rows, cols], xj[rows], xj[cols], sqj[rows],
+                                   sqj[cols], similarity)
                 if lo2 + blk.shape[1] > m:  # padding: 0 in padded rows and columns
                     blk[:, max(0, m - lo2) :].zero_()
                     blk[max(0, m - lo) :].zero_()
