@@ -851,16 +851,18 @@ class _Coverage:
             prob = torch.index_select(act, 0, prob)
             rows = rows % self.n + prob * self.n
         cur = self.cur.view(-1)
-        if self.known is not None and 2 * rows.numel() > self._rows:
-            cur[rows] = new  # most rows: sum every gain afresh
-            self._refresh()
-        elif self.known is not None:
-            self.known[act, best] = -math.inf
-            if rows.numel():
-                self._lower(rows, prob, torch.index_select(cur, 0, rows), new)
-                self._settled = False
+        old = torch.index_select(cur, 0, rows)
         cur[rows] = new
         self.owner.view(-1)[rows] = t
+        if self.known is None:
+            return
+        if 2 * rows.numel() > self._rows:  # most rows: sum every gain afresh
+            self._refresh()
+        else:
+            self.known[act, best] = -math.inf
+            if rows.numel():
+                self._lower(rows, prob, old, new)
+                self._settled = False
 
     def _lower(self, rows: Tensor, prob: Tensor, old: Tensor, new: Tensor) -> None:
         """Lower the known gains for the coverage of flat ``rows`` (of problems ``prob``)
