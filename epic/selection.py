@@ -417,38 +417,44 @@ def _merge_partitions(selected: list[Tensor], gains: list[Tensor], k: int) -> li
 
 
 def _partition(x: Tensor, rows: Tensor, max_rows: int) -> list[Tensor]:
-    """Split ``rows`` into spatially coherent parts of at most ``max_rows`` rows.
+    """Split ``rows`` into spatially coherent parts of at most ``max_rows`` rows."""
+    levels = math.ceil(math.log2(rows.numel() / max_rows))
+    zero = torch.zeros(rows.numel(), dtype=torch.long, device=x.device)
+    perm, leaf = _kd_order(x[rows], zero, levels)
+    counts = torch.bincount(leaf, minlength=1 << levels)
+    return list(torch.split(rows[perm], counts.tolist()))
 
-    Recursive median splits along the coordinate of largest range (a balanced k-d tree), all
-    parts of one level processed together.
+
+def _kd_order(xs: Tensor, seg: Tensor, levels: int) -> tuple[Tensor, Tensor]:
+    """Order of the rows of ``xs`` by a balanced k-d tree of ``levels`` levels within each
+    of the sets ``seg`` (non-decreasing ids 0, 1, ...), and the leaf of each ordered row.
+
+    Recursive median splits along the coordinate of largest range, all nodes of a level (of
+    every set) processed together; the sets stay in order, each contiguous.
     """
-    n = rows.numel()
-    levels = math.ceil(math.log2(n / max_rows))
-    xs = x[rows]
-    perm = torch.arange(n, device=x.device)
-    seg = torch.zeros(n, dtype=torch.long, device=x.device)
+    n, dim = xs.shape
+    perm = torch.arange(n, device=xs.device)
+    sets = int(seg[-1]) + 1 if n else 0
     for level in range(levels):
-        n_seg = 1 << level
+        n_seg = sets << level
         pts = xs[perm]
-        dim = xs.shape[1]
         idx = seg[:, None].expand(-1, dim)
-        hi = torch.full((n_seg, dim), -math.inf, dtype=xs.dtype, device=x.device)
-        lo = torch.full((n_seg, dim), math.inf, dtype=xs.dtype, device=x.device)
+        hi = torch.full((n_seg, dim), -math.inf, dtype=xs.dtype, device=xs.device)
+        lo = torch.full((n_seg, dim), math.inf, dtype=xs.dtype, device=xs.device)
         hi = hi.scatter_reduce(0, idx, pts, "amax")
         lo = lo.scatter_reduce(0, idx, pts, "amin")
         spread, axis = (hi - lo).max(dim=1)
         value = pts.gather(1, axis[seg][:, None]).squeeze(1)
         low = lo.gather(1, axis[:, None]).squeeze(1)
-        # segment id plus the position along the split axis scaled into [0, 0.5]: one sort
+        # node id plus the position along the split axis scaled into [0, 0.5]: one sort
         key = seg.double() + 0.5 * ((value - low[seg]) / spread.clamp(min=1e-30)[seg]).double()
         order = torch.argsort(key)
         perm, seg = perm[order], seg[order]
         counts = torch.bincount(seg, minlength=n_seg)
         starts = torch.cumsum(counts, 0) - counts
-        pos = torch.arange(n, device=x.device) - starts[seg]
+        pos = torch.arange(n, device=xs.device) - starts[seg]
         seg = 2 * seg + (pos >= counts[seg] // 2).long()
-    counts = torch.bincount(seg, minlength=1 << levels)
-    return list(torch.split(rows[perm], counts.tolist()))
+    return perm, seg
 
 
 # --------------------------------------------------------------------------- kernels
@@ -646,16 +652,25 @@ def _solve_group(
     k_max = int(ks.max())
     valid = torch.arange(n, device=device)[None, :] < sizes[:, None]
     # The rows of a large problem go in k-d tree order, so that the pairs of a row that
-    # still contribute sit in few segments of its kernel row.
+    # still contribute sit in few segments of its kernel row. pos[j]: the position within
+    # problem j of the row in each column.
+    pos = [torch.arange(p.rows.numel(), device=device) for p in group]
+    large = [j for j, p in enumerate(group) if p.rows.numel() > max(_ORDER_ROWS, _SEGMENT)]
+    if large:  # one k-d tree pass over all of them, down to leaves of at most a segment
+        counts = sizes[large]
+        owner = torch.repeat_interleave(torch.arange(len(large), device=device), counts)
+        flat = torch.cat([group[j].rows for j in large])
+        levels = math.ceil(math.log2(int(counts.max()) / _SEGMENT))
+        perm, _ = _kd_order(x[flat], owner, levels)
+        perm -= (torch.cumsum(counts, 0) - counts)[owner]  # -> position within its problem
+        for j, order in zip(large, torch.split(perm, counts.tolist()), strict=True):
+            pos[j] = order
     rows = torch.full((g, n), x.shape[0], dtype=torch.long, device=device)
     orders = []  # column of each of the problem's rows
     for j, p in enumerate(group):
-        size = p.rows.numel()
-        pos = torch.arange(size, device=device)
-        if size > max(_ORDER_ROWS, _SEGMENT):
-            pos = torch.cat(_partition(x[p.rows], pos, _SEGMENT))
-        rows[j, :size] = p.rows[pos]
-        orders.append(torch.empty_like(pos).scatter_(0, pos, torch.arange(size, device=device)))
+        rows[j, : p.rows.numel()] = p.rows[pos[j]]
+        orders.append(torch.empty_like(pos[j]).scatter_(0, pos[j], torch.arange(
+            p.rows.numel(), device=device)))
     kern, first, peak = _group_kernel(x[rows.clamp(max=x.shape[0] - 1)],
                                       [p.rows.numel() for p in group], similarity)
     cov = _Coverage(kern, valid, rows, peak, None if method == "naive" else first)
