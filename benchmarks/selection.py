@@ -5,6 +5,9 @@ like last-layer gradients softmax(z) - onehot(y)), 10% medoids per class, each l
 to end from embeddings to medoids in this process. Objectives are scored under submodlib's
 kernel exp(-||a - b|| / D).
 
+``--phases`` mode: where the engine's time goes on the default problem (best of ``--repeat``
+runs), phase by phase, and what faulting in a fresh buffer of the kernels' size costs alone.
+
 ``--scale`` mode: one class of 1,000,000 embeddings (dimension 10): 10% medoids plus isolated
 points, reporting seconds and peak resident memory.
 
@@ -13,6 +16,7 @@ Usage:
     python benchmarks/selection.py --scale --json
     python benchmarks/selection.py --partition-quality --json
     python benchmarks/selection.py --duplicates --json
+    python benchmarks/selection.py --phases --json
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import epic.selection as engine  # noqa: E402
 from epic.selection import (  # noqa: E402
     facility_location_value,
     find_isolated,
@@ -173,6 +178,74 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+# Engine internals timed by --phases, exclusive of each other (a phase called from within
+# another counts for itself only).
+PHASES = {
+    "order": (engine, "_kd_order"),
+    "kernel": (engine, "_group_kernel"),
+    "fresh_pass": (engine._Coverage, "_refresh"),
+    "updates": (engine._Coverage, "_lower"),
+    "choose": (engine._Coverage, "best"),
+}
+
+
+@contextlib.contextmanager
+def phase_timers(totals: dict[str, float]) -> Iterator[None]:
+    """Time the engine phases of PHASES into ``totals`` while active."""
+    stack: list[float] = []  # time spent in nested phases, per open phase
+
+    def timed_phase(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            stack.append(0.0)
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent = time.perf_counter() - start
+                totals[name] = totals.get(name, 0.0) + spent - stack.pop()
+                if stack:
+                    stack[-1] += spent
+
+        return wrapper
+
+    saved = {name: getattr(owner, attr) for name, (owner, attr) in PHASES.items()}
+    for name, (owner, attr) in PHASES.items():
+        setattr(owner, attr, timed_phase(name, saved[name]))
+    try:
+        yield
+    finally:
+        for name, (owner, attr) in PHASES.items():
+            setattr(owner, attr, saved[name])
+
+
+def phases(args: argparse.Namespace) -> dict[str, Any]:
+    x, y = gradient_embeddings(args.per_class, args.classes, seed=args.seed)
+    run_ours(x[:200], y[:200], args.fraction, args.method)  # warm-up
+    best: dict[str, float] = {}
+    for _ in range(args.repeat):
+        totals: dict[str, float] = {}
+        with phase_timers(totals):
+            seconds, _ = timed(lambda: run_ours(x, y, args.fraction, args.method))
+        if not best or seconds < best["total"]:
+            best = {"total": seconds, **totals}
+    best["other"] = best["total"] - sum(v for k, v in best.items() if k != "total")
+    side = engine._padded(args.per_class)
+    nbytes = args.classes * side * side * 4  # the float32 kernels of one group
+    fault_s = min(timed(lambda: torch.empty(nbytes // 4).view(-1)[::1024].zero_())[0]
+                  for _ in range(args.repeat))
+    return {
+        "mode": "phases",
+        "n": int(x.shape[0]),
+        "classes": args.classes,
+        "method": args.method,
+        "seconds": best,
+        "fault_in_kernel_sized_buffer_s": fault_s,
+        "kernel_gib": nbytes / 2**30,
+        "machine": machine(),
+    }
+
+
 def scale(args: argparse.Namespace) -> dict[str, Any]:
     x, y = gradient_embeddings(args.scale_n, 1, seed=args.seed)
     start = time.perf_counter()
@@ -253,6 +326,7 @@ def main() -> None:
     p.add_argument("--scale", action="store_true", help="1,000,000-row single-class run")
     p.add_argument("--partition-quality", action="store_true", help="partitioned vs dense")
     p.add_argument("--duplicates", action="store_true", help="10 distinct rows, lazy vs naive")
+    p.add_argument("--phases", action="store_true", help="where the engine's time goes")
     p.add_argument("--duplicates-n", type=int, default=3000)
     p.add_argument("--json", action="store_true", help="print a JSON object as the last line")
     p.add_argument("--classes", type=int, default=10)
@@ -278,6 +352,8 @@ def main() -> None:
         result = partition_quality(args)
     elif args.duplicates:
         result = duplicates(args)
+    elif args.phases:
+        result = phases(args)
     else:
         result = compare(args)
     if args.json:
