@@ -19,7 +19,7 @@ def load_benchmark():
     return module
 
 
-def test_phases_add_up_and_restore_the_engine() -> None:
+def test_phases_are_all_timed_and_the_engine_restored() -> None:
     bench = load_benchmark()
     before = {name: getattr(owner, attr) for name, (owner, attr) in bench.PHASES.items()}
     args = argparse.Namespace(per_class=2500, classes=2, fraction=0.1, method="lazy",
