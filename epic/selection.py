@@ -41,7 +41,7 @@ in k-d tree order so that these are few). The gains are summed afresh (in float6
 a selection raises most rows' coverage, as the first does. Minoux's lazy greedy instead
 re-sums whole kernel rows of candidates whose stale upper bounds lead; on the CIFAR-sized
 benchmark it read more of the kernel and needed more tensor operations per step, and took
-half again as long (docs/selection.md).
+2.1 s against 1.2-1.4 s (docs/selection.md).
 
 Memory: classes whose dense similarity matrix exceeds ``max_memory`` bytes (or with more than
 ``partition_size`` rows) are split into spatially coherent partitions of ``partition_size``
