@@ -148,21 +148,26 @@ class PoisonSet:
             labels[self.indices.to(labels.device)] = self.labels.to(labels.device)
         return replace(train, images=images, labels=labels)
 
-    def evaluation_images(self, test: ImageData, *, limit: int = 1000, seed: int = 0) -> Tensor:
+    def evaluation_images(self, test: ImageData, *, limit: int = 1000, seed: int = 0,
+                          patched: bool = True) -> Tensor:
         """uint8 images the attack should flip: the targets, or patched source-class test images.
 
         For a backdoor, up to ``limit`` test images of ``target_class`` get the trigger at a
-        random place (fixed by ``seed``), as in Sleeper Agent's evaluation.
+        random place (fixed by ``seed``), as in Sleeper Agent's evaluation; ``patched=False``
+        gives the same images without it (the patch-free baseline).
         """
         if self.trigger is None:
             return self.target_images
         source = test.images[test.labels == self.target_class][:limit].cpu()
+        if not patched:
+            return source
         return apply_trigger(source, self.trigger, generator=torch.Generator().manual_seed(seed))
 
     @torch.no_grad()
-    def success(self, model: nn.Module, test: ImageData) -> float:
-        """Share of :meth:`evaluation_images` the model assigns to ``adversarial_class``."""
-        images = self.evaluation_images(test)
+    def success(self, model: nn.Module, test: ImageData, *, patched: bool = True) -> float:
+        """Share of :meth:`evaluation_images` the model assigns to ``adversarial_class``
+        (for a backdoor with ``patched=False``: the same source images without the trigger)."""
+        images = self.evaluation_images(test, patched=patched)
         if len(images) == 0:
             raise PoisonSetError("nothing to evaluate: no targets and no source-class images")
         probe = replace(test, images=images,

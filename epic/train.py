@@ -33,7 +33,7 @@ from epic.models import Classifier
 from epic.poisons import PoisonSet
 
 __all__ = ["Defense", "Scenario", "TrainConfig", "TrainResult", "default_milestones",
-           "defense_records", "evaluate", "prepare_model", "train"]
+           "defense_records", "evaluate", "prepare_model", "provenance", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,8 @@ def evaluate(model: nn.Module, data: ImageData, *, batch_size: int = 1000) -> fl
     return correct / max(len(data), 1)
 
 
-def _run_info() -> dict[str, Any]:
+def provenance() -> dict[str, Any]:
+    """Library versions and the git revision of this checkout, for the record of a run."""
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
@@ -233,7 +234,7 @@ def train(
             "defense": _describe(defense), "batch_transform": _describe(batch_transform),
             "poisons": None if poisons is None else {
                 "count": len(poisons), "metadata": poisons.metadata},
-            "device": str(device), "run": (run_info or {}) | _run_info()})
+            "device": str(device), "run": (run_info or {}) | provenance()})
 
     epochs = range(start_epoch, config.epochs)
     bar = None
@@ -281,6 +282,8 @@ def train(
                    "trained_on": seen, "test_acc": evaluate(model, test_data)}
         if poisons is not None:
             record["attack_success"] = poisons.success(model, test_data)
+            if poisons.trigger is not None and epoch == config.epochs - 1:
+                record["patch_free_success"] = poisons.success(model, test_data, patched=False)
             if keep is not None:
                 record["poisons_dropped"] = int((~keep[poisons.indices]).sum())
         elapsed += time.perf_counter() - t0
@@ -369,4 +372,6 @@ def _summarize(metrics: list[dict[str, Any]], defense: Defense | None,
         summary["attack_success"] = last.get("attack_success")
         summary["poisons"] = len(poisons)
         summary["poisons_dropped"] = 0 if keep is None else int((~keep[poisons.indices]).sum())
+        if poisons.trigger is not None:
+            summary["patch_free_success"] = last.get("patch_free_success")
     return summary

@@ -36,11 +36,15 @@ def test_summarize_averages_per_group() -> None:
     recs = [base | {"defense": "none", "attack_success": 1.0, "test_acc": 0.9},
             base | {"defense": "none", "attack_success": 0.0, "test_acc": 0.8},
             base | {"defense": "epic-0.1", "attack_success": 0.0, "test_acc": 0.85}]
+    recs[2] |= {"poisons_dropped": 4, "examples_dropped": 10, "examples": 100}
     rows = {r["defense"]: r for r in summarize(recs)}
-    assert rows["none"]["trials"] == 2 and rows["none"]["attack_success"] == 0.5
-    assert rows["none"]["attack_success_std"] == 0.5
+    assert rows["none"]["n"] == 2 and rows["none"]["attack_success"] == 0.5
+    # standard error of (1, 0): sample sd sqrt(0.5) over sqrt(2)
+    assert rows["none"]["attack_success_se"] == pytest.approx(0.5)
     assert rows["none"]["test_acc"] == pytest.approx(0.85)
-    assert "| bp | transfer | none | 2 | 50.0% ± 50.0 |" in to_markdown(summarize(recs))
+    assert rows["epic-0.1"]["poisons_dropped"] == pytest.approx(0.8)
+    assert rows["epic-0.1"]["examples_dropped"] == pytest.approx(0.1)
+    assert "| transfer | bp | none | 2 | 50.0% ± 50.0 |" in to_markdown(summarize(recs))
 
 
 def test_run_trials_resumes_and_reports(tiny_data, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -65,9 +65,11 @@ def add_attack_commands(sub: Any) -> None:
     g.add_argument("--export", choices=["benchmark", "metapoison"], default=None,
                    help="also write the benchmark layout to OUT/benchmark or a MetaPoison-style "
                         "pickle to OUT/poisons_metapoison.pickle")
-    g.add_argument("--out", required=True, help="folder for the poison set")
+    g.add_argument("--out", required=True,
+                   help="folder for the poison set (with --setups: one setup-NNN folder each)")
     g.add_argument("--progress", action="store_true", help="show crafting progress")
     g.add_argument("--json", action="store_true", help="print a JSON summary last")
+    _add_setup_args(p)
     p.set_defaults(handler=cmd_craft)
 
     d = sub.add_parser(
@@ -85,6 +87,35 @@ def add_attack_commands(sub: Any) -> None:
     d.add_argument("--json", action="store_true",
                    help="print a JSON object with undefended and epic results last")
     d.set_defaults(handler=cmd_demo)
+
+
+def _add_setup_args(p: argparse.ArgumentParser) -> None:
+    """``--setups FILE`` and the options that pick setups and build their victim sets."""
+    g = p.add_argument_group(
+        "benchmark setups", "Trials fixed by a poisoning-benchmark setup file (Schwarzschild et "
+        "al. 2021): target, target class, base class and base images of each trial.")
+    g.add_argument("--setups", default=None, metavar="FILE",
+                   help="a setup pickle such as cifar10_transfer_learning.pickle")
+    g.add_argument("--first", type=int, default=None, metavar="N",
+                   help="use the first N setups (default: all)")
+    g.add_argument("--setup-ids", type=int, nargs="+", default=None, metavar="I",
+                   help="use these setup numbers instead")
+    g.add_argument("--victim-per-class", type=int, default=None, metavar="N",
+                   help="victim training images per class (default: 250 in transfer learning, "
+                        "as in the benchmark; all otherwise)")
+    g.add_argument("--exact-test", type=int, default=None, metavar="N",
+                   help="only test images below N are stored exactly: a target at or above "
+                        "N is replaced by the exact test image of its class at position "
+                        "(index mod count) (the shared CIFAR-10 copy: 1000)")
+
+
+def chosen_setups(args: argparse.Namespace) -> list[Any]:
+    """The setups ``--setups``/``--first``/``--setup-ids`` name (empty without --setups)."""
+    if args.setups is None:
+        return []
+    from epic.setups import load_setups, select_setups
+
+    return select_setups(load_setups(args.setups), first=args.first, ids=args.setup_ids)
 
 
 def _attacker_model(args: argparse.Namespace, train_data: ImageData, test_data: ImageData,
@@ -107,8 +138,8 @@ def _attacker_model(args: argparse.Namespace, train_data: ImageData, test_data: 
 
 
 def craft_from_args(args: argparse.Namespace, model: Classifier, train_data: ImageData,
-                    test_data: ImageData) -> PoisonSet:
-    """Build the attack the arguments name and run it."""
+                    test_data: ImageData, *, bases: torch.Tensor | None = None) -> PoisonSet:
+    """Build the attack the arguments name and run it (on ``bases`` rows when given)."""
     budget: float | int = args.budget if args.budget < 1 else int(args.budget)
     eps_steps = args.eps if args.eps is not None else (16 if args.attack in ("gm", "sa") else 8)
     eps = eps_steps / 255
@@ -140,7 +171,7 @@ def craft_from_args(args: argparse.Namespace, model: Classifier, train_data: Ima
     else:
         attack = GradientMatching(eps=eps, budget=budget, **extra)
     poisons = attack.craft(model, train_data, target, target_class, adversarial,
-                           seed=args.seed, progress=args.progress)
+                           seed=args.seed, bases=bases, progress=args.progress)
     from dataclasses import replace
 
     return replace(poisons, metadata=poisons.metadata | {"target_index": args.target_index})
@@ -152,11 +183,40 @@ def cmd_craft(args: argparse.Namespace) -> int:
     device = _device(args.device)
     train_data, test_data = load_data(args)
     train_data, test_data = train_data.to(device), test_data.to(device)
-    model = _attacker_model(args, train_data, test_data, device)
-    poisons = craft_from_args(args, model, train_data, test_data)
-    poisons = PoisonSet(**{**poisons.__dict__, "metadata": poisons.metadata | {
+    setups = chosen_setups(args)
+    if not setups:
+        model = _attacker_model(args, train_data, test_data, device)
+        return _craft_one(args, model, train_data, test_data, Path(args.out), {})
+    from epic.setups import resolve_target, victim_data
+
+    attacker: Classifier | None = None
+    for setup in setups:
+        victim, rows = victim_data(train_data, setup, scenario=args.scenario,
+                                   per_class=args.victim_per_class)
+        if attacker is None:  # one attacker's model for every setup
+            attacker = _attacker_model(args, victim, test_data, device)
+        target, stand_in = resolve_target(test_data.labels, setup, exact_below=args.exact_test)
+        one = argparse.Namespace(**(vars(args) | {
+            "target_index": target, "source_class": setup.target_class,
+            "adversarial_class": setup.base_class}))
+        facts = {"setup": setup.describe() | {
+            "scenario": args.scenario, "victim_per_class": args.victim_per_class,
+            "exact_test": args.exact_test, "target_stand_in": stand_in}}
+        if stand_in:
+            log.warning("setup %d: target %d is not stored exactly; attacking test image %d "
+                        "of the same class instead", setup.id, setup.target_index, target)
+        _craft_one(one, attacker, victim, test_data, Path(args.out) / f"setup-{setup.id:03d}",
+                   facts, bases=None if args.attack in BACKDOORS else rows.to(device))
+    return 0
+
+
+def _craft_one(args: argparse.Namespace, model: Classifier, train_data: ImageData,
+               test_data: ImageData, out_dir: Path, facts: dict[str, Any],
+               bases: torch.Tensor | None = None) -> int:
+    poisons = craft_from_args(args, model, train_data, test_data, bases=bases)
+    poisons = PoisonSet(**{**poisons.__dict__, "metadata": poisons.metadata | facts | {
         "dataset": args.dataset, "model_name": args.model, "argv": sys.argv[1:]}})
-    out = poisons.save(args.out)
+    out = poisons.save(out_dir)
     if args.export == "benchmark":
         from epic.formats import export_benchmark
 
@@ -171,9 +231,9 @@ def cmd_craft(args: argparse.Namespace) -> int:
                "seconds": poisons.metadata["seconds"], "out": str(out)}
     print(f"crafted {len(poisons)} {summary['attack']} poisons (eps {poisons.eps_pixels}/255, "
           f"{poisons.target_class} -> {poisons.adversarial_class}) in "
-          f"{summary['seconds']:.1f}s; saved to {out}")
+          f"{summary['seconds']:.1f}s; saved to {out}", flush=True)
     if args.json:
-        print(json.dumps(summary))
+        print(json.dumps(summary), flush=True)
     return 0
 
 

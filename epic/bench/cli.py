@@ -19,6 +19,7 @@ __all__ = ["add_bench_commands"]
 
 def add_bench_commands(sub: Any) -> None:
     """Register ``bench`` (with ``run`` and ``report``) on the ``epic`` subcommand parser."""
+    from epic.attacks.cli import _add_setup_args
     from epic.cli import _add_data_args, _add_train_args
 
     p = sub.add_parser("bench", help="benchmark defenses against poison sets; report",
@@ -50,6 +51,7 @@ def add_bench_commands(sub: Any) -> None:
     g.add_argument("--out", default="bench", help="folder for results.jsonl and trial runs")
     g.add_argument("--progress", action="store_true", help="show a progress bar per trial")
     g.add_argument("--json", action="store_true", help="print the summary rows as JSON last")
+    _add_setup_args(r)
     r.set_defaults(handler=cmd_run)
 
     e = bsub.add_parser("effective", help="find the effective poisons of a poison set",
@@ -72,10 +74,33 @@ def add_bench_commands(sub: Any) -> None:
                                       "figures and a self-contained report.html.")
     rep.add_argument("store", help="a results.jsonl written by `epic bench run`")
     rep.add_argument("--out", default=None, help="output folder (default: beside the store)")
+    rep.add_argument("--json", action="store_true", help="print the summary rows as JSON last")
     rep.set_defaults(handler=cmd_report)
+
+    re = bsub.add_parser("rerun", help="rerun one stored trial from scratch and compare",
+                         description="Rerun the trial on line ROW (0-based) of a results.jsonl "
+                                     "with the command line that produced it, in a fresh "
+                                     "folder, and say whether attack success and test "
+                                     "accuracy come out identical (they do on the CPU).")
+    re.add_argument("store", help="a results.jsonl written by `epic bench run`")
+    re.add_argument("row", type=int, help="0-based row of the store")
+    re.add_argument("--out", default=None,
+                    help="folder for the rerun (default: a temporary folder, removed after)")
+    re.add_argument("--json", action="store_true", help="print the comparison as JSON last")
+    re.set_defaults(handler=cmd_rerun)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    store = ResultStore(Path(args.out) / "results.jsonl")
+    _run(args, store)
+    rows = summarize(store.load())
+    print(to_markdown(rows))
+    if args.json:
+        print(json.dumps(rows))
+    return 0
+
+
+def _run(args: argparse.Namespace, store: ResultStore) -> list[dict[str, Any]]:
     from epic.cli import _device, load_data, make_model
 
     device = _device(args.device)
@@ -89,15 +114,30 @@ def cmd_run(args: argparse.Namespace) -> int:
         return make_model(argparse.Namespace(**(vars(args) | {"seed": seed})), train_data,
                           device)
 
-    store = ResultStore(Path(args.out) / "results.jsonl")
-    run_trials(args.poisons, args.defenses, seeds=args.seeds, train_data=train_data,
+    return run_trials(args.poisons, args.defenses, seeds=args.seeds, train_data=train_data,
                test_data=test_data, make_model=fresh, config=config, store=store, out=args.out,
-               warmup=args.warmup, every=args.every, until=args.until, progress=args.progress)
-    rows = summarize(store.load())
-    print(to_markdown(rows))
-    if args.json:
-        print(json.dumps(rows))
-    return 0
+               warmup=args.warmup, every=args.every, until=args.until, progress=args.progress,
+               victim_for=_victim_for(args, train_data), context={"argv": args.argv})
+
+
+def _victim_for(args: argparse.Namespace, train_data: Any) -> Any:
+    """With ``--setups``: poison set -> the victim set of the setup it was crafted for."""
+    if args.setups is None:
+        return None
+    from epic.attacks.cli import chosen_setups
+    from epic.setups import SetupError, victim_data
+
+    setups = {s.id: s for s in chosen_setups(args)}
+
+    def victim(poisons: Any) -> Any:
+        facts = poisons.metadata.get("setup")
+        if not isinstance(facts, dict) or facts.get("id") not in setups:
+            raise SetupError(f"poison set crafted for setup {facts and facts.get('id')}, "
+                             f"which is not among the setups chosen from {args.setups}")
+        return victim_data(train_data, setups[facts["id"]], scenario=args.scenario,
+                           per_class=args.victim_per_class)[0]
+
+    return victim
 
 
 def cmd_effective(args: argparse.Namespace) -> int:
@@ -153,8 +193,42 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not records:
         raise ValueError(f"no records in {args.store}")
     page = write_report(records, args.out or Path(args.store).parent / "report")
-    print(to_markdown(summarize(records)))
+    rows = summarize(records)
+    print(to_markdown(rows))
     print(f"report: {page}")
     if store.skipped:
         print(f"({store.skipped} unreadable lines skipped)")
+    if args.json:
+        print(json.dumps(rows))
     return 0
+
+
+def cmd_rerun(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from epic.cli import build_parser
+
+    records = ResultStore(args.store).load()
+    if not 0 <= args.row < len(records):
+        raise ValueError(f"{args.store} has rows 0..{len(records) - 1}, not {args.row}")
+    old = records[args.row]
+    if not isinstance(old.get("argv"), list):
+        raise ValueError(f"row {args.row} of {args.store} does not record its command line")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = args.out or tmp
+        again = build_parser().parse_args(old["argv"])
+        again.argv = old["argv"]
+        for name, value in {"poisons": [old["poisons_dir"]], "defenses": [old["defense"]],
+                            "seeds": [old["seed"]], "out": out, "progress": False}.items():
+            setattr(again, name, value)
+        new = _run(again, ResultStore(Path(out) / "results.jsonl"))[0]
+    fields = ("attack_success", "test_acc", "poisons_dropped", "examples_dropped")
+    same = {f: old.get(f) == new.get(f) for f in fields}
+    result = {"row": args.row, "key": old["key"], "reproduced": all(same.values()),
+              "stored": {f: old.get(f) for f in fields}, "rerun": {f: new.get(f) for f in fields},
+              "seconds": new.get("seconds")}
+    print(f"row {args.row} ({old['key']}): " + ("reproduced" if result["reproduced"] else
+          "DIFFERS: " + ", ".join(f for f, ok in same.items() if not ok)))
+    if args.json:
+        print(json.dumps(result))
+    return 0 if result["reproduced"] else 1

@@ -22,44 +22,58 @@ __all__ = ["drop_curve", "plot_effective", "summarize", "to_markdown", "write_re
 SIZE_BUCKETS = ((1, 1), (2, 5), (6, 20), (21, 100), (101, math.inf))
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    m = sum(values) / len(values)
-    return m, math.sqrt(sum((v - m) ** 2 for v in values) / len(values))
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and its standard error (sample standard deviation / sqrt(n); 0 for one value)."""
+    n = len(values)
+    m = sum(values) / n
+    if n < 2:
+        return m, 0.0
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1) / n)
 
 
 def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (attack, scenario, defense): trials, mean attack success (the share of
-    targets flipped, or of patched images for backdoors), mean test accuracy, mean seconds."""
+    """One row per (scenario, attack, defense): ``n`` trials, attack success (the share of
+    targets flipped, or of patched source images for backdoors) and test accuracy as mean and
+    standard error, mean seconds, and the shares of poisons and of all examples dropped. For
+    backdoors also ``patch_free_success``: the same victims on the source images without the
+    trigger."""
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in records:
-        groups[(r["attack"], r["scenario"], r["defense"])].append(r)
+        groups[(r["scenario"], r["attack"], r["defense"])].append(r)
     rows = []
-    for (attack, scenario, defense), rs in sorted(groups.items()):
-        succ, succ_sd = _mean_std([float(r["attack_success"]) for r in rs])
-        acc, acc_sd = _mean_std([float(r["test_acc"]) for r in rs])
-        rows.append({
-            "attack": attack, "scenario": scenario, "defense": defense, "trials": len(rs),
-            "attack_success": succ, "attack_success_std": succ_sd, "test_acc": acc,
-            "test_acc_std": acc_sd,
-            "seconds": sum(float(r["seconds"]) for r in rs) / len(rs),
-            "poisons_dropped": sum(r.get("poisons_dropped", 0) for r in rs) / len(rs),
-            "poisons": sum(r.get("poisons", 0) for r in rs) / len(rs),
-            "examples_dropped": sum(r.get("examples_dropped", 0) for r in rs) / len(rs),
-        })
+    for (scenario, attack, defense), rs in sorted(groups.items()):
+        succ, succ_se = _mean_se([float(r["attack_success"]) for r in rs])
+        acc, acc_se = _mean_se([float(r["test_acc"]) for r in rs])
+        poisons = sum(r.get("poisons", 0) for r in rs)
+        row = {
+            "scenario": scenario, "attack": attack, "defense": defense, "n": len(rs),
+            "attack_success": succ, "attack_success_se": succ_se, "test_acc": acc,
+            "test_acc_se": acc_se, "seconds": sum(float(r["seconds"]) for r in rs) / len(rs),
+            "poisons_dropped": sum(r.get("poisons_dropped", 0) for r in rs) / max(poisons, 1),
+            "examples_dropped": sum(r.get("examples_dropped", 0) for r in rs)
+            / max(sum(r.get("examples", 0) for r in rs), 1),
+        }
+        free = [float(r["patch_free_success"]) for r in rs
+                if r.get("patch_free_success") is not None]
+        if free:
+            row["patch_free_success"], row["patch_free_success_se"] = _mean_se(free)
+        rows.append(row)
     return rows
 
 
 def to_markdown(rows: list[dict[str, Any]]) -> str:
-    """The summary as a Markdown table."""
-    head = ("| attack | scenario | defense | trials | attack success | test acc | seconds | "
+    """The summary as a Markdown table (mean ± standard error)."""
+    head = ("| scenario | attack | defense | n | attack success | test acc | seconds | "
             "poisons dropped | examples dropped |\n|---|---|---|---:|---:|---:|---:|---:|---:|")
     lines = [head]
     for r in rows:
+        free = r.get("patch_free_success")
         lines.append(
-            f"| {r['attack']} | {r['scenario']} | {r['defense']} | {r['trials']} | "
-            f"{100 * r['attack_success']:.1f}% ± {100 * r['attack_success_std']:.1f} | "
-            f"{100 * r['test_acc']:.2f}% ± {100 * r['test_acc_std']:.2f} | {r['seconds']:.1f} | "
-            f"{r['poisons_dropped']:.1f} / {r['poisons']:.0f} | {r['examples_dropped']:.0f} |")
+            f"| {r['scenario']} | {r['attack']} | {r['defense']} | {r['n']} | "
+            f"{100 * r['attack_success']:.1f}% ± {100 * r['attack_success_se']:.1f}"
+            + ("" if free is None else f" (no patch: {100 * free:.1f}%)") + " | "
+            f"{100 * r['test_acc']:.2f}% ± {100 * r['test_acc_se']:.2f} | {r['seconds']:.1f} | "
+            f"{100 * r['poisons_dropped']:.1f}% | {100 * r['examples_dropped']:.2f}% |")
     return "\n".join(lines)
 
 
@@ -199,14 +213,15 @@ def write_report(records: list[dict[str, Any]], out: str | os.PathLike[str]) -> 
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}"
              "td{text-align:right}</style>", "<h1>Benchmark report</h1>",
              f"<p>{len(records)} trials.</p><table><tr>"]
-    cols = ["attack", "scenario", "defense", "trials", "attack_success", "test_acc", "seconds",
+    cols = ["scenario", "attack", "defense", "n", "attack_success", "test_acc", "seconds",
             "poisons_dropped", "examples_dropped"]
     parts.append("".join(f"<th>{c}</th>" for c in cols) + "</tr>")
     for r in rows:
         cells = []
         for c in cols:
             v = r[c]
-            text = f"{100 * v:.1f}%" if c in ("attack_success", "test_acc") else (
+            text = f"{100 * v:.1f}%" if c in ("attack_success", "test_acc", "poisons_dropped",
+                                              "examples_dropped") else (
                 f"{v:.1f}" if isinstance(v, float) else str(v))
             cells.append(f"<td>{html.escape(text)}</td>")
         parts.append("<tr>" + "".join(cells) + "</tr>")

@@ -18,7 +18,7 @@ from epic.data import ImageData
 from epic.defenses import DEFENSES, DP_SGD_CLIP, DP_SGD_NOISE, build_batch_transform, build_defense
 from epic.models import Classifier
 from epic.poisons import PoisonSet
-from epic.train import TrainConfig, train
+from epic.train import TrainConfig, provenance, train
 
 __all__ = ["parse_defense", "run_trials"]
 
@@ -57,6 +57,8 @@ def run_trials(
     every: int | None = None,
     until: int | None = None,
     progress: bool = False,
+    victim_for: Callable[[PoisonSet], ImageData] | None = None,
+    context: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Train once per (poison set, defense, seed) and append each outcome to ``store``.
 
@@ -69,6 +71,9 @@ def run_trials(
         config: the pipeline; its ``seed`` is replaced by each trial's seed.
         warmup, every, until: override the defenses' paper schedules (see
             :func:`epic.defenses.build_defense`).
+        victim_for: poison set -> the training set it belongs to (benchmark setups give each
+            trial its own victim set); default: ``train_data`` for every poison set.
+        context: facts stored with every record (the command line, for ``bench rerun``).
 
     Returns:
         The records written in this call.
@@ -76,7 +81,9 @@ def run_trials(
     done = store.keys()
     written = []
     for poison_dir in poison_dirs:
-        poisons = PoisonSet.load(poison_dir, train_data)
+        poisons = PoisonSet.load(poison_dir)
+        data = train_data if victim_for is None else victim_for(poisons)
+        poisons.validate(data)
         attack = str(poisons.metadata.get("attack", "unknown"))
         for spec in defenses:
             name, number = parse_defense(spec)
@@ -88,7 +95,7 @@ def run_trials(
                 trial_config = dataclasses.replace(
                     config, seed=seed, grad_clip=DP_SGD_CLIP if dp else config.grad_clip,
                     grad_noise=DP_SGD_NOISE if dp else config.grad_noise)
-                defense = build_defense(name, num_examples=len(train_data),
+                defense = build_defense(name, num_examples=len(data),
                                         epochs=config.epochs,
                                         milestones=trial_config.resolved_milestones,
                                         scenario=config.scenario, fraction=number,
@@ -97,7 +104,7 @@ def run_trials(
                 run_dir = Path(out) / "trials" / key.replace("/", "_")
                 start = time.perf_counter()
                 transform = build_batch_transform(name, share=number, eps=poisons.eps, seed=seed)
-                result = train(copy.deepcopy(model), train_data, test_data, trial_config,
+                result = train(copy.deepcopy(model), data, test_data, trial_config,
                                defense=defense, poisons=poisons, out=run_dir, progress=progress,
                                batch_transform=transform)
                 record = {"key": key, "poisons_dir": str(poison_dir), "attack": attack,
@@ -105,7 +112,11 @@ def run_trials(
                           "eps": poisons.eps, "target_class": poisons.target_class,
                           "adversarial_class": poisons.adversarial_class,
                           "wall_seconds": round(time.perf_counter() - start, 3),
-                          "run_dir": str(run_dir), "device": str(_device_of(model))}
+                          "run_dir": str(run_dir), "device": str(_device_of(model)),
+                          "setup": poisons.metadata.get("setup"),
+                          "schedule": {"warmup": warmup, "every": every, "until": until},
+                          "config": dataclasses.asdict(trial_config), "run": provenance()}
+                record |= context or {}
                 record |= result.summary
                 store.append(record)
                 written.append(record)
