@@ -43,9 +43,8 @@ from typing import Any
 import torch
 
 from epic.attacks import BullseyePolytope, FeatureCollision, GradientMatching, SleeperAgent
-from epic.data import ImageData, iterate_batches, load_cifar
+from epic.data import ImageData, load_cifar
 from epic.models import Classifier, build_model
-from epic.poisons import PoisonSet, apply_trigger
 from epic.train import TrainConfig, evaluate, train
 
 
@@ -154,21 +153,6 @@ def run_gm(args: argparse.Namespace, tr: ImageData, te: ImageData) -> dict[str, 
                    TrainConfig(epochs=args.epochs, seed=args.seed + k)))
 
 
-def _patched_success(model: Classifier, te: ImageData, ps: PoisonSet, patch: bool) -> float:
-    src = te.images[te.labels == ps.target_class]
-    if patch:
-        assert ps.trigger is not None
-        src = apply_trigger(src, ps.trigger, generator=torch.Generator().manual_seed(0))
-    hits = 0
-    probe = ImageData(src, torch.full((len(src),), ps.adversarial_class), te.classes, te.mean,
-                      te.std)
-    model.eval()
-    with torch.no_grad():
-        for x, y, _ in iterate_batches(probe, batch_size=500):
-            hits += int((model(x).argmax(1) == y).sum())
-    return hits / max(len(src), 1)
-
-
 def run_sa(args: argparse.Namespace, tr: ImageData, te: ImageData) -> dict[str, Any]:
     clean = _clean_model(args, tr, te)
     extra = _overrides(args, "iterations", "retrain_epochs", "retrain_every")
@@ -192,8 +176,8 @@ def run_sa(args: argparse.Namespace, tr: ImageData, te: ImageData) -> dict[str, 
                   poisons=ps).summary
         row = {"source_class": source, "adversarial_class": adv,
                "attack_success": round(s["attack_success"], 4),
-               "patch_free_baseline": round(_patched_success(victim, te, ps, False), 4),
-               "clean_model_patched": round(_patched_success(clean, te, ps, True), 4),
+               "patch_free_baseline": round(ps.success(victim, te, patched=False), 4),
+               "clean_model_patched": round(ps.success(clean, te), 4),
                "test_acc": round(s["test_acc"], 4), "craft_seconds": ps.metadata["seconds"],
                "source_test_images": int((te.labels == source).sum())}
         rows.append(row)

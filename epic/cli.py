@@ -137,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--poisons", default=None, metavar="DIR",
                    help="poison set folder (poisons.npz + poisons.json) to train on; attack "
                         "success is reported every epoch")
+    g.add_argument("--outside-victims", default=None, metavar="SETUPS",
+                   help="train only on the training images that no transfer victim of this "
+                        "benchmark setup file uses (a feature extractor disjoint from every "
+                        "victim, as the benchmark's CIFAR-100 one is)")
     g.add_argument("--out", default=None, help="output folder (default: runs/<dataset>-<model>)")
     g.add_argument("--resume", action="store_true",
                    help="continue from --out/checkpoint.pt if present")
@@ -204,6 +208,11 @@ def _report_attack(epoch: int, record: dict[str, object]) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     device = _device(args.device)
     train_data, test_data = load_data(args)
+    if args.outside_victims is not None:
+        from epic.setups import load_setups, outside_victims
+
+        train_data = train_data.subset(
+            outside_victims(train_data.labels, load_setups(args.outside_victims)))
     poisons = PoisonSet.load(args.poisons, train_data) if args.poisons else None
     model = make_model(args, train_data, device)
     config = TrainConfig(epochs=args.epochs, scenario=args.scenario, lr=args.lr,

@@ -28,8 +28,8 @@ from torch import Tensor
 from epic.data import ImageData
 from epic.safe_pickle import safe_load
 
-__all__ = ["Setup", "SetupError", "load_setups", "resolve_target", "scratch_victim_indices",
-           "select_setups", "transfer_victim_indices", "victim_data"]
+__all__ = ["Setup", "SetupError", "load_setups", "outside_victims", "resolve_target",
+           "scratch_victim_indices", "select_setups", "transfer_victim_indices", "victim_data"]
 
 _KEYS = ("target index", "target class", "base class", "base indices")
 
@@ -212,3 +212,12 @@ def victim_data(train: ImageData, setup: Setup, *, scenario: str,
     else:
         indices, rows = scratch_victim_indices(train.labels, setup, per_class=per_class)
     return train.subset(indices), rows
+
+
+def outside_victims(labels: Tensor, setups: list[Setup], *, per_class: int = 250) -> Tensor:
+    """Sorted training indices that no transfer victim set of ``setups`` uses (neither a clean
+    image nor a base): data for a feature extractor disjoint from every victim's."""
+    used = torch.zeros(len(labels), dtype=torch.bool)
+    for setup in setups:
+        used[transfer_victim_indices(labels, setup, per_class=per_class)[0]] = True
+    return (~used).nonzero().squeeze(1)

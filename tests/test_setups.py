@@ -13,6 +13,7 @@ from epic.safe_pickle import UnsafePickleError
 from epic.setups import (
     SetupError,
     load_setups,
+    outside_victims,
     resolve_target,
     scratch_victim_indices,
     select_setups,
@@ -108,3 +109,14 @@ def test_select_setups(tmp_path: Path) -> None:
     assert [s.id for s in select_setups(setups, ids=[3, 1])] == [3, 1]
     with pytest.raises(SetupError, match="outside"):
         select_setups(setups, ids=[4])
+
+
+def test_outside_victims_is_the_complement_of_every_victim_set(tmp_path: Path) -> None:
+    setups = load_setups(_write(tmp_path, [_setup([21, 27]), _setup([14], base_class=2)]),
+                         num_classes=3)
+    rest = outside_victims(LABELS, setups, per_class=4)
+    used = set()
+    for s in setups:
+        used |= set(transfer_victim_indices(LABELS, s, per_class=4)[0].tolist())
+    assert set(rest.tolist()) == set(range(30)) - used
+    assert {21, 27, 14, 0, 1, 2}.isdisjoint(rest.tolist())

@@ -195,7 +195,9 @@ def cmd_craft(args: argparse.Namespace) -> int:
                                    per_class=args.victim_per_class)
         if attacker is None:  # one attacker's model for every setup
             attacker = _attacker_model(args, victim, test_data, device)
-        target, stand_in = resolve_target(test_data.labels, setup, exact_below=args.exact_test)
+        # a backdoor attacks the setup's target class as its source class, not one image
+        target, stand_in = (-1, False) if args.attack in BACKDOORS else resolve_target(
+            test_data.labels, setup, exact_below=args.exact_test)
         one = argparse.Namespace(**(vars(args) | {
             "target_index": target, "source_class": setup.target_class,
             "adversarial_class": setup.base_class}))

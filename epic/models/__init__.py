@@ -8,6 +8,7 @@ name               architecture                                         params
 ``resnet18-small`` ResNet-18 layout at 1/4 width                        0.7 M
 ``vgg16-small``    VGG-16-BN at 1/4 width                               0.9 M
 ``convnet``        3-stage conv net, width 32 (seconds on a CPU)        0.1 M
+``convnet-512``    ``convnet`` widened to 512 features by a 1x1 conv    0.2 M
 =================  ===================================================  =========
 """
 
@@ -30,6 +31,7 @@ MODELS: dict[str, Callable[[int], tuple[nn.Module, int]]] = {
     "resnet18-small": lambda c: resnet_body(c, width=16),
     "vgg16-small": lambda c: vgg_body(c, width=16),
     "convnet": lambda c: convnet_body(c, width=32),
+    "convnet-512": lambda c: convnet_body(c, width=32, features=512),
 }
 
 
