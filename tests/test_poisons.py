@@ -104,3 +104,22 @@ def test_trigger_is_pasted_whole_and_success_counts_patched_source(tiny_data) ->
             return torch.tensor([[1.0, 0.0, 0.0]]).repeat(len(x), 1)
 
     assert p.success(Always(), test) == 1.0
+
+
+def test_patch_free_success_reads_the_same_images_without_the_trigger(tiny_data) -> None:  # type: ignore[no-untyped-def]
+    train, test = tiny_data
+    trigger = torch.full((3, 2, 2), 255, dtype=torch.uint8)
+    p = PoisonSet(torch.tensor([0]), train.images[:1], train.images[:0], target_class=2,
+                  adversarial_class=0, eps=1.0, trigger=trigger)
+    clean = p.evaluation_images(test, patched=False)
+    assert torch.equal(clean, test.images[test.labels == 2])
+
+    class SeesWhite(torch.nn.Module):  # class 0 exactly when some pixel is saturated white
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            white = (x == 1.0).all(1).flatten(1).any(1).float()
+            return torch.stack([white, 1 - white, torch.zeros_like(white)], 1)
+
+    model = SeesWhite()
+    model.register_parameter("w", torch.nn.Parameter(torch.zeros(1)))
+    assert p.success(model, test) == 1.0
+    assert p.success(model, test, patched=False) == 0.0
