@@ -63,10 +63,12 @@ def test_transfer_trains_only_the_new_last_layer(tiny_data) -> None:  # type: ig
     train_data, test_data = tiny_data
     model = seeded_convnet(train_data)
     body = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("classif")}
-    train(model, train_data, test_data, TrainConfig(epochs=2, scenario="transfer",
-                                                    batch_size=16))
+    result = train(model, train_data, test_data, TrainConfig(epochs=2, scenario="transfer",
+                                                             batch_size=16))
     after = model.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in body.items())  # BN statistics included
+    # the per-epoch accuracy, read off the test features computed once, is the model's
+    assert result.metrics[-1]["test_acc"] == evaluate(model, test_data)
 
 
 def test_transfer_without_augmentation_matches_per_batch_features(tiny_data) -> None:  # type: ignore[no-untyped-def]
