@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -193,6 +192,10 @@ def cmd_craft(args: argparse.Namespace) -> int:
     for setup in setups:
         victim, rows = victim_data(train_data, setup, scenario=args.scenario,
                                    per_class=args.victim_per_class)
+        folder = Path(args.out) / f"setup-{setup.id:03d}"
+        if (folder / "poisons.json").exists():
+            log.warning("setup %d: %s exists, not crafted again", setup.id, folder)
+            continue
         if attacker is None:  # one attacker's model for every setup
             attacker = _attacker_model(args, victim, test_data, device)
         # a backdoor attacks the setup's target class as its source class, not one image
@@ -207,8 +210,8 @@ def cmd_craft(args: argparse.Namespace) -> int:
         if stand_in:
             log.warning("setup %d: target %d is not stored exactly; attacking test image %d "
                         "of the same class instead", setup.id, setup.target_index, target)
-        _craft_one(one, attacker, victim, test_data, Path(args.out) / f"setup-{setup.id:03d}",
-                   facts, bases=None if args.attack in BACKDOORS else rows.to(device))
+        _craft_one(one, attacker, victim, test_data, folder, facts,
+                   bases=None if args.attack in BACKDOORS else rows.to(device))
     return 0
 
 
@@ -217,7 +220,7 @@ def _craft_one(args: argparse.Namespace, model: Classifier, train_data: ImageDat
                bases: torch.Tensor | None = None) -> int:
     poisons = craft_from_args(args, model, train_data, test_data, bases=bases)
     poisons = PoisonSet(**{**poisons.__dict__, "metadata": poisons.metadata | facts | {
-        "dataset": args.dataset, "model_name": args.model, "argv": sys.argv[1:]}})
+        "dataset": args.dataset, "model_name": args.model, "argv": args.argv}})
     out = poisons.save(out_dir)
     if args.export == "benchmark":
         from epic.formats import export_benchmark
