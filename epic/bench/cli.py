@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from epic.bench.presets import PRESETS, run_preset
 from epic.bench.report import summarize, to_markdown, write_report
 from epic.bench.runner import run_trials
 from epic.bench.store import ResultStore
@@ -33,8 +34,13 @@ def add_bench_commands(sub: Any) -> None:
     _add_data_args(r)
     _add_train_args(r)
     g = r.add_argument_group("benchmark")
-    g.add_argument("--poisons", nargs="+", required=True, metavar="DIR",
-                   help="poison set folders")
+    g.add_argument("--poisons", nargs="+", default=None, metavar="DIR",
+                   help="poison set folders (required unless --preset)")
+    g.add_argument("--preset", choices=list(PRESETS), default=None,
+                   help="run a whole CPU-scale evidence run of docs/results.md into --out: "
+                        "build the attacker's model, craft per setup, train every defense "
+                        "(resumable; prints each command; takes --data-dir, --first and "
+                        "--defenses, ignores the other options)")
     g.add_argument("--defenses", nargs="+", default=["none", "epic-0.1"],
                    help="defenses: none, epic-<fraction>, deep-knn, spectral-signatures, "
                         "activation-clustering, lowest-confidence, highest-loss, random, dp-sgd "
@@ -91,6 +97,20 @@ def add_bench_commands(sub: Any) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.preset is not None:
+        import os
+
+        data_dir = args.data_dir or os.environ.get("EPIC_DATA_DIR")
+        if data_dir is None:
+            raise ValueError("--preset needs --data-dir (or EPIC_DATA_DIR)")
+        explicit = args.defenses if "--defenses" in args.argv else None
+        run_preset(args.preset, data_dir=data_dir, out=args.out, first=args.first,
+                   defenses=explicit)
+        return cmd_report(argparse.Namespace(store=str(Path(args.out) / "bench" /
+                                                       "results.jsonl"), out=None,
+                                             json=args.json))
+    if not args.poisons:
+        raise ValueError("bench run needs --poisons DIR ... (or --preset)")
     store = ResultStore(Path(args.out) / "results.jsonl")
     _run(args, store)
     rows = summarize(store.load())

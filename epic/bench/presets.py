@@ -1,0 +1,116 @@
+"""Presets: the CPU-scale evidence runs of docs/results.md as one resumable command each.
+
+A preset is the list of ``epic`` command lines that produce one result store: build (or reuse)
+the attacker's model, craft one poison set per benchmark setup, and train the victims under
+every defense. Each step is skipped when its output exists, so an interrupted preset picks up
+where it stopped, and the command lines are printed, so every row can be rerun by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["PRESETS", "Step", "preset_steps", "run_preset"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One ``epic`` command line; ``done`` is a file whose existence means it already ran
+    (None: the command resumes by itself, as ``bench run`` does)."""
+
+    argv: tuple[str, ...]
+    done: Path | None = None
+
+
+def _transfer(data: Path, out: Path, first: int, defenses: Sequence[str]) -> list[Step]:
+    setups = str(data / "poisoning-benchmark" / "cifar10_transfer_learning.pickle")
+    common = ("--dataset", "cifar10", "--data-dir", str(data), "--model", "convnet-512",
+              "--test-subset", "1000")
+    extractor = out / "extractor"
+    picked = ("--setups", setups, "--first", str(first), "--exact-test", "1000")
+    victim = ("--scenario", "transfer", "--pretrained", str(extractor / "model.pt"))
+    bench = ("bench", "run", *common, *picked, *victim, "--epochs", "40", "--lr", "0.01",
+             "--weight-decay", "2e-4", "--milestones", "30", "--no-augment")
+    steps = [Step(("train", *common, "--outside-victims", setups, "--epochs", "12",
+                   "--out", str(extractor)), extractor / "model.pt")]
+    for attack in ("bp", "fc"):
+        poisons = out / "poisons" / attack
+        steps.append(Step(("craft", *common, *picked, *victim, "--attack", attack,
+                           "--out", str(poisons))))
+        for spec in defenses:
+            # EPIC in transfer learning: a round every epoch after its warmup, through the
+            # last learning-rate milestone (epoch 30), as in the authors' schedule
+            extra = ("--every", "1", "--until", "31") if spec.startswith("epic") else ()
+            steps.append(Step((*bench, "--poisons", str(poisons / "setup-*"),
+                               "--defenses", spec, *extra, "--out", str(out / "bench"))))
+    return steps
+
+
+def _scratch_sa(data: Path, out: Path, first: int, defenses: Sequence[str]) -> list[Step]:
+    setups = str(data / "poisoning-benchmark" / "cifar10_from_scratch.pickle")
+    common = ("--dataset", "cifar10", "--data-dir", str(data), "--model", "convnet",
+              "--test-subset", "1000")
+    picked = ("--setups", setups, "--first", str(first), "--victim-per-class", "1000",
+              "--exact-test", "1000")
+    clean = out / "clean"
+    poisons = out / "poisons" / "sa"
+    steps = [Step(("train", *common, "--subset", "10000", "--epochs", "20", "--out", str(clean)),
+                  clean / "model.pt"),
+             Step(("craft", *common, *picked, "--attack", "sa", "--pretrained",
+                   str(clean / "model.pt"), "--retrain-epochs", "5", "--out", str(poisons)))]
+    for spec in defenses:
+        # the paper's 40-epoch schedule halved for 20 epochs: warmup 5/10/15, every epoch
+        extra = (("--warmup", str(round(50 * float(spec.rpartition("-")[2]))), "--every", "1")
+                 if spec.startswith("epic") else ())
+        steps.append(Step(("bench", "run", *common, *picked, "--epochs", "20", "--poisons",
+                           str(poisons / "setup-*"), "--defenses", spec, *extra,
+                           "--out", str(out / "bench"))))
+    return steps
+
+
+TRANSFER_DEFENSES = ("none", "epic-0.1", "epic-0.2", "epic-0.3", "deep-knn",
+                     "spectral-signatures", "activation-clustering", "lowest-confidence",
+                     "highest-loss", "random", "dp-sgd")
+
+PRESETS: dict[str, tuple[Callable[[Path, Path, int, Sequence[str]], list[Step]], int,
+                         tuple[str, ...]]] = {
+    # name: (steps, default number of setups, default defenses)
+    "cpu-transfer": (_transfer, 20, TRANSFER_DEFENSES),
+    "cpu-scratch-sa": (_scratch_sa, 8, ("none", "epic-0.1", "epic-0.2")),
+}
+
+
+def preset_steps(name: str, *, data_dir: str | os.PathLike[str], out: str | os.PathLike[str],
+                 first: int | None = None, defenses: Sequence[str] | None = None) -> list[Step]:
+    """The command lines of preset ``name`` (see :data:`PRESETS`), in order."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    build, default_first, default_defenses = PRESETS[name]
+    return build(Path(data_dir), Path(out), first or default_first,
+                 tuple(defenses or default_defenses))
+
+
+def run_preset(name: str, *, data_dir: str | os.PathLike[str], out: str | os.PathLike[str],
+               first: int | None = None, defenses: Sequence[str] | None = None) -> None:
+    """Run the steps of preset ``name`` that have not run yet, printing each command."""
+    import glob
+
+    from epic.cli import main
+
+    for step in preset_steps(name, data_dir=data_dir, out=out, first=first, defenses=defenses):
+        if step.done is not None and step.done.exists():
+            print(f"# done: epic {' '.join(step.argv)}", flush=True)
+            continue
+        print(f"epic {' '.join(step.argv)}", flush=True)
+        argv: list[str] = []
+        for arg in step.argv:  # expand the poison-set glob as a shell would
+            argv += sorted(glob.glob(arg)) if "*" in arg else [arg]
+        code = main(argv)
+        if code:
+            raise RuntimeError(f"preset {name}: `epic {' '.join(step.argv)}` exited with {code}")

@@ -1,0 +1,42 @@
+"""Presets: every step is a valid ``epic`` command line, in the order the evidence needs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from epic.bench.presets import PRESETS, preset_steps
+from epic.cli import build_parser
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_step_parses_as_an_epic_command(name: str, tmp_path: Path) -> None:
+    steps = preset_steps(name, data_dir=tmp_path / "data", out=tmp_path / "out", first=3)
+    parser = build_parser()
+    commands = []
+    for step in steps:
+        args = parser.parse_args(list(step.argv))
+        commands.append(args.command if args.command != "bench" else args.bench_command)
+        if args.command in ("craft", "bench"):
+            assert args.first == 3 and args.exact_test == 1000
+    # the attacker's model first, then crafting, then one bench run per defense
+    assert commands[0] == "train" and steps[0].done is not None
+    assert commands[1] == "craft"
+    build, _, defenses = PRESETS[name]
+    assert commands.count("run") == len(defenses) * commands.count("craft")
+
+
+def test_transfer_preset_follows_the_benchmark_victim() -> None:
+    steps = preset_steps("cpu-transfer", data_dir="d", out="o", defenses=["none", "epic-0.3"])
+    runs = [s.argv for s in steps if s.argv[:2] == ("bench", "run")]
+    args = build_parser().parse_args(list(runs[1]))
+    assert (args.scenario, args.lr, args.weight_decay, args.milestones, args.epochs) == (
+        "transfer", 0.01, 2e-4, [30], 40)
+    assert args.defenses == ["epic-0.3"] and args.until == 31  # one round, at the milestone
+    assert "--outside-victims" in steps[0].argv  # the extractor never sees a victim image
+
+
+def test_unknown_preset_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset_steps("gpu-everything", data_dir="d", out="o")
