@@ -111,20 +111,25 @@ class ScheduledDefense:
             return torch.empty(0, dtype=torch.long)
         return (~self.keep_mask).nonzero().squeeze(1)
 
-    def select(self, model: nn.Module, data: ImageData, keep: Tensor
-               ) -> tuple[Tensor, dict[str, Any]]:
+    def select(self, model: nn.Module, data: ImageData, keep: Tensor,
+               features: Tensor | None = None) -> tuple[Tensor, dict[str, Any]]:
         """Dataset indices to drop among ``keep``, and extra fields for the round record."""
         raise NotImplementedError
 
-    def update(self, model: nn.Module, data: ImageData, epoch: int) -> DropRound:
-        """Run one round on the examples still kept; returns (and records) what it did."""
+    def update(self, model: nn.Module, data: ImageData, epoch: int, *,
+               features: Tensor | None = None) -> DropRound:
+        """Run one round on the examples still kept; returns (and records) what it did.
+
+        ``features``: ``model.features`` of every example of ``data`` ``(N, F)``, when the
+        trainer holds them (a frozen body): the round then runs only the last layer.
+        """
         start = time.perf_counter()
         n = len(data)
         if self.keep_mask is None:
             self.keep_mask = torch.ones(n, dtype=torch.bool)
         elif self.keep_mask.shape != (n,):
             raise ValueError(f"keep_mask covers {self.keep_mask.numel()} examples, data has {n}")
-        dropped, extra = self.select(model, data, self.keep_mask)
+        dropped, extra = self.select(model, data, self.keep_mask, features)
         self.keep_mask[dropped] = False
         record = self.record_type(epoch=epoch, dropped=dropped.sort().values,
                                   remaining=int(self.keep_mask.sum()),
@@ -205,10 +210,11 @@ class EPIC(ScheduledDefense):
 
     record_type = EpicRound
 
-    def select(self, model: nn.Module, data: ImageData, keep: Tensor
-               ) -> tuple[Tensor, dict[str, Any]]:
+    def select(self, model: nn.Module, data: ImageData, keep: Tensor,
+               features: Tensor | None = None) -> tuple[Tensor, dict[str, Any]]:
         kept = keep.nonzero().squeeze(1)
-        grads, labels = gradient_embeddings(model, data, keep=keep, batch_size=self.batch_size)
+        grads, labels = gradient_embeddings(model, data, keep=keep, batch_size=self.batch_size,
+                                            features=features)
         medoids = select_medoids(grads, labels, self.fraction, per_class=self.per_class,
                                  similarity=self.similarity, method=self.method,
                                  generator=self.generator)

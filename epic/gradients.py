@@ -13,6 +13,31 @@ from epic.data import ImageData, iterate_batches
 __all__ = ["feature_embeddings", "gradient_embeddings", "logit_embeddings"]
 
 
+def _kept_features(data: ImageData, features: Tensor, keep: Tensor | None
+                   ) -> tuple[Tensor, Tensor]:
+    """The rows of precomputed ``features`` ``(N, F)`` that ``keep`` selects, and their labels."""
+    if features.shape[0] != len(data):
+        raise ValueError(f"features cover {features.shape[0]} examples, data has {len(data)}")
+    rows = torch.arange(len(data)) if keep is None else keep.cpu().nonzero().squeeze(1)
+    return (features[rows.to(features.device)],
+            data.labels[rows.to(data.labels.device)].to(features.device))
+
+
+@torch.no_grad()
+def _from_features(model: nn.Module, data: ImageData, features: Tensor,
+                   fn: Callable[[Tensor, Tensor], Tensor], keep: Tensor | None
+                   ) -> tuple[Tensor, Tensor]:
+    """``fn(logits, labels)`` from precomputed features: only ``model.classifier`` runs."""
+    feats, labels = _kept_features(data, features, keep)
+    head: nn.Module = getattr(model, "classifier")  # noqa: B009
+    was_training = head.training
+    head.eval()
+    try:
+        return fn(head(feats).float(), labels), labels
+    finally:
+        head.train(was_training)
+
+
 @torch.no_grad()
 def _embed(model: nn.Module, data: ImageData, fn: Callable[[Tensor, Tensor], Tensor], *,
            keep: Tensor | None, batch_size: int, device: torch.device | str | None
@@ -40,6 +65,7 @@ def gradient_embeddings(
     keep: Tensor | None = None,
     batch_size: int = 512,
     device: torch.device | str | None = None,
+    features: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Cross-entropy gradients w.r.t. the logits, ``softmax(z_i) - onehot(y_i)``, per example.
 
@@ -53,6 +79,9 @@ def gradient_embeddings(
         data: the examples.
         keep: optional bool mask ``(N,)``; only those examples are embedded.
         device: where to run (default: the model's device).
+        features: optional ``model.features`` of every example of ``data``, ``(N, F)``,
+            computed once for a frozen body (transfer learning); then only
+            ``model.classifier`` runs (results on the features' device).
 
     Returns:
         ``(grads, labels)``: ``(M, C)`` float32 and ``(M,)`` int64, rows in index order of the
@@ -69,11 +98,13 @@ def gradient_embeddings(
         torch.Size([1347, 10])
     """
 
-    def grad(x: Tensor, y: Tensor) -> Tensor:
-        logits = model(x).float()
+    def from_logits(logits: Tensor, y: Tensor) -> Tensor:
         return torch.softmax(logits, dim=1) - F.one_hot(y, logits.shape[1]).to(logits.dtype)
 
-    return _embed(model, data, grad, keep=keep, batch_size=batch_size, device=device)
+    if features is not None:
+        return _from_features(model, data, features, from_logits, keep)
+    return _embed(model, data, lambda x, y: from_logits(model(x).float(), y), keep=keep,
+                  batch_size=batch_size, device=device)
 
 
 def feature_embeddings(
@@ -83,13 +114,16 @@ def feature_embeddings(
     keep: Tensor | None = None,
     batch_size: int = 512,
     device: torch.device | str | None = None,
+    features: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Penultimate features ``model.features(x)``, ``(M, F)``, and labels ``(M,)``.
 
     Same conventions as :func:`gradient_embeddings`; ``model`` must have ``features``.
     """
-    features: Callable[[Tensor], Tensor] = getattr(model, "features")  # noqa: B009
-    return _embed(model, data, lambda x, _: features(x).float(), keep=keep,
+    if features is not None:
+        return _kept_features(data, features, keep)
+    extract: Callable[[Tensor], Tensor] = getattr(model, "features")  # noqa: B009
+    return _embed(model, data, lambda x, _: extract(x).float(), keep=keep,
                   batch_size=batch_size, device=device)
 
 
@@ -100,7 +134,10 @@ def logit_embeddings(
     keep: Tensor | None = None,
     batch_size: int = 512,
     device: torch.device | str | None = None,
+    features: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Logits ``(M, C)`` and labels ``(M,)``; same conventions as :func:`gradient_embeddings`."""
+    if features is not None:
+        return _from_features(model, data, features, lambda logits, _: logits, keep)
     return _embed(model, data, lambda x, _: model(x).float(), keep=keep, batch_size=batch_size,
                   device=device)

@@ -47,7 +47,8 @@ class Defense(Protocol):
 
     def due(self, epoch: int) -> bool: ...
 
-    def update(self, model: nn.Module, data: ImageData, epoch: int) -> Any: ...
+    def update(self, model: nn.Module, data: ImageData, epoch: int, *,
+               features: Tensor | None = None) -> Any: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -248,7 +249,7 @@ def train(
         t0 = time.perf_counter()
         record: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
         if defense is not None and defense.due(epoch):
-            round_ = defense.update(model, train_data, epoch)
+            round_ = defense.update(model, train_data, epoch, features=cached)
             record["defense_seconds"] = round(getattr(round_, "seconds", 0.0), 4)
         keep = defense.keep_mask if defense is not None else None
         model.train()

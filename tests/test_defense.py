@@ -1,11 +1,12 @@
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from epic.data import ImageData
 from epic.defense import EPIC, paper_warmup
-from epic.gradients import gradient_embeddings
+from epic.gradients import feature_embeddings, gradient_embeddings, logit_embeddings
 from epic.models import build_model
 
 from .conftest import seeded_convnet
@@ -34,6 +35,23 @@ def test_gradient_embedding_of_kept_examples_only(tiny_data) -> None:  # type: i
     full, _ = gradient_embeddings(model, train)
     assert torch.allclose(grads, full[keep], atol=1e-6)
     assert torch.equal(labels, train.labels[keep])
+
+
+def test_embeddings_from_precomputed_features_match_the_forward_pass(tiny_data) -> None:  # type: ignore[no-untyped-def]
+    train, _ = tiny_data
+    model = seeded_convnet(train)
+    model.train()
+    feats, _ = feature_embeddings(model, train)
+    keep = torch.arange(len(train)) % 3 != 0
+    for embed in (gradient_embeddings, logit_embeddings, feature_embeddings):
+        direct, labels = embed(model, train, keep=keep)
+        cached, cached_labels = embed(model, train, keep=keep, features=feats)
+        torch.testing.assert_close(cached, direct)
+        assert torch.equal(cached_labels, labels)
+    assert model.training
+    # the features must cover the data, row for row
+    with pytest.raises(ValueError, match="features cover 59 examples, data has 60"):
+        gradient_embeddings(model, train, features=feats[:-1])
 
 
 def test_schedule_follows_warmup_every_until() -> None:

@@ -28,8 +28,9 @@ class FeatureFilter(ScheduledDefense):
         of the whole training set."""
         raise NotImplementedError
 
-    def select(self, model: nn.Module, data: ImageData, keep: Tensor
-               ) -> tuple[Tensor, dict[str, Any]]:
+    def select(self, model: nn.Module, data: ImageData, keep: Tensor,
+               features: Tensor | None = None) -> tuple[Tensor, dict[str, Any]]:
         kept = keep.nonzero().squeeze(1)
-        feats, labels = feature_embeddings(model, data, keep=keep, batch_size=self.batch_size)
+        feats, labels = feature_embeddings(model, data, keep=keep, batch_size=self.batch_size,
+                                           features=features)
         return kept[self.outliers(feats, labels, len(data)).cpu()], {}

@@ -36,10 +36,11 @@ class _LogitRule(ScheduledDefense):
     def rule(logits: Tensor, labels: Tensor, threshold: float) -> Tensor:
         raise NotImplementedError
 
-    def select(self, model: nn.Module, data: ImageData, keep: Tensor
-               ) -> tuple[Tensor, dict[str, Any]]:
+    def select(self, model: nn.Module, data: ImageData, keep: Tensor,
+               features: Tensor | None = None) -> tuple[Tensor, dict[str, Any]]:
         kept = keep.nonzero().squeeze(1)
-        logits, labels = logit_embeddings(model, data, keep=keep, batch_size=self.batch_size)
+        logits, labels = logit_embeddings(model, data, keep=keep, batch_size=self.batch_size,
+                                          features=features)
         return kept[self.rule(logits, labels, self.threshold).cpu()], {}
 
 
@@ -67,8 +68,8 @@ class RandomDrop(ScheduledDefense):
         self.fraction = fraction
         self.generator = generator
 
-    def select(self, model: nn.Module, data: ImageData, keep: Tensor
-               ) -> tuple[Tensor, dict[str, Any]]:
+    def select(self, model: nn.Module, data: ImageData, keep: Tensor,
+               features: Tensor | None = None) -> tuple[Tensor, dict[str, Any]]:
         kept = keep.nonzero().squeeze(1)
         m = round(self.fraction * len(kept))
         return kept[torch.randperm(len(kept), generator=self.generator)[:m]], {}
