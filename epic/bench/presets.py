@@ -37,12 +37,12 @@ def _transfer(data: Path, out: Path, first: int, defenses: Sequence[str]) -> lis
     victim = ("--scenario", "transfer", "--pretrained", str(extractor / "model.pt"))
     bench = ("bench", "run", *common, *picked, *victim, "--epochs", "40", "--lr", "0.01",
              "--weight-decay", "2e-4", "--milestones", "30", "--no-augment")
-    steps = [Step(("train", *common, "--outside-victims", setups, "--epochs", "12",
+    steps = [Step(("train", *common, "--outside-victims", setups, "--epochs", "4",
                    "--out", str(extractor)), extractor / "model.pt")]
     for attack in ("bp", "fc"):
         poisons = out / "poisons" / attack
         steps.append(Step(("craft", *common, *picked, *victim, "--attack", attack,
-                           "--out", str(poisons))))
+                           "--iterations", "400", "--out", str(poisons))))
         for spec in defenses:
             # EPIC in transfer learning: a round every epoch after its warmup, through the
             # last learning-rate milestone (epoch 30), as in the authors' schedule
