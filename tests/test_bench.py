@@ -11,15 +11,29 @@ from epic.train import TrainConfig
 
 from .conftest import seeded_convnet
 
+TRIAL = {"key": "a", "scenario": "transfer", "attack": "bp", "defense": "none",
+         "attack_success": 1.0, "test_acc": 0.5, "seconds": 2.0}
+
 
 def test_store_survives_a_torn_last_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
     store = ResultStore(tmp_path / "r.jsonl")
-    store.append({"key": "a", "x": 1})
+    store.append(TRIAL)
     with open(store.path, "a") as f:
         f.write('{"key": "b", "x"')  # a crash mid-write
     assert store.keys() == {"a"} and store.skipped == 1
     with pytest.raises(ValueError, match="key"):
         store.append({"x": 2})
+
+
+def test_store_skips_lines_that_are_not_trial_records(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    store = ResultStore(tmp_path / "r.jsonl")
+    lines = ["{}", "[1, 2]", "null", '"text"', '{"key": "x"}',
+             json.dumps(TRIAL | {"key": "b", "test_acc": None}),  # a run of zero epochs
+             json.dumps(TRIAL | {"key": "c", "attack_success": True}),
+             json.dumps(TRIAL | {"key": "d"})]
+    store.path.write_text("\n".join(lines) + "\n")
+    assert [r["key"] for r in store.load()] == ["d"] and store.skipped == 7
+    assert summarize(store.load())[0]["n"] == 1
 
 
 def test_parse_defense() -> None:

@@ -7,14 +7,25 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ResultStore"]
+__all__ = ["REQUIRED", "ResultStore"]
+
+
+REQUIRED = {"key": str, "scenario": str, "attack": str, "defense": str,
+            "attack_success": (int, float), "test_acc": (int, float), "seconds": (int, float)}
+
+
+def _complete(record: Any) -> bool:
+    return isinstance(record, dict) and all(
+        isinstance(record.get(k), t) and not isinstance(record.get(k), bool)
+        for k, t in REQUIRED.items())
 
 
 class ResultStore:
     """Trials as one JSON object per line in ``path``; each has a unique ``key``.
 
-    A line cut short by a crash is ignored on reading (and reported by :meth:`skipped`), so a
-    rerun picks up where the last one stopped.
+    A line cut short by a crash, or one that is not a complete trial record (see
+    :data:`REQUIRED`), is ignored on reading and counted in :attr:`skipped`, so a rerun picks up
+    where the last one stopped and a report never trips over a stray line.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -30,8 +41,12 @@ class ResultStore:
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
+                record = None
+            if _complete(record):
+                records.append(record)
+            else:
                 self.skipped += 1
         return records
 
