@@ -92,6 +92,9 @@ def add_bench_commands(sub: Any) -> None:
     re.add_argument("row", type=int, help="0-based row of the store")
     re.add_argument("--out", default=None,
                     help="folder for the rerun (default: a temporary folder, removed after)")
+    re.add_argument("--data-dir", default=None,
+                    help="the data folder here, when it is not where the stored command "
+                         "found it (paths under the stored --data-dir move with it)")
     re.add_argument("--json", action="store_true", help="print the comparison as JSON last")
     re.set_defaults(handler=cmd_rerun)
 
@@ -234,10 +237,14 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     old = records[args.row]
     if not isinstance(old.get("argv"), list):
         raise ValueError(f"row {args.row} of {args.store} does not record its command line")
+    argv = list(old["argv"])
+    if args.data_dir is not None and "--data-dir" in argv:
+        stored = argv[argv.index("--data-dir") + 1]
+        argv = [args.data_dir + a[len(stored):] if a.startswith(stored) else a for a in argv]
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or tmp
-        again = build_parser().parse_args(old["argv"])
-        again.argv = old["argv"]
+        again = build_parser().parse_args(argv)
+        again.argv = argv
         for name, value in {"poisons": [old["poisons_dir"]], "defenses": [old["defense"]],
                             "seeds": [old["seed"]], "out": out, "progress": False}.items():
             setattr(again, name, value)

@@ -10,8 +10,10 @@ from typing import Any
 __all__ = ["REQUIRED", "ResultStore"]
 
 
-REQUIRED = {"key": str, "scenario": str, "attack": str, "defense": str,
-            "attack_success": (int, float), "test_acc": (int, float), "seconds": (int, float)}
+# the fields every trial record must carry, and their types (bools are not numbers here)
+REQUIRED: dict[str, type | tuple[type, ...]] = {
+    "key": str, "scenario": str, "attack": str, "defense": str,
+    "attack_success": (int, float), "test_acc": (int, float), "seconds": (int, float)}
 
 
 def _complete(record: Any) -> bool:
