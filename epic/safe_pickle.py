@@ -59,18 +59,42 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise UnsafePickleError("refusing persistent ids in an untrusted pickle")
 
 
-def _check_no_objects(obj: Any, depth: int = 0) -> None:
-    if depth > 64:
-        raise UnsafePickleError("pickle nests containers too deeply")
-    if isinstance(obj, np.ndarray) and obj.dtype.hasobject:
-        raise UnsafePickleError("object arrays are not admitted in untrusted pickles")
-    if isinstance(obj, dict):
-        for key, value in obj.items():
-            _check_no_objects(key, depth + 1)
-            _check_no_objects(value, depth + 1)
-    elif isinstance(obj, (list, tuple, set, frozenset)):
-        for item in obj:
-            _check_no_objects(item, depth + 1)
+# what a data file may hold: booleans, integers, floats, complex numbers, bytes and text
+_PLAIN_KINDS = frozenset("biufcSU")
+
+
+def _check_dtype(dtype: np.dtype) -> None:
+    """Admit only plain dtypes, judged by what they are, not by the flags a file claims: the
+    canonical dtype of the same type string must match in kind, size and flags."""
+    canonical = np.dtype(dtype.str)
+    if (canonical.kind not in _PLAIN_KINDS or dtype.kind != canonical.kind
+            or dtype.names is not None or dtype.subdtype is not None
+            or dtype.itemsize != canonical.itemsize or dtype.flags != canonical.flags
+            or dtype.hasobject):
+        raise UnsafePickleError(f"dtype {dtype.str!r} is not admitted in untrusted pickles "
+                                "(only plain numbers, booleans, bytes and text)")
+
+
+def _check_no_objects(obj: Any) -> None:
+    """Walk what was unpickled once per object (shared references are not re-walked: a small
+    file of nested shared lists must not cost exponential time) and check every array."""
+    seen: set[int] = set()
+    stack = [(obj, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > 64:
+            raise UnsafePickleError("pickle nests containers too deeply")
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, (np.ndarray, np.generic)):
+            _check_dtype(item.dtype)
+        elif isinstance(item, np.dtype):
+            _check_dtype(item)
+        elif isinstance(item, dict):
+            stack.extend((v, depth + 1) for pair in item.items() for v in pair)
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            stack.extend((v, depth + 1) for v in item)
 
 
 def safe_load(file: IO[bytes], *, extra: dict[tuple[str, str], Any] | None = None) -> Any:

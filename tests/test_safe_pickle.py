@@ -46,3 +46,48 @@ def test_extra_globals_map_to_stand_ins() -> None:
     sentinel = []
     out = safe_loads(payload, extra={(module, "system"): lambda cmd: sentinel.append(cmd) or 7})
     assert out == 7 and sentinel == ["touch never"]
+
+
+class _ForgedDtype:
+    """An object dtype whose pickled state claims no flags (so not 'hasobject')."""
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (np.dtype, ("O8", False, True), (3, "|", None, None, None, -1, -1, 0))
+
+
+class _ArrayOf:
+    def __init__(self, dtype: object) -> None:
+        self.dtype = dtype
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        from numpy._core.multiarray import _reconstruct
+
+        return (_reconstruct, (np.ndarray, (0,), b"b"),
+                (1, (2,), self.dtype, False, b"\x41" * 16))
+
+
+def test_forged_object_dtype_is_refused_before_anything_reads_it() -> None:
+    # reading an element of the forged array would dereference 0x4141414141414141
+    with pytest.raises(UnsafePickleError, match="dtype"):
+        safe_loads(pickle.dumps({"data": _ArrayOf(_ForgedDtype())}, protocol=2))
+
+
+def test_structured_and_object_arrays_are_refused_plain_ones_pass() -> None:
+    with pytest.raises(UnsafePickleError, match="dtype"):
+        safe_loads(pickle.dumps(np.zeros(2, dtype=[("a", "f4"), ("b", "i4")])))
+    with pytest.raises(UnsafePickleError):
+        safe_loads(pickle.dumps(np.array([1, "x"], dtype=object)))
+    for dtype in ("u1", "i8", "f4", "f8", "c8", "?", "S3", "U2"):
+        arr = np.zeros(3, dtype=dtype)
+        assert np.array_equal(safe_loads(pickle.dumps(arr)), arr)
+    assert safe_loads(pickle.dumps(np.float32(1.5))) == np.float32(1.5)
+
+
+def test_shared_references_nested_deep_load_in_linear_time() -> None:
+    nest: list[object] = []
+    for _ in range(60):  # 2**60 paths through 60 shared lists: a small file
+        nest = [nest, nest]
+    data = pickle.dumps(nest)
+    assert len(data) < 1000
+    loaded = safe_loads(data)
+    assert loaded[0] is loaded[1]
