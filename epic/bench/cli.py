@@ -84,17 +84,18 @@ def add_bench_commands(sub: Any) -> None:
     rep.set_defaults(handler=cmd_report)
 
     rerun = bsub.add_parser("rerun", help="rerun one stored trial from scratch and compare",
-                         description="Rerun the trial on line ROW (0-based) of a results.jsonl "
-                                     "with the command line that produced it, in a fresh "
-                                     "folder, and say whether attack success and test "
-                                     "accuracy come out identical (they do on the CPU).")
+                            description="Rerun the trial on line ROW (0-based) of a "
+                                        "results.jsonl with the command line that produced "
+                                        "it, in a fresh folder, and say whether attack "
+                                        "success and test accuracy come out identical (they "
+                                        "do on the CPU).")
     rerun.add_argument("store", help="a results.jsonl written by `epic bench run`")
     rerun.add_argument("row", type=int, help="0-based row of the store")
     rerun.add_argument("--out", default=None,
-                    help="folder for the rerun (default: a temporary folder, removed after)")
+                       help="folder for the rerun (default: a temporary folder, removed after)")
     rerun.add_argument("--data-dir", default=None,
-                    help="the data folder here, when it is not where the stored command "
-                         "found it (paths under the stored --data-dir move with it)")
+                       help="the data folder here, when it is not where the stored command "
+                            "found it (paths under the stored --data-dir move with it)")
     rerun.add_argument("--json", action="store_true", help="print the comparison as JSON last")
     rerun.set_defaults(handler=cmd_rerun)
 
