@@ -10,19 +10,65 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from epic.data import ImageData
 from epic.gradients import gradient_embeddings
-from epic.selection import select_medoids
+from epic.selection import Similarity, find_isolated, select_medoids
 
-__all__ = ["EPIC", "DropRound", "EpicRound", "ScheduledDefense", "paper_warmup"]
+__all__ = ["EPIC", "DropRound", "EpicRound", "ScheduledDefense", "find_poisons", "paper_warmup"]
 
 log = logging.getLogger(__name__)
+
+
+def find_poisons(labels: np.ndarray | Tensor, pred_probs: np.ndarray | Tensor,
+                 fraction: float = 0.1, *, max_cluster_size: int = 1,
+                 similarity: Similarity = "exp") -> np.ndarray | Tensor:
+    """EPIC on predictions you already have: a bool mask, True = suspected effective poison.
+
+    EPIC's embedding of an example is its last-layer loss gradient, ``pred_probs - onehot``;
+    per class, ``fraction`` of the examples are picked as medoids of those embeddings by
+    greedy facility location, and the medoids no other example joins are flagged. Use the
+    predicted probabilities of a model in the middle of training (after a warmup), computed
+    without augmentation. Numpy in, numpy out; torch in, torch out (on the input's device).
+
+    Args:
+        labels: ``(N,)`` integer labels in ``0..C-1``.
+        pred_probs: ``(N, C)`` predicted class probabilities (rows sum to 1).
+        fraction, max_cluster_size, similarity: as in :class:`EPIC`.
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> y = np.arange(90) % 3
+        >>> logits = rng.normal(size=(90, 3)) + 3 * np.eye(3)[y]
+        >>> logits[7] = [0, 0, 6]  # an example of class 1 that the model calls class 2
+        >>> probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+        >>> find_poisons(y, probs, 0.1).nonzero()[0]
+        array([ 7, 86])
+    """
+    as_numpy = isinstance(pred_probs, np.ndarray)
+    probs = torch.as_tensor(pred_probs).float()
+    if probs.dim() != 2:
+        raise ValueError(f"pred_probs must be (N, C), got shape {tuple(probs.shape)}")
+    y = torch.as_tensor(labels, device=probs.device)
+    if y.shape != (probs.shape[0],) or y.is_floating_point() or y.dtype == torch.bool:
+        raise ValueError(f"labels must be ({probs.shape[0]},) integers, got {y.dtype} "
+                         f"{tuple(y.shape)}")
+    y = y.long()
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= probs.shape[1]):
+        raise ValueError(f"labels must lie in 0..{probs.shape[1] - 1}")
+    if not torch.allclose(probs.sum(1), torch.ones(len(probs), device=probs.device), atol=1e-3):
+        raise ValueError("pred_probs rows must sum to 1 (pass probabilities, not logits)")
+    grads = probs - F.one_hot(y, probs.shape[1]).float()
+    mask = find_isolated(grads, y, fraction, max_cluster_size, similarity=similarity)
+    return mask.cpu().numpy() if as_numpy else mask
 
 
 def paper_warmup(fraction: float) -> int:
@@ -123,13 +169,18 @@ class ScheduledDefense:
         ``features``: ``model.features`` of every example of ``data`` ``(N, F)``, when the
         trainer holds them (a frozen body): the round then runs only the last layer.
         """
+        return self._round(epoch, len(data),
+                           lambda keep: self.select(model, data, keep, features))
+
+    def _round(self, epoch: int, n: int,
+               choose: Callable[[Tensor], tuple[Tensor, dict[str, Any]]]) -> DropRound:
+        """Bookkeeping of a round over ``n`` examples: ``choose(keep)`` gives what to drop."""
         start = time.perf_counter()
-        n = len(data)
         if self.keep_mask is None:
             self.keep_mask = torch.ones(n, dtype=torch.bool)
         elif self.keep_mask.shape != (n,):
             raise ValueError(f"keep_mask covers {self.keep_mask.numel()} examples, data has {n}")
-        dropped, extra = self.select(model, data, self.keep_mask, features)
+        dropped, extra = choose(self.keep_mask)
         self.keep_mask[dropped] = False
         record = self.record_type(epoch=epoch, dropped=dropped.sort().values,
                                   remaining=int(self.keep_mask.sum()),
@@ -212,9 +263,44 @@ class EPIC(ScheduledDefense):
 
     def select(self, model: nn.Module, data: ImageData, keep: Tensor,
                features: Tensor | None = None) -> tuple[Tensor, dict[str, Any]]:
-        kept = keep.nonzero().squeeze(1)
         grads, labels = gradient_embeddings(model, data, keep=keep, batch_size=self.batch_size,
                                             features=features)
+        return self._isolated(grads, labels, keep)
+
+    def update_from_embeddings(self, embeddings: Tensor, labels: Tensor, epoch: int
+                               ) -> DropRound:
+        """A round on embeddings the training loop computed itself.
+
+        Args:
+            embeddings: ``(N, C)`` last-layer gradients ``softmax(z) - onehot(y)`` (or any
+                embedding to cluster) of every training example, in dataset order; rows of
+                examples already dropped are ignored.
+            labels: ``(N,)`` integer labels.
+            epoch: the epoch the round runs before (for the record).
+
+        Example:
+            >>> defense = EPIC(fraction=0.1, warmup=0, every=1)
+            >>> probs = torch.softmax(torch.randn(100, 4), 1)
+            >>> y = torch.arange(100) % 4
+            >>> r = defense.update_from_embeddings(probs - F.one_hot(y, 4), y, epoch=0)
+            >>> defense.keep_mask.shape
+            torch.Size([100])
+        """
+        if embeddings.dim() != 2 or labels.shape != (embeddings.shape[0],):
+            raise ValueError(f"need embeddings (N, C) and labels (N,), got "
+                             f"{tuple(embeddings.shape)} and {tuple(labels.shape)}")
+
+        def choose(keep: Tensor) -> tuple[Tensor, dict[str, Any]]:
+            rows = keep.to(embeddings.device)
+            return self._isolated(embeddings[rows].float(), labels.to(embeddings.device)[rows],
+                                  keep)
+
+        return self._round(epoch, embeddings.shape[0], choose)
+
+    def _isolated(self, grads: Tensor, labels: Tensor, keep: Tensor
+                  ) -> tuple[Tensor, dict[str, Any]]:
+        """Dataset indices of the isolated medoids among the kept rows ``grads`` ``(M, C)``."""
+        kept = keep.nonzero().squeeze(1)
         medoids = select_medoids(grads, labels, self.fraction, per_class=self.per_class,
                                  similarity=self.similarity, method=self.method,
                                  generator=self.generator)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -8,6 +9,7 @@ from epic.data import ImageData
 from epic.defense import EPIC, paper_warmup
 from epic.gradients import feature_embeddings, gradient_embeddings, logit_embeddings
 from epic.models import build_model
+from epic.selection import find_isolated
 
 from .conftest import seeded_convnet
 
@@ -112,3 +114,42 @@ def test_state_dict_round_trip() -> None:
     e.load_state_dict(d.state_dict())
     assert torch.equal(e.keep_mask, d.keep_mask)  # type: ignore[arg-type]
     assert e.history[0].summary() == d.history[0].summary()
+
+
+def test_find_poisons_flags_isolated_gradients_numpy_in_numpy_out() -> None:
+    from epic.defense import find_poisons
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(120) % 3
+    logits = torch.randn(120, 3, generator=g) + 3 * torch.eye(3)[y]
+    logits[[10, 50]] = torch.tensor([[0.0, 0.0, 8.0], [8.0, 0.0, 0.0]])  # far from their class
+    probs = torch.softmax(logits, 1)
+    flagged = find_poisons(y.numpy(), probs.numpy(), 0.1)
+    assert isinstance(flagged, np.ndarray) and flagged.dtype == bool and flagged.shape == (120,)
+    assert flagged[[10, 50]].all() and flagged.sum() < 12
+    # the same as EPIC's own selection on the same embeddings, and torch in gives torch out
+    same = find_isolated(probs - torch.eye(3)[y], y, 0.1)
+    assert torch.equal(find_poisons(y, probs, 0.1), same)
+    with pytest.raises(ValueError, match="sum to 1"):
+        find_poisons(y, logits, 0.1)
+    with pytest.raises(ValueError, match=r"labels must lie in 0\.\.2"):
+        find_poisons(y + 1, probs, 0.1)
+    with pytest.raises(ValueError, match="integers"):
+        find_poisons(y.float(), probs, 0.1)
+
+
+def test_update_from_embeddings_drops_what_update_drops(tiny_data) -> None:  # type: ignore[no-untyped-def]
+    train, _ = tiny_data
+    model = seeded_convnet(train)
+    by_model = EPIC(fraction=0.3, warmup=0, every=1, num_examples=len(train))
+    by_loop = EPIC(fraction=0.3, warmup=0, every=1, num_examples=len(train))
+    for epoch in range(2):
+        expected = by_model.update(model, train, epoch)
+        grads, labels = gradient_embeddings(model, train)  # the whole set, as a loop has it
+        got = by_loop.update_from_embeddings(grads, labels, epoch)
+        assert torch.equal(got.dropped, expected.dropped)
+        assert torch.equal(got.cluster_sizes, expected.cluster_sizes)  # type: ignore[attr-defined]
+    assert by_model.keep_mask is not None and by_loop.keep_mask is not None
+    assert torch.equal(by_model.keep_mask, by_loop.keep_mask)
+    with pytest.raises(ValueError, match="need embeddings"):
+        by_loop.update_from_embeddings(grads, labels[:-1], 2)
