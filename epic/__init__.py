@@ -10,6 +10,7 @@ from epic.defense import EPIC, EpicRound, find_poisons
 from epic.gradients import gradient_embeddings
 from epic.models import Classifier, build_model
 from epic.poisons import PoisonSet, PoisonSetError
+from epic.sampler import KeepSampler
 from epic.selection import Medoids, find_isolated, select_medoids
 from epic.train import TrainConfig, TrainResult, evaluate, train
 
@@ -19,6 +20,7 @@ __all__ = [
     "Classifier",
     "EpicRound",
     "ImageData",
+    "KeepSampler",
     "Medoids",
     "PoisonSet",
     "PoisonSetError",
