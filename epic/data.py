@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from epic.files import temporary_beside
 from epic.safe_pickle import safe_load
 
 __all__ = [
@@ -295,14 +296,13 @@ def download_cifar(name: Literal["cifar10", "cifar100"], root: str | os.PathLike
     path = root / spec.archive
     if path.exists() and _md5(path) == spec.md5:
         return path
-    tmp = path.with_suffix(".part")
     log.info("downloading %s to %s", spec.url, path)
     try:
-        with urllib.request.urlopen(spec.url, timeout=60) as response, open(tmp, "wb") as out:
+        with temporary_beside(path) as (out, tmp), \
+                urllib.request.urlopen(spec.url, timeout=60) as response:
             for chunk in iter(lambda: response.read(1 << 20), b""):
                 out.write(chunk)
     except (urllib.error.URLError, OSError) as exc:
-        tmp.unlink(missing_ok=True)
         raise RuntimeError(
             f"could not download {spec.url} ({exc}). Without internet, fetch the archive on "
             f"another machine and place it, or its unpacked '{spec.folder}' folder, in {root}"

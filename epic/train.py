@@ -28,6 +28,7 @@ from torch.nn import functional as F
 
 from epic.data import ImageData, iterate_batches
 from epic.defense import EpicRound
+from epic.files import replace_atomically
 from epic.gradients import feature_embeddings
 from epic.models import Classifier
 from epic.poisons import PoisonSet
@@ -149,9 +150,7 @@ def provenance() -> dict[str, Any]:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    replace_atomically(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
 def train(
@@ -366,9 +365,7 @@ def _save_epoch(outp: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
              "noise": generators[1].get_state(),
              "defense": None if defense is None else defense.state_dict(),
              "metrics": json.dumps(metrics), "epoch": epoch, "seconds": elapsed}
-    tmp = outp / "checkpoint.pt.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, outp / "checkpoint.pt")
+    replace_atomically(outp / "checkpoint.pt", lambda f: torch.save(state, f))
 
 
 def _summarize(metrics: list[dict[str, Any]], defense: Defense | None,

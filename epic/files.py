@@ -1,0 +1,44 @@
+"""Writing files so that a crash never leaves half a file and a planted link is never followed."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+__all__ = ["replace_atomically", "temporary_beside"]
+
+
+@contextmanager
+def temporary_beside(path: str | os.PathLike[str]) -> Iterator[tuple[IO[bytes], Path]]:
+    """A new temporary file in ``path``'s folder, opened for writing: ``(file, its path)``.
+
+    The name is random and the file is created exclusively (``O_EXCL``), so a link planted at
+    a predictable name is never followed; on an error inside the block the file is removed.
+    """
+    target = Path(path)
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f, Path(name)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+
+
+def replace_atomically(path: str | os.PathLike[str], write: Callable[[IO[bytes]], object]
+                       ) -> None:
+    """Write ``path`` through ``write(file)`` into a fresh temporary file, then rename it over
+    ``path``: readers see the old file or the new one, never a torn one."""
+    with temporary_beside(path) as (f, tmp):
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
