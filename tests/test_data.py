@@ -72,6 +72,26 @@ def test_missing_cifar_says_how_to_get_it(tmp_path) -> None:  # type: ignore[no-
         load_cifar("cifar10", tmp_path)
 
 
+def test_download_that_fails_or_mismatches_leaves_nothing_behind(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import io
+    import urllib.error
+    import urllib.request
+
+    from epic.data import download_cifar
+
+    def offline(url: str, timeout: float) -> object:
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(RuntimeError, match="Without internet"):
+        download_cifar("cifar10", tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(b"not it"))
+    with pytest.raises(RuntimeError, match="checksum mismatch"):
+        download_cifar("cifar10", tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_augment_keeps_content_and_is_seeded() -> None:
     x = torch.rand(16, 3, 8, 8)
     a = augment_batch(x, Augment(crop_padding=2), generator=torch.Generator().manual_seed(1))
