@@ -116,6 +116,22 @@ class PoisonSet:
         n = len(train)
         if len(self) and (int(self.indices.min()) < 0 or int(self.indices.max()) >= n):
             raise PoisonSetError(f"indices must lie in [0, {n})")
+        classes = train.num_classes
+        for name in ("target_class", "adversarial_class"):
+            if not 0 <= getattr(self, name) < classes:
+                raise PoisonSetError(f"{name} is {getattr(self, name)}, outside the "
+                                     f"{classes} classes 0..{classes - 1}")
+        if self.labels is not None and len(self) and (
+                int(self.labels.min()) < 0 or int(self.labels.max()) >= classes):
+            raise PoisonSetError(f"labels must lie in 0..{classes - 1}")
+        if len(self.target_images) and tuple(self.target_images.shape[1:]) != train.shape:
+            raise PoisonSetError(f"target images are {tuple(self.target_images.shape[1:])}, "
+                                 f"training images {train.shape}")
+        if self.trigger is not None and (self.trigger.shape[0] != train.shape[0]
+                                         or self.trigger.shape[1] > train.shape[1]
+                                         or self.trigger.shape[2] > train.shape[2]):
+            raise PoisonSetError(f"trigger {tuple(self.trigger.shape)} does not fit images "
+                                 f"{train.shape}")
         if tuple(self.images.shape[1:]) != train.shape:
             raise PoisonSetError(f"poison images are {tuple(self.images.shape[1:])}, training "
                                  f"images {train.shape}")
@@ -208,11 +224,23 @@ class PoisonSet:
                 arrays = {k: torch.from_numpy(npz[k].copy()) for k in npz.files if k in _ARRAYS}
         except (OSError, ValueError) as exc:
             raise PoisonSetError(f"cannot read a poison set at {folder}: {exc}") from exc
-        if meta.get("format") != "epic-poisons" or meta.get("version") != FORMAT_VERSION:
+        if (not isinstance(meta, dict) or meta.get("format") != "epic-poisons"
+                or meta.get("version") != FORMAT_VERSION):
             raise PoisonSetError(f"{folder}: not an epic poison set (version {FORMAT_VERSION})")
         missing = {"indices", "images", "target_images"} - set(arrays)
         if missing:
             raise PoisonSetError(f"{folder}: poisons.npz lacks {sorted(missing)}")
+        for key in ("indices", "labels"):
+            if key in arrays and arrays[key].is_floating_point():
+                raise PoisonSetError(f"{folder}: poisons.npz '{key}' must be integers, got "
+                                     f"{arrays[key].dtype}")
+        for key in ("target_class", "adversarial_class"):
+            if isinstance(meta.get(key), bool) or not isinstance(meta.get(key), int):
+                raise PoisonSetError(f"{folder}: poisons.json '{key}' must be an integer")
+        if isinstance(meta.get("eps"), bool) or not isinstance(meta.get("eps"), (int, float)):
+            raise PoisonSetError(f"{folder}: poisons.json 'eps' must be a number")
+        if not isinstance(meta.get("metadata", {}), dict):
+            raise PoisonSetError(f"{folder}: poisons.json 'metadata' must be an object")
         arrays["indices"] = arrays["indices"].long()
         if "labels" in arrays:
             arrays["labels"] = arrays["labels"].long()

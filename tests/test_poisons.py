@@ -123,3 +123,33 @@ def test_patch_free_success_reads_the_same_images_without_the_trigger(tiny_data)
     model.register_parameter("w", torch.nn.Parameter(torch.zeros(1)))
     assert p.success(model, test) == 1.0
     assert p.success(model, test, patched=False) == 0.0
+
+
+def test_load_names_the_bad_field(tiny_data, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    train, _ = tiny_data
+    p = _poisons(train)
+    folder = p.save(tmp_path / "p")
+    meta = json.loads((folder / "poisons.json").read_text())
+    bad_json = {"adversarial_class": "1", "eps": True, "metadata": [1]}
+    for key, value in bad_json.items():
+        (folder / "poisons.json").write_text(json.dumps(meta | {key: value}))
+        with pytest.raises(PoisonSetError, match=f"'{key}'"):
+            PoisonSet.load(folder, train)
+    (folder / "poisons.json").write_text(json.dumps([meta]))
+    with pytest.raises(PoisonSetError, match="not an epic poison set"):
+        PoisonSet.load(folder, train)
+    (folder / "poisons.json").write_text(json.dumps(meta))
+    arrays = dict(np.load(folder / "poisons.npz"))
+    np.savez(folder / "poisons.npz", **(arrays | {"indices": arrays["indices"] + 0.5}))
+    with pytest.raises(PoisonSetError, match="'indices' must be integers"):
+        PoisonSet.load(folder, train)
+
+
+def test_classes_outside_the_dataset_are_refused(tiny_data) -> None:  # type: ignore[no-untyped-def]
+    train, _ = tiny_data  # 3 classes
+    p = _poisons(train)
+    with pytest.raises(PoisonSetError, match="adversarial_class is 42, outside the 3 classes"):
+        PoisonSet(**{**p.__dict__, "adversarial_class": 42}).validate(train)
+    with pytest.raises(PoisonSetError, match="labels must lie in 0..2"):
+        PoisonSet(**{**p.__dict__, "labels": torch.tensor([0, 1, 5]),
+                     "metadata": {"clean_label": False}}).validate(train)
