@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from epic.setups import (
     select_setups,
     transfer_victim_indices,
 )
+
+from .conftest import requires_cifar
 
 # 3 classes x 10 training images, labels 0,1,2,0,1,2,...
 LABELS = torch.arange(30) % 3
@@ -120,3 +123,27 @@ def test_outside_victims_is_the_complement_of_every_victim_set(tmp_path: Path) -
         used |= set(transfer_victim_indices(LABELS, s, per_class=4)[0].tolist())
     assert set(rest.tolist()) == set(range(30)) - used
     assert {21, 27, 14, 0, 1, 2}.isdisjoint(rest.tolist())
+
+
+def _benchmark_file(name: str) -> Path | None:
+    root = os.environ.get("EPIC_DATA_DIR")
+    path = Path(root) / "poisoning-benchmark" / name if root else None
+    return path if path is not None and path.exists() else None
+
+
+@requires_cifar
+@pytest.mark.skipif(_benchmark_file("cifar10_transfer_learning.pickle") is None,
+                    reason="the poisoning benchmark's setups not found under $EPIC_DATA_DIR")
+def test_the_benchmark_transfer_setups_fit_the_shared_cifar10() -> None:
+    from epic.data import load_cifar
+
+    path = _benchmark_file("cifar10_transfer_learning.pickle")
+    assert path is not None
+    setups = load_setups(path)
+    assert len(setups) == 100 and [s.id for s in setups if s.repeated_bases] == [78, 84]
+    train, test = load_cifar("cifar10", Path(os.environ["EPIC_DATA_DIR"]) / "cifar10")
+    for s in setups[:20]:
+        indices, rows = transfer_victim_indices(train.labels, s)
+        assert len(indices) == 2500 and torch.bincount(train.labels[indices]).tolist() == [250] * 10
+        target, stand_in = resolve_target(test.labels, s, exact_below=1000)
+        assert stand_in == (s.target_index >= 1000) and int(test.labels[target]) == s.target_class
