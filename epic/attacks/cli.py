@@ -190,12 +190,12 @@ def cmd_craft(args: argparse.Namespace) -> int:
 
     attacker: Classifier | None = None
     for setup in setups:
-        victim, rows = victim_data(train_data, setup, scenario=args.scenario,
-                                   per_class=args.victim_per_class)
         folder = Path(args.out) / f"setup-{setup.id:03d}"
         if (folder / "poisons.json").exists():
             log.warning("setup %d: %s exists, not crafted again", setup.id, folder)
             continue
+        victim, rows = victim_data(train_data, setup, scenario=args.scenario,
+                                   per_class=args.victim_per_class)
         if attacker is None:  # one attacker's model for every setup
             attacker = _attacker_model(args, victim, test_data, device)
         # a backdoor attacks the setup's target class as its source class, not one image

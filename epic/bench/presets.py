@@ -8,15 +8,12 @@ where it stopped, and the command lines are printed, so every row can be rerun b
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["PRESETS", "Step", "preset_steps", "run_preset"]
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,7 @@ def run_trials(
     """
     done = store.keys()
     written = []
+    versions = provenance()  # the same for every trial of this call
     for poison_dir in poison_dirs:
         poisons = PoisonSet.load(poison_dir)
         data = train_data if victim_for is None else victim_for(poisons)
@@ -115,7 +116,7 @@ def run_trials(
                           "run_dir": str(run_dir), "device": str(_device_of(model)),
                           "setup": poisons.metadata.get("setup"),
                           "schedule": {"warmup": warmup, "every": every, "until": until},
-                          "config": dataclasses.asdict(trial_config), "run": provenance()}
+                          "config": dataclasses.asdict(trial_config), "run": versions}
                 record |= context or {}
                 record |= result.summary
                 store.append(record)
