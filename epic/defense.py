@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from epic.data import ImageData
-from epic.gradients import gradient_embeddings
+from epic.distributed import broadcast_from_first, gather_shares, share_of, world
+from epic.gradients import Examples, LogitsFn, count_examples, gradient_embeddings
 from epic.selection import Similarity, find_isolated, select_medoids
 
 __all__ = ["EPIC", "DropRound", "EpicRound", "ScheduledDefense", "find_poisons", "paper_warmup"]
@@ -157,20 +157,48 @@ class ScheduledDefense:
             return torch.empty(0, dtype=torch.long)
         return (~self.keep_mask).nonzero().squeeze(1)
 
-    def select(self, model: nn.Module, data: ImageData, keep: Tensor,
-               features: Tensor | None = None) -> tuple[Tensor, dict[str, Any]]:
-        """Dataset indices to drop among ``keep``, and extra fields for the round record."""
+    def embed(self, model: nn.Module, data: Examples, keep: Tensor,
+              features: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The embeddings ``(M, D)`` and labels ``(M,)`` of the kept examples, in index order,
+        that :meth:`choose` decides on (``features``: see :meth:`update`)."""
         raise NotImplementedError
 
-    def update(self, model: nn.Module, data: ImageData, epoch: int, *,
+    def choose(self, embeddings: Tensor, labels: Tensor, keep: Tensor
+               ) -> tuple[Tensor, dict[str, Any]]:
+        """Dataset indices to drop among ``keep`` (whose kept rows ``embeddings`` holds), and
+        extra fields for the round record."""
+        raise NotImplementedError
+
+    def update(self, model: nn.Module, data: Examples, epoch: int, *,
                features: Tensor | None = None) -> DropRound:
         """Run one round on the examples still kept; returns (and records) what it did.
 
-        ``features``: ``model.features`` of every example of ``data`` ``(N, F)``, when the
-        trainer holds them (a frozen body): the round then runs only the last layer.
+        ``data`` is the training set without augmentation, in any shape
+        :func:`epic.gradients.gradient_embeddings` takes. ``features``: ``model.features`` of
+        every example of an ImageData ``(N, F)``, when the trainer holds them (a frozen body):
+        the round then runs only the last layer. Under ``torch.distributed`` every rank must
+        call this together: each embeds its share, rank 0 chooses, all get its choice.
         """
-        return self._round(epoch, len(data),
-                           lambda keep: self.select(model, data, keep, features))
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module  # an eval pass needs no gradient synchronisation
+        n = count_examples(data)
+        if n is None:
+            if self.keep_mask is None:
+                raise ValueError(f"{type(self).__name__} cannot tell how many examples an "
+                                 f"iterable of batches holds: pass num_examples=")
+            n = len(self.keep_mask)
+        rank, size = world()
+        if size == 1:
+            return self._round(epoch, n, lambda keep: self.choose(
+                *self.embed(model, data, keep, features), keep))
+
+        def choose(keep: Tensor) -> tuple[Tensor, dict[str, Any]]:
+            rows, labels = self.embed(model, data, share_of(keep, rank, size), features)
+            rows, labels = gather_shares(rows, labels, int(keep.sum()))
+            decided = self.choose(rows, labels, keep) if rank == 0 else None
+            return broadcast_from_first(decided)
+
+        return self._round(epoch, n, choose)
 
     def _round(self, epoch: int, n: int,
                choose: Callable[[Tensor], tuple[Tensor, dict[str, Any]]]) -> DropRound:
@@ -223,6 +251,7 @@ class EPIC(ScheduledDefense):
         num_examples: size of the training set, so that :attr:`keep_mask` exists before the
             first round; otherwise it is None until then (None = keep everything).
         generator: randomness for ``method="stochastic"``.
+        logits_fn: ``logits_fn(model, x)`` gives the logits when ``model(x)`` does not.
 
     Example:
         >>> defense = EPIC(fraction=0.1, warmup=10, every=2)
@@ -247,6 +276,7 @@ class EPIC(ScheduledDefense):
         batch_size: int = 512,
         num_examples: int | None = None,
         generator: torch.Generator | None = None,
+        logits_fn: LogitsFn | None = None,
     ) -> None:
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {fraction}")
@@ -258,14 +288,14 @@ class EPIC(ScheduledDefense):
         self.similarity = similarity
         self.method = method
         self.generator = generator
+        self.logits_fn = logits_fn
 
     record_type = EpicRound
 
-    def select(self, model: nn.Module, data: ImageData, keep: Tensor,
-               features: Tensor | None = None) -> tuple[Tensor, dict[str, Any]]:
-        grads, labels = gradient_embeddings(model, data, keep=keep, batch_size=self.batch_size,
-                                            features=features)
-        return self._isolated(grads, labels, keep)
+    def embed(self, model: nn.Module, data: Examples, keep: Tensor,
+              features: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return gradient_embeddings(model, data, keep=keep, batch_size=self.batch_size,
+                                   features=features, logits_fn=self.logits_fn)
 
     def update_from_embeddings(self, embeddings: Tensor, labels: Tensor, epoch: int
                                ) -> DropRound:
@@ -292,14 +322,15 @@ class EPIC(ScheduledDefense):
 
         def choose(keep: Tensor) -> tuple[Tensor, dict[str, Any]]:
             rows = keep.to(embeddings.device)
-            return self._isolated(embeddings[rows].float(), labels.to(embeddings.device)[rows],
-                                  keep)
+            return self.choose(embeddings[rows].float(), labels.to(embeddings.device)[rows],
+                               keep)
 
         return self._round(epoch, embeddings.shape[0], choose)
 
-    def _isolated(self, grads: Tensor, labels: Tensor, keep: Tensor
-                  ) -> tuple[Tensor, dict[str, Any]]:
-        """Dataset indices of the isolated medoids among the kept rows ``grads`` ``(M, C)``."""
+    def choose(self, embeddings: Tensor, labels: Tensor, keep: Tensor
+               ) -> tuple[Tensor, dict[str, Any]]:
+        """Dataset indices of the isolated medoids among the kept rows ``embeddings``."""
+        grads = embeddings
         kept = keep.nonzero().squeeze(1)
         medoids = select_medoids(grads, labels, self.fraction, per_class=self.per_class,
                                  similarity=self.similarity, method=self.method,

@@ -7,9 +7,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from epic.data import ImageData
 from epic.defense import ScheduledDefense
-from epic.gradients import feature_embeddings
+from epic.gradients import Examples, feature_embeddings
 
 
 class FeatureFilter(ScheduledDefense):
@@ -28,9 +27,12 @@ class FeatureFilter(ScheduledDefense):
         of the whole training set."""
         raise NotImplementedError
 
-    def select(self, model: nn.Module, data: ImageData, keep: Tensor,
-               features: Tensor | None = None) -> tuple[Tensor, dict[str, Any]]:
+    def embed(self, model: nn.Module, data: Examples, keep: Tensor,
+              features: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return feature_embeddings(model, data, keep=keep, batch_size=self.batch_size,
+                                  features=features)
+
+    def choose(self, embeddings: Tensor, labels: Tensor, keep: Tensor
+               ) -> tuple[Tensor, dict[str, Any]]:
         kept = keep.nonzero().squeeze(1)
-        feats, labels = feature_embeddings(model, data, keep=keep, batch_size=self.batch_size,
-                                           features=features)
-        return kept[self.outliers(feats, labels, len(data)).cpu()], {}
+        return kept[self.outliers(embeddings, labels, len(keep)).cpu()], {}

@@ -9,9 +9,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from epic.data import ImageData
 from epic.defense import ScheduledDefense
-from epic.gradients import logit_embeddings
+from epic.gradients import Examples, logit_embeddings
 
 
 def low_confidence(logits: Tensor, labels: Tensor, threshold: float) -> Tensor:
@@ -36,12 +35,15 @@ class _LogitRule(ScheduledDefense):
     def rule(logits: Tensor, labels: Tensor, threshold: float) -> Tensor:
         raise NotImplementedError
 
-    def select(self, model: nn.Module, data: ImageData, keep: Tensor,
-               features: Tensor | None = None) -> tuple[Tensor, dict[str, Any]]:
+    def embed(self, model: nn.Module, data: Examples, keep: Tensor,
+              features: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return logit_embeddings(model, data, keep=keep, batch_size=self.batch_size,
+                                features=features)
+
+    def choose(self, embeddings: Tensor, labels: Tensor, keep: Tensor
+               ) -> tuple[Tensor, dict[str, Any]]:
         kept = keep.nonzero().squeeze(1)
-        logits, labels = logit_embeddings(model, data, keep=keep, batch_size=self.batch_size,
-                                          features=features)
-        return kept[self.rule(logits, labels, self.threshold).cpu()], {}
+        return kept[self.rule(embeddings, labels, self.threshold).cpu()], {}
 
 
 class LowestConfidence(_LogitRule):
@@ -68,8 +70,14 @@ class RandomDrop(ScheduledDefense):
         self.fraction = fraction
         self.generator = generator
 
-    def select(self, model: nn.Module, data: ImageData, keep: Tensor,
-               features: Tensor | None = None) -> tuple[Tensor, dict[str, Any]]:
+    def embed(self, model: nn.Module, data: Examples, keep: Tensor,
+              features: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Nothing to embed: zero-width rows, one per kept example."""
+        m = int(keep.sum())
+        return torch.empty(m, 0), torch.zeros(m, dtype=torch.long)
+
+    def choose(self, embeddings: Tensor, labels: Tensor, keep: Tensor
+               ) -> tuple[Tensor, dict[str, Any]]:
         kept = keep.nonzero().squeeze(1)
         m = round(self.fraction * len(kept))
         return kept[torch.randperm(len(kept), generator=self.generator)[:m]], {}
