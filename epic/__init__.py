@@ -10,7 +10,7 @@ from epic.defense import EPIC, EpicRound, find_poisons
 from epic.gradients import gradient_embeddings
 from epic.models import Classifier, build_model
 from epic.poisons import PoisonSet, PoisonSetError
-from epic.sampler import KeepSampler
+from epic.sampler import DistributedKeepSampler, KeepSampler
 from epic.selection import Medoids, find_isolated, select_medoids
 from epic.train import TrainConfig, TrainResult, evaluate, train
 
@@ -18,6 +18,7 @@ __all__ = [
     "EPIC",
     "Augment",
     "Classifier",
+    "DistributedKeepSampler",
     "EpicRound",
     "ImageData",
     "KeepSampler",

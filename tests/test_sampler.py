@@ -28,3 +28,11 @@ def test_sampler_refuses_a_mask_of_another_size() -> None:
     defense = EPIC(fraction=0.1, warmup=0, every=1, num_examples=5)
     with pytest.raises(ValueError, match="covers 5 examples, the sampler 4"):
         list(KeepSampler(defense, num_examples=4))
+
+
+def test_sampler_takes_its_size_from_the_defense() -> None:
+    defense = EPIC(fraction=0.1, warmup=0, every=1, num_examples=5)
+    defense.keep_mask[2] = False
+    assert sorted(KeepSampler(defense)) == [0, 1, 3, 4]
+    with pytest.raises(ValueError, match="no keep_mask yet: pass num_examples="):
+        KeepSampler(EPIC(fraction=0.1, warmup=0, every=1))
