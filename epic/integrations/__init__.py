@@ -1,0 +1,1 @@
+"""EPIC inside other training frameworks; each integration imports its framework lazily."""
