@@ -182,6 +182,7 @@ def iterate_batches(
     augment: Augment | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
     """Yield ``(x, y, index)`` batches; ``x`` float in ``[0, 1]`` on ``device``.
 
@@ -190,6 +191,10 @@ def iterate_batches(
         shuffle: draw a random order from ``generator`` (CPU) each call.
         augment: augmentation to apply (None = none).
         device: where batches go (default: where ``data`` lives).
+        shard: ``(rank, world)``: only every ``world``-th example of the (shuffled) order,
+            from ``rank`` on, after cutting the order to a multiple of ``world``, so that every
+            rank of a data-parallel job gets as many examples (the same generator state on
+            every rank gives each the same order to cut).
     """
     device = torch.device(device) if device is not None else data.images.device
     if keep is None:
@@ -200,6 +205,9 @@ def iterate_batches(
         index = keep.cpu().nonzero().squeeze(1)
     if shuffle:
         index = index[torch.randperm(len(index), generator=generator)]
+    if shard is not None:
+        rank, world = shard
+        index = index[:len(index) - len(index) % world][rank::world]
     for start in range(0, len(index), batch_size):
         idx = index[start:start + batch_size]
         src = idx.to(data.images.device)

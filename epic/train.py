@@ -23,11 +23,13 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from epic.data import ImageData, iterate_batches
 from epic.defense import EpicRound
+from epic.distributed import world
 from epic.files import replace_atomically
 from epic.gradients import feature_embeddings
 from epic.models import Classifier
@@ -173,6 +175,13 @@ def train(
     The model is trained on the device it lives on; data batches follow it. With a seed and
     the same starting weights, a CPU run is reproducible, also across ``resume``.
 
+    Under ``torch.distributed`` (launched by ``torchrun``), every rank calls this with the
+    same data, config and seed: the model (or, in transfer learning, its last layer) trains
+    in ``DistributedDataParallel``, each rank on its share of every epoch's order, with
+    ``config.batch_size`` examples per rank and step; defense rounds run on all ranks together
+    (see :meth:`epic.defense.ScheduledDefense.update`); rank 0 alone writes ``out``, and
+    ``resume`` reads it on every rank (a shared folder).
+
     Args:
         model: a :class:`~epic.models.Classifier`; for transfer/fine-tuning, already loaded
             with pretrained weights (see :func:`prepare_model`, applied here).
@@ -192,7 +201,10 @@ def train(
         :class:`TrainResult` with per-epoch metrics and the summary.
     """
     device = next(model.parameters()).device
-    outp = Path(out) if out is not None else None
+    rank, size = world()
+    shard = (rank, size) if size > 1 else None
+    checkpoint = Path(out) / "checkpoint.pt" if out is not None else None
+    outp = Path(out) if out is not None and rank == 0 else None  # the one writer
     if poisons is not None:
         train_data = poisons.apply(train_data)
     params = prepare_model(model, config.scenario)
@@ -212,10 +224,10 @@ def train(
               if frozen_body and augment is None and batch_transform is None else None)
     # ... and so does the test set, every epoch: its features too are computed once.
     test_features = feature_embeddings(model, test_data, device=device) if frozen_body else None
+    net = _data_parallel(model.classifier if frozen_body else model, device)
     metrics: list[dict[str, Any]] = []
     start_epoch, elapsed = 0, 0.0
 
-    checkpoint = outp / "checkpoint.pt" if outp is not None else None
     if resume and checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
@@ -240,7 +252,7 @@ def train(
 
     epochs = range(start_epoch, config.epochs)
     bar = None
-    if progress:
+    if progress and rank == 0:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.epochs, initial=start_epoch, unit="epoch", dynamic_ncols=True)
@@ -257,19 +269,19 @@ def train(
         loss_sum, correct, seen = 0.0, 0, 0
         for x, y, idx in iterate_batches(train_data, batch_size=config.batch_size, keep=keep,
                                          shuffle=True, augment=augment, generator=generator,
-                                         device=device):
+                                         device=device, shard=shard):
             if batch_transform is not None:
                 x, y = batch_transform(model, x, y)
                 if frozen_body:
                     model.body.eval()
             if cached is not None:
-                logits = model.classifier(cached[idx.to(device)])
+                logits = net(cached[idx.to(device)])
             elif frozen_body:
                 with torch.no_grad():
                     feats = model.features(x)
-                logits = model.classifier(feats)
+                logits = net(feats)
             else:
-                logits = model(x)
+                logits = net(x)
             loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -280,6 +292,12 @@ def train(
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
         scheduler.step()
+        if shard is not None:  # the whole epoch's figures, all ranks together
+            for buffer in model.buffers():  # rank 0's batch-norm statistics for everyone
+                dist.broadcast(buffer, 0)
+            totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=device)
+            dist.all_reduce(totals)
+            loss_sum, correct, seen = float(totals[0]), int(totals[1]), int(totals[2])
         record |= {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
                    "trained_on": seen,
                    "test_acc": evaluate(model, test_data) if test_features is None
@@ -312,6 +330,14 @@ def train(
         torch.save(model.state_dict(), outp / "model.pt")
         _write_json(outp / "summary.json", summary)
     return TrainResult(metrics, summary, model)
+
+
+def _data_parallel(module: nn.Module, device: torch.device) -> nn.Module:
+    """``module`` in ``DistributedDataParallel`` under a process group of several ranks."""
+    if world()[1] == 1:
+        return module
+    ids = [device] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
 
 @torch.no_grad()

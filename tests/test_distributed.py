@@ -3,6 +3,7 @@ process drops, and every rank ends with the same keep-mask."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from epic import EPIC, DistributedKeepSampler
+from epic import EPIC, DistributedKeepSampler, build_model, load_digits
 
 from .conftest import seeded_convnet
 
@@ -60,3 +61,32 @@ def test_distributed_sampler_shards_the_kept_examples() -> None:
     assert list(samplers[0]) == [] and len(samplers[0]) == 0
     with pytest.raises(ValueError, match="need 0 <= rank < num_replicas"):
         DistributedKeepSampler(defense, num_replicas=2, rank=2)
+
+
+@pytest.mark.parametrize("scenario", ["scratch", "transfer"])
+def test_training_under_torchrun_keeps_ranks_in_step(tmp_path, scenario) -> None:  # type: ignore[no-untyped-def]
+    if scenario == "transfer":  # any weights will do as the frozen body
+        train, _ = load_digits()
+        torch.manual_seed(1)
+        body = build_model("convnet", num_classes=10, in_channels=1, mean=train.mean,
+                           std=train.std)
+        torch.save(body.state_dict(), tmp_path / "pretrained.pt")
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(SCRIPT.parent / "distributed_train.py"), str(tmp_path), scenario],
+        capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for name, value in ranks[0]["model"].items():  # DDP kept the replicas identical
+        assert torch.equal(value, ranks[1]["model"][name]), name
+    keep = ranks[0]["keep"]
+    assert torch.equal(keep, ranks[1]["keep"]) and not bool(keep.all())
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    rounds = json.loads((tmp_path / "run" / "defense.json").read_text())
+    assert [r["epoch"] for r in rounds] == [1, 2]
+    assert metrics[0]["trained_on"] == 1346  # 1,347 cut to a multiple of 2 ranks
+    remaining = rounds[-1]["remaining"]
+    assert metrics[2]["trained_on"] == remaining - remaining % 2
+    assert not list((tmp_path / "run").glob("rank*"))  # nothing but rank 0's run there
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["examples_dropped"] == int((~keep).sum())
