@@ -228,8 +228,13 @@ def train(
     metrics: list[dict[str, Any]] = []
     start_epoch, elapsed = 0, 0.0
 
+    identity = {"config": dataclasses.asdict(config) | {"milestones": config.resolved_milestones},
+                "defense": _describe(defense), "batch_transform": _describe(batch_transform),
+                "model": type(model).__name__, "examples": len(train_data),
+                "poisons": None if poisons is None else len(poisons)}
     if resume and checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=True)
+        _check_same_run(checkpoint, json.loads(state.get("identity", "null")), identity)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -240,6 +245,8 @@ def train(
         metrics = json.loads(state["metrics"])
         start_epoch, elapsed = int(state["epoch"]) + 1, float(state["seconds"])
         log.info("resuming from %s at epoch %d", checkpoint, start_epoch)
+        if outp is not None and defense is not None:  # a crash may have cut its last write
+            _write_json(outp / "defense.json", defense_records(defense, poisons))
     if outp is not None:
         outp.mkdir(parents=True, exist_ok=True)
         _write_json(outp / "config.json", {
@@ -313,7 +320,7 @@ def train(
         metrics.append(record)
         if outp is not None:
             _save_epoch(outp, model, optimizer, scheduler, (generator, noise), defense, metrics,
-                        epoch, elapsed)
+                        epoch, elapsed, identity)
             if defense is not None and record.get("defense_seconds") is not None:
                 _write_json(outp / "defense.json", defense_records(defense, poisons))
         if bar is not None:
@@ -330,6 +337,29 @@ def train(
         torch.save(model.state_dict(), outp / "model.pt")
         _write_json(outp / "summary.json", summary)
     return TrainResult(metrics, summary, model)
+
+
+def _check_same_run(checkpoint: Path, saved: dict[str, Any] | None,
+                    current: dict[str, Any]) -> None:
+    """Refuse to resume a checkpoint that another configuration wrote: it would continue
+    training with that run's optimizer state and keep-mask under this run's settings."""
+    if saved is None:
+        log.warning("%s does not record its run's settings; resuming without checking them",
+                    checkpoint)
+        return
+    current = json.loads(json.dumps(current))  # tuples as lists, as the checkpoint has them
+    differences = []
+    for group in sorted(saved.keys() | current.keys()):
+        there, here = saved.get(group), current.get(group)
+        if isinstance(there, dict) and isinstance(here, dict):
+            differences += [f"{group}.{key}: {there.get(key)!r} there, {here.get(key)!r} here"
+                            for key in sorted(there.keys() | here.keys())
+                            if there.get(key) != here.get(key)]
+        elif there != here:
+            differences.append(f"{group}: {there!r} there, {here!r} here")
+    if differences:
+        raise ValueError(f"{checkpoint} belongs to a run with other settings ("
+                         f"{'; '.join(differences[:4])}): use another --out or drop --resume")
 
 
 def _data_parallel(module: nn.Module, device: torch.device) -> nn.Module:
@@ -384,11 +414,12 @@ def defense_records(defense: Defense, poisons: PoisonSet | None = None
 def _save_epoch(outp: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler,
                 generators: tuple[torch.Generator, torch.Generator], defense: Defense | None,
-                metrics: list[dict[str, Any]], epoch: int, elapsed: float) -> None:
+                metrics: list[dict[str, Any]], epoch: int, elapsed: float,
+                identity: dict[str, Any]) -> None:
     _write_json(outp / "metrics.json", metrics)
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "generator": generators[0].get_state(),
-             "noise": generators[1].get_state(),
+    state = {"identity": json.dumps(identity), "model": model.state_dict(),
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "generator": generators[0].get_state(), "noise": generators[1].get_state(),
              "defense": None if defense is None else defense.state_dict(),
              "metrics": json.dumps(metrics), "epoch": epoch, "seconds": elapsed}
     replace_atomically(outp / "checkpoint.pt", lambda f: torch.save(state, f))

@@ -125,3 +125,34 @@ def test_defense_records_say_how_poisons_fared(tiny_data, tmp_path) -> None:  # 
         assert rec["poisons_dropped"] == len(set(rnd.dropped.tolist()) & {0, 4, 8})
         hist = {int(k): v for k, v in rec["poison_cluster_size_histogram"].items()}
         assert sum(hist.values()) == int((rnd.cluster_sizes[idx] > 0).sum())
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(tiny_data, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    train_data, test_data = tiny_data
+    cfg = TrainConfig(epochs=2, lr=0.05, batch_size=16, seed=3)
+    train(seeded_convnet(train_data), train_data, test_data, cfg, out=tmp_path,
+          defense=EPIC(0.3, warmup=1, every=1, num_examples=len(train_data)))
+    with pytest.raises(ValueError, match=r"config.epochs: 2 there, 4 here"):
+        train(seeded_convnet(train_data), train_data, test_data,
+              TrainConfig(epochs=4, lr=0.05, batch_size=16, seed=3), out=tmp_path, resume=True,
+              defense=EPIC(0.3, warmup=1, every=1, num_examples=len(train_data)))
+    with pytest.raises(ValueError, match=r"defense.fraction: 0.3 there, 0.2 here"):
+        train(seeded_convnet(train_data), train_data, test_data, cfg, out=tmp_path, resume=True,
+              defense=EPIC(0.2, warmup=1, every=1, num_examples=len(train_data)))
+    with pytest.raises(ValueError, match=r"defense: \{'name': 'EPIC'.* there, None here"):
+        train(seeded_convnet(train_data), train_data, test_data, cfg, out=tmp_path, resume=True)
+
+
+def test_resume_rewrites_the_rounds_a_crash_kept_from_disk(tiny_data, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    train_data, test_data = tiny_data
+
+    def run(epochs: int, resume: bool) -> None:
+        train(seeded_convnet(train_data), train_data, test_data,
+              TrainConfig(epochs=epochs, lr=0.05, batch_size=16, milestones=(9,), seed=3),
+              out=tmp_path, resume=resume,
+              defense=EPIC(0.3, warmup=1, every=1, num_examples=len(train_data)))
+
+    run(2, False)
+    (tmp_path / "defense.json").unlink()  # killed between the checkpoint and this write
+    run(2, True)  # nothing left to train, yet the rounds are written back
+    assert [r["epoch"] for r in json.loads((tmp_path / "defense.json").read_text())] == [1]
