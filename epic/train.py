@@ -74,6 +74,13 @@ class TrainConfig:
     :func:`default_milestones`. ``grad_clip`` and ``grad_noise`` turn on the DP-SGD-style
     gradient shaping the paper compares with (Hong et al. 2020): every mini-batch gradient is
     clipped to norm ``grad_clip`` and gets Gaussian noise of std ``grad_clip * grad_noise``.
+
+    ``round_embeddings`` is how an EPIC round gets its gradients: ``"eval"`` (the paper's) by
+    an eval-mode pass over the kept, un-augmented examples before the round;
+    ``"train-pass"`` from the logits the training pass of the epoch before computed anyway
+    (augmented inputs, train-mode batch norm, weights moving during the epoch), so a round
+    costs only its selection. A round with no such epoch before it (the first epoch of a run
+    or of a resumed run, or under ``torch.distributed``) takes the eval pass.
     """
 
     epochs: int = 40
@@ -89,6 +96,7 @@ class TrainConfig:
     seed: int = 0
     grad_clip: float | None = None
     grad_noise: float = 0.0
+    round_embeddings: Literal["eval", "train-pass"] = "eval"
 
     @property
     def resolved_lr(self) -> float:
@@ -227,6 +235,9 @@ def train(
     net = _data_parallel(model.classifier if frozen_body else model, device)
     metrics: list[dict[str, Any]] = []
     start_epoch, elapsed = 0, 0.0
+    from_training = (config.round_embeddings == "train-pass" and shard is None
+                     and hasattr(defense, "update_from_embeddings"))
+    recorded: tuple[Tensor, Tensor] | None = None  # the last epoch's (gradients, labels)
 
     identity = {"config": dataclasses.asdict(config) | {"milestones": config.resolved_milestones},
                 "defense": _describe(defense), "batch_transform": _describe(batch_transform),
@@ -267,9 +278,14 @@ def train(
         t0 = time.perf_counter()
         record: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
         if defense is not None and defense.due(epoch):
-            round_ = defense.update(model, train_data, epoch, features=cached)
+            if recorded is not None:
+                round_ = defense.update_from_embeddings(*recorded, epoch)  # type: ignore[attr-defined]
+            else:
+                round_ = defense.update(model, train_data, epoch, features=cached)
             record["defense_seconds"] = round(getattr(round_, "seconds", 0.0), 4)
         keep = defense.keep_mask if defense is not None else None
+        recording = from_training and defense is not None and defense.due(epoch + 1)
+        recorded = None
         model.train()
         if frozen_body:
             model.body.eval()
@@ -289,6 +305,8 @@ def train(
                 logits = net(feats)
             else:
                 logits = net(x)
+            if recording:
+                recorded = _record_gradients(recorded, logits, y, idx, len(train_data))
             loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -337,6 +355,21 @@ def train(
         torch.save(model.state_dict(), outp / "model.pt")
         _write_json(outp / "summary.json", summary)
     return TrainResult(metrics, summary, model)
+
+
+@torch.no_grad()
+def _record_gradients(recorded: tuple[Tensor, Tensor] | None, logits: Tensor, y: Tensor,
+                      idx: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """Write a training batch's ``softmax(z) - onehot(y)`` into rows ``idx`` of the epoch's
+    ``(N, C)`` gradients and ``(N,)`` labels (allocated on the first batch)."""
+    if recorded is None:
+        recorded = (torch.zeros(n, logits.shape[1], device=logits.device),
+                    torch.zeros(n, dtype=torch.long, device=logits.device))
+    rows = idx.to(logits.device)
+    probs = torch.softmax(logits.detach().float(), dim=1)
+    recorded[0][rows] = probs - F.one_hot(y, logits.shape[1]).float()
+    recorded[1][rows] = y
+    return recorded
 
 
 def _check_same_run(checkpoint: Path, saved: dict[str, Any] | None,

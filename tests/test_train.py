@@ -156,3 +156,31 @@ def test_resume_rewrites_the_rounds_a_crash_kept_from_disk(tiny_data, tmp_path) 
     (tmp_path / "defense.json").unlink()  # killed between the checkpoint and this write
     run(2, True)  # nothing left to train, yet the rounds are written back
     assert [r["epoch"] for r in json.loads((tmp_path / "defense.json").read_text())] == [1]
+
+
+def test_rounds_from_the_training_pass_match_the_eval_pass_when_nothing_moves(tiny_data) -> None:  # type: ignore[no-untyped-def]
+    """A frozen body on un-augmented images at lr 0: the training pass's logits are the eval
+    pass's, so the rounds must drop exactly the same examples."""
+    train_data, test_data = tiny_data
+    histories = {}
+    for mode in ("eval", "train-pass"):
+        defense = EPIC(0.5, warmup=1, every=1, num_examples=len(train_data))
+        cfg = TrainConfig(epochs=4, scenario="transfer", lr=0.0, batch_size=16, augment=False,
+                          round_embeddings=mode)  # type: ignore[arg-type]
+        train(seeded_convnet(train_data), train_data, test_data, cfg, defense=defense)
+        histories[mode] = [r.dropped.tolist() for r in defense.history]
+    assert len(histories["eval"]) == 3 and any(histories["eval"])
+    assert histories["train-pass"] == histories["eval"]
+
+
+def test_rounds_from_the_training_pass_skip_the_eval_pass(tiny_data, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    train_data, test_data = tiny_data
+    passes = []
+    original = EPIC.embed
+    monkeypatch.setattr(EPIC, "embed", lambda self, *a, **k: passes.append(1) or original(
+        self, *a, **k))
+    defense = EPIC(0.5, warmup=1, every=1, num_examples=len(train_data))
+    cfg = TrainConfig(epochs=4, lr=0.05, batch_size=16, round_embeddings="train-pass")
+    train(seeded_convnet(train_data), train_data, test_data, cfg, defense=defense)
+    assert [r.epoch for r in defense.history] == [1, 2, 3] and passes == []
+    assert len(defense.dropped) > 0
