@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -85,17 +85,21 @@ class DropRound:
         dropped: ``(D,)`` int64 dataset indices dropped in this round, sorted.
         remaining: examples kept after the round.
         seconds: wall time of the round.
+        embed_seconds: the part of it spent embedding the examples (0 when the training loop
+            handed the embeddings in); the rest is the selection.
     """
 
     epoch: int
     dropped: Tensor
     remaining: int
     seconds: float
+    embed_seconds: float = field(default=0.0, kw_only=True)
 
     def summary(self) -> dict[str, Any]:
         """A JSON-ready record of the round."""
         return {"epoch": self.epoch, "dropped": self.dropped.tolist(),
-                "remaining": self.remaining, "seconds": round(self.seconds, 4)}
+                "remaining": self.remaining, "seconds": round(self.seconds, 4),
+                "embed_seconds": round(self.embed_seconds, 4)}
 
 
 @dataclass(frozen=True)
@@ -188,15 +192,21 @@ class ScheduledDefense:
                                  f"iterable of batches holds: pass num_examples=")
             n = len(self.keep_mask)
         rank, size = world()
-        if size == 1:
-            return self._round(epoch, n, lambda keep: self.choose(
-                *self.embed(model, data, keep, features), keep))
 
         def choose(keep: Tensor) -> tuple[Tensor, dict[str, Any]]:
-            rows, labels = self.embed(model, data, share_of(keep, rank, size), features)
-            rows, labels = gather_shares(rows, labels, int(keep.sum()))
-            decided = self.choose(rows, labels, keep) if rank == 0 else None
-            return broadcast_from_first(decided)
+            start = time.perf_counter()
+            if size == 1:
+                rows, labels = self.embed(model, data, keep, features)
+            else:
+                rows, labels = self.embed(model, data, share_of(keep, rank, size), features)
+                rows, labels = gather_shares(rows, labels, int(keep.sum()))
+            embedded = {"embed_seconds": time.perf_counter() - start}
+            if size == 1:
+                dropped, extra = self.choose(rows, labels, keep)
+            else:
+                dropped, extra = broadcast_from_first(
+                    self.choose(rows, labels, keep) if rank == 0 else None)
+            return dropped, extra | embedded
 
         return self._round(epoch, n, choose)
 

@@ -153,3 +153,17 @@ def test_update_from_embeddings_drops_what_update_drops(tiny_data) -> None:  # t
     assert torch.equal(by_model.keep_mask, by_loop.keep_mask)
     with pytest.raises(ValueError, match="need embeddings"):
         by_loop.update_from_embeddings(grads, labels[:-1], 2)
+
+
+def test_a_round_records_its_embedding_time_apart(tiny_data) -> None:  # type: ignore[no-untyped-def]
+    train, _ = tiny_data
+    model = seeded_convnet(train)
+    defense = EPIC(0.5, warmup=0, every=1)
+    r = defense.update(model, train, 0)
+    assert 0 < r.embed_seconds < r.seconds
+    assert r.summary()["embed_seconds"] == round(r.embed_seconds, 4)
+    grads, labels = gradient_embeddings(model, train)
+    assert defense.update_from_embeddings(grads, labels, 1).embed_seconds == 0.0
+    resumed = EPIC(0.5, warmup=0, every=1)
+    resumed.load_state_dict(defense.state_dict())
+    assert resumed.history[0].embed_seconds == r.embed_seconds
