@@ -1,0 +1,365 @@
+"""Reading image sets that come from strangers: a folder of image files, or an ``.npz``.
+
+A folder holds one sub-folder per class (class names: the sorted sub-folder names, labels
+their positions), with image files at any depth below it, as torchvision's ``ImageFolder``
+expects. Every file is checked before it is decoded: it must be a regular file (links are not
+followed), not empty, at most ``max_file_bytes`` long, one of :data:`FORMATS` (only those
+decoders of Pillow are tried), and its header may declare at most ``max_pixels`` pixels
+(a decompression bomb is refused before any pixel is decoded; Pillow's own
+``DecompressionBombWarning`` and ``DecompressionBombError`` become a skip too). A file that
+fails a check or does not decode is skipped with a warning naming it and the reason, and is
+listed in :attr:`ImageFolder.skipped`; only a folder without two classes of readable images
+is an error.
+
+An ``.npz`` holds ``images`` (uint8 ``(N, H, W)``, ``(N, H, W, C)`` or ``(N, C, H, W)``, C 1
+or 3), ``labels`` (integers ``(N,)``) and optionally ``classes`` (strings ``(K,)``); shapes
+and types are read from the array headers and checked before anything is allocated, and
+nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import warnings
+import zipfile
+import zlib
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, NamedTuple
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from epic.data import ImageData
+
+__all__ = ["FORMATS", "MAX_FILE_BYTES", "MAX_PIXELS", "MAX_TOTAL_BYTES", "ImageFolder",
+           "Skipped", "read_image_folder", "read_npz"]
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP")
+"""The image formats read (Pillow's names); files in any other format are skipped."""
+
+MAX_FILE_BYTES = 20 * 2**20
+"""Default largest image file read, in bytes (20 MiB)."""
+
+MAX_PIXELS = 40_000_000
+"""Default largest image read, in pixels as its header declares them (e.g. 8000 x 5000)."""
+
+MAX_TOTAL_BYTES = 2**30
+"""Default largest set held in memory, uint8 ``N * C * H * W`` bytes (1 GiB)."""
+
+_GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A file that was not read: its path relative to the folder, and why."""
+
+    file: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ImageFolder:
+    """What :func:`read_image_folder` read.
+
+    Attributes:
+        data: the images, uint8 ``(N, C, H, W)``, and labels ``(N,)``, classes in sorted
+            sub-folder order.
+        files: ``(N,)`` paths relative to the folder (``/``-separated), in dataset order:
+            ``files[i]`` is the file of ``data.images[i]``.
+        skipped: the files not read, in path order.
+    """
+
+    data: ImageData
+    files: tuple[str, ...]
+    skipped: tuple[Skipped, ...]
+
+
+class _Unreadable(Exception):
+    """A file the reader skips; the message is the reason."""
+
+
+@dataclass(frozen=True)
+class _Limits:
+    max_file_bytes: int
+    max_pixels: int
+    formats: tuple[str, ...]
+
+
+class _Header(NamedTuple):
+    name: str
+    path: Path
+    label: int
+    size: tuple[int, int]
+    mode: str
+
+
+def read_image_folder(
+    root: str | os.PathLike[str],
+    *,
+    image_size: int | tuple[int, int] | None = None,
+    max_file_bytes: int = MAX_FILE_BYTES,
+    max_pixels: int = MAX_PIXELS,
+    max_total_bytes: int = MAX_TOTAL_BYTES,
+    formats: Sequence[str] = FORMATS,
+) -> ImageFolder:
+    """Read ``root/<class>/**/<image>`` into memory, skipping files that fail the checks.
+
+    Images are converted to RGB, or to grayscale (L) when every image is grayscale, and
+    resized (bilinear) to ``image_size``: ``S`` for ``S x S`` or ``(height, width)``; by
+    default the most common size among the files (the first in path order on a tie).
+
+    Args:
+        root: the folder; each sub-folder is a class, files directly in it are skipped.
+        max_file_bytes, max_pixels: per-file limits (see the module docs).
+        max_total_bytes: the largest ``N * C * H * W`` accepted, checked before allocating.
+        formats: Pillow format names to accept, a subset of :data:`FORMATS`.
+
+    Raises:
+        FileNotFoundError: ``root`` does not exist.
+        ValueError: ``root`` is not a folder, has fewer than two class sub-folders holding a
+            readable image, or its images would need more than ``max_total_bytes``.
+
+    Example:
+        >>> folder = read_image_folder("photos/", image_size=32)  # doctest: +SKIP
+        >>> folder.data.images.shape, folder.files[0], folder.skipped
+        (torch.Size([600, 3, 32, 32]), 'cat/0001.jpg', ())
+    """
+    rootp = Path(root)
+    if not rootp.exists():
+        raise FileNotFoundError(f"{rootp} does not exist")
+    if not rootp.is_dir():
+        raise ValueError(f"{rootp} is not a folder")
+    unknown = set(formats) - set(FORMATS)
+    if unknown:
+        raise ValueError(f"formats must be among {', '.join(FORMATS)}, got {sorted(unknown)}")
+    class_dirs: list[str] = []
+    candidates: list[tuple[str, Path, int]] = []  # (relative name, path, label)
+    skipped: list[Skipped] = []
+    for entry in sorted(os.scandir(rootp), key=lambda e: e.name):
+        if entry.is_dir(follow_symlinks=False):
+            label = len(class_dirs)
+            class_dirs.append(entry.name)
+            candidates += [(_relative(p, rootp), p, label) for p in _entries(Path(entry.path))]
+        else:
+            skipped.append(Skipped(entry.name, "not in a class sub-folder"))
+    if len(class_dirs) < 2:
+        raise ValueError(f"{rootp} has {len(class_dirs)} class sub-folder"
+                         f"{'' if len(class_dirs) == 1 else 's'}; a scan needs two or more "
+                         f"({rootp}/<class>/<image>)")
+    limits = _Limits(max_file_bytes, max_pixels, tuple(formats))
+    headers: list[_Header] = []
+    for name, path, label in candidates:
+        try:
+            with _open(path, limits) as img:
+                headers.append(_Header(name, path, label, img.size, img.mode))
+        except _Unreadable as exc:
+            skipped.append(Skipped(name, str(exc)))
+    if not headers:
+        raise ValueError(f"{rootp} holds no readable image ({len(skipped)} files skipped"
+                         + (f"; first: {skipped[0].file}: {skipped[0].reason})" if skipped
+                            else ")"))
+    if image_size is None:
+        width, height = Counter(h.size for h in headers).most_common(1)[0][0]
+    elif isinstance(image_size, int):
+        height = width = image_size
+    else:
+        height, width = image_size
+    if height < 1 or width < 1:
+        raise ValueError(f"image_size must be positive, got {height} x {width}")
+    mode = "L" if all(h.mode in _GRAY_MODES for h in headers) else "RGB"
+    channels = 1 if mode == "L" else 3
+    need = len(headers) * channels * height * width
+    if need > max_total_bytes:
+        raise ValueError(f"{rootp}: {len(headers):,} images of {width} x {height} {mode} need "
+                         f"{need:,} bytes in memory, over the limit of {max_total_bytes:,}; "
+                         f"choose a smaller image size (--image-size)")
+    images = np.empty((len(headers), channels, height, width), dtype=np.uint8)
+    read: list[int] = []
+    for i, h in enumerate(headers):
+        try:
+            images[len(read)] = _decode(h.path, mode, (width, height), limits)
+            read.append(i)
+        except _Unreadable as exc:
+            skipped.append(Skipped(h.name, str(exc)))
+    skipped.sort(key=lambda s: s.file)
+    for s in skipped:
+        log.warning("skipped %s: %s", s.file, s.reason)
+    labels = np.array([headers[i].label for i in read], dtype=np.int64)
+    present = np.unique(labels)
+    if len(present) < 2:
+        raise ValueError(f"{rootp} has readable images in {len(present)} class sub-folder"
+                         f"{'' if len(present) == 1 else 's'}; a scan needs two or more")
+    data = ImageData.from_arrays(images[:len(read)], labels, tuple(class_dirs))
+    return ImageFolder(data, tuple(headers[i].name for i in read), tuple(skipped))
+
+
+def _relative(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+def _entries(folder: Path) -> list[Path]:
+    """Every entry below ``folder`` that is not a real folder (links are listed, never
+    followed), in path order."""
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        base = Path(dirpath)
+        found += [base / n for n in filenames]
+        found += [base / n for n in dirnames if (base / n).is_symlink()]
+    return sorted(found, key=lambda p: p.as_posix())
+
+
+@contextmanager
+def _open(path: Path, limits: _Limits) -> Iterator[Image.Image]:
+    """Pillow's lazy image of ``path`` (only the header read), after the file checks.
+
+    Raises:
+        _Unreadable: the reason the file is skipped.
+    """
+    st = path.lstat()
+    if stat.S_ISLNK(st.st_mode):
+        raise _Unreadable("a symbolic link (links are not followed)")
+    if not stat.S_ISREG(st.st_mode):
+        raise _Unreadable("not a regular file")
+    if st.st_size == 0:
+        raise _Unreadable("an empty file")
+    if st.st_size > limits.max_file_bytes:
+        raise _Unreadable(f"{st.st_size:,} bytes, over the limit of {limits.max_file_bytes:,}")
+    formats = limits.formats
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path, formats=formats)
+    except UnidentifiedImageError as exc:
+        raise _Unreadable(f"not a {', '.join(formats[:-1])} or {formats[-1]} image") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise _Unreadable(f"refused as a decompression bomb ({exc})") from exc
+    except Exception as exc:  # Pillow's header parsers raise many types on malformed input
+        raise _Unreadable(f"corrupt or truncated header ({type(exc).__name__}: {exc})") from exc
+    with img:
+        width, height = img.size
+        if width * height > limits.max_pixels:
+            raise _Unreadable(f"{width} x {height} = {width * height:,} pixels, over the limit "
+                              f"of {limits.max_pixels:,}")
+        if width < 1 or height < 1:
+            raise _Unreadable(f"{width} x {height} pixels")
+        yield img
+
+
+def _decode(path: Path, mode: str, size: tuple[int, int], limits: _Limits) -> np.ndarray:
+    """The image at ``path`` as uint8 ``(C, H, W)``, converted to ``mode`` and resized to
+    ``size`` (width, height).
+
+    Raises:
+        _Unreadable: a check failed, or the pixel data is truncated or corrupt.
+    """
+    with _open(path, limits) as img:
+        try:
+            img.load()
+            pixels = img.convert(mode)
+            if pixels.size != size:
+                pixels = pixels.resize(size, Image.Resampling.BILINEAR)
+            array = np.asarray(pixels, dtype=np.uint8)
+        except Exception as exc:  # Pillow's decoders raise many types on corrupt data
+            raise _Unreadable(f"corrupt or truncated pixel data ({type(exc).__name__}: "
+                              f"{exc})") from exc
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+# ----------------------------------------------------------------------------- npz
+
+
+def read_npz(path: str | os.PathLike[str], *, max_total_bytes: int = MAX_TOTAL_BYTES
+             ) -> ImageData:
+    """An image set from an ``.npz`` of ``images``, ``labels`` and optional ``classes``.
+
+    ``images`` is uint8 ``(N, H, W)`` (grayscale), ``(N, H, W, C)`` or ``(N, C, H, W)`` with C
+    1 or 3 (channels last when the last axis is 1 or 3); ``labels`` integers ``(N,)`` in
+    ``0..K-1``; ``classes`` strings ``(K,)``, by default ``"0".."K-1"`` with K the largest
+    label + 1 (at most N). Shapes, types and the size (at most ``max_total_bytes``) are
+    checked from the array headers before any array is read; pickled objects are refused.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not an ``.npz``, a missing or malformed array, or a set under two classes;
+            the message names the file.
+
+    Example:
+        >>> data = read_npz("poisoned.npz")  # doctest: +SKIP
+        >>> data.images.shape
+        torch.Size([5000, 3, 32, 32])
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} does not exist")
+    if not zipfile.is_zipfile(p):
+        raise ValueError(f"{p} is not an .npz (zip) file")
+    try:
+        with zipfile.ZipFile(p) as zf:
+            members = set(zf.namelist())
+            missing = [k for k in ("images", "labels") if f"{k}.npy" not in members]
+            if missing:
+                raise ValueError(f"lacks {' and '.join(missing)}")
+            shape, dtype = _npy_header(zf, "images")
+            if dtype != np.uint8 or len(shape) not in (3, 4):
+                raise ValueError(f"images must be uint8 (N, H, W[, C]) or (N, C, H, W), got "
+                                 f"{dtype} {shape}")
+            if int(np.prod(shape, dtype=np.float64)) > max_total_bytes:
+                raise ValueError(f"images {shape} are over the limit of {max_total_bytes:,} "
+                                 f"bytes")
+            n = shape[0]
+            lshape, ldtype = _npy_header(zf, "labels")
+            if lshape != (n,) or ldtype.kind not in "iu":
+                raise ValueError(f"labels must be integers ({n},), got {ldtype} {lshape}")
+            classes = None
+            if "classes.npy" in members:
+                cshape, cdtype = _npy_header(zf, "classes")
+                if (len(cshape) != 1 or cdtype.kind != "U" or cshape[0] > n
+                        or cdtype.itemsize > 4 * 1024):
+                    raise ValueError(f"classes must be at most {n} strings (K,) of at most 1024 "
+                                     f"characters, got {cdtype} {cshape}")
+                classes = tuple(str(c) for c in _npy_read(zf, "classes"))
+            images, labels = _npy_read(zf, "images"), _npy_read(zf, "labels").astype(np.int64)
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as exc:
+        raise ValueError(f"{p}: {exc}") from exc
+    if images.ndim == 3:
+        images = images[:, None]
+    elif images.shape[3] in (1, 3):
+        images = images.transpose(0, 3, 1, 2)
+    elif images.shape[1] not in (1, 3):
+        raise ValueError(f"{p}: images {images.shape} have neither 1 nor 3 channels first or "
+                         f"last")
+    k = len(classes) if classes is not None else int(labels.max(initial=-1)) + 1
+    if n and (labels.min() < 0 or labels.max() >= min(k, n)):
+        raise ValueError(f"{p}: labels must lie in 0..{min(k, n) - 1}")
+    if len(np.unique(labels)) < 2:
+        raise ValueError(f"{p}: the set holds {len(np.unique(labels))} classes; a scan needs "
+                         f"two or more")
+    return ImageData.from_arrays(np.ascontiguousarray(images), labels, classes)
+
+
+def _npy_header(zf: zipfile.ZipFile, key: str) -> tuple[tuple[int, ...], np.dtype]:
+    """``(shape, dtype)`` of the ``key`` array, read from its header only."""
+    with zf.open(f"{key}.npy") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read_header is None:
+            raise ValueError(f"{key}: unsupported .npy version {version}")
+        shape, _, dtype = read_header(f)
+    if dtype.hasobject:
+        raise ValueError(f"{key} holds Python objects, which are not read")
+    return tuple(int(s) for s in shape), dtype
+
+
+def _npy_read(zf: zipfile.ZipFile, key: str) -> np.ndarray:
+    f: IO[bytes]
+    with zf.open(f"{key}.npy") as f:
+        return np.lib.format.read_array(f, allow_pickle=False)
