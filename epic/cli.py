@@ -1,4 +1,4 @@
-"""Command line: ``epic train`` (and the subcommands other modules register)."""
+"""Command line: ``epic train``, ``epic scan`` (and the subcommands other modules register)."""
 
 from __future__ import annotations
 
@@ -6,18 +6,22 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 
 from epic.attacks.cli import add_attack_commands
 from epic.bench.cli import add_bench_commands
 from epic.data import DATASETS, ImageData, load_dataset
-from epic.defense import ScheduledDefense
+from epic.defense import EPIC, ScheduledDefense
 from epic.defenses import DEFENSES, DP_SGD_CLIP, DP_SGD_NOISE, build_batch_transform, build_defense
+from epic.images import MAX_FILE_BYTES, MAX_PIXELS, Skipped, read_image_folder, read_npz
 from epic.models import MODELS, Classifier, build_model
 from epic.poisons import PoisonSet
+from epic.scan import scan, train_and_scan, write_outputs
 from epic.train import TrainConfig, train
 
 __all__ = ["main"]
@@ -31,7 +35,9 @@ def _device(name: str | None) -> torch.device:
     return torch.device(name)
 
 
-def _add_data_args(p: argparse.ArgumentParser) -> None:
+def _add_data_args(p: argparse.ArgumentParser, *, test_split: bool = True
+                   ) -> argparse._ArgumentGroup:
+    """The data group: --dataset, --data-dir, --download, --subset (and --test-subset)."""
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=DATASETS, default="digits",
                    help="training data (default: digits, scikit-learn's embedded 8x8 digits)")
@@ -42,11 +48,16 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    help="download CIFAR (checksum-verified) if it is not in --data-dir")
     g.add_argument("--subset", type=int, default=None, metavar="N",
                    help="train on the first N training examples only (quick runs)")
-    g.add_argument("--test-subset", type=int, default=None, metavar="N",
-                   help="evaluate on the first N test examples only")
+    if test_split:
+        g.add_argument("--test-subset", type=int, default=None, metavar="N",
+                       help="evaluate on the first N test examples only")
+    else:
+        p.set_defaults(test_subset=None)
+    return g
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.set_defaults(arch_flag="--model")
     g = p.add_argument_group("model and training")
     g.add_argument("--model", choices=list(MODELS), default="convnet",
                    help="architecture (resnet18, vgg16 as in the paper; *-small and convnet "
@@ -58,6 +69,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pretrained", default=None, metavar="MODEL_PT",
                    help="weights to start transfer/finetune from (a model.pt written by a run "
                         "of this tool on clean data)")
+    _add_fit_args(g)
+
+
+def _add_fit_args(g: argparse._ArgumentGroup) -> None:
+    """--epochs, --lr, --batch-size, --weight-decay, --milestones, --no-augment, --seed,
+    --device: what :func:`train_config` and :func:`_device` read."""
     g.add_argument("--epochs", type=int, default=40, help="training epochs (default: 40)")
     g.add_argument("--lr", type=float, default=None,
                    help="learning rate (default: 0.1; 1e-4 when fine-tuning)")
@@ -82,23 +99,7 @@ def _add_defense_args(p: argparse.ArgumentParser) -> None:
                         "lowest-confidence, highest-loss and random drop on EPIC's schedule; "
                         "dp-sgd clips and noises every gradient; adversarial-poisoning poisons "
                         "part of every batch on the fly")
-    g.add_argument("--fraction", type=float, default=0.1,
-                   help="EPIC: share of each class chosen as medoids (default: 0.1)")
-    g.add_argument("--warmup", type=int, default=None,
-                   help="epochs before the first round (default: 100 x --fraction, as the "
-                        "paper's 10/20/30 for EPIC-0.1/0.2/0.3)")
-    g.add_argument("--every", type=int, default=None,
-                   help="epochs between rounds (default: epochs/20, i.e. 2 of 40 and 10 of 200; "
-                        "1 in transfer learning)")
-    g.add_argument("--until", type=int, default=None,
-                   help="no rounds from this epoch on (default: the last lr milestone; one round "
-                        "only for the feature-space filters)")
-    g.add_argument("--max-cluster-size", type=int, default=1,
-                   help="EPIC: drop medoids of clusters this small (default: 1, alone)")
-    g.add_argument("--similarity", choices=["exp", "linear", "cosine"], default="exp",
-                   help="EPIC: gradient similarity (default: exp(-d/D), the authors' code)")
-    g.add_argument("--per-class", choices=["proportional", "equal"], default="proportional",
-                   help="EPIC: medoids per class proportional to class size, or equal")
+    _add_epic_args(g)
     g.add_argument("--budget", type=float, default=0.01,
                    help="deep-knn, spectral-signatures: the poison share the defender expects "
                         "(default: 0.01)")
@@ -117,6 +118,27 @@ def _add_defense_args(p: argparse.ArgumentParser) -> None:
                         "(default: 0.5, the paper's AP-0.5)")
     g.add_argument("--ap-eps", type=float, default=16,
                    help="adversarial-poisoning: budget in pixel steps of 255 (default: 16)")
+
+
+def _add_epic_args(g: argparse._ArgumentGroup) -> None:
+    """EPIC's settings and schedule: --fraction ... --per-class."""
+    g.add_argument("--fraction", type=float, default=0.1,
+                   help="EPIC: share of each class chosen as medoids (default: 0.1)")
+    g.add_argument("--warmup", type=int, default=None,
+                   help="epochs before the first round (default: 100 x --fraction, as the "
+                        "paper's 10/20/30 for EPIC-0.1/0.2/0.3)")
+    g.add_argument("--every", type=int, default=None,
+                   help="epochs between rounds (default: epochs/20, i.e. 2 of 40 and 10 of 200; "
+                        "1 in transfer learning)")
+    g.add_argument("--until", type=int, default=None,
+                   help="no rounds from this epoch on (default: the last lr milestone; one round "
+                        "only for the feature-space filters)")
+    g.add_argument("--max-cluster-size", type=int, default=1,
+                   help="EPIC: drop medoids of clusters this small (default: 1, alone)")
+    g.add_argument("--similarity", choices=["exp", "linear", "cosine"], default="exp",
+                   help="EPIC: gradient similarity (default: exp(-d/D), the authors' code)")
+    g.add_argument("--per-class", choices=["proportional", "equal"], default="proportional",
+                   help="EPIC: medoids per class proportional to class size, or equal")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true",
                    help="print the summary as JSON on the last line of output")
     p.set_defaults(handler=cmd_train)
+    _add_scan_command(sub)
     add_attack_commands(sub)
     add_bench_commands(sub)
     return parser
@@ -159,32 +182,60 @@ def build_parser() -> argparse.ArgumentParser:
 def load_data(args: argparse.Namespace) -> tuple[ImageData, ImageData]:
     """The train/test sets the arguments name, cut to --subset / --test-subset."""
     train_data, test_data = load_dataset(args.dataset, args.data_dir, download=args.download)
-    if args.subset is not None:
-        train_data = train_data.subset(torch.arange(min(args.subset, len(train_data))))
-    if args.test_subset is not None:
-        test_data = test_data.subset(torch.arange(min(args.test_subset, len(test_data))))
-    return train_data, test_data
+    return _first(train_data, args.subset), _first(test_data, args.test_subset)
+
+
+def _first(data: ImageData, n: int | None) -> ImageData:
+    """The first ``n`` examples of ``data`` (all when ``n`` is None)."""
+    return data if n is None else data.subset(torch.arange(min(n, len(data))))
 
 
 def make_model(args: argparse.Namespace, train_data: ImageData,
                device: torch.device) -> Classifier:
-    """A seeded fresh model, loaded from --pretrained when given."""
+    """A seeded fresh model, loaded from --pretrained when given (the architecture is
+    ``args.model``, named on the command line by ``args.arch_flag``)."""
     torch.manual_seed(args.seed)
     model = build_model(args.model, num_classes=train_data.num_classes,
                         in_channels=train_data.shape[0], mean=train_data.mean,
                         std=train_data.std)
     if args.pretrained is not None:
-        state = torch.load(args.pretrained, map_location="cpu", weights_only=True)
+        state = _load_weights(args.pretrained)
         try:
             model.load_state_dict(state)
         except RuntimeError as exc:
             lines = str(exc).splitlines()
             detail = (lines[1].strip() if len(lines) > 1 else lines[0])[:160]
-            raise ValueError(f"{args.pretrained} is not a {args.model} for {args.dataset} "
-                             f"({detail}); pass the --model it was trained as") from exc
+            raise ValueError(f"{args.pretrained} is not a {args.model} for "
+                             f"{train_data.num_classes} classes of {train_data.shape[0]}-channel "
+                             f"images ({detail}); pass the {args.arch_flag} it was trained "
+                             f"as") from exc
     elif args.scenario != "scratch":
         raise SystemExit(f"--scenario {args.scenario} needs --pretrained MODEL_PT")
     return model.to(device)
+
+
+def _load_weights(path: str) -> Mapping[str, Any]:
+    """The state dict in ``path``, read with ``weights_only=True`` (nothing is executed)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # torch.load raises many types on a file that is not its own
+        detail = (str(exc).splitlines() or [""])[0][:160]
+        raise ValueError(f"{path} is not a model file that torch.load reads safely "
+                         f"({type(exc).__name__}: {detail})") from exc
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a model state dict")
+    return state
+
+
+def train_config(args: argparse.Namespace, **settings: Any) -> TrainConfig:
+    """The :class:`TrainConfig` of the arguments :func:`_add_fit_args` adds, plus
+    ``settings``."""
+    return TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                       weight_decay=args.weight_decay,
+                       milestones=tuple(args.milestones) if args.milestones is not None
+                       else None, augment=not args.no_augment, seed=args.seed, **settings)
 
 
 def make_defense(args: argparse.Namespace, n: int,
@@ -215,12 +266,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             outside_victims(train_data.labels, load_setups(args.outside_victims)))
     poisons = PoisonSet.load(args.poisons, train_data) if args.poisons else None
     model = make_model(args, train_data, device)
-    config = TrainConfig(epochs=args.epochs, scenario=args.scenario, lr=args.lr,
-                         batch_size=args.batch_size, weight_decay=args.weight_decay,
-                         milestones=tuple(args.milestones) if args.milestones is not None
-                         else None, augment=not args.no_augment, seed=args.seed,
-                         grad_clip=args.dp_clip if args.defense == "dp-sgd" else None,
-                         grad_noise=args.dp_noise if args.defense == "dp-sgd" else 0.0)
+    config = train_config(args, scenario=args.scenario,
+                          grad_clip=args.dp_clip if args.defense == "dp-sgd" else None,
+                          grad_noise=args.dp_noise if args.defense == "dp-sgd" else 0.0)
     defense = make_defense(args, len(train_data), config.resolved_milestones)
     out = Path(args.out or f"runs/{args.dataset}-{args.model}-{args.scenario}")
     progress = sys.stderr.isatty() if args.progress is None else args.progress
@@ -239,6 +287,117 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"{s['poisons_dropped']} of {s['poisons']}")
     if args.json:
         print(json.dumps(s))
+    return 0
+
+
+def _add_scan_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "scan", help="scan a data set for suspected poisons: a CSV and an HTML page to review",
+        description="Flag the examples EPIC finds isolated in gradient space (suspected "
+                    "poisons, or mislabelled or odd examples). With --model, one EPIC round "
+                    "on that trained model; without, a fresh --arch is trained on the data "
+                    "for --epochs with EPIC and every round's drops are flagged. Writes "
+                    "suspicious.csv (file, label, cluster_size, round), skipped.csv (files "
+                    "not read, and why) and scan.html (the flagged images by class) to --out.")
+    g = _add_data_args(p, test_split=False)
+    g.add_argument("--data", default=None, metavar="DIR|FILE.npz",
+                   help="the set to scan: a folder with one sub-folder per class (PNG, JPEG, "
+                        "BMP, GIF or WEBP files; any other file is skipped and listed), or an "
+                        ".npz of uint8 'images' and integer 'labels' (optional 'classes'); "
+                        "without it, the training split of --dataset")
+    g.add_argument("--image-size", type=int, default=None, metavar="S",
+                   help="folders: resize every image to S x S (default: the most common size "
+                        "in the folder)")
+    g.add_argument("--max-file-bytes", type=int, default=MAX_FILE_BYTES,
+                   help=f"folders: skip files larger than this (default: {MAX_FILE_BYTES:,})")
+    g.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                   help=f"folders: skip images whose header declares more pixels, before "
+                        f"decoding them (default: {MAX_PIXELS:,})")
+    # --model names a weights file here (the issue's wording) and --arch the architecture;
+    # their dests are those of `epic train`'s --pretrained and --model, which make_model reads.
+    m = p.add_argument_group(
+        "model and training", "with --model: one EPIC round on that model (the training "
+        "options are unused); without: a fresh --arch trained on the data")
+    m.add_argument("--model", dest="pretrained", default=None, metavar="MODEL_PT",
+                   help="weights of a trained model to scan with (a model.pt written by epic "
+                        "train, or by an earlier scan in --out/train/)")
+    m.add_argument("--arch", dest="model", choices=list(MODELS), default="convnet",
+                   help="architecture of --model, or to train (default: convnet)")
+    _add_fit_args(m)
+    _add_epic_args(p.add_argument_group("EPIC"))
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default="scan",
+                   help="output folder (default: scan); the training run goes to --out/train")
+    o.add_argument("--json", action="store_true",
+                   help="print the summary as JSON on the last line of output")
+    p.set_defaults(handler=cmd_scan, arch_flag="--arch", scenario="scratch")
+
+
+def _scan_input(args: argparse.Namespace
+                ) -> tuple[ImageData, tuple[str, ...] | None, tuple[Skipped, ...], str]:
+    """``(data, file names or None, skipped files, where from)`` of --data or --dataset."""
+    if args.data is None:
+        return load_data(args)[0], None, (), args.dataset
+    path = Path(args.data)
+    if path.is_dir():
+        folder = read_image_folder(path, image_size=args.image_size,
+                                   max_file_bytes=args.max_file_bytes,
+                                   max_pixels=args.max_pixels)
+        data = _first(folder.data, args.subset)
+        return data, folder.files[:len(data)], folder.skipped, str(path)
+    if path.suffix == ".npz" or path.is_file():
+        if path.suffix != ".npz":
+            raise ValueError(f"{path} is neither a folder nor an .npz file")
+        return _first(read_npz(path), args.subset), None, (), str(path)
+    raise FileNotFoundError(f"{path} does not exist")
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    device = _device(args.device)
+    data, files, skipped, source = _scan_input(args)
+    c, h, w = data.shape
+    print(f"read {len(data)} images of {data.num_classes} classes ({c} x {h} x {w}) from "
+          f"{source}; files skipped: {len(skipped)}", flush=True)
+    model = make_model(args, data, device)
+    out = Path(args.out)
+    settings = {"fraction": args.fraction, "max_cluster_size": args.max_cluster_size,
+                "similarity": args.similarity, "per_class": args.per_class}
+    if args.pretrained is not None:
+        result = scan(model, data, files=files, skipped=skipped, **settings)
+        print(f"EPIC round on {args.pretrained}: flagged {len(result.flags)}", flush=True)
+    else:
+        config = train_config(args)
+        defense = cast(EPIC, build_defense(
+            "epic", num_examples=len(data), epochs=args.epochs,
+            milestones=config.resolved_milestones, warmup=args.warmup, every=args.every,
+            until=args.until, **settings))
+        rounds = [e for e in range(args.epochs) if defense.due(e)]
+        print(f"training {args.model} for {args.epochs} epochs with EPIC-{args.fraction}, "
+              f"rounds before epochs {rounds}", flush=True)
+
+        def report(epoch: int, record: dict[str, Any]) -> None:
+            line = f"epoch {epoch}: "
+            if "defense_seconds" in record:
+                r = defense.history[-1]
+                line += (f"EPIC round {len(defense.history)} flagged {len(r.dropped)}, "
+                         f"{r.remaining} remain; ")
+            print(f"{line}train accuracy {record['train_acc']:.3f}", flush=True)
+
+        result = train_and_scan(model, data, defense, config, files=files, skipped=skipped,
+                                out=out / "train", on_epoch_end=report,
+                                run_info={"argv": args.argv, "data": source,
+                                          "model": args.model, "seed": args.seed})
+    paths = write_outputs(result, out)
+    seconds = time.perf_counter() - start
+    rounds_done = len(result.rounds)
+    print(f"flagged {len(result.flags)} of {len(data)} examples in {rounds_done} EPIC "
+          f"round{'' if rounds_done == 1 else 's'}, files skipped: {len(skipped)}, "
+          f"{seconds:.1f}s; wrote "
+          f"{', '.join(str(p) for p in paths.values())}")
+    if args.json:
+        print(json.dumps(result.summary() | {"seconds": round(seconds, 3)}
+                         | {name: str(p) for name, p in paths.items()}))
     return 0
 
 

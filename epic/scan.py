@@ -1,0 +1,342 @@
+"""Offline scan of a data set for suspected poisons: EPIC's isolated examples, as files to review.
+
+:func:`scan` runs one EPIC round on a trained model; :func:`train_and_scan` trains a model on
+the data under EPIC and collects every round's drops. Both give a :class:`ScanResult`, which
+:func:`write_outputs` turns into ``suspicious.csv`` (one row per flagged example),
+``skipped.csv`` (files that were not read) and ``scan.html`` (the flagged images as
+thumbnails, grouped by class). A flagged example is a medoid of its class's last-layer
+gradients that no other example of the class joined: the isolated points where effective
+poisons end up, and also mislabelled or odd clean examples; review them, do not delete blindly.
+
+The page is self-contained (thumbnails are PNG data URIs), shows every file and class name
+as text only (HTML-escaped; its Content-Security-Policy runs no script but its own), and its
+script marks any thumbnail the browser fails to decode with the file's name.
+
+Example:
+    >>> from epic.images import read_image_folder  # doctest: +SKIP
+    >>> folder = read_image_folder("photos/")
+    >>> result = scan(model, folder.data, files=folder.files, skipped=folder.skipped)
+    >>> write_outputs(result, "scan/")
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import hashlib
+import html
+import io
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from epic.data import ImageData
+from epic.defense import EPIC, EpicRound
+from epic.files import replace_atomically
+from epic.images import Skipped
+from epic.models import Classifier
+from epic.train import TrainConfig, train
+
+__all__ = ["Flag", "ScanResult", "collect", "index_names", "scan", "thumbnail_png",
+           "train_and_scan", "write_csv", "write_html", "write_outputs"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One flagged example.
+
+    Attributes:
+        index: its position in the data set.
+        file: its file (relative to the folder) or name such as ``train[1234]``.
+        label: its class name.
+        cluster_size: the size of its gradient cluster in the round that flagged it.
+        round: that round, counted from 1.
+        epoch: the training epoch before which that round ran.
+    """
+
+    index: int
+    file: str
+    label: str
+    cluster_size: int
+    round: int
+    epoch: int
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """What a scan found.
+
+    Attributes:
+        data: the scanned set (images ``(N, C, H, W)`` uint8, labels ``(N,)``).
+        files: ``(N,)`` names of the examples, in dataset order.
+        flags: the flagged examples, by round, then by index.
+        rounds: EPIC's record of each round (``cluster_sizes`` ``(N,)`` per round).
+        skipped: files that were not read into ``data``.
+    """
+
+    data: ImageData
+    files: tuple[str, ...]
+    flags: tuple[Flag, ...]
+    rounds: tuple[EpicRound, ...]
+    skipped: tuple[Skipped, ...] = ()
+
+    @property
+    def flagged(self) -> Tensor:
+        """Bool mask ``(N,)``, True = flagged by some round."""
+        mask = torch.zeros(len(self.data), dtype=torch.bool)
+        mask[[f.index for f in self.flags]] = True
+        return mask
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-ready summary: counts, and per round its epoch, flags and examples left."""
+        return {"examples": len(self.data), "flagged": len(self.flags),
+                "skipped": len(self.skipped),
+                "rounds": [{"round": i, "epoch": r.epoch, "flagged": len(r.dropped),
+                            "remaining": r.remaining} for i, r in enumerate(self.rounds, 1)]}
+
+
+def index_names(n: int, split: str = "train") -> tuple[str, ...]:
+    """Names for examples that have no file: ``train[0]``, ``train[1]``, ..."""
+    return tuple(f"{split}[{i}]" for i in range(n))
+
+
+def collect(data: ImageData, defense: EPIC, *, files: Sequence[str] | None = None,
+            skipped: Sequence[Skipped] = ()) -> ScanResult:
+    """The :class:`ScanResult` of the rounds ``defense`` ran on ``data``.
+
+    ``files``: ``(N,)`` names of the examples (default: :func:`index_names`).
+    """
+    names = tuple(files) if files is not None else index_names(len(data))
+    if len(names) != len(data):
+        raise ValueError(f"files names {len(names)} examples, the data holds {len(data)}")
+    rounds = tuple(r for r in defense.history if isinstance(r, EpicRound))
+    labels = data.labels.tolist()
+    flags = tuple(Flag(i, names[i], data.classes[labels[i]], int(r.cluster_sizes[i]), k,
+                       r.epoch)
+                  for k, r in enumerate(rounds, 1) for i in r.dropped.tolist())
+    log.info("flagged %d of %d examples in %d rounds", len(flags), len(data), len(rounds))
+    return ScanResult(data, names, flags, rounds, tuple(skipped))
+
+
+def scan(
+    model: nn.Module,
+    data: ImageData,
+    *,
+    fraction: float = 0.1,
+    max_cluster_size: int = 1,
+    similarity: Literal["exp", "linear", "cosine"] = "exp",
+    per_class: Literal["proportional", "equal"] = "proportional",
+    batch_size: int = 512,
+    files: Sequence[str] | None = None,
+    skipped: Sequence[Skipped] = (),
+) -> ScanResult:
+    """One EPIC round on a trained ``model``: flags the isolated examples of ``data``.
+
+    The model runs in eval mode on the un-augmented images, on its own device. The settings
+    are :class:`epic.EPIC`'s; ``files`` and ``skipped`` as in :func:`collect`.
+
+    Example:
+        >>> result = scan(model, folder.data, files=folder.files)  # doctest: +SKIP
+        >>> [(f.file, f.label) for f in result.flags]
+        [('cat/0042.png', 'cat'), ...]
+    """
+    defense = EPIC(fraction, warmup=0, every=1, max_cluster_size=max_cluster_size,
+                   similarity=similarity, per_class=per_class, batch_size=batch_size,
+                   num_examples=len(data))
+    defense.update(model, data, 0)
+    return collect(data, defense, files=files, skipped=skipped)
+
+
+def train_and_scan(
+    model: Classifier,
+    data: ImageData,
+    defense: EPIC,
+    config: TrainConfig | None = None,
+    *,
+    files: Sequence[str] | None = None,
+    skipped: Sequence[Skipped] = (),
+    out: str | os.PathLike[str] | None = None,
+    run_info: dict[str, Any] | None = None,
+    on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+) -> ScanResult:
+    """Train ``model`` on ``data`` under ``defense`` with :func:`epic.train`; every round's
+    drops are flagged.
+
+    ``config`` defaults to :class:`epic.TrainConfig`'s (the paper's 40 epochs). No test set
+    is held out (the run's ``test_acc`` reads 0); ``out``, ``run_info`` and ``on_epoch_end``
+    go to :func:`epic.train`, ``files`` and ``skipped`` to :func:`collect`.
+
+    Raises:
+        ValueError: ``defense``'s schedule runs no round within ``config.epochs``.
+
+    Example:
+        >>> defense = EPIC(0.1, warmup=10, every=2, until=35, num_examples=len(data))
+        >>> result = train_and_scan(model, data, defense, TrainConfig(epochs=40))  # doctest: +SKIP
+    """
+    config = config if config is not None else TrainConfig()
+    if not any(defense.due(e) for e in range(config.epochs)):
+        raise ValueError(f"no EPIC round runs in {config.epochs} epochs (warmup "
+                         f"{defense.warmup}, until {defense.until}): train longer or warm up "
+                         f"for fewer epochs")
+    train(model, data, data.subset(torch.arange(0)), config, defense=defense, out=out,
+          run_info=run_info, on_epoch_end=on_epoch_end)
+    return collect(data, defense, files=files, skipped=skipped)
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def write_outputs(result: ScanResult, out: str | os.PathLike[str]) -> dict[str, Path]:
+    """Write ``suspicious.csv``, ``skipped.csv`` and ``scan.html`` into the folder ``out``
+    (created if needed); returns their paths by name."""
+    outp = Path(out)
+    outp.mkdir(parents=True, exist_ok=True)
+    paths = {name: outp / name for name in ("suspicious.csv", "skipped.csv", "scan.html")}
+    write_csv(result, paths["suspicious.csv"])
+    _write_rows(paths["skipped.csv"], ("file", "reason"),
+                [(s.file, s.reason) for s in result.skipped])
+    write_html(result, paths["scan.html"])
+    return paths
+
+
+def write_csv(result: ScanResult, path: str | os.PathLike[str]) -> None:
+    """``file,label,cluster_size,round``, one row per flagged example (atomically).
+
+    A name that a spreadsheet would run as a formula (first character ``= + - @`` or a tab or
+    carriage return) gets a leading ``'``.
+    """
+    _write_rows(path, ("file", "label", "cluster_size", "round"),
+                [(f.file, f.label, f.cluster_size, f.round) for f in result.flags])
+
+
+def _write_rows(path: str | os.PathLike[str], header: Sequence[str],
+                rows: Sequence[Sequence[object]]) -> None:
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows([[_cell(v) for v in row] for row in rows])
+    replace_atomically(path, lambda f: f.write(_encode(text.getvalue())))
+
+
+def _cell(value: object) -> object:
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
+def _encode(text: str) -> bytes:
+    """UTF-8; a file name's undecodable bytes (surrogate escapes) are written as ``\\xNN``."""
+    return text.encode("utf-8", "backslashreplace")
+
+
+def thumbnail_png(image: Tensor, size: int = 96) -> bytes:
+    """A PNG of ``image`` (uint8 ``(C, H, W)``, C 1 or 3) about ``size`` pixels on its longer
+    side: small images are enlarged by a whole factor with nearest neighbour (pixels stay
+    sharp), large ones shrunk to fit."""
+    array = image.cpu().numpy()
+    img = Image.fromarray(array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0))
+    longest = max(img.size)
+    if longest <= size:
+        k = size // longest
+        img = img.resize((img.width * k, img.height * k), Image.Resampling.NEAREST)
+    else:
+        img.thumbnail((size, size))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
+.grid { display: flex; flex-wrap: wrap; gap: 12px; }
+figure { margin: 0; width: 140px; font-size: 12px; overflow-wrap: anywhere; }
+img.thumb { image-rendering: pixelated; border: 1px solid #999; display: block; }
+.failed { color: #b00; font-weight: bold; }
+.count { font-weight: normal; color: #555; font-size: 0.8em; }
+table { border-collapse: collapse; font-size: 13px; }
+td, th { border: 1px solid #ccc; padding: 2px 8px; text-align: left; }
+"""
+
+# Marks every thumbnail once the browser has decoded it (data-state="decoded") or failed to
+# ("failed", with the file name shown next to it); the body's data-checked counts them.
+_SCRIPT = """
+const thumbs = [...document.querySelectorAll("img.thumb")];
+Promise.allSettled(thumbs.map((img) => img.decode().then(
+  () => { img.dataset.state = "decoded"; },
+  () => {
+    img.dataset.state = "failed";
+    const note = document.createElement("div");
+    note.className = "failed";
+    note.textContent = "could not show " + img.alt;
+    img.after(note);
+  }))).then(() => { document.body.dataset.checked = String(thumbs.length); });
+"""
+
+
+def _csp_hash(source: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(source.encode()).digest()).decode() + "'"
+
+
+def write_html(result: ScanResult, path: str | os.PathLike[str], *, thumb_size: int = 96
+               ) -> None:
+    """A self-contained page of the flagged images, grouped by class (atomically).
+
+    One section per class with flags (heading: class name, flagged and total counts), one
+    thumbnail per flagged example captioned with its file, cluster size and round, then the
+    skipped files and their reasons. Every name is HTML-escaped.
+    """
+    esc = html.escape
+    counts = torch.bincount(result.data.labels.cpu(), minlength=result.data.num_classes)
+    by_class: dict[int, list[Flag]] = {}
+    for f in result.flags:
+        by_class.setdefault(int(result.data.labels[f.index]), []).append(f)
+    sections = []
+    for c in sorted(by_class):
+        figures = []
+        for f in by_class[c]:
+            uri = "data:image/png;base64," + base64.b64encode(
+                thumbnail_png(result.data.images[f.index], thumb_size)).decode()
+            figures.append(
+                f'<figure><img class="thumb" src="{uri}" alt="{esc(f.file)}">'
+                f'<figcaption><span class="file">{esc(f.file)}</span><br>cluster size '
+                f'{f.cluster_size}, round {f.round}</figcaption></figure>')
+        sections.append(
+            f'<section class="class"><h2><span class="name">{esc(result.data.classes[c])}'
+            f'</span> <span class="count">{len(by_class[c])} flagged of {int(counts[c])}'
+            f'</span></h2>\n<div class="grid">\n' + "\n".join(figures) + "\n</div></section>")
+    rows = "\n".join(f"<tr><td>{esc(s.file)}</td><td>{esc(s.reason)}</td></tr>"
+                     for s in result.skipped)
+    epochs = ", ".join(str(r.epoch) for r in result.rounds)
+    title = f"EPIC scan: {len(result.flags)} of {len(result.data)} examples flagged"
+    csp = (f"default-src 'none'; img-src data:; style-src {_csp_hash(_STYLE)}; "
+           f"script-src {_csp_hash(_SCRIPT)}")
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{csp}">
+<title>{title}</title>
+<style>{_STYLE}</style></head>
+<body>
+<h1>{title}</h1>
+<p id="summary">{len(result.flags)} of {len(result.data)} examples flagged in
+{len(result.rounds)} EPIC round{"" if len(result.rounds) == 1 else "s"} (before epochs
+{epochs or "-"}); {len(result.skipped)} files skipped. A flagged example is one that no other
+example of its class joined in gradient space: a suspected poison, or a mislabelled or odd
+clean example.</p>
+{chr(10).join(sections) or "<p>No example was flagged.</p>"}
+<section id="skipped"><h2>Skipped files <span class="count">{len(result.skipped)}</span></h2>
+<table><tr><th>file</th><th>reason</th></tr>
+{rows}
+</table></section>
+<script>{_SCRIPT}</script>
+</body></html>
+"""
+    replace_atomically(path, lambda f: f.write(_encode(page)))
