@@ -19,6 +19,7 @@ from torch.nn import functional as F
 
 from epic.data import ImageData
 from epic.gradients import gradient_embeddings
+from epic.models import eval_mode
 from epic.poisons import PoisonSet
 
 __all__ = ["EffectivePoisons", "effective_poisons", "gradient_distance_to_target"]
@@ -42,10 +43,8 @@ def gradient_distance_to_target(model: nn.Module, poisons: PoisonSet, train: Ima
     poisoned = poisons.apply(train).subset(poisons.indices)
     grads, _ = gradient_embeddings(model, poisoned)
     device = grads.device
-    was_training = model.training
-    model.eval()
-    logits = model(targets.to(device).float().div(255)).float()
-    model.train(was_training)
+    with eval_mode(model):
+        logits = model(targets.to(device).float().div(255)).float()
     adv = torch.full((len(logits),), poisons.adversarial_class, device=device)
     target_grad = (torch.softmax(logits, 1) - F.one_hot(adv, logits.shape[1])).mean(0)
     return (grads - target_grad).norm(dim=1).cpu()

@@ -32,6 +32,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from epic.data import ImageData, iterate_batches
+from epic.models import eval_mode
 
 __all__ = ["Examples", "LogitsFn", "feature_embeddings", "gradient_embeddings",
            "count_examples", "logit_embeddings"]
@@ -154,16 +155,12 @@ def _embed(model: nn.Module, data: Examples, fn: Callable[[Any, Tensor], Tensor]
         device = next(model.parameters()).device
     device = torch.device(device)
     store = device if store is None else torch.device(store)
-    was_training = model.training
-    model.eval()
     rows, labels, indices = [], [], []
-    try:
+    with eval_mode(model):
         for x, y, idx in _batches(data, keep=keep, batch_size=batch_size, device=device):
             rows.append(fn(x, y).to(store))
             labels.append(y.to(store))
             indices.append(idx)
-    finally:
-        model.train(was_training)
     if not rows:
         return (torch.empty(0, 0, device=store), torch.empty(0, dtype=torch.long, device=store),
                 torch.empty(0, dtype=torch.long))
@@ -200,12 +197,8 @@ def _from_features(model: nn.Module, data: Examples, features: Tensor,
     """``fn(logits, labels)`` from precomputed features: only ``model.classifier`` runs."""
     feats, labels = _kept_features(data, features, keep)
     head: nn.Module = getattr(model, "classifier")  # noqa: B009
-    was_training = head.training
-    head.eval()
-    try:
+    with eval_mode(head):
         return fn(head(feats).float(), labels), labels
-    finally:
-        head.train(was_training)
 
 
 def _logit_gradients(logits: Tensor, y: Tensor) -> Tensor:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from epic.data import ImageData, iterate_batches
+from epic.models import eval_mode
 
 __all__ = ["PoisonSet", "PoisonSetError", "apply_trigger"]
 
@@ -189,12 +190,10 @@ class PoisonSet:
         probe = replace(test, images=images,
                         labels=torch.full((len(images),), self.adversarial_class))
         device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
         hits = 0
-        for x, y, _ in iterate_batches(probe, batch_size=500, device=device):
-            hits += int((model(x).argmax(1) == y).sum())
-        model.train(was_training)
+        with eval_mode(model):
+            for x, y, _ in iterate_batches(probe, batch_size=500, device=device):
+                hits += int((model(x).argmax(1) == y).sum())
         return hits / len(images)
 
     def save(self, path: str | os.PathLike[str]) -> Path:

@@ -32,7 +32,7 @@ from epic.defense import EpicRound
 from epic.distributed import world
 from epic.files import replace_atomically
 from epic.gradients import feature_embeddings
-from epic.models import Classifier
+from epic.models import Classifier, eval_mode
 from epic.poisons import PoisonSet
 
 __all__ = ["Defense", "Scenario", "TrainConfig", "TrainResult", "default_milestones",
@@ -139,12 +139,10 @@ def prepare_model(model: Classifier, scenario: Scenario) -> list[nn.Parameter]:
 def evaluate(model: nn.Module, data: ImageData, *, batch_size: int = 1000) -> float:
     """Accuracy of ``model`` on ``data`` (eval mode; training mode restored)."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     correct = 0
-    for x, y, _ in iterate_batches(data, batch_size=batch_size, device=device):
-        correct += int((model(x).argmax(1) == y).sum())
-    model.train(was_training)
+    with eval_mode(model):
+        for x, y, _ in iterate_batches(data, batch_size=batch_size, device=device):
+            correct += int((model(x).argmax(1) == y).sum())
     return correct / max(len(data), 1)
 
 

@@ -45,3 +45,16 @@ def test_unknown_model_is_named_in_the_error() -> None:
     with pytest.raises(ValueError, match="resnet18"):
         build_model("resnet50", num_classes=10, in_channels=3, mean=[0.5] * 3, std=[0.2] * 3)
     assert set(MODELS) >= {"resnet18", "vgg16", "convnet"}
+
+
+def test_eval_mode_restores_every_submodules_mode_also_on_an_error() -> None:
+    from epic.models import eval_mode
+
+    model = build_model("convnet", num_classes=3, in_channels=3, mean=(0.5,) * 3,
+                        std=(0.25,) * 3)
+    model.train()
+    model.body.eval()  # a frozen body inside a training model, as in transfer learning
+    with pytest.raises(KeyError), eval_mode(model):
+        assert not any(m.training for m in model.modules())
+        raise KeyError
+    assert model.training and model.classifier.training and not model.body.training

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from epic.data import ImageData
+from epic.models import eval_mode
 from epic.poisons import PoisonSet
 
 __all__ = ["AttackError", "budget_count", "choose_bases", "finalize", "frozen", "model_name",
@@ -111,20 +112,23 @@ def model_name(model: nn.Module) -> str:
 
 
 @contextmanager
-def frozen(model: nn.Module, *, eval_mode: bool = True) -> Iterator[nn.Module]:
-    """The model in eval mode with parameters not requiring grad; both restored on exit."""
-    was_training = model.training
+def requiring_grad(model: nn.Module, flag: bool) -> Iterator[nn.Module]:
+    """Every parameter's ``requires_grad`` set to ``flag``; each one's own restored on exit."""
     flags = [p.requires_grad for p in model.parameters()]
-    if eval_mode:
-        model.eval()
     for p in model.parameters():
-        p.requires_grad_(False)
+        p.requires_grad_(flag)
     try:
         yield model
     finally:
         for p, f in zip(model.parameters(), flags, strict=True):
             p.requires_grad_(f)
-        model.train(was_training)
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """The model in eval mode with parameters not requiring grad; both restored on exit."""
+    with eval_mode(model), requiring_grad(model, False):
+        yield model
 
 
 def progress_range(n: int, *, progress: bool, desc: str) -> Iterator[int]:

@@ -27,11 +27,12 @@ from epic.attacks.base import (
     finalize,
     progress_range,
     project,
+    requiring_grad,
     to_float,
 )
 from epic.attacks.patch import default_patch_size, make_trigger
 from epic.data import ImageData, augment_batch
-from epic.models import Classifier
+from epic.models import Classifier, eval_mode
 from epic.poisons import PoisonSet, apply_trigger
 from epic.train import TrainConfig
 from epic.train import train as train_model
@@ -114,11 +115,7 @@ def _craft_alignment(settings: _AlignmentSettings, model: Classifier, train: Ima
     schedule = [round(settings.iterations * m / 8) for m in (3, 5, 7)]
     augment = train.augment if settings.augment else None
     best: tuple[Tensor, float] | None = None
-    flags = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(True)
-    was_training = model.training
-    try:
+    with eval_mode(model), requiring_grad(model, True):
         for restart in range(settings.restarts):
             net = model
             net.eval()
@@ -156,10 +153,6 @@ def _craft_alignment(settings: _AlignmentSettings, model: Classifier, train: Ima
             log.info("%s restart %d: alignment loss %.4f", desc, restart, final)
             if best is None or final < best[1]:
                 best = ((base + delta.detach()).clamp(0, 1), final)
-    finally:
-        for p, f in zip(model.parameters(), flags, strict=True):
-            p.requires_grad_(f)
-        model.train(was_training)
     assert best is not None
     return best
 

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from epic.attacks.gradient import alignment_loss, gradient_norm, parameter_gradient
+from epic.models import eval_mode
 
 __all__ = ["AdversarialPoisoning"]
 
@@ -57,9 +58,7 @@ class AdversarialPoisoning:
         shift = torch.randint(1, num_classes, (t,), generator=self.generator).to(y.device)
         target_x, target_y = x[m:m + t], (y[m:m + t] + shift) % num_classes
         step = self.step_size if self.step_size is not None else self.eps / 2
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             tgrad = parameter_gradient(model, target_x, target_y, chunk=len(target_x))
             tnorm = gradient_norm(tgrad)
             base = x[:m].detach()
@@ -70,7 +69,5 @@ class AdversarialPoisoning:
                 with torch.no_grad():
                     delta -= step * grad.sign()
                     delta.clamp_(-self.eps, self.eps)
-        finally:
-            model.train(was_training)
         poisoned = torch.cat([(base + delta.detach()).clamp(0, 1), x[m:]])
         return poisoned, y

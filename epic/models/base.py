@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Classifier", "Normalize"]
+__all__ = ["Classifier", "Normalize", "eval_mode"]
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode; on exit, also on an error, every submodule gets back the mode
+    it had (a transfer-learning model keeps its frozen body in eval mode, say)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 class Normalize(nn.Module):
