@@ -18,6 +18,7 @@ from epic.bench.cli import add_bench_commands
 from epic.data import DATASETS, ImageData, load_dataset
 from epic.defense import EPIC, ScheduledDefense
 from epic.defenses import DEFENSES, DP_SGD_CLIP, DP_SGD_NOISE, build_batch_transform, build_defense
+from epic.distributed import init_from_env, world
 from epic.images import MAX_FILE_BYTES, MAX_PIXELS, Skipped, read_image_folder, read_npz
 from epic.models import MODELS, Classifier, build_model
 from epic.poisons import PoisonSet
@@ -139,6 +140,10 @@ def _add_epic_args(g: argparse._ArgumentGroup) -> None:
                    help="EPIC: gradient similarity (default: exp(-d/D), the authors' code)")
     g.add_argument("--per-class", choices=["proportional", "equal"], default="proportional",
                    help="EPIC: medoids per class proportional to class size, or equal")
+    g.add_argument("--round-embeddings", choices=["eval", "train-pass"], default="eval",
+                   help="EPIC: gradients from an eval pass before each round (default, the "
+                        "paper's), or from the training pass of the epoch before (no extra "
+                        "pass; augmented, train-mode inputs)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -257,7 +262,17 @@ def _report_attack(epoch: int, record: dict[str, object]) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    device = _device(args.device)
+    launched = init_from_env()  # one of several ranks under torchrun
+    device = launched or _device(args.device)
+    try:
+        return _train(args, device, first=world()[0] == 0)
+    finally:
+        if launched is not None:
+            torch.distributed.destroy_process_group()
+
+
+def _train(args: argparse.Namespace, device: torch.device, *, first: bool) -> int:
+    """``epic train`` on ``device``; ``first``: this process speaks (rank 0 under torchrun)."""
     train_data, test_data = load_data(args)
     if args.outside_victims is not None:
         from epic.setups import load_setups, outside_victims
@@ -268,17 +283,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     model = make_model(args, train_data, device)
     config = train_config(args, scenario=args.scenario,
                           grad_clip=args.dp_clip if args.defense == "dp-sgd" else None,
-                          grad_noise=args.dp_noise if args.defense == "dp-sgd" else 0.0)
+                          grad_noise=args.dp_noise if args.defense == "dp-sgd" else 0.0,
+                          round_embeddings=args.round_embeddings)
     defense = make_defense(args, len(train_data), config.resolved_milestones)
     out = Path(args.out or f"runs/{args.dataset}-{args.model}-{args.scenario}")
-    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    progress = first and (sys.stderr.isatty() if args.progress is None else args.progress)
     result = train(model, train_data, test_data, config, defense=defense, poisons=poisons,
                    out=out, resume=args.resume, progress=progress,
                    batch_transform=build_batch_transform(args.defense, share=args.ap_share,
                                                          eps=args.ap_eps / 255, seed=args.seed),
                    run_info={"argv": sys.argv[1:], "dataset": args.dataset, "model": args.model,
                              "train_examples": len(train_data), "seed": args.seed},
-                   on_epoch_end=_report_attack if poisons is not None else None)
+                   on_epoch_end=_report_attack if poisons is not None and first else None)
+    if not first:
+        return 0
     s = result.summary
     print(f"test accuracy {s['test_acc']:.4f} after {s['epochs']} epochs, {s['seconds']:.1f}s; "
           f"dropped {s['examples_dropped']} of {s['examples']} examples; results in {out}")
@@ -367,7 +385,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
         result = scan(model, data, files=files, skipped=skipped, **settings)
         print(f"EPIC round on {args.pretrained}: flagged {len(result.flags)}", flush=True)
     else:
-        config = train_config(args)
+        config = train_config(args, round_embeddings=args.round_embeddings)
         defense = cast(EPIC, build_defense(
             "epic", num_examples=len(data), epochs=args.epochs,
             milestones=config.resolved_milestones, warmup=args.warmup, every=args.every,

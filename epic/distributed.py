@@ -10,13 +10,30 @@ could differ at near ties).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["broadcast_from_first", "gather_shares", "share_of", "world"]
+__all__ = ["broadcast_from_first", "gather_shares", "init_from_env", "share_of", "world"]
+
+
+def init_from_env() -> torch.device | None:
+    """Join the process group ``torchrun`` describes in the environment (NCCL with one GPU per
+    local rank where CUDA is available, else gloo) and return this rank's device; None when
+    the process was not launched as one of several ranks."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    cuda = torch.cuda.is_available()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if not cuda:
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    return device
 
 
 def world() -> tuple[int, int]:

@@ -90,3 +90,22 @@ def test_training_under_torchrun_keeps_ranks_in_step(tmp_path, scenario) -> None
     assert not list((tmp_path / "run").glob("rank*"))  # nothing but rank 0's run there
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["examples_dropped"] == int((~keep).sum())
+
+
+def test_epic_train_takes_the_distributed_path_under_torchrun(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "epic.cli", "train", "--epochs", "3", "--defense", "epic", "--fraction", "0.2",
+         "--warmup", "1", "--every", "1", "--batch-size", "64", "--out", str(tmp_path),
+         "--json"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    assert len([line for line in lines if line.startswith("test accuracy")]) == 1  # rank 0 only
+    summary = json.loads(lines[-1])
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert summary["epochs"] == 3 and summary["examples_dropped"] > 0
+    rounds = json.loads((tmp_path / "defense.json").read_text())
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    remaining = rounds[-1]["remaining"]
+    assert metrics[2]["trained_on"] == remaining - remaining % 2  # both ranks' shares
+    assert config["config"]["batch_size"] == 64
