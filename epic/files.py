@@ -18,15 +18,24 @@ def temporary_beside(path: str | os.PathLike[str]) -> Iterator[tuple[IO[bytes], 
 
     The name is random and the file is created exclusively (``O_EXCL``), so a link planted at
     a predictable name is never followed; on an error inside the block the file is removed.
+    The file gets the permissions ``open`` would give a new file (0666 less the umask), not
+    ``mkstemp``'s owner-only ones, so a result renamed into place reads like any other file.
     """
     target = Path(path)
     fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
+        os.chmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             yield f, Path(name)
     except BaseException:
         Path(name).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: set it straight back
+    os.umask(mask)
+    return mask
 
 
 def replace_atomically(path: str | os.PathLike[str], write: Callable[[IO[bytes]], object]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -38,3 +39,12 @@ def test_links_planted_at_predictable_names_are_not_followed(tmp_path: Path) -> 
     replace_atomically(out / "checkpoint.pt", lambda f: f.write(b"state"))
     assert victim.read_bytes() == b"precious"
     assert (out / "metrics.json").read_bytes() == b"{}"
+
+
+def test_written_files_get_the_usual_permissions(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    old = os.umask(0o022)
+    try:
+        replace_atomically(tmp_path / "a.json", lambda f: f.write(b"{}"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
