@@ -22,13 +22,17 @@ __all__ = ["drop_curve", "plot_effective", "summarize", "to_markdown", "write_re
 SIZE_BUCKETS = ((1, 1), (2, 5), (6, 20), (21, 100), (101, math.inf))
 
 
-def _mean_se(values: list[float]) -> tuple[float, float]:
-    """Mean and its standard error (sample standard deviation / sqrt(n); 0 for one value)."""
-    n = len(values)
-    m = sum(values) / n
+def _mean_se(values: list[Any]) -> tuple[float | None, float | None]:
+    """Mean and its standard error (sample standard deviation / sqrt(n); 0 for one value) of
+    the values that are not None (a run of zero epochs measures nothing); None, None if none."""
+    known = [float(v) for v in values if v is not None]
+    n = len(known)
+    if n == 0:
+        return None, None
+    m = sum(known) / n
     if n < 2:
         return m, 0.0
-    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1) / n)
+    return m, math.sqrt(sum((v - m) ** 2 for v in known) / (n - 1) / n)
 
 
 def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -36,14 +40,15 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     targets flipped, or of patched source images for backdoors) and test accuracy as mean and
     standard error, mean seconds, and the shares of poisons and of all examples dropped. For
     backdoors also ``patch_free_success``: the same victims on the source images without the
-    trigger."""
+    trigger. Means skip trials without the value (null after zero epochs); None when no trial
+    has it."""
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         groups[(r["scenario"], r["attack"], r["defense"])].append(r)
     rows = []
     for (scenario, attack, defense), rs in sorted(groups.items()):
-        succ, succ_se = _mean_se([float(r["attack_success"]) for r in rs])
-        acc, acc_se = _mean_se([float(r["test_acc"]) for r in rs])
+        succ, succ_se = _mean_se([r["attack_success"] for r in rs])
+        acc, acc_se = _mean_se([r["test_acc"] for r in rs])
         poisons = sum(r.get("poisons", 0) for r in rs)
         row = {
             "scenario": scenario, "attack": attack, "defense": defense, "n": len(rs),
@@ -53,9 +58,8 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "examples_dropped": sum(r.get("examples_dropped", 0) for r in rs)
             / max(sum(r.get("examples", 0) for r in rs), 1),
         }
-        free = [float(r["patch_free_success"]) for r in rs
-                if r.get("patch_free_success") is not None]
-        if free:
+        free = [r.get("patch_free_success") for r in rs]
+        if any(v is not None for v in free):
             row["patch_free_success"], row["patch_free_success_se"] = _mean_se(free)
         rows.append(row)
     return rows
@@ -70,11 +74,17 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
         free = r.get("patch_free_success")
         lines.append(
             f"| {r['scenario']} | {r['attack']} | {r['defense']} | {r['n']} | "
-            f"{100 * r['attack_success']:.1f}% ± {100 * r['attack_success_se']:.1f}"
+            f"{_mean_pm(r, 'attack_success', 1)}"
             + ("" if free is None else f" (no patch: {100 * free:.1f}%)") + " | "
-            f"{100 * r['test_acc']:.2f}% ± {100 * r['test_acc_se']:.2f} | {r['seconds']:.1f} | "
+            f"{_mean_pm(r, 'test_acc', 2)} | {r['seconds']:.1f} | "
             f"{100 * r['poisons_dropped']:.1f}% | {100 * r['examples_dropped']:.2f}% |")
     return "\n".join(lines)
+
+
+def _mean_pm(row: dict[str, Any], name: str, digits: int) -> str:
+    """``row[name]`` in percent ± its standard error; "–" when no trial measured it."""
+    mean, se = row[name], row[name + "_se"]
+    return "–" if mean is None else f"{100 * mean:.{digits}f}% ± {100 * se:.{digits}f}"
 
 
 def drop_curve(run_dir: str | os.PathLike[str]) -> list[tuple[int, float, float]]:
@@ -140,6 +150,8 @@ def _figures(records: list[dict[str, Any]], rows: list[dict[str, Any]],
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:
+        if r["attack_success"] is None:  # only runs of zero epochs
+            continue
         ax.scatter(r["seconds"], 100 * r["attack_success"], s=40)
         ax.annotate(f"{r['defense']} ({r['attack']})", (r["seconds"], 100 * r["attack_success"]),
                     fontsize=7, xytext=(4, 2), textcoords="offset points")
@@ -154,9 +166,13 @@ def _figures(records: list[dict[str, Any]], rows: list[dict[str, Any]],
 
     epic_runs = [r for r in records if str(r["defense"]).startswith("epic")
                  and Path(r["run_dir"], "defense.json").exists()]
-    if epic_runs:
-        run = Path(epic_runs[0]["run_dir"])
-        rounds = json.loads((run / "defense.json").read_text())
+    shown = None  # the first EPIC run with a round (zero epochs, or a warmup past them: none)
+    for r in epic_runs:
+        rounds = json.loads(Path(r["run_dir"], "defense.json").read_text())
+        if rounds:
+            shown = r
+            break
+    if shown is not None:
         picks = [rounds[i] for i in sorted({0, len(rounds) // 2, len(rounds) - 1})]
         fig, axes = plt.subplots(1, len(picks), figsize=(4 * len(picks), 3.2), squeeze=False)
         labels = [_bucket_label(lo, hi) for lo, hi in SIZE_BUCKETS]
@@ -177,15 +193,16 @@ def _figures(records: list[dict[str, Any]], rows: list[dict[str, Any]],
         fig.savefig(path, dpi=120)
         plt.close(fig)
         figures.append((f"Clean vs. poisons by gradient cluster size at EPIC rounds, "
-                        f"{epic_runs[0]['key']} (paper Figs. 4, 5)", path))
+                        f"{shown['key']} (paper Figs. 4, 5)", path))
 
+    if epic_runs:
         fig, ax = plt.subplots(figsize=(5, 4))
-        curves = {r["key"]: drop_curve(r["run_dir"]) for r in epic_runs[:8]}
-        for key, curve in curves.items():
+        curves = [(r["key"], drop_curve(r["run_dir"])) for r in epic_runs[:8]]
+        for key, curve in curves:
             ax.plot([0] + [c[1] for c in curve], [0] + [c[2] for c in curve], marker="o",
                     label=key, alpha=0.8)
         ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="chance")
-        widest = max((c[-1][1] for c in curves.values() if c), default=0.0)
+        widest = max((c[-1][1] for _, c in curves if c), default=0.0)
         ax.set_xlim(0, max(0.05, 1.2 * widest))
         ax.set_xlabel("share of all examples dropped")
         ax.set_ylabel("share of poisons dropped")
@@ -220,9 +237,12 @@ def write_report(records: list[dict[str, Any]], out: str | os.PathLike[str]) -> 
         cells = []
         for c in cols:
             v = r[c]
-            text = f"{100 * v:.1f}%" if c in ("attack_success", "test_acc", "poisons_dropped",
-                                              "examples_dropped") else (
-                f"{v:.1f}" if isinstance(v, float) else str(v))
+            if v is None:  # no trial of the row measured it
+                text = "–"
+            elif c in ("attack_success", "test_acc", "poisons_dropped", "examples_dropped"):
+                text = f"{100 * v:.1f}%"
+            else:
+                text = f"{v:.1f}" if isinstance(v, float) else str(v)
             cells.append(f"<td>{html.escape(text)}</td>")
         parts.append("<tr>" + "".join(cells) + "</tr>")
     parts.append("</table>")
