@@ -15,7 +15,7 @@ from epic.bench.runner import run_trials
 from epic.bench.store import ResultStore
 from epic.train import TrainConfig
 
-__all__ = ["add_bench_commands"]
+__all__ = ["add_bench_commands", "train_config"]
 
 
 def add_bench_commands(sub: Any) -> None:
@@ -124,15 +124,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The training configuration that ``bench run`` and ``bench effective`` arguments name."""
+    return TrainConfig(epochs=args.epochs, scenario=args.scenario, lr=args.lr,
+                       batch_size=args.batch_size, weight_decay=args.weight_decay,
+                       milestones=tuple(args.milestones) if args.milestones is not None
+                       else None, augment=not args.no_augment, seed=args.seed)
+
+
 def _run(args: argparse.Namespace, store: ResultStore) -> list[dict[str, Any]]:
     from epic.cli import _device, load_data, make_model
 
     device = _device(args.device)
     train_data, test_data = load_data(args)
-    config = TrainConfig(epochs=args.epochs, scenario=args.scenario, lr=args.lr,
-                         batch_size=args.batch_size, weight_decay=args.weight_decay,
-                         milestones=tuple(args.milestones) if args.milestones is not None
-                         else None, augment=not args.no_augment, seed=args.seed)
+    config = train_config(args)
 
     def fresh(seed: int) -> Any:
         return make_model(argparse.Namespace(**(vars(args) | {"seed": seed})), train_data,
@@ -176,10 +181,7 @@ def cmd_effective(args: argparse.Namespace) -> int:
     device = _device(args.device)
     train_data, test_data = load_data(args)
     poisons = PoisonSet.load(args.poisons, train_data)
-    config = TrainConfig(epochs=args.epochs, scenario=args.scenario, lr=args.lr,
-                         batch_size=args.batch_size, weight_decay=args.weight_decay,
-                         milestones=tuple(args.milestones) if args.milestones is not None
-                         else None, augment=not args.no_augment, seed=args.seed)
+    config = train_config(args)
     targets = poisons.target_images if len(poisons.target_images) else \
         poisons.evaluation_images(test_data)
     start = make_model(args, train_data, device)
@@ -249,7 +251,10 @@ def cmd_rerun(args: argparse.Namespace) -> int:
         for name, value in {"poisons": [old["poisons_dir"]], "defenses": [old["defense"]],
                             "seeds": [old["seed"]], "out": out, "progress": False}.items():
             setattr(again, name, value)
-        new = _run(again, ResultStore(Path(out) / "results.jsonl"))[0]
+        written = _run(again, ResultStore(Path(out) / "results.jsonl"))
+        if not written:
+            raise ValueError(f"{out} already holds this trial: rerun into an empty --out")
+        new = written[0]
     fields = ("attack_success", "test_acc", "poisons_dropped", "examples_dropped")
     same = {f: old.get(f) == new.get(f) for f in fields}
     result = {"row": args.row, "key": old["key"], "reproduced": all(same.values()),
