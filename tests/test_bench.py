@@ -5,35 +5,21 @@ import json
 import pytest
 import torch
 
-from epic.bench import ResultStore, parse_defense, run_trials, summarize, to_markdown, write_report
+from epic.bench import (
+    ResultStore,
+    parse_defense,
+    run_trials,
+    summarize,
+    to_markdown,
+    trial_id,
+    write_report,
+)
+from epic.cli import main
+from epic.data import load_digits
 from epic.poisons import PoisonSet
 from epic.train import TrainConfig
 
 from .conftest import seeded_convnet
-
-TRIAL = {"key": "a", "scenario": "transfer", "attack": "bp", "defense": "none",
-         "attack_success": 1.0, "test_acc": 0.5, "seconds": 2.0}
-
-
-def test_store_survives_a_torn_last_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    store = ResultStore(tmp_path / "r.jsonl")
-    store.append(TRIAL)
-    with open(store.path, "a") as f:
-        f.write('{"key": "b", "x"')  # a crash mid-write
-    assert store.keys() == {"a"} and store.skipped == 1
-    with pytest.raises(ValueError, match="key"):
-        store.append({"x": 2})
-
-
-def test_store_skips_lines_that_are_not_trial_records(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    store = ResultStore(tmp_path / "r.jsonl")
-    lines = ["{}", "[1, 2]", "null", '"text"', '{"key": "x"}',
-             json.dumps(TRIAL | {"key": "b", "test_acc": None}),  # a run of zero epochs
-             json.dumps(TRIAL | {"key": "c", "attack_success": True}),
-             json.dumps(TRIAL | {"key": "d"})]
-    store.path.write_text("\n".join(lines) + "\n")
-    assert [r["key"] for r in store.load()] == ["d"] and store.skipped == 7
-    assert summarize(store.load())[0]["n"] == 1
 
 
 def test_parse_defense() -> None:
@@ -85,3 +71,32 @@ def test_run_trials_resumes_and_reports(tiny_data, tmp_path) -> None:  # type: i
         "summary.md", "summary.json", "success_vs_time.png", "cluster_sizes.png",
         "drop_curve.png", "report.html"}
     assert len(json.loads((tmp_path / "report" / "summary.json").read_text())) == 2
+    # zero epochs is another trial, with nothing measured: stored, skipped on a rerun, reported
+    zero = run_trials([tmp_path / "p"], ["none", "epic-0.3"],  # type: ignore[arg-type]
+                      **kwargs | {"config": TrainConfig(epochs=0, batch_size=16)})
+    assert [r["test_acc"] for r in zero] == [None, None] and len(store.load()) == 4
+    assert len({trial_id(r) for r in store.load()}) == 4
+    assert len({r["run_dir"] for r in store.load()}) == 4
+    assert run_trials([tmp_path / "p"], ["none"],  # type: ignore[arg-type]
+                      **kwargs | {"config": TrainConfig(epochs=0, batch_size=16)}) == []
+    assert "| scratch | copy | none | 2 | 0.0% ± 0.0 |" in to_markdown(summarize(store.load()))
+    write_report(store.load(), tmp_path / "report")
+
+
+def test_bench_cli_resumes_reruns_and_tells_epochs_apart(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    train_data, test_data = load_digits()
+    idx = torch.tensor([0, 1, 2])
+    PoisonSet(idx, train_data.images[idx], test_data.images[:1], target_class=0,
+              adversarial_class=1, eps=8 / 255, metadata={"attack": "copy"}).save(tmp_path / "p")
+    out, store = tmp_path / "bench", ResultStore(tmp_path / "bench" / "results.jsonl")
+    run = ["bench", "run", "--subset", "300", "--test-subset", "100", "--poisons",
+           str(tmp_path / "p"), "--defenses", "none", "--epochs", "2", "--out", str(out)]
+    assert main(run) == 0 and len(store.load()) == 1
+    assert main(run) == 0 and len(store.load()) == 1  # done: not run again
+    assert main(run[:-3] + ["3", "--out", str(out)]) == 0 and len(store.load()) == 2
+    capsys.readouterr()
+    assert main(["bench", "rerun", str(store.path), "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["reproduced"]
+    with pytest.raises(SystemExit):  # rerun into a folder that holds the trial: told, no crash
+        main(["bench", "rerun", str(store.path), "0", "--out", str(out)])
+    assert "already holds this trial" in capsys.readouterr().err

@@ -8,8 +8,8 @@ Example:
 """
 
 from epic.bench.report import drop_curve, summarize, to_markdown, write_report
-from epic.bench.runner import parse_defense, run_trials
+from epic.bench.runner import parse_defense, plan_trials, run_trials, trial_id
 from epic.bench.store import ResultStore
 
-__all__ = ["ResultStore", "drop_curve", "parse_defense", "run_trials", "summarize",
-           "to_markdown", "write_report"]
+__all__ = ["ResultStore", "drop_curve", "parse_defense", "plan_trials", "run_trials",
+           "summarize", "to_markdown", "trial_id", "write_report"]

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,7 @@ from epic.models import Classifier
 from epic.poisons import PoisonSet
 from epic.train import TrainConfig, provenance, train
 
-__all__ = ["parse_defense", "run_trials"]
+__all__ = ["SETTING_OPTIONS", "Trial", "parse_defense", "plan_trials", "run_trials", "trial_id"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,123 @@ def parse_defense(spec: str) -> tuple[str, float]:
         raise ValueError(f"unknown defense {spec!r}; choose from {', '.join(DEFENSES)} "
                          "(or epic-<fraction>, ap-<share>: epic-0.1, ap-0.5, ...)")
     return spec, 0.5 if spec == "adversarial-poisoning" else 0.1
+
+
+# Command-line options that choose the model and the data a trial trains on: with the fields of
+# its record they define the trial (see trial_id). The other options pick trials (--poisons,
+# --defenses, --seeds, --first, --setup-ids), say where to read, run or write (--data-dir,
+# --device, --out), are stored as fields (--epochs, --lr, --warmup, ...) or are replaced by the
+# trial's own (--seed).
+SETTING_OPTIONS = ("--dataset", "--subset", "--test-subset", "--model", "--pretrained",
+                   "--setups", "--victim-per-class", "--exact-test")
+_PATH_OPTIONS = ("--pretrained", "--setups")
+_POISON_FILES = ("poisons.json", "poisons.npz")  # a poison set, as PoisonSet.save writes it
+
+
+def trial_id(record: Mapping[str, Any], digests: dict[str, str | None] | None = None) -> str:
+    """The identity of the trial a record describes: a hash of everything that defines it.
+
+    That is the poison set (its folder's resolved path, the SHA-256 of its files, and the
+    attack, eps, classes and benchmark setup read from it), the scenario, the defense as
+    specified, the schedule overrides, the seed, the training configuration, and the
+    :data:`SETTING_OPTIONS` of the record's command line (``argv``), paths resolved. A planned
+    trial (:func:`plan_trials`) and its stored record give the same identity, so a rerun with
+    the same arguments skips it, while poison folders of one name in two places, or another
+    ``--epochs``, make other trials.
+
+    Records written before poison sets were hashed lack ``poisons_sha256``: they are taken to
+    have run on what their folder holds now. Configuration fields a record lacks (added to
+    :class:`~epic.train.TrainConfig` later) take their defaults. Relative paths resolve against
+    the current directory, as they did for the command that wrote them: resume from there.
+
+    Args:
+        digests: resolved poison folder -> SHA-256 of its files, filled as folders are read,
+            so that many old records of one poison set read it once.
+    """
+    poisons = os.path.realpath(record["poisons_dir"])
+    digest = record.get("poisons_sha256")
+    if digest is None:
+        digests = {} if digests is None else digests
+        if poisons not in digests:
+            digests[poisons] = _poisons_sha256(poisons)
+        digest = digests[poisons]
+    facts = {k: record.get(k) for k in ("attack", "eps", "target_class", "adversarial_class",
+                                        "setup", "scenario", "defense", "seed", "schedule")}
+    facts |= {"poisons": [poisons, digest],
+              "config": dataclasses.asdict(TrainConfig()) | record["config"],
+              "setting": _setting(record.get("argv", []))}
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _setting(argv: Sequence[str]) -> dict[str, str]:
+    """The :data:`SETTING_OPTIONS` given in ``argv`` (the last wins, as in argparse), with
+    paths resolved."""
+    found = {}
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if name in SETTING_OPTIONS and (eq or i + 1 < len(argv)):
+            value = value if eq else argv[i + 1]
+            found[name] = os.path.realpath(value) if name in _PATH_OPTIONS else value
+    return found
+
+
+def _poisons_sha256(folder: str | os.PathLike[str]) -> str | None:
+    """SHA-256 of a poison set's files; None when they cannot be read."""
+    h = hashlib.sha256()
+    try:
+        for name in _POISON_FILES:
+            data = (Path(folder) / name).read_bytes()
+            h.update(f"{name} {len(data)}\n".encode() + data)
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Trial:
+    """A planned trial: its identity (:func:`trial_id`), the record it will be stored as less
+    its outcome, its poison set and its own training configuration (seed, DP-SGD shaping)."""
+
+    id: str
+    record: dict[str, Any]
+    poisons: PoisonSet
+    config: TrainConfig
+
+
+def plan_trials(
+    poison_dirs: Sequence[str | os.PathLike[str]],
+    defenses: Sequence[str],
+    *,
+    seeds: Sequence[int],
+    config: TrainConfig,
+    warmup: int | None = None,
+    every: int | None = None,
+    until: int | None = None,
+    context: Mapping[str, Any] | None = None,
+) -> Iterator[Trial]:
+    """The trials of poison set x defense x seed, in that order, without running any; each
+    poison set is read (and hashed) when its first trial is planned. Arguments as in
+    :func:`run_trials`."""
+    schedule = {"warmup": warmup, "every": every, "until": until}
+    for poison_dir in poison_dirs:
+        digest = _poisons_sha256(poison_dir)
+        poisons = PoisonSet.load(poison_dir)
+        for spec in defenses:
+            dp = parse_defense(spec)[0] == "dp-sgd"
+            for seed in seeds:
+                trial_config = dataclasses.replace(
+                    config, seed=seed, grad_clip=DP_SGD_CLIP if dp else config.grad_clip,
+                    grad_noise=DP_SGD_NOISE if dp else config.grad_noise)
+                record = {"key": f"{Path(poison_dir).name}/{spec}/{config.scenario}/{seed}",
+                          "poisons_dir": str(poison_dir), "poisons_sha256": digest,
+                          "attack": str(poisons.metadata.get("attack", "unknown")),
+                          "scenario": config.scenario, "defense": spec, "seed": seed,
+                          "eps": poisons.eps, "target_class": poisons.target_class,
+                          "adversarial_class": poisons.adversarial_class,
+                          "setup": poisons.metadata.get("setup"), "schedule": schedule,
+                          "config": dataclasses.asdict(trial_config)}
+                record |= context or {}
+                yield Trial(trial_id(record), record, poisons, trial_config)
 
 
 def run_trials(
@@ -62,8 +182,11 @@ def run_trials(
 ) -> list[dict[str, Any]]:
     """Train once per (poison set, defense, seed) and append each outcome to ``store``.
 
-    Trials already in the store are skipped, so an interrupted benchmark resumes. Each trial's
-    run folder (metrics, defense records) goes under ``out/trials/``.
+    Trials already in the store (by :func:`trial_id`) are skipped, so an interrupted benchmark
+    resumes; so are trials that another run on the same store is running (it holds their
+    claim, see :meth:`ResultStore.claim`), so two runs share the work and store each trial
+    once. Each trial's run folder (metrics, defense records) goes under ``out/trials/``, named
+    by its key and identity.
 
     Args:
         make_model: seed -> a fresh model (loaded with pretrained weights for transfer and
@@ -72,57 +195,58 @@ def run_trials(
         warmup, every, until: override the defenses' paper schedules (see
             :func:`epic.defenses.build_defense`).
         victim_for: poison set -> the training set it belongs to (benchmark setups give each
-            trial its own victim set); default: ``train_data`` for every poison set.
-        context: facts stored with every record (the command line, for ``bench rerun``).
+            trial its own victim set); default: ``train_data`` for every poison set. Called
+            only for poison sets with a trial to run.
+        context: facts stored with every record: the command line (``argv``), for ``bench
+            rerun`` and for the :data:`SETTING_OPTIONS` in each trial's identity.
 
     Returns:
         The records written in this call.
     """
-    done = store.keys()
+    digests: dict[str, str | None] = {}
+
+    def stored() -> set[str]:
+        return {trial_id(r, digests) for r in store.load()}
+
+    done = stored()
     written = []
     versions = provenance()  # the same for every trial of this call
-    for poison_dir in poison_dirs:
-        poisons = PoisonSet.load(poison_dir)
-        data = train_data if victim_for is None else victim_for(poisons)
-        poisons.validate(data)
-        attack = str(poisons.metadata.get("attack", "unknown"))
-        for spec in defenses:
-            name, number = parse_defense(spec)
-            for seed in seeds:
-                key = f"{Path(poison_dir).name}/{spec}/{config.scenario}/{seed}"
-                if key in done:
-                    continue
-                dp = name == "dp-sgd"
-                trial_config = dataclasses.replace(
-                    config, seed=seed, grad_clip=DP_SGD_CLIP if dp else config.grad_clip,
-                    grad_noise=DP_SGD_NOISE if dp else config.grad_noise)
-                defense = build_defense(name, num_examples=len(data),
-                                        epochs=config.epochs,
-                                        milestones=trial_config.resolved_milestones,
-                                        scenario=config.scenario, fraction=number,
-                                        warmup=warmup, every=every, until=until, seed=seed)
-                model = make_model(seed)
-                run_dir = Path(out) / "trials" / key.replace("/", "_")
-                start = time.perf_counter()
-                transform = build_batch_transform(name, share=number, eps=poisons.eps, seed=seed)
-                result = train(copy.deepcopy(model), data, test_data, trial_config,
-                               defense=defense, poisons=poisons, out=run_dir, progress=progress,
-                               batch_transform=transform)
-                record = {"key": key, "poisons_dir": str(poison_dir), "attack": attack,
-                          "scenario": config.scenario, "defense": spec, "seed": seed,
-                          "eps": poisons.eps, "target_class": poisons.target_class,
-                          "adversarial_class": poisons.adversarial_class,
-                          "wall_seconds": round(time.perf_counter() - start, 3),
-                          "run_dir": str(run_dir), "device": str(_device_of(model)),
-                          "setup": poisons.metadata.get("setup"),
-                          "schedule": {"warmup": warmup, "every": every, "until": until},
-                          "config": dataclasses.asdict(trial_config), "run": versions}
-                record |= context or {}
-                record |= result.summary
-                store.append(record)
-                written.append(record)
-                log.info("%s: success %.3f, acc %.4f", key, record["attack_success"],
-                         record["test_acc"])
+    victim: tuple[PoisonSet, ImageData] | None = None  # the last poison set's training set
+    for trial in plan_trials(poison_dirs, defenses, seeds=seeds, config=config, warmup=warmup,
+                             every=every, until=until, context=context):
+        if trial.id in done:
+            continue
+        key = trial.record["key"]
+        with store.claim(trial.id) as mine:
+            if not mine or trial.id in stored():
+                log.info("%s: %s in another run", key, "running" if not mine else "finished")
+                continue
+            if victim is None or victim[0] is not trial.poisons:
+                victim = trial.poisons, (train_data if victim_for is None
+                                         else victim_for(trial.poisons))
+                trial.poisons.validate(victim[1])
+            data = victim[1]
+            name, number = parse_defense(trial.record["defense"])
+            seed = trial.config.seed
+            defense = build_defense(name, num_examples=len(data), epochs=config.epochs,
+                                    milestones=trial.config.resolved_milestones,
+                                    scenario=config.scenario, fraction=number,
+                                    warmup=warmup, every=every, until=until, seed=seed)
+            model = make_model(seed)
+            run_dir = Path(out) / "trials" / f"{key.replace('/', '_')}-{trial.id[:8]}"
+            start = time.perf_counter()
+            transform = build_batch_transform(name, share=number, eps=trial.poisons.eps,
+                                              seed=seed)
+            result = train(copy.deepcopy(model), data, test_data, trial.config,
+                           defense=defense, poisons=trial.poisons, out=run_dir,
+                           progress=progress, batch_transform=transform)
+            record = trial.record | {"wall_seconds": round(time.perf_counter() - start, 3),
+                                     "run_dir": str(run_dir),
+                                     "device": str(_device_of(model)), "run": versions}
+            record |= result.summary
+            store.append(record)
+            written.append(record)
+            log.info("%s: success %s, acc %s", key, record["attack_success"], record["test_acc"])
     return written
 
 
