@@ -60,19 +60,23 @@ FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
 def problem(record: Any) -> str | None:
     """Why ``record`` is not a trial record (see :data:`FIELDS`), or None when it is one."""
     if not isinstance(record, dict):
-        return f"{_JSON_NAMES[type(record)]}, not an object"
+        return f"{_kind(record)}, not an object"
     for name, (types, required) in FIELDS.items():
         if name not in record:
             if required:
                 return f"no {name!r}"
         elif isinstance(record[name], bool) or not isinstance(record[name], types):
-            return f"{name!r} is {_JSON_NAMES[type(record[name])]}"
+            return f"{name!r} is {_kind(record[name])}"
         elif isinstance(record[name], _NUMBER) and not _finite(record[name]):
             return f"{name!r} is not a finite number"
     if not all(isinstance(s, str) and "\0" not in s
                for s in (record["poisons_dir"], *record.get("argv", []))):
         return "'argv' holds a non-string, or a path holds a NUL byte"
     return None
+
+
+def _kind(value: Any) -> str:
+    return _JSON_NAMES.get(type(value), f"a {type(value).__name__}")  # the latter: from Python
 
 
 def _finite(x: float) -> bool:
