@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -13,6 +14,7 @@ from typing import Any, cast
 
 import torch
 
+from epic.argtypes import at_least, number
 from epic.attacks.cli import add_attack_commands
 from epic.bench.cli import add_bench_commands
 from epic.data import DATASETS, ImageData, load_dataset
@@ -33,7 +35,30 @@ log = logging.getLogger("epic")
 def _device(name: str | None) -> torch.device:
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device name (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPUs")
+    return device
+
+
+def output_folder(path: str | Path, flag: str = "--out") -> Path:
+    """``path`` as a folder this process can write to, created if missing; else a one-line
+    error naming ``flag``, before any work starts."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{flag} {out}: is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"{flag} {out}: cannot create it ({exc.strerror})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {out}: not writable")
+    return out
 
 
 def _add_data_args(p: argparse.ArgumentParser, *, test_split: bool = True
@@ -47,10 +72,10 @@ def _add_data_args(p: argparse.ArgumentParser, *, test_split: bool = True
                         "default: $EPIC_DATA_DIR")
     g.add_argument("--download", action="store_true",
                    help="download CIFAR (checksum-verified) if it is not in --data-dir")
-    g.add_argument("--subset", type=int, default=None, metavar="N",
+    g.add_argument("--subset", type=at_least(1), default=None, metavar="N",
                    help="train on the first N training examples only (quick runs)")
     if test_split:
-        g.add_argument("--test-subset", type=int, default=None, metavar="N",
+        g.add_argument("--test-subset", type=at_least(1), default=None, metavar="N",
                        help="evaluate on the first N test examples only")
     else:
         p.set_defaults(test_subset=None)
@@ -76,17 +101,18 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 def _add_fit_args(g: argparse._ArgumentGroup) -> None:
     """--epochs, --lr, --batch-size, --weight-decay, --milestones, --no-augment, --seed,
     --device: what :func:`train_config` and :func:`_device` read."""
-    g.add_argument("--epochs", type=int, default=40, help="training epochs (default: 40)")
-    g.add_argument("--lr", type=float, default=None,
+    g.add_argument("--epochs", type=at_least(1), default=40, help="training epochs (default: 40)")
+    g.add_argument("--lr", type=number(0, low_open=True), default=None,
                    help="learning rate (default: 0.1; 1e-4 when fine-tuning)")
-    g.add_argument("--batch-size", type=int, default=128, help="mini-batch size (default: 128)")
-    g.add_argument("--weight-decay", type=float, default=5e-4, help="default: 5e-4")
-    g.add_argument("--milestones", type=int, nargs="*", default=None,
+    g.add_argument("--batch-size", type=at_least(1), default=128,
+                   help="mini-batch size (default: 128)")
+    g.add_argument("--weight-decay", type=number(0), default=5e-4, help="default: 5e-4")
+    g.add_argument("--milestones", type=at_least(1), nargs="*", default=None,
                    help="epochs where lr drops by 10 (default: 100 150 for 200 epochs, "
                         "else 25/40 and 35/40 of the epochs)")
     g.add_argument("--no-augment", action="store_true",
                    help="train without random crop and flip")
-    g.add_argument("--seed", type=int, default=0, help="seed for init, order, augmentation")
+    g.add_argument("--seed", type=at_least(0), default=0, help="seed for init, order, augmentation")
     g.add_argument("--device", default=None,
                    help="cpu, cuda, cuda:1, ... (default: cuda when available)")
 
@@ -101,40 +127,40 @@ def _add_defense_args(p: argparse.ArgumentParser) -> None:
                         "dp-sgd clips and noises every gradient; adversarial-poisoning poisons "
                         "part of every batch on the fly")
     _add_epic_args(g)
-    g.add_argument("--budget", type=float, default=0.01,
+    g.add_argument("--budget", type=number(0, 1, low_open=True), default=0.01,
                    help="deep-knn, spectral-signatures: the poison share the defender expects "
                         "(default: 0.01)")
-    g.add_argument("--threshold", type=float, default=None,
+    g.add_argument("--threshold", type=number(), default=None,
                    help="lowest-confidence: drop below this confidence (default 0.5); "
                         "highest-loss: drop above this loss (default 1.0)")
-    g.add_argument("--drop-fraction", type=float, default=0.01,
+    g.add_argument("--drop-fraction", type=number(0, 1), default=0.01,
                    help="random: share of the kept examples dropped per round (default: 0.01)")
-    g.add_argument("--dp-clip", type=float, default=DP_SGD_CLIP,
+    g.add_argument("--dp-clip", type=number(0, low_open=True), default=DP_SGD_CLIP,
                    help=f"dp-sgd: gradient norm bound (default: {DP_SGD_CLIP})")
-    g.add_argument("--dp-noise", type=float, default=DP_SGD_NOISE,
+    g.add_argument("--dp-noise", type=number(0), default=DP_SGD_NOISE,
                    help=f"dp-sgd: noise std relative to --dp-clip (default: "
                         f"{DP_SGD_NOISE})")
-    g.add_argument("--ap-share", type=float, default=0.5,
+    g.add_argument("--ap-share", type=number(0, 1), default=0.5,
                    help="adversarial-poisoning: share of each batch poisoned on the fly "
                         "(default: 0.5, the paper's AP-0.5)")
-    g.add_argument("--ap-eps", type=float, default=16,
+    g.add_argument("--ap-eps", type=number(0, 255, low_open=True), default=16,
                    help="adversarial-poisoning: budget in pixel steps of 255 (default: 16)")
 
 
 def _add_epic_args(g: argparse._ArgumentGroup) -> None:
     """EPIC's settings and schedule: --fraction ... --per-class."""
-    g.add_argument("--fraction", type=float, default=0.1,
+    g.add_argument("--fraction", type=number(0, 1, low_open=True), default=0.1,
                    help="EPIC: share of each class chosen as medoids (default: 0.1)")
-    g.add_argument("--warmup", type=int, default=None,
+    g.add_argument("--warmup", type=at_least(0), default=None,
                    help="epochs before the first round (default: 100 x --fraction, as the "
                         "paper's 10/20/30 for EPIC-0.1/0.2/0.3)")
-    g.add_argument("--every", type=int, default=None,
+    g.add_argument("--every", type=at_least(1), default=None,
                    help="epochs between rounds (default: epochs/20, i.e. 2 of 40 and 10 of 200; "
                         "1 in transfer learning)")
-    g.add_argument("--until", type=int, default=None,
+    g.add_argument("--until", type=at_least(1), default=None,
                    help="no rounds from this epoch on (default: the last lr milestone; one round "
                         "only for the feature-space filters)")
-    g.add_argument("--max-cluster-size", type=int, default=1,
+    g.add_argument("--max-cluster-size", type=at_least(1), default=1,
                    help="EPIC: drop medoids of clusters this small (default: 1, alone)")
     g.add_argument("--similarity", choices=["exp", "linear", "cosine"], default="exp",
                    help="EPIC: gradient similarity (default: exp(-d/D), the authors' code)")
@@ -273,6 +299,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace, device: torch.device, *, first: bool) -> int:
     """``epic train`` on ``device``; ``first``: this process speaks (rank 0 under torchrun)."""
+    out = output_folder(args.out or f"runs/{args.dataset}-{args.model}-{args.scenario}")
     train_data, test_data = load_data(args)
     if args.outside_victims is not None:
         from epic.setups import load_setups, outside_victims
@@ -286,7 +313,6 @@ def _train(args: argparse.Namespace, device: torch.device, *, first: bool) -> in
                           grad_noise=args.dp_noise if args.defense == "dp-sgd" else 0.0,
                           round_embeddings=args.round_embeddings)
     defense = make_defense(args, len(train_data), config.resolved_milestones)
-    out = Path(args.out or f"runs/{args.dataset}-{args.model}-{args.scenario}")
     progress = first and (sys.stderr.isatty() if args.progress is None else args.progress)
     result = train(model, train_data, test_data, config, defense=defense, poisons=poisons,
                    out=out, resume=args.resume, progress=progress,
@@ -323,12 +349,12 @@ def _add_scan_command(sub: argparse._SubParsersAction) -> None:
                         "BMP, GIF or WEBP files; any other file is skipped and listed), or an "
                         ".npz of uint8 'images' and integer 'labels' (optional 'classes'); "
                         "without it, the training split of --dataset")
-    g.add_argument("--image-size", type=int, default=None, metavar="S",
+    g.add_argument("--image-size", type=at_least(1), default=None, metavar="S",
                    help="folders: resize every image to S x S (default: the most common size "
                         "in the folder)")
-    g.add_argument("--max-file-bytes", type=int, default=MAX_FILE_BYTES,
+    g.add_argument("--max-file-bytes", type=at_least(1), default=MAX_FILE_BYTES,
                    help=f"folders: skip files larger than this (default: {MAX_FILE_BYTES:,})")
-    g.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+    g.add_argument("--max-pixels", type=at_least(1), default=MAX_PIXELS,
                    help=f"folders: skip images whose header declares more pixels, before "
                         f"decoding them (default: {MAX_PIXELS:,})")
     # --model names a weights file here (the issue's wording) and --arch the architecture;
@@ -373,12 +399,12 @@ def _scan_input(args: argparse.Namespace
 def cmd_scan(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     device = _device(args.device)
+    out = output_folder(args.out)
     data, files, skipped, source = _scan_input(args)
     c, h, w = data.shape
     print(f"read {len(data)} images of {data.num_classes} classes ({c} x {h} x {w}) from "
           f"{source}; files skipped: {len(skipped)}", flush=True)
     model = make_model(args, data, device)
-    out = Path(args.out)
     settings = {"fraction": args.fraction, "max_cluster_size": args.max_cluster_size,
                 "similarity": args.similarity, "per_class": args.per_class}
     if args.pretrained is not None:
@@ -427,7 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.handler(args))
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, OSError, RuntimeError) as exc:
         parser.exit(2, f"epic: error: {exc}\n")
 
 

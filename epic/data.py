@@ -349,7 +349,8 @@ def _read_cifar_members(source: Path, spec: _CifarSpec) -> dict[str, dict[str, o
                 member_file = tar.extractfile(member)
                 if member_file is None:
                     raise ValueError(f"{source}: cannot read {member.name}")
-                out[base] = _as_batch(safe_load(member_file), base)
+                out[base] = _as_batch(safe_load(member_file, name=f"{source}:{member.name}"),
+                                      base)
     missing = set(wanted) - set(out)
     if missing:
         raise ValueError(f"{source} lacks {sorted(missing)}")

@@ -34,8 +34,9 @@ def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
     return text.encode("latin1")
 
 
-class UnsafePickleError(pickle.UnpicklingError):
-    """A pickle asked for a global outside the allowlist; nothing from it was executed."""
+class UnsafePickleError(pickle.UnpicklingError, ValueError):
+    """A pickle asked for a global outside the allowlist, or is not a readable pickle; nothing
+    from it was executed. The message names the file when the reader knows it."""
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -97,7 +98,8 @@ def _check_no_objects(obj: Any) -> None:
             stack.extend((v, depth + 1) for v in item)
 
 
-def safe_load(file: IO[bytes], *, extra: dict[tuple[str, str], Any] | None = None) -> Any:
+def safe_load(file: IO[bytes], *, extra: dict[tuple[str, str], Any] | None = None,
+              name: str | None = None) -> Any:
     """Unpickle ``file`` admitting only numpy arrays, numbers, strings and containers.
 
     ``extra`` maps further ``(module, name)`` globals to the object to use in their place (for
@@ -105,15 +107,25 @@ def safe_load(file: IO[bytes], *, extra: dict[tuple[str, str], Any] | None = Non
     decoded as latin-1, as the CIFAR batches require.
 
     Raises:
-        UnsafePickleError: the file names any other global; nothing it names is called.
+        UnsafePickleError: the file names any other global (nothing it names is called), or
+            is truncated or no pickle at all; the message starts with ``name`` (default: the
+            file object's own name, if it has one).
 
     Example:
         >>> import io, pickle
         >>> safe_load(io.BytesIO(pickle.dumps({"labels": [1, 2]})))
         {'labels': [1, 2]}
     """
-    obj = _RestrictedUnpickler(file, extra or {}).load()
-    _check_no_objects(obj)
+    where = name or getattr(file, "name", None) or "pickle"
+    try:
+        obj = _RestrictedUnpickler(file, extra or {}).load()
+        _check_no_objects(obj)
+    except UnsafePickleError as exc:
+        raise UnsafePickleError(f"{where}: {exc}") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError,
+            KeyError, AttributeError, MemoryError, UnicodeDecodeError) as exc:
+        raise UnsafePickleError(f"{where}: not a readable pickle ({type(exc).__name__}: "
+                                f"{exc})") from None
     return obj
 
 

@@ -75,7 +75,7 @@ def load_setups(path: str | os.PathLike[str], *, num_classes: int = 10) -> list[
     """
     p = Path(path)
     data = p.read_bytes()
-    obj = safe_load(io.BytesIO(data))
+    obj = safe_load(io.BytesIO(data), name=str(p))
     tag = f"{p.name} (sha256 {hashlib.sha256(data).hexdigest()[:12]})"
     if not isinstance(obj, list) or not obj:
         raise SetupError(f"{p}: expected a non-empty list of setups, got {type(obj).__name__}")

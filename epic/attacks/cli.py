@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from epic.argtypes import at_least, number
 from epic.attacks.feature import BullseyePolytope, FeatureCollision
 from epic.attacks.gradient import GradientMatching, SleeperAgent
 from epic.attacks.patch import PatchBackdoor
@@ -42,22 +43,22 @@ def add_attack_commands(sub: Any) -> None:
                    help="gm: Gradient Matching (from scratch); bp: Bullseye Polytope and fc: "
                         "Feature Collision (transfer); sa: Sleeper Agent (hidden-trigger "
                         "backdoor); patch: BadNets patch backdoor")
-    g.add_argument("--target-index", type=int, default=0,
+    g.add_argument("--target-index", type=at_least(0), default=0,
                    help="test image to attack (gm, bp, fc; default: 0)")
-    g.add_argument("--adversarial-class", type=int, default=None,
+    g.add_argument("--adversarial-class", type=at_least(0), default=None,
                    help="class the target (or patched source) should become (default: the "
                         "next class after the target's / source's)")
-    g.add_argument("--source-class", type=int, default=0,
+    g.add_argument("--source-class", type=at_least(0), default=0,
                    help="backdoors: class whose patched images should flip (default: 0)")
-    g.add_argument("--eps", type=float, default=None,
+    g.add_argument("--eps", type=number(0, 255, low_open=True), default=None,
                    help="l-infinity budget in pixel steps of 255 (default: 16 for gm and sa, "
                         "8 for bp and fc)")
-    g.add_argument("--budget", type=float, default=0.01,
+    g.add_argument("--budget", type=number(0, low_open=True), default=0.01,
                    help="poisons as a share of the training set (< 1) or a count "
                         "(default: 0.01)")
-    g.add_argument("--iterations", type=int, default=None, help="optimization steps")
-    g.add_argument("--restarts", type=int, default=None, help="gm/sa: restarts")
-    g.add_argument("--retrain-epochs", type=int, default=None,
+    g.add_argument("--iterations", type=at_least(1), default=None, help="optimization steps")
+    g.add_argument("--restarts", type=at_least(1), default=None, help="gm/sa: restarts")
+    g.add_argument("--retrain-epochs", type=at_least(0), default=None,
                    help="sa: epochs per surrogate retraining")
     g.add_argument("--clean-label", action="store_true",
                    help="patch: paste the patch on adversarial-class images, keep labels")
@@ -78,10 +79,12 @@ def add_attack_commands(sub: Any) -> None:
                     "source/adversarial class pairs, train from scratch undefended and with "
                     "EPIC at its default settings, and print attack success and test accuracy "
                     "(means over the pairs). Under 3 minutes on 2 CPU cores.")
-    d.add_argument("--pairs", type=int, default=4, help="source/target class pairs (default: 4)")
-    d.add_argument("--epochs", type=int, default=40, help="training epochs (default: 40)")
-    d.add_argument("--budget", type=float, default=0.01, help="poison budget (default: 0.01)")
-    d.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    d.add_argument("--pairs", type=at_least(1), default=4,
+                   help="source/target class pairs (default: 4)")
+    d.add_argument("--epochs", type=at_least(1), default=40, help="training epochs (default: 40)")
+    d.add_argument("--budget", type=number(0, 1, low_open=True), default=0.01,
+                   help="poison budget (default: 0.01)")
+    d.add_argument("--seed", type=at_least(0), default=0, help="seed (default: 0)")
     d.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     d.add_argument("--json", action="store_true",
                    help="print a JSON object with undefended and epic results last")
@@ -95,14 +98,14 @@ def _add_setup_args(p: argparse.ArgumentParser) -> None:
         "al. 2021): target, target class, base class and base images of each trial.")
     g.add_argument("--setups", default=None, metavar="FILE",
                    help="a setup pickle such as cifar10_transfer_learning.pickle")
-    g.add_argument("--first", type=int, default=None, metavar="N",
+    g.add_argument("--first", type=at_least(1), default=None, metavar="N",
                    help="use the first N setups (default: all)")
-    g.add_argument("--setup-ids", type=int, nargs="+", default=None, metavar="I",
+    g.add_argument("--setup-ids", type=at_least(0), nargs="+", default=None, metavar="I",
                    help="use these setup numbers instead")
-    g.add_argument("--victim-per-class", type=int, default=None, metavar="N",
+    g.add_argument("--victim-per-class", type=at_least(1), default=None, metavar="N",
                    help="victim training images per class (default: 250 in transfer learning, "
                         "as in the benchmark; all otherwise)")
-    g.add_argument("--exact-test", type=int, default=None, metavar="N",
+    g.add_argument("--exact-test", type=at_least(1), default=None, metavar="N",
                    help="only test images below N are stored exactly: a target at or above "
                         "N is replaced by the exact test image of its class at position "
                         "(index mod count) (the shared CIFAR-10 copy: 1000)")
@@ -176,11 +179,26 @@ def craft_from_args(args: argparse.Namespace, model: Classifier, train_data: Ima
     return replace(poisons, metadata=poisons.metadata | {"target_index": args.target_index})
 
 
+def _check_classes(args: argparse.Namespace, train_data: ImageData, test_data: ImageData
+                   ) -> None:
+    """Refuse a target or class outside the data before any model is trained."""
+    classes = train_data.num_classes
+    for flag, value in (("--adversarial-class", args.adversarial_class),
+                        ("--source-class", args.source_class)):
+        if value is not None and value >= classes:
+            raise ValueError(f"{flag} {value}: the data has classes 0..{classes - 1}")
+    if args.attack not in BACKDOORS and args.target_index >= len(test_data):
+        raise ValueError(f"--target-index {args.target_index}: the test set has "
+                         f"{len(test_data)} images")
+
+
 def cmd_craft(args: argparse.Namespace) -> int:
-    from epic.cli import _device, load_data
+    from epic.cli import _device, load_data, output_folder
 
     device = _device(args.device)
+    output_folder(args.out)
     train_data, test_data = load_data(args)
+    _check_classes(args, train_data, test_data)
     train_data, test_data = train_data.to(device), test_data.to(device)
     setups = chosen_setups(args)
     if not setups:

@@ -1,0 +1,95 @@
+"""Careless and hostile input on the command line: every bad value is a short error naming it,
+before any work starts; never a traceback, never silent nonsense."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from epic.cli import main
+
+
+def fails(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """The error ``epic argv`` stops with (exit status 2, no traceback)."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["train", "--epochs", "0"], "argument --epochs: must be >= 1, got 0"),
+    (["train", "--batch-size", "-5"], "argument --batch-size: must be >= 1, got -5"),
+    (["train", "--lr", "nan"], "argument --lr: must be finite, got nan"),
+    (["train", "--lr", "0"], "argument --lr: must be in (0, inf], got 0"),
+    (["train", "--subset", "0"], "argument --subset: must be >= 1, got 0"),
+    (["train", "--test-subset", "0"], "argument --test-subset: must be >= 1, got 0"),
+    (["train", "--fraction", "1.5"], "argument --fraction: must be in (0, 1], got 1.5"),
+    (["train", "--epochs", "ten"], "argument --epochs: expected an integer, got 'ten'"),
+    (["craft", "--attack", "bp", "--out", "x", "--adversarial-class", "-1"],
+     "argument --adversarial-class: must be >= 0, got -1"),
+    (["craft", "--attack", "bp", "--out", "x", "--budget", "-1"],
+     "argument --budget: must be in (0, inf], got -1"),
+    (["craft", "--attack", "bp", "--out", "x", "--eps", "300"],
+     "argument --eps: must be in (0, 255], got 300"),
+])
+def test_nonsense_values_are_refused_by_name(args, message, capsys) -> None:  # type: ignore[no-untyped-def]
+    assert fails(args, capsys).endswith(message)
+
+
+def test_output_folders_that_cannot_be(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    assert fails(["train", "--out", str(a_file)], capsys) == (
+        f"epic: error: --out {a_file}: is a file, not a folder")
+    assert fails(["train", "--out", str(a_file / "run")], capsys).startswith(
+        f"epic: error: --out {a_file / 'run'}: cannot create it")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    assert fails(["train", "--device", "cuda", "--out", str(tmp_path)], capsys) == (
+        "epic: error: --device cuda: CUDA is not available on this machine")
+    assert fails(["train", "--device", "gpu7", "--out", str(tmp_path)], capsys).startswith(
+        "epic: error: --device gpu7: not a device name")
+
+
+def test_craft_checks_the_target_before_training_anything(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "poisons"
+    assert fails(["craft", "--attack", "bp", "--target-index", "99999", "--out", str(out)],
+                 capsys) == "epic: error: --target-index 99999: the test set has 450 images"
+    assert fails(["craft", "--attack", "sa", "--source-class", "10", "--out", str(out)],
+                 capsys) == "epic: error: --source-class 10: the data has classes 0..9"
+    assert not (out / "clean_model").exists()
+
+
+class _Payload:
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (os.system, ("echo pwned",))
+
+
+def test_a_hostile_cifar_batch_is_named(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in ("batches.meta", "data_batch_1", "data_batch_2", "data_batch_3",
+                 "data_batch_4", "data_batch_5", "test_batch"):
+        (folder / name).write_bytes(pickle.dumps(_Payload()))
+    err = fails(["train", "--dataset", "cifar10", "--data-dir", str(tmp_path),
+                 "--out", str(tmp_path / "run")], capsys)
+    assert err.startswith(f"epic: error: {folder / 'data_batch_1'}: ")
+    assert "posix.system" in err or "os.system" in err
+
+
+def test_a_truncated_pickle_is_named(tmp_path: Path) -> None:
+    from epic.safe_pickle import UnsafePickleError, safe_load
+
+    path = tmp_path / "cut.pkl"
+    path.write_bytes(pickle.dumps({"labels": list(range(100))})[:-20])
+    with open(path, "rb") as f, pytest.raises(UnsafePickleError, match=f"{path}: not a readable"):
+        safe_load(f)
