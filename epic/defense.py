@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 from epic.distributed import broadcast_from_first, gather_shares, share_of, world
 from epic.gradients import Examples, LogitsFn, count_examples, gradient_embeddings
-from epic.selection import Similarity, find_isolated, select_medoids
+from epic.selection import Similarity, find_isolated, isolated_medoids, select_medoids
 
 __all__ = ["EPIC", "DropRound", "EpicRound", "ScheduledDefense", "find_poisons", "paper_warmup"]
 
@@ -347,7 +347,7 @@ class EPIC(ScheduledDefense):
                                  generator=self.generator)
         size_at_row = torch.zeros(len(kept), dtype=torch.long, device=grads.device)
         size_at_row[medoids.indices] = medoids.cluster_sizes
-        isolated = medoids.indices[medoids.cluster_sizes <= self.max_cluster_size]
+        isolated = isolated_medoids(grads, labels, medoids, self.max_cluster_size)
         cluster_sizes = torch.zeros(len(keep), dtype=torch.long)
         cluster_sizes[kept] = size_at_row[medoids.assignment].cpu()
         return kept[isolated.cpu()], {"cluster_sizes": cluster_sizes}

@@ -78,6 +78,7 @@ from torch import Tensor
 __all__ = [
     "Medoids",
     "Method",
+    "isolated_medoids",
     "PerClass",
     "Similarity",
     "facility_location_value",
@@ -280,8 +281,22 @@ def find_isolated(
         partition_size=partition_size,
     )
     drop = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    drop[med.indices[med.cluster_sizes <= max_cluster_size]] = True
+    drop[isolated_medoids(x, labels, med, max_cluster_size)] = True
     return drop
+
+
+def isolated_medoids(x: Tensor, labels: Tensor, medoids: Medoids, max_cluster_size: int = 1
+                     ) -> Tensor:
+    """Row indices of the medoids whose cluster holds at most ``max_cluster_size`` rows, less
+    those with an exact copy in their class: a row that another row of its class duplicates
+    is not isolated, even where greedy picked both copies (a zero-gain pick, once a class
+    has fewer distinct rows than medoids) and the copy's cluster holds only itself."""
+    small = medoids.indices[medoids.cluster_sizes <= max_cluster_size]
+    if small.numel() == 0:
+        return small
+    keyed = torch.cat([labels.to(x.dtype)[:, None], x], dim=1)
+    _, inverse, counts = torch.unique(keyed, dim=0, return_inverse=True, return_counts=True)
+    return small[counts[inverse[small]] == 1]
 
 
 def facility_location_value(
@@ -462,17 +477,23 @@ def _kd_order(xs: Tensor, seg: Tensor, levels: int) -> tuple[Tensor, Tensor]:
 
 def _similarity(a: Tensor, b: Tensor, similarity: str, c0: float) -> Tensor:
     """(n, m) similarity between rows of ``a`` (n, D) and ``b`` (m, D)."""
-    if similarity == "cosine":
-        a = torch.nn.functional.normalize(a, dim=-1)
-        b = torch.nn.functional.normalize(b, dim=-1)
     out = torch.empty(a.shape[0], b.shape[0], dtype=a.dtype, device=a.device)
+    a, b = _wide(a, similarity), _wide(b, similarity)
     _fill_kernel(out, a, b, (a * a).sum(-1), (b * b).sum(-1), similarity)
     return out.neg_().add_(c0) if similarity == "linear" else out
+
+
+def _wide(x: Tensor, similarity: str) -> Tensor:
+    """``x`` in float64 (normalized for ``"cosine"``), where :func:`_fill_kernel` takes the
+    products whose differences become distances."""
+    x = x.double()
+    return torch.nn.functional.normalize(x, dim=-1) if similarity == "cosine" else x
 
 
 def _distances(a: Tensor, b: Tensor) -> Tensor:
     """(n, m) Euclidean distances between rows of ``a`` (n, D) and ``b`` (m, D)."""
     out = torch.empty(a.shape[0], b.shape[0], dtype=a.dtype, device=a.device)
+    a, b = a.double(), b.double()
     return _fill_kernel(out, a, b, (a * a).sum(-1), (b * b).sum(-1), "linear")
 
 
@@ -482,14 +503,16 @@ def _fill_kernel(out: Tensor, a: Tensor, b: Tensor, sq_a: Tensor, sq_b: Tensor,
     with ``sq_*`` their squared norms (for ``"cosine"``, ``a`` and ``b`` normalized); for
     ``"linear"`` the distance, from which ``c0 - d`` follows once ``c0`` is known.
 
-    Distances via ``|a|^2 + |b|^2 - 2 a.b`` (one matrix product), clamped at 0 against
-    rounding; ``exp(-d / D)`` as ``exp2(-d * log2(e) / D)``.
+    Squared distances via ``|a|^2 + |b|^2 - 2 a.b`` (one matrix product) in float64: in
+    float32 the difference of those large terms loses up to 1e-3 of a near pair's similarity
+    and makes a row less similar to itself than 1. ``a``, ``b`` and ``sq_*`` come in float64;
+    the rest (square root, ``exp(-d / D)`` as ``exp2(-d * log2(e) / D)``) is done in ``out``'s
+    dtype, which keeps its own precision (about 1e-7 relative in float32).
     """
     if similarity == "cosine":
-        torch.mm(a, b.T, out=out)
+        out.copy_(torch.mm(a, b.T))
         return out.add_(1.0).mul_(0.5).clamp_(0.0, 1.0)
-    torch.add(sq_a[:, None], sq_b[None, :], out=out)
-    torch.addmm(out, a, b.T, alpha=-2.0, out=out)
+    out.copy_(torch.addmm(sq_a[:, None] + sq_b[None, :], a, b.T, alpha=-2.0))
     out.clamp_(min=0.0).sqrt_()
     if similarity == "exp":
         out.mul_(-_LOG2_E / a.shape[-1]).exp2_()
@@ -532,8 +555,7 @@ def _group_kernel(
         kern.view(-1)[:: 4096 // kern.element_size()].zero_()
     first = torch.zeros(g, n, dtype=xg.dtype, device=xg.device)
     peak = torch.empty(g, n, n // _SEGMENT, dtype=xg.dtype, device=xg.device)
-    if similarity == "cosine":
-        xg = torch.nn.functional.normalize(xg, dim=-1)
+    xg = _wide(xg, similarity)
     sq = (xg * xg).sum(-1)
     side = math.isqrt(_CACHE_ELEMENTS) // _SEGMENT * _SEGMENT
     c0 = [0.0] * g
