@@ -31,7 +31,7 @@ from typing import Any, Literal
 import torch
 
 from epic.data import load_dataset
-from epic.defense import EPIC, paper_warmup
+from epic.defenses import EPIC, paper_warmup
 from epic.models import build_model
 from epic.train import TrainConfig, train
 

@@ -6,7 +6,7 @@ Example:
 """
 
 from epic.data import Augment, ImageData, iterate_batches, load_cifar, load_dataset, load_digits
-from epic.defense import EPIC, EpicRound, find_poisons
+from epic.defenses import EPIC, EpicRound, find_poisons
 from epic.gradients import gradient_embeddings
 from epic.models import Classifier, build_model
 from epic.poisons import PoisonSet, PoisonSetError

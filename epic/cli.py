@@ -18,8 +18,15 @@ from epic.argtypes import at_least, number
 from epic.attacks.cli import add_attack_commands
 from epic.bench.cli import add_bench_commands
 from epic.data import DATASETS, ImageData, load_dataset
-from epic.defense import EPIC, ScheduledDefense
-from epic.defenses import DEFENSES, DP_SGD_CLIP, DP_SGD_NOISE, build_batch_transform, build_defense
+from epic.defenses import (
+    DEFENSES,
+    DP_SGD_CLIP,
+    DP_SGD_NOISE,
+    EPIC,
+    ScheduledDefense,
+    build_batch_transform,
+    build_defense,
+)
 from epic.distributed import init_from_env, world
 from epic.images import MAX_FILE_BYTES, MAX_PIXELS, Skipped, read_image_folder, read_npz
 from epic.models import MODELS, Classifier, build_model

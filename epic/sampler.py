@@ -47,7 +47,7 @@ class KeepSampler(Sampler[int]):
     the order is drawn from ``generator`` (seed it for reproducible runs).
 
     Example:
-        >>> from epic.defense import EPIC
+        >>> from epic.defenses import EPIC
         >>> defense = EPIC(fraction=0.1, warmup=1, every=1, num_examples=6)
         >>> defense.keep_mask[[1, 4]] = False
         >>> list(KeepSampler(defense, num_examples=6, shuffle=False))
@@ -83,7 +83,7 @@ class DistributedKeepSampler(Sampler[int]):
     ``torch.distributed``.
 
     Example:
-        >>> from epic.defense import EPIC
+        >>> from epic.defenses import EPIC
         >>> defense = EPIC(fraction=0.1, warmup=1, every=1, num_examples=7)
         >>> defense.keep_mask[[1, 4]] = False
         >>> [list(DistributedKeepSampler(defense, num_replicas=2, rank=r, shuffle=False))

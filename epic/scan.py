@@ -31,17 +31,18 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from PIL import Image
 from torch import Tensor, nn
 
 from epic.data import ImageData
-from epic.defense import EPIC, EpicRound
+from epic.defenses import EPIC, EpicRound
 from epic.files import replace_atomically
 from epic.images import Skipped
 from epic.models import Classifier
+from epic.selection import PerClass, Similarity
 from epic.train import TrainConfig, train
 
 __all__ = ["Flag", "ScanResult", "collect", "index_names", "scan", "thumbnail_png",
@@ -79,7 +80,7 @@ class ScanResult:
         data: the scanned set (images ``(N, C, H, W)`` uint8, labels ``(N,)``).
         files: ``(N,)`` names of the examples, in dataset order.
         flags: the flagged examples, by round, then by index.
-        rounds: EPIC's record of each round (``cluster_sizes`` ``(N,)`` per round).
+        rounds: EPIC's record of each round (``cluster_size_of`` ``(N,)`` per round).
         skipped: files that were not read into ``data``.
     """
 
@@ -120,7 +121,7 @@ def collect(data: ImageData, defense: EPIC, *, files: Sequence[str] | None = Non
         raise ValueError(f"files names {len(names)} examples, the data holds {len(data)}")
     rounds = tuple(r for r in defense.history if isinstance(r, EpicRound))
     labels = data.labels.tolist()
-    flags = tuple(Flag(i, names[i], data.classes[labels[i]], int(r.cluster_sizes[i]), k,
+    flags = tuple(Flag(i, names[i], data.classes[labels[i]], int(r.cluster_size_of[i]), k,
                        r.epoch)
                   for k, r in enumerate(rounds, 1) for i in r.dropped.tolist())
     log.info("flagged %d of %d examples in %d rounds", len(flags), len(data), len(rounds))
@@ -133,8 +134,8 @@ def scan(
     *,
     fraction: float = 0.1,
     max_cluster_size: int = 1,
-    similarity: Literal["exp", "linear", "cosine"] = "exp",
-    per_class: Literal["proportional", "equal"] = "proportional",
+    similarity: Similarity = "exp",
+    per_class: PerClass = "proportional",
     batch_size: int = 512,
     files: Sequence[str] | None = None,
     skipped: Sequence[Skipped] = (),

@@ -28,7 +28,6 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from epic.data import ImageData, iterate_batches
-from epic.defense import EpicRound
 from epic.distributed import world
 from epic.files import replace_atomically
 from epic.gradients import feature_embeddings
@@ -185,7 +184,7 @@ def train(
     same data, config and seed: the model (or, in transfer learning, its last layer) trains
     in ``DistributedDataParallel``, each rank on its share of every epoch's order, with
     ``config.batch_size`` examples per rank and step; defense rounds run on all ranks together
-    (see :meth:`epic.defense.ScheduledDefense.update`); rank 0 alone writes ``out``, and
+    (see :meth:`epic.defenses.ScheduledDefense.update`); rank 0 alone writes ``out``, and
     ``resume`` reads it on every rank (a shared folder).
 
     Args:
@@ -430,16 +429,10 @@ def _describe(obj: object | None) -> dict[str, Any] | None:
 def defense_records(defense: Defense, poisons: PoisonSet | None = None
                     ) -> list[dict[str, Any]]:
     """JSON-ready records of a defense's rounds; with ``poisons``, how each round treated them
-    (poisons dropped, and for EPIC the cluster sizes the poisons fell in)."""
-    records = []
-    for r in getattr(defense, "history", []):
-        rec = r.summary()
-        if poisons is not None:
-            rec["poisons_dropped"] = int(torch.isin(r.dropped, poisons.indices).sum())
-            if isinstance(r, EpicRound):
-                rec["poison_cluster_size_histogram"] = r.histogram(poisons.indices)
-        records.append(rec)
-    return records
+    (each record's ``poison_summary``: poisons dropped, and for EPIC the cluster sizes the
+    poisons fell in)."""
+    return [r.summary() | ({} if poisons is None else r.poison_summary(poisons.indices))
+            for r in getattr(defense, "history", [])]
 
 
 def _save_epoch(outp: Path, model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -11,8 +11,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from epic.data import ImageData
-from epic.defense import EPIC, ScheduledDefense
-from epic.defenses import LowestConfidence, RandomDrop, SpectralSignatures
+from epic.defenses import EPIC, LowestConfidence, RandomDrop, ScheduledDefense, SpectralSignatures
 from epic.gradients import count_examples, gradient_embeddings
 
 from .conftest import seeded_convnet

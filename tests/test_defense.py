@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from epic.data import ImageData
-from epic.defense import EPIC, paper_warmup
+from epic.defenses import EPIC, paper_warmup
 from epic.gradients import feature_embeddings, gradient_embeddings, logit_embeddings
 from epic.models import build_model
 from epic.selection import find_isolated
@@ -101,7 +101,7 @@ def test_epic_drops_planted_isolated_examples_and_keeps_them_dropped() -> None:
     assert sum(first.histogram().values()) == len(data)
     second = d.update(model, data, epoch=1)
     assert not set(second.dropped.tolist()) & set(first.dropped.tolist())
-    assert (second.cluster_sizes[first.dropped] == 0).all()
+    assert (second.cluster_size_of[first.dropped] == 0).all()
     assert not d.keep_mask[first.dropped].any()
     assert d.dropped.tolist() == sorted(first.dropped.tolist() + second.dropped.tolist())
 
@@ -116,8 +116,22 @@ def test_state_dict_round_trip() -> None:
     assert e.history[0].summary() == d.history[0].summary()
 
 
+def test_a_checkpoint_with_the_former_field_name_still_loads() -> None:
+    """Checkpoints written before ``EpicRound.cluster_sizes`` became ``cluster_size_of``."""
+    data, planted = _planted_data()
+    d = EPIC(0.1, warmup=0, every=1)
+    d.update(_Fixed(), data, epoch=0)
+    state = d.state_dict()
+    state["history"] = [{("cluster_sizes" if k == "cluster_size_of" else k): v
+                         for k, v in r.items()} for r in state["history"]]
+    e = EPIC(0.1, warmup=0, every=1)
+    e.load_state_dict(state)
+    assert torch.equal(e.history[0].cluster_size_of, d.history[0].cluster_size_of)  # type: ignore[attr-defined]
+    assert e.history[0].histogram(planted) == {1: len(planted)}  # type: ignore[attr-defined]
+
+
 def test_find_poisons_flags_isolated_gradients_numpy_in_numpy_out() -> None:
-    from epic.defense import find_poisons
+    from epic.defenses import find_poisons
 
     g = torch.Generator().manual_seed(0)
     y = torch.arange(120) % 3
@@ -148,7 +162,7 @@ def test_update_from_embeddings_drops_what_update_drops(tiny_data) -> None:  # t
         grads, labels = gradient_embeddings(model, train)  # the whole set, as a loop has it
         got = by_loop.update_from_embeddings(grads, labels, epoch)
         assert torch.equal(got.dropped, expected.dropped)
-        assert torch.equal(got.cluster_sizes, expected.cluster_sizes)  # type: ignore[attr-defined]
+        assert torch.equal(got.cluster_size_of, expected.cluster_size_of)  # type: ignore[attr-defined]
     assert by_model.keep_mask is not None and by_loop.keep_mask is not None
     assert torch.equal(by_model.keep_mask, by_loop.keep_mask)
     with pytest.raises(ValueError, match="need embeddings"):

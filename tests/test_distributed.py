@@ -38,7 +38,7 @@ def test_two_ranks_drop_what_one_process_drops(tiny_data, tmp_path) -> None:  # 
         for got, want in zip(out["masks"], masks, strict=True):
             assert torch.equal(got, want)
         for got, record in zip(out["sizes"], single.history, strict=True):
-            assert torch.equal(got, record.cluster_sizes)  # type: ignore[attr-defined]
+            assert torch.equal(got, record.cluster_size_of)  # type: ignore[attr-defined]
     # the sampler's shares: equal sizes, and together every kept example
     shares = [out["share"] for out in ranks]
     assert len(shares[0]) == len(shares[1])

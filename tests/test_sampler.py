@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from epic.defense import EPIC
+from epic.defenses import EPIC
 from epic.sampler import KeepSampler
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from epic.defense import EPIC
+from epic.defenses import EPIC
 from epic.poisons import PoisonSet
 from epic.train import TrainConfig, default_milestones, evaluate, prepare_model, train
 
@@ -124,7 +124,7 @@ def test_defense_records_say_how_poisons_fared(tiny_data, tmp_path) -> None:  # 
     for rec, rnd in zip(records, defense.history, strict=True):
         assert rec["poisons_dropped"] == len(set(rnd.dropped.tolist()) & {0, 4, 8})
         hist = {int(k): v for k, v in rec["poison_cluster_size_histogram"].items()}
-        assert sum(hist.values()) == int((rnd.cluster_sizes[idx] > 0).sum())
+        assert sum(hist.values()) == int((rnd.cluster_size_of[idx] > 0).sum())
 
 
 def test_resume_refuses_a_checkpoint_of_other_settings(tiny_data, tmp_path) -> None:  # type: ignore[no-untyped-def]

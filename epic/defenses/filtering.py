@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from epic.defense import ScheduledDefense
+from epic.defenses.base import ScheduledDefense
 from epic.gradients import Examples, feature_embeddings
 
 
@@ -32,7 +32,6 @@ class FeatureFilter(ScheduledDefense):
         return feature_embeddings(model, data, keep=keep, batch_size=self.batch_size,
                                   features=features)
 
-    def choose(self, embeddings: Tensor, labels: Tensor, keep: Tensor
-               ) -> tuple[Tensor, dict[str, Any]]:
-        kept = keep.nonzero().squeeze(1)
-        return kept[self.outliers(embeddings, labels, len(keep)).cpu()], {}
+    def drop_rows(self, embeddings: Tensor, labels: Tensor, keep: Tensor
+                  ) -> tuple[Tensor, dict[str, Any]]:
+        return self.outliers(embeddings, labels, len(keep)), {}

@@ -6,9 +6,10 @@ from typing import Literal
 
 import torch
 
-from epic.defense import EPIC, ScheduledDefense, paper_warmup
 from epic.defenses.adversarial import AdversarialPoisoning
+from epic.defenses.base import ScheduledDefense
 from epic.defenses.clustering import ActivationClustering
+from epic.defenses.epic import EPIC, paper_warmup
 from epic.defenses.knn import DeepKNN
 from epic.defenses.scores import HighestLoss, LowestConfidence, RandomDrop
 from epic.defenses.spectral import SpectralSignatures

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from epic.defense import ScheduledDefense
+from epic.defenses.base import ScheduledDefense
 from epic.gradients import Examples, logit_embeddings
 
 
@@ -40,10 +40,9 @@ class _LogitRule(ScheduledDefense):
         return logit_embeddings(model, data, keep=keep, batch_size=self.batch_size,
                                 features=features)
 
-    def choose(self, embeddings: Tensor, labels: Tensor, keep: Tensor
-               ) -> tuple[Tensor, dict[str, Any]]:
-        kept = keep.nonzero().squeeze(1)
-        return kept[self.rule(embeddings, labels, self.threshold).cpu()], {}
+    def drop_rows(self, embeddings: Tensor, labels: Tensor, keep: Tensor
+                  ) -> tuple[Tensor, dict[str, Any]]:
+        return self.rule(embeddings, labels, self.threshold), {}
 
 
 class LowestConfidence(_LogitRule):
@@ -76,8 +75,7 @@ class RandomDrop(ScheduledDefense):
         m = int(keep.sum())
         return torch.empty(m, 0), torch.zeros(m, dtype=torch.long)
 
-    def choose(self, embeddings: Tensor, labels: Tensor, keep: Tensor
-               ) -> tuple[Tensor, dict[str, Any]]:
-        kept = keep.nonzero().squeeze(1)
-        m = round(self.fraction * len(kept))
-        return kept[torch.randperm(len(kept), generator=self.generator)[:m]], {}
+    def drop_rows(self, embeddings: Tensor, labels: Tensor, keep: Tensor
+                  ) -> tuple[Tensor, dict[str, Any]]:
+        m = round(self.fraction * len(embeddings))
+        return torch.randperm(len(embeddings), generator=self.generator)[:m], {}

@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler
 
-from epic.defense import ScheduledDefense
+from epic.defenses import ScheduledDefense
 from epic.gradients import Examples, count_examples
 from epic.sampler import DistributedKeepSampler, KeepSampler
 

@@ -29,7 +29,7 @@ def main(folder: Path) -> None:
     sampler = DistributedKeepSampler(defense, seed=3)
     sampler.set_epoch(1)
     torch.save({"masks": masks, "share": list(sampler),
-                "sizes": [r.cluster_sizes for r in defense.history]},
+                "sizes": [r.cluster_size_of for r in defense.history]},
                folder / f"rank{rank}.pt")
     dist.destroy_process_group()
 
