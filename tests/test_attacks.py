@@ -104,7 +104,7 @@ def test_gradient_matching_aligns_gradients(digits, model) -> None:
     assert 0 <= loss < 1  # cosine similarity above zero after crafting
     assert ps.metadata["hyperparameters"]["restarts"] == 2
     # the crafted poisons align better than the clean bases
-    from epic.attacks.gradient import alignment_loss, gradient_norm, parameter_gradient
+    from epic.alignment import alignment_loss, gradient_norm, parameter_gradient
 
     m = copy.deepcopy(model).eval()
     tx = te.images[2:3].float() / 255

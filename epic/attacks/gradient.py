@@ -21,6 +21,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from epic.alignment import (
+    alignment_loss,
+    gradient_norm,
+    parameter_gradient,
+    trainable_parameters,
+)
 from epic.attacks.base import (
     budget_count,
     choose_bases,
@@ -37,48 +43,16 @@ from epic.poisons import PoisonSet, apply_trigger
 from epic.train import TrainConfig
 from epic.train import train as train_model
 
-__all__ = ["GradientMatching", "SleeperAgent", "alignment_loss", "gradient_norm", "gradient_norms",
-           "parameter_gradient"]
+__all__ = ["GradientMatching", "SleeperAgent", "gradient_norms"]
 
 log = logging.getLogger("epic.attacks")
-
-
-def gradient_norm(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
-    """Euclidean norm of a list of gradient tensors taken as one vector."""
-    return torch.stack([t.pow(2).sum() for t in tensors]).sum().sqrt()
-
-
-def _params(model: nn.Module) -> list[nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def parameter_gradient(model: nn.Module, x: Tensor, y: Tensor, chunk: int) -> list[Tensor]:
-    """Mean cross-entropy gradient of ``(x, y)`` w.r.t. the parameters (detached)."""
-    params = _params(model)
-    total = [torch.zeros_like(p) for p in params]
-    for i in range(0, len(x), chunk):
-        loss = F.cross_entropy(model(x[i:i + chunk]), y[i:i + chunk], reduction="sum") / len(x)
-        for t, g in zip(total, torch.autograd.grad(loss, params), strict=True):
-            t += g
-    return total
-
-
-def alignment_loss(model: nn.Module, x: Tensor, y: Tensor, target_grad: list[Tensor],
-                   target_norm: Tensor) -> Tensor:
-    """``1 - cos(grad L(x, y), target_grad)`` with a graph back to ``x``."""
-    params = _params(model)
-    loss = F.cross_entropy(model(x), y)
-    grads = torch.autograd.grad(loss, params, create_graph=True)
-    dot = torch.stack([(g * t).sum() for g, t in zip(grads, target_grad, strict=True)]).sum()
-    norm = gradient_norm(grads)
-    return 1 - dot / (norm * target_norm + 1e-12)
 
 
 def gradient_norms(model: nn.Module, data: ImageData, indices: Tensor, *, chunk: int = 64
                    ) -> Tensor:
     """Per-example norm of the cross-entropy parameter gradient, ``(len(indices),)``."""
     device = next(model.parameters()).device
-    params = _params(model)
+    params = trainable_parameters(model)
     out = []
     for i in range(0, len(indices), chunk):
         idx = indices[i:i + chunk]

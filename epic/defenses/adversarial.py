@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from epic.attacks.gradient import alignment_loss, gradient_norm, parameter_gradient
+from epic.alignment import alignment_loss, gradient_norm, parameter_gradient
 from epic.models import eval_mode
 
 __all__ = ["AdversarialPoisoning"]
