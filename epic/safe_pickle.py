@@ -9,12 +9,13 @@ is called.
 from __future__ import annotations
 
 import io
+import math
 import pickle
 from typing import IO, Any
 
 import numpy as np
 
-__all__ = ["UnsafePickleError", "safe_load", "safe_loads"]
+__all__ = ["MAX_ARRAY_BYTES", "UnsafePickleError", "safe_load", "safe_loads"]
 
 # numpy moved its internals from numpy.core to numpy._core in 2.0; files from both eras exist.
 _NUMPY_GLOBALS = {
@@ -24,6 +25,9 @@ _NUMPY_GLOBALS = {
     ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"),
     ("numpy._core.multiarray", "scalar"),
+    # protocol 5: an array rebuilt from bytes the file holds (checked for their dtype after)
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
 }
 
 
@@ -39,16 +43,50 @@ class UnsafePickleError(pickle.UnpicklingError, ValueError):
     from it was executed. The message names the file when the reader knows it."""
 
 
+#: Largest array an untrusted pickle may make numpy allocate (a few bytes of pickle can ask
+#: for any shape); CIFAR-100's training batch is 150 MB.
+MAX_ARRAY_BYTES = 1 << 30
+
+
+def _check_size(shape: Any, dtype: Any, limit: int) -> None:
+    try:
+        dims = [int(d) for d in (shape if isinstance(shape, (tuple, list)) else (shape,))]
+        itemsize = np.dtype(dtype).itemsize
+    except (TypeError, ValueError) as exc:
+        raise UnsafePickleError(f"bad array shape or dtype ({exc})") from None
+    if any(d < 0 for d in dims) or math.prod(dims) * itemsize > limit:
+        raise UnsafePickleError(f"an array of shape {tuple(dims)} and {itemsize}-byte items is "
+                                f"over the limit of {limit:,} bytes for untrusted pickles")
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file: IO[bytes], extra: dict[tuple[str, str], Any]) -> None:
+    def __init__(self, file: IO[bytes], extra: dict[tuple[str, str], Any],
+                 max_array_bytes: int) -> None:
         super().__init__(file, encoding="latin1")
         self._extra = extra
+        self._limit = max_array_bytes
+
+    def _ndarray(self, shape: Any, dtype: Any = float, *args: Any, **kwargs: Any) -> Any:
+        """``numpy.ndarray(shape, dtype, ...)`` called by the file, within the size limit."""
+        _check_size(shape, dtype, self._limit)
+        return np.ndarray(shape, dtype, *args, **kwargs)
+
+    def _reconstruct(self, real: Any) -> Any:
+        def reconstruct(subtype: Any, shape: Any, dtype: Any) -> Any:
+            _check_size(shape, dtype, self._limit)
+            return real(np.ndarray if subtype == self._ndarray else subtype, shape, dtype)
+
+        return reconstruct
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self._extra:
             return self._extra[(module, name)]
         if (module, name) == ("_codecs", "encode"):
             return _latin1_bytes
+        if (module, name) == ("numpy", "ndarray"):
+            return self._ndarray  # also what the file passes to _reconstruct as the subtype
+        if name == "_reconstruct" and (module, name) in _NUMPY_GLOBALS:
+            return self._reconstruct(super().find_class(module, name))
         if (module, name) in _NUMPY_GLOBALS:
             return super().find_class(module, name)
         raise UnsafePickleError(
@@ -99,7 +137,7 @@ def _check_no_objects(obj: Any) -> None:
 
 
 def safe_load(file: IO[bytes], *, extra: dict[tuple[str, str], Any] | None = None,
-              name: str | None = None) -> Any:
+              name: str | None = None, max_array_bytes: int = MAX_ARRAY_BYTES) -> Any:
     """Unpickle ``file`` admitting only numpy arrays, numbers, strings and containers.
 
     ``extra`` maps further ``(module, name)`` globals to the object to use in their place (for
@@ -107,9 +145,10 @@ def safe_load(file: IO[bytes], *, extra: dict[tuple[str, str], Any] | None = Non
     decoded as latin-1, as the CIFAR batches require.
 
     Raises:
-        UnsafePickleError: the file names any other global (nothing it names is called), or
-            is truncated or no pickle at all; the message starts with ``name`` (default: the
-            file object's own name, if it has one).
+        UnsafePickleError: the file names any other global (nothing it names is called),
+            asks for an array over ``max_array_bytes``, or is truncated or no pickle at
+            all; the message starts with ``name`` (default: the file object's own name, if
+            it has one).
 
     Example:
         >>> import io, pickle
@@ -118,7 +157,7 @@ def safe_load(file: IO[bytes], *, extra: dict[tuple[str, str], Any] | None = Non
     """
     where = name or getattr(file, "name", None) or "pickle"
     try:
-        obj = _RestrictedUnpickler(file, extra or {}).load()
+        obj = _RestrictedUnpickler(file, extra or {}, max_array_bytes).load()
         _check_no_objects(obj)
     except UnsafePickleError as exc:
         raise UnsafePickleError(f"{where}: {exc}") from None

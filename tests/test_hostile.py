@@ -93,3 +93,33 @@ def test_a_truncated_pickle_is_named(tmp_path: Path) -> None:
     path.write_bytes(pickle.dumps({"labels": list(range(100))})[:-20])
     with open(path, "rb") as f, pytest.raises(UnsafePickleError, match=f"{path}: not a readable"):
         safe_load(f)
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_arrays_of_every_pickle_protocol_load(protocol: int) -> None:
+    import io
+
+    import numpy as np
+
+    from epic.safe_pickle import safe_load
+
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    back = safe_load(io.BytesIO(pickle.dumps({"x": a, "n": np.int64(3)}, protocol=protocol)))
+    assert type(back["x"]) is np.ndarray and np.array_equal(back["x"], a) and back["n"] == 3
+
+
+@pytest.mark.parametrize("call", ["reconstruct", "ndarray"])
+def test_a_tiny_pickle_cannot_ask_for_a_huge_array(call: str) -> None:
+    import io
+
+    from epic.safe_pickle import UnsafePickleError, safe_load
+
+    shape = b"(J\x00\x00\x00\x40t"  # the tuple (2**30,); as 8-byte floats, 8 GiB
+    f8 = b"cnumpy\ndtype\n(X\x02\x00\x00\x00f8tR"  # numpy.dtype("f8")
+    if call == "reconstruct":  # _reconstruct(ndarray, shape, dtype), as array pickles begin
+        body = b"cnumpy.core.multiarray\n_reconstruct\n(cnumpy\nndarray\n" + shape + f8 + b"tR."
+    else:  # ndarray(shape, dtype)
+        body = b"cnumpy\nndarray\n(" + shape + f8 + b"tR."
+    assert len(body) < 120
+    with pytest.raises(UnsafePickleError, match="over the limit"):
+        safe_load(io.BytesIO(body))

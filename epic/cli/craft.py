@@ -1,43 +1,58 @@
-"""``epic craft`` and ``epic demo``: craft poison sets, and the end-to-end demonstration."""
+"""``epic craft``: craft a poison set against a model the attacker holds (or trains)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from epic.argtypes import at_least, number
-from epic.attacks.feature import BullseyePolytope, FeatureCollision
-from epic.attacks.gradient import GradientMatching, SleeperAgent
-from epic.attacks.patch import PatchBackdoor
+from epic.attacks import (
+    BullseyePolytope,
+    FeatureCollision,
+    GradientMatching,
+    PatchBackdoor,
+    SleeperAgent,
+)
+from epic.cli.argtypes import at_least, number
+from epic.cli.common import (
+    add_data_args,
+    add_setup_args,
+    add_train_args,
+    chosen_setups,
+    load_data,
+    make_model,
+    output_folder,
+    pick_device,
+)
 from epic.data import ImageData
+from epic.formats import export_benchmark, export_metapoison
 from epic.models import Classifier
 from epic.poisons import PoisonSet
+from epic.setups import resolve_target, victim_data
+from epic.train import TrainConfig, train
 
-__all__ = ["add_attack_commands", "craft_from_args"]
+__all__ = ["add_craft_command", "craft_from_args"]
 
 log = logging.getLogger("epic")
 
 BACKDOORS = ("sa", "patch")
 
 
-def add_attack_commands(sub: Any) -> None:
-    """Register ``craft`` and ``demo`` on the ``epic`` subcommand parser."""
-    from epic.cli import _add_data_args, _add_train_args
-
+def add_craft_command(sub: Any) -> None:
+    """Register ``craft`` on the ``epic`` subcommand parser."""
     p = sub.add_parser(
         "craft", help="craft a poison set (gm, bp, fc, sa, patch) against a model",
         description="Craft a clean-label poison set against a model the attacker holds and "
                     "save it to --out (poisons.npz + poisons.json; --export adds the benchmark "
                     "layout or a MetaPoison-style pickle). Without --pretrained, a clean model "
                     "is first trained for --epochs (also written to --out/model.pt).")
-    _add_data_args(p)
-    _add_train_args(p)
+    add_data_args(p)
+    add_train_args(p)
     g = p.add_argument_group("attack")
     g.add_argument("--attack", choices=["gm", "bp", "fc", "sa", "patch"], required=True,
                    help="gm: Gradient Matching (from scratch); bp: Bullseye Polytope and fc: "
@@ -69,62 +84,12 @@ def add_attack_commands(sub: Any) -> None:
                    help="folder for the poison set (with --setups: one setup-NNN folder each)")
     g.add_argument("--progress", action="store_true", help="show crafting progress")
     g.add_argument("--json", action="store_true", help="print a JSON summary last")
-    _add_setup_args(p)
+    add_setup_args(p)
     p.set_defaults(handler=cmd_craft)
-
-    d = sub.add_parser(
-        "demo", help="craft an attack on the embedded digits, train undefended and with EPIC",
-        description="On scikit-learn's 8x8 digits (no download) with the convnet model: craft "
-                    "a patch backdoor (BadNets, 1%% of the training set) for several "
-                    "source/adversarial class pairs, train from scratch undefended and with "
-                    "EPIC at its default settings, and print attack success and test accuracy "
-                    "(means over the pairs). Under 3 minutes on 2 CPU cores.")
-    d.add_argument("--pairs", type=at_least(1), default=4,
-                   help="source/target class pairs (default: 4)")
-    d.add_argument("--epochs", type=at_least(1), default=40, help="training epochs (default: 40)")
-    d.add_argument("--budget", type=number(0, 1, low_open=True), default=0.01,
-                   help="poison budget (default: 0.01)")
-    d.add_argument("--seed", type=at_least(0), default=0, help="seed (default: 0)")
-    d.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    d.add_argument("--json", action="store_true",
-                   help="print a JSON object with undefended and epic results last")
-    d.set_defaults(handler=cmd_demo)
-
-
-def _add_setup_args(p: argparse.ArgumentParser) -> None:
-    """``--setups FILE`` and the options that pick setups and build their victim sets."""
-    g = p.add_argument_group(
-        "benchmark setups", "Trials fixed by a poisoning-benchmark setup file (Schwarzschild et "
-        "al. 2021): target, target class, base class and base images of each trial.")
-    g.add_argument("--setups", default=None, metavar="FILE",
-                   help="a setup pickle such as cifar10_transfer_learning.pickle")
-    g.add_argument("--first", type=at_least(1), default=None, metavar="N",
-                   help="use the first N setups (default: all)")
-    g.add_argument("--setup-ids", type=at_least(0), nargs="+", default=None, metavar="I",
-                   help="use these setup numbers instead")
-    g.add_argument("--victim-per-class", type=at_least(1), default=None, metavar="N",
-                   help="victim training images per class (default: 250 in transfer learning, "
-                        "as in the benchmark; all otherwise)")
-    g.add_argument("--exact-test", type=at_least(1), default=None, metavar="N",
-                   help="only test images below N are stored exactly: a target at or above "
-                        "N is replaced by the exact test image of its class at position "
-                        "(index mod count) (the shared CIFAR-10 copy: 1000)")
-
-
-def chosen_setups(args: argparse.Namespace) -> list[Any]:
-    """The setups ``--setups``/``--first``/``--setup-ids`` name (empty without --setups)."""
-    if args.setups is None:
-        return []
-    from epic.setups import load_setups, select_setups
-
-    return select_setups(load_setups(args.setups), first=args.first, ids=args.setup_ids)
 
 
 def _attacker_model(args: argparse.Namespace, train_data: ImageData, test_data: ImageData,
                     device: torch.device) -> Classifier:
-    from epic.cli import make_model
-    from epic.train import TrainConfig, train
-
     scenario = args.scenario
     args.scenario = "scratch" if args.pretrained is None else scenario
     model = make_model(args, train_data, device)
@@ -174,8 +139,6 @@ def craft_from_args(args: argparse.Namespace, model: Classifier, train_data: Ima
         attack = GradientMatching(eps=eps, budget=budget, **extra)
     poisons = attack.craft(model, train_data, target, target_class, adversarial,
                            seed=args.seed, bases=bases, progress=args.progress)
-    from dataclasses import replace
-
     return replace(poisons, metadata=poisons.metadata | {"target_index": args.target_index})
 
 
@@ -193,9 +156,7 @@ def _check_classes(args: argparse.Namespace, train_data: ImageData, test_data: I
 
 
 def cmd_craft(args: argparse.Namespace) -> int:
-    from epic.cli import _device, load_data, output_folder
-
-    device = _device(args.device)
+    device = pick_device(args.device)
     output_folder(args.out)
     train_data, test_data = load_data(args)
     _check_classes(args, train_data, test_data)
@@ -204,8 +165,6 @@ def cmd_craft(args: argparse.Namespace) -> int:
     if not setups:
         model = _attacker_model(args, train_data, test_data, device)
         return _craft_one(args, model, train_data, test_data, Path(args.out), {})
-    from epic.setups import resolve_target, victim_data
-
     attacker: Classifier | None = None
     for setup in setups:
         folder = Path(args.out) / f"setup-{setup.id:03d}"
@@ -241,12 +200,8 @@ def _craft_one(args: argparse.Namespace, model: Classifier, train_data: ImageDat
         "dataset": args.dataset, "model_name": args.model, "argv": args.argv}})
     out = poisons.save(out_dir)
     if args.export == "benchmark":
-        from epic.formats import export_benchmark
-
         export_benchmark(poisons, out / "benchmark")
     elif args.export == "metapoison":
-        from epic.formats import export_metapoison
-
         export_metapoison(poisons, train_data, out / "poisons_metapoison.pickle")
     summary = {"attack": poisons.metadata["attack"], "poisons": len(poisons),
                "eps": poisons.eps, "target_class": poisons.target_class,
@@ -258,83 +213,3 @@ def _craft_one(args: argparse.Namespace, model: Classifier, train_data: ImageDat
     if args.json:
         print(json.dumps(summary), flush=True)
     return 0
-
-
-def run_demo(*, pairs: int = 4, epochs: int = 40, budget: float = 0.01, seed: int = 0,
-             device: torch.device | None = None) -> dict[str, Any]:
-    """The demo's numbers: means over ``pairs`` backdoors of attack success and accuracy.
-
-    Each pair ``(source k, adversarial k + 5 mod 10)`` gets a BadNets set (1% of the training
-    set); a convnet is trained from scratch on it undefended and with EPIC at the command
-    line's default settings (EPIC-0.1, warmup 10, every epochs/20, until the last milestone).
-    """
-    from epic.data import load_digits
-    from epic.defenses import build_defense
-    from epic.models import build_model
-    from epic.train import TrainConfig, train
-
-    started = time.perf_counter()
-    device = device or torch.device("cpu")
-    train_data, test_data = load_digits()
-    train_data, test_data = train_data.to(device), test_data.to(device)
-    config = TrainConfig(epochs=epochs, seed=seed)
-    rows: dict[str, list[dict[str, Any]]] = {"undefended": [], "epic": []}
-    for k in range(pairs):
-        source = k % train_data.num_classes
-        adversarial = (source + 5) % train_data.num_classes
-        poisons = PatchBackdoor(budget=budget).craft(None, train_data, source, adversarial,
-                                                     seed=seed + k)
-        for name in rows:
-            torch.manual_seed(seed)
-            model = build_model("convnet", num_classes=train_data.num_classes,
-                                in_channels=train_data.shape[0], mean=train_data.mean,
-                                std=train_data.std).to(device)
-            defense = build_defense(name if name == "epic" else "none",
-                                    num_examples=len(train_data), epochs=epochs,
-                                    milestones=config.resolved_milestones, seed=seed)
-            s = train(model, train_data, test_data, config, defense=defense,
-                      poisons=poisons).summary
-            rows[name].append({"source": source, "adversarial": adversarial,
-                               "attack_success": s["attack_success"],
-                               "test_acc": s["test_acc"], "poisons_dropped": s["poisons_dropped"],
-                               "poisons": s["poisons"]})
-            log.info("pair %d %s: %s", k, name, rows[name][-1])
-    result: dict[str, Any] = {}
-    for name, runs in rows.items():
-        result[name] = {
-            "attack_success": sum(r["attack_success"] for r in runs) / len(runs),
-            "test_acc": sum(r["test_acc"] for r in runs) / len(runs),
-            "successful_attacks": sum(r["attack_success"] >= 0.5 for r in runs),
-            "poisons_dropped": sum(r["poisons_dropped"] for r in runs),
-            "poisons": sum(r["poisons"] for r in runs), "runs": runs}
-    result["attack"] = "badnets patch backdoor, 1% budget, from scratch, digits, convnet"
-    result["pairs"] = pairs
-    result["seconds"] = round(time.perf_counter() - started, 2)
-    return result
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from epic.cli import _device
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 8x8 images, a tiny model: more threads only add overhead
-    try:
-        r = run_demo(pairs=args.pairs, epochs=args.epochs, budget=args.budget, seed=args.seed,
-                     device=_device(args.device))
-    finally:
-        torch.set_num_threads(threads)
-    print(f"{r['attack']}; {r['pairs']} source/target pairs, means over pairs")
-    print(f"{'':12} {'attack success':>15} {'test acc':>9} {'succeeded':>10} "
-          f"{'poisons dropped':>16}")
-    for name in ("undefended", "epic"):
-        s = r[name]
-        print(f"{name:12} {s['attack_success']:>15.3f} {s['test_acc']:>9.4f} "
-              f"{s['successful_attacks']:>6}/{r['pairs']:<3} "
-              f"{s['poisons_dropped']:>8}/{s['poisons']:<7}")
-    print(f"{r['seconds']:.1f}s")
-    if args.json:
-        slim = {k: ({kk: vv for kk, vv in v.items() if kk != "runs"} if isinstance(v, dict)
-                    else v) for k, v in r.items()}
-        print(json.dumps(slim))
-    return 0
-

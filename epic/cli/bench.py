@@ -1,28 +1,43 @@
-"""``epic bench run`` and ``epic bench report``."""
+"""``epic bench``: run trials into a result store, report it, rerun a row, find the effective
+poisons of a set. The work is :mod:`epic.bench`'s; this module turns options into its calls."""
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from epic.analysis import effective_poisons, gradient_distance_to_target
 from epic.bench.presets import PRESETS, run_preset
-from epic.bench.report import summarize, to_markdown, write_report
+from epic.bench.report import plot_effective, summarize, to_markdown, write_report
 from epic.bench.runner import run_trials
 from epic.bench.store import ResultStore
-from epic.train import TrainConfig
+from epic.cli.common import (
+    add_data_args,
+    add_setup_args,
+    add_train_args,
+    chosen_setups,
+    load_data,
+    make_model,
+    pick_device,
+    run_command,
+    train_config,
+)
+from epic.poisons import PoisonSet
+from epic.setups import SetupError, victim_data
+from epic.train import train
 
-__all__ = ["add_bench_commands", "train_config"]
+__all__ = ["add_bench_commands"]
 
 
 def add_bench_commands(sub: Any) -> None:
     """Register ``bench`` (with ``run`` and ``report``) on the ``epic`` subcommand parser."""
-    from epic.attacks.cli import _add_setup_args
-    from epic.cli import _add_data_args, _add_train_args
-
     p = sub.add_parser("bench", help="benchmark defenses against poison sets; report",
                        description="Train once per poison set x defense x seed, store attack "
                                    "success, accuracy and time, and turn the store into tables, "
@@ -31,8 +46,8 @@ def add_bench_commands(sub: Any) -> None:
     r = bsub.add_parser("run", help="run trials (skips those already in the store)",
                         description="Run trials; each poison set is a folder written by "
                                     "`epic craft`. Resumable: finished trials are skipped.")
-    _add_data_args(r)
-    _add_train_args(r)
+    add_data_args(r)
+    add_train_args(r)
     g = r.add_argument_group("benchmark")
     g.add_argument("--poisons", nargs="+", default=None, metavar="DIR",
                    help="poison set folders (required unless --preset)")
@@ -57,7 +72,7 @@ def add_bench_commands(sub: Any) -> None:
     g.add_argument("--out", default="bench", help="folder for results.jsonl and trial runs")
     g.add_argument("--progress", action="store_true", help="show a progress bar per trial")
     g.add_argument("--json", action="store_true", help="print the summary rows as JSON last")
-    _add_setup_args(r)
+    add_setup_args(r)
     r.set_defaults(handler=cmd_run)
 
     e = bsub.add_parser("effective", help="find the effective poisons of a poison set",
@@ -66,8 +81,8 @@ def add_bench_commands(sub: Any) -> None:
                                     "alone makes the attack succeed (paper Sec. 3.2); about "
                                     "log2(P)+2 training runs. Writes effective.json and "
                                     "effective.png to --out.")
-    _add_data_args(e)
-    _add_train_args(e)
+    add_data_args(e)
+    add_train_args(e)
     e.add_argument("--poisons", required=True, metavar="DIR", help="poison set folder")
     e.add_argument("--threshold", type=float, default=0.5,
                    help="attack counts as successful above this success rate (default: 0.5)")
@@ -102,14 +117,12 @@ def add_bench_commands(sub: Any) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     if args.preset is not None:
-        import os
-
         data_dir = args.data_dir or os.environ.get("EPIC_DATA_DIR")
         if data_dir is None:
             raise ValueError("--preset needs --data-dir (or EPIC_DATA_DIR)")
         explicit = args.defenses if "--defenses" in args.argv else None
         run_preset(args.preset, data_dir=data_dir, out=args.out, first=args.first,
-                   defenses=explicit)
+                   defenses=explicit, run=lambda argv: run_command(args.parser, argv))
         return cmd_report(argparse.Namespace(store=str(Path(args.out) / "bench" /
                                                        "results.jsonl"), out=None,
                                              json=args.json))
@@ -124,18 +137,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def train_config(args: argparse.Namespace) -> TrainConfig:
-    """The training configuration that ``bench run`` and ``bench effective`` arguments name."""
-    return TrainConfig(epochs=args.epochs, scenario=args.scenario, lr=args.lr,
-                       batch_size=args.batch_size, weight_decay=args.weight_decay,
-                       milestones=tuple(args.milestones) if args.milestones is not None
-                       else None, augment=not args.no_augment, seed=args.seed)
-
-
 def _run(args: argparse.Namespace, store: ResultStore) -> list[dict[str, Any]]:
-    from epic.cli import _device, load_data, make_model
-
-    device = _device(args.device)
+    device = pick_device(args.device)
     train_data, test_data = load_data(args)
     config = train_config(args)
 
@@ -153,9 +156,6 @@ def _victim_for(args: argparse.Namespace, train_data: Any) -> Any:
     """With ``--setups``: poison set -> the victim set of the setup it was crafted for."""
     if args.setups is None:
         return None
-    from epic.attacks.cli import chosen_setups
-    from epic.setups import SetupError, victim_data
-
     setups = {s.id: s for s in chosen_setups(args)}
 
     def victim(poisons: Any) -> Any:
@@ -170,15 +170,7 @@ def _victim_for(args: argparse.Namespace, train_data: Any) -> Any:
 
 
 def cmd_effective(args: argparse.Namespace) -> int:
-    import copy
-
-    from epic.analysis import effective_poisons, gradient_distance_to_target
-    from epic.bench.report import plot_effective
-    from epic.cli import _device, load_data, make_model
-    from epic.poisons import PoisonSet
-    from epic.train import train
-
-    device = _device(args.device)
+    device = pick_device(args.device)
     train_data, test_data = load_data(args)
     poisons = PoisonSet.load(args.poisons, train_data)
     config = train_config(args)
@@ -230,10 +222,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_rerun(args: argparse.Namespace) -> int:
-    import tempfile
-
-    from epic.cli import build_parser
-
     records = ResultStore(args.store).load()
     if not 0 <= args.row < len(records):
         raise ValueError(f"{args.store} has rows 0..{len(records) - 1}, not {args.row}")
@@ -246,7 +234,7 @@ def cmd_rerun(args: argparse.Namespace) -> int:
         argv = [args.data_dir + a[len(stored):] if a.startswith(stored) else a for a in argv]
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or tmp
-        again = build_parser().parse_args(argv)
+        again = args.parser.parse_args(argv)
         again.argv = argv
         for name, value in {"poisons": [old["poisons_dir"]], "defenses": [old["defense"]],
                             "seeds": [old["seed"]], "out": out, "progress": False}.items():
