@@ -34,12 +34,15 @@ from epic.gradients import feature_embeddings
 from epic.models import Classifier, eval_mode
 from epic.poisons import PoisonSet
 
-__all__ = ["Defense", "Scenario", "TrainConfig", "TrainResult", "default_milestones",
-           "defense_records", "evaluate", "prepare_model", "provenance", "train"]
+__all__ = ["Defense", "RoundEmbeddings", "Scenario", "TrainConfig", "TrainResult",
+           "default_milestones", "defense_records", "evaluate", "prepare_model", "provenance",
+           "train"]
 
 log = logging.getLogger(__name__)
 
 Scenario = Literal["scratch", "transfer", "finetune"]
+# Where an EPIC round gets its gradients (see TrainConfig).
+RoundEmbeddings = Literal["eval", "train-pass"]
 
 
 class Defense(Protocol):
@@ -95,7 +98,7 @@ class TrainConfig:
     seed: int = 0
     grad_clip: float | None = None
     grad_noise: float = 0.0
-    round_embeddings: Literal["eval", "train-pass"] = "eval"
+    round_embeddings: RoundEmbeddings = "eval"
 
     @property
     def resolved_lr(self) -> float:

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from epic.bench import ResultStore, plan_trials, run_trials, summarize, to_markdown, trial_id
-from epic.bench.cli import train_config
 from epic.bench.presets import PRESETS, preset_steps
 from epic.cli import build_parser, main
+from epic.cli.common import train_config
 from epic.data import ImageData
 from epic.poisons import PoisonSet
 from epic.train import TrainConfig

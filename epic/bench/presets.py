@@ -8,6 +8,7 @@ where it stopped, and the command lines are printed, so every row can be rerun b
 
 from __future__ import annotations
 
+import glob
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -96,12 +97,11 @@ def preset_steps(name: str, *, data_dir: str | os.PathLike[str], out: str | os.P
 
 
 def run_preset(name: str, *, data_dir: str | os.PathLike[str], out: str | os.PathLike[str],
-               first: int | None = None, defenses: Sequence[str] | None = None) -> None:
-    """Run the steps of preset ``name`` that have not run yet, printing each command."""
-    import glob
-
-    from epic.cli import main
-
+               run: Callable[[list[str]], int], first: int | None = None,
+               defenses: Sequence[str] | None = None) -> None:
+    """Run the steps of preset ``name`` that have not run yet, printing each command;
+    ``run(argv)`` runs one ``epic`` command line (``epic.cli`` passes its own dispatch) and
+    gives its exit code."""
     for step in preset_steps(name, data_dir=data_dir, out=out, first=first, defenses=defenses):
         if step.done is not None and step.done.exists():
             print(f"# done: epic {' '.join(step.argv)}", flush=True)
@@ -110,6 +110,6 @@ def run_preset(name: str, *, data_dir: str | os.PathLike[str], out: str | os.Pat
         argv: list[str] = []
         for arg in step.argv:  # expand the poison-set glob as a shell would
             argv += sorted(glob.glob(arg)) if "*" in arg else [arg]
-        code = main(argv)
+        code = run(argv)
         if code:
             raise RuntimeError(f"preset {name}: `epic {' '.join(step.argv)}` exited with {code}")

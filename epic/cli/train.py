@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from epic.cli.argtypes import at_least, number
+from epic.cli.argtypes import number
 from epic.cli.common import (
     add_data_args,
     add_epic_args,
