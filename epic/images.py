@@ -30,12 +30,13 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from epic.data import ImageData
+from epic.npy import array_header, read_array
 
 __all__ = ["FORMATS", "MAX_FILE_BYTES", "MAX_PIXELS", "MAX_TOTAL_BYTES", "ImageFolder",
            "Skipped", "read_image_folder", "read_npz"]
@@ -307,7 +308,7 @@ def read_npz(path: str | os.PathLike[str], *, max_total_bytes: int = MAX_TOTAL_B
             missing = [k for k in ("images", "labels") if f"{k}.npy" not in members]
             if missing:
                 raise ValueError(f"lacks {' and '.join(missing)}")
-            shape, dtype = _npy_header(zf, "images")
+            shape, dtype = array_header(zf, "images")
             if dtype != np.uint8 or len(shape) not in (3, 4):
                 raise ValueError(f"images must be uint8 (N, H, W[, C]) or (N, C, H, W), got "
                                  f"{dtype} {shape}")
@@ -315,18 +316,18 @@ def read_npz(path: str | os.PathLike[str], *, max_total_bytes: int = MAX_TOTAL_B
                 raise ValueError(f"images {shape} are over the limit of {max_total_bytes:,} "
                                  f"bytes")
             n = shape[0]
-            lshape, ldtype = _npy_header(zf, "labels")
+            lshape, ldtype = array_header(zf, "labels")
             if lshape != (n,) or ldtype.kind not in "iu":
                 raise ValueError(f"labels must be integers ({n},), got {ldtype} {lshape}")
             classes = None
             if "classes.npy" in members:
-                cshape, cdtype = _npy_header(zf, "classes")
+                cshape, cdtype = array_header(zf, "classes")
                 if (len(cshape) != 1 or cdtype.kind != "U" or cshape[0] > n
                         or cdtype.itemsize > 4 * 1024):
                     raise ValueError(f"classes must be at most {n} strings (K,) of at most 1024 "
                                      f"characters, got {cdtype} {cshape}")
-                classes = tuple(str(c) for c in _npy_read(zf, "classes"))
-            images, labels = _npy_read(zf, "images"), _npy_read(zf, "labels").astype(np.int64)
+                classes = tuple(str(c) for c in read_array(zf, "classes"))
+            images, labels = read_array(zf, "images"), read_array(zf, "labels").astype(np.int64)
     except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as exc:
         raise ValueError(f"{p}: {exc}") from exc
     if images.ndim == 3:
@@ -343,23 +344,3 @@ def read_npz(path: str | os.PathLike[str], *, max_total_bytes: int = MAX_TOTAL_B
         raise ValueError(f"{p}: the set holds {len(np.unique(labels))} classes; a scan needs "
                          f"two or more")
     return ImageData.from_arrays(np.ascontiguousarray(images), labels, classes)
-
-
-def _npy_header(zf: zipfile.ZipFile, key: str) -> tuple[tuple[int, ...], np.dtype]:
-    """``(shape, dtype)`` of the ``key`` array, read from its header only."""
-    with zf.open(f"{key}.npy") as f:
-        version = np.lib.format.read_magic(f)
-        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-        if read_header is None:
-            raise ValueError(f"{key}: unsupported .npy version {version}")
-        shape, _, dtype = read_header(f)
-    if dtype.hasobject:
-        raise ValueError(f"{key} holds Python objects, which are not read")
-    return tuple(int(s) for s in shape), dtype
-
-
-def _npy_read(zf: zipfile.ZipFile, key: str) -> np.ndarray:
-    f: IO[bytes]
-    with zf.open(f"{key}.npy") as f:
-        return np.lib.format.read_array(f, allow_pickle=False)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import zipfile
+import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,11 +26,34 @@ from torch import Tensor, nn
 
 from epic.data import ImageData, iterate_batches
 from epic.models import eval_mode
+from epic.npy import array_header, read_array
 
 __all__ = ["PoisonSet", "PoisonSetError", "apply_trigger"]
 
 FORMAT_VERSION = 1
 _ARRAYS = ("indices", "images", "target_images", "labels", "trigger")
+
+
+#: Largest ``poisons.npz`` (all arrays, uncompressed) read from a stranger's folder.
+MAX_NPZ_BYTES = 1 << 30
+
+
+def _read_arrays(path: Path, train_size: int | None) -> dict[str, Tensor]:
+    """The known arrays of ``poisons.npz``; sizes checked from the headers before reading:
+    at most :data:`MAX_NPZ_BYTES` in all, and no more poisons than training examples."""
+    with zipfile.ZipFile(path) as zf:
+        keys = [k for k in _ARRAYS if f"{k}.npy" in zf.namelist()]
+        headers = {k: array_header(zf, k) for k in keys}
+        total = sum(math.prod(shape) * dtype.itemsize for shape, dtype in headers.values())
+        if total > MAX_NPZ_BYTES:
+            raise ValueError(f"its arrays hold {total:,} bytes, over the limit of "
+                             f"{MAX_NPZ_BYTES:,}")
+        for key in ("indices", "images", "labels"):
+            shape = headers.get(key, ((0,), None))[0]
+            if train_size is not None and shape and shape[0] > train_size:
+                raise ValueError(f"'{key}' has {shape[0]} rows, the training set "
+                                 f"{train_size} examples")
+        return {k: torch.from_numpy(read_array(zf, k)) for k in keys}
 
 
 class PoisonSetError(ValueError):
@@ -219,9 +244,8 @@ class PoisonSet:
         folder = Path(path)
         try:
             meta = json.loads((folder / "poisons.json").read_text())
-            with np.load(folder / "poisons.npz", allow_pickle=False) as npz:
-                arrays = {k: torch.from_numpy(npz[k].copy()) for k in npz.files if k in _ARRAYS}
-        except (OSError, ValueError) as exc:
+            arrays = _read_arrays(folder / "poisons.npz", None if train is None else len(train))
+        except (OSError, ValueError, zipfile.BadZipFile, zlib.error, EOFError) as exc:
             raise PoisonSetError(f"cannot read a poison set at {folder}: {exc}") from exc
         if (not isinstance(meta, dict) or meta.get("format") != "epic-poisons"
                 or meta.get("version") != FORMAT_VERSION):

@@ -123,3 +123,32 @@ def test_a_tiny_pickle_cannot_ask_for_a_huge_array(call: str) -> None:
     assert len(body) < 120
     with pytest.raises(UnsafePickleError, match="over the limit"):
         safe_load(io.BytesIO(body))
+
+
+def test_a_compressed_poison_set_cannot_ask_for_gigabytes(tmp_path, tiny_data) -> None:  # type: ignore[no-untyped-def]
+    """A poisons.npz whose header promises 2 GiB: refused from the header, before reading."""
+    import json
+    import zipfile
+
+    import numpy as np
+
+    from epic.poisons import PoisonSet, PoisonSetError
+
+    train, _ = tiny_data
+    folder = tmp_path / "set"
+    folder.mkdir()
+    header = np.lib.format.header_data_from_array_1_0(np.zeros(1, np.uint8))
+    header["shape"] = (2**31,)
+    with zipfile.ZipFile(folder / "poisons.npz", "w", zipfile.ZIP_DEFLATED) as zf, \
+            zf.open("images.npy", "w", force_zip64=True) as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        f.write(b"\0" * 1024)  # the data a reader would go on to inflate
+    (folder / "poisons.json").write_text(json.dumps({"format": "epic-poisons", "version": 1}))
+    assert (folder / "poisons.npz").stat().st_size < 10_000
+    with pytest.raises(PoisonSetError, match="over the limit"):
+        PoisonSet.load(folder, train)
+    header["shape"] = (61, 3, 8, 8)  # more poisons than the 60 training images
+    with zipfile.ZipFile(folder / "poisons.npz", "w") as zf, zf.open("images.npy", "w") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+    with pytest.raises(PoisonSetError, match="'images' has 61 rows, the training set 60"):
+        PoisonSet.load(folder, train)
