@@ -40,12 +40,13 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import epic.selection as engine  # noqa: E402
 from epic.selection import (  # noqa: E402
     facility_location_value,
     find_isolated,
+    phase_times,
     select_medoids,
 )
+from epic.selection.kernel import padded  # noqa: E402
 
 
 def gradient_embeddings(
@@ -178,59 +179,18 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-# Engine internals timed by --phases, exclusive of each other (a phase called from within
-# another counts for itself only).
-PHASES = {
-    "order": (engine, "_kd_order"),
-    "kernel": (engine, "_group_kernel"),
-    "fresh_pass": (engine._Coverage, "_refresh"),
-    "updates": (engine._Coverage, "_lower"),
-    "choose": (engine._Coverage, "best"),
-}
-
-
-@contextlib.contextmanager
-def phase_timers(totals: dict[str, float]) -> Iterator[None]:
-    """Time the engine phases of PHASES into ``totals`` while active."""
-    stack: list[float] = []  # time spent in nested phases, per open phase
-
-    def timed_phase(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            stack.append(0.0)
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                spent = time.perf_counter() - start
-                totals[name] = totals.get(name, 0.0) + spent - stack.pop()
-                if stack:
-                    stack[-1] += spent
-
-        return wrapper
-
-    saved = {name: getattr(owner, attr) for name, (owner, attr) in PHASES.items()}
-    for name, (owner, attr) in PHASES.items():
-        setattr(owner, attr, timed_phase(name, saved[name]))
-    try:
-        yield
-    finally:
-        for name, (owner, attr) in PHASES.items():
-            setattr(owner, attr, saved[name])
-
-
 def phases(args: argparse.Namespace) -> dict[str, Any]:
     x, y = gradient_embeddings(args.per_class, args.classes, seed=args.seed)
     run_ours(x[:200], y[:200], args.fraction, args.method)  # warm-up
     best: dict[str, float] = {}
     for _ in range(args.repeat):
         totals: dict[str, float] = {}
-        with phase_timers(totals):
+        with phase_times(totals):
             seconds, _ = timed(lambda: run_ours(x, y, args.fraction, args.method))
         if not best or seconds < best["total"]:
             best = {"total": seconds, **totals}
     best["other"] = best["total"] - sum(v for k, v in best.items() if k != "total")
-    side = engine._padded(args.per_class)
+    side = padded(args.per_class)
     nbytes = args.classes * side * side * 4  # the float32 kernels of one group
     fault_s = min(timed(lambda: torch.empty(nbytes // 4).view(-1)[::1024].zero_())[0]
                   for _ in range(args.repeat))

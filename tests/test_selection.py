@@ -10,8 +10,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import epic.selection as selection
+import epic.selection.greedy as greedy
 from epic.selection import Medoids, facility_location_value, find_isolated, select_medoids
+from epic.selection.greedy import Coverage
+from epic.selection.kernel import group_kernel
+from epic.selection.partition import partition
 
 KERNELS = ("exp", "linear", "cosine")
 
@@ -63,7 +66,7 @@ def row_order(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
     """Run a test as is, and with every problem's rows put in k-d tree order (which only
     problems of thousands of rows get by default)."""
     if request.param == "k-d order":
-        monkeypatch.setattr(selection, "_ORDER_ROWS", 0)
+        monkeypatch.setattr(greedy, "_ORDER_ROWS", 0)
 
 
 @pytest.mark.parametrize("similarity", KERNELS)
@@ -83,11 +86,11 @@ def test_known_gains_follow_fresh_sums(dtype: torch.dtype) -> None:
     # rounding of the kernel's terms.
     x, _ = blobs(300, 1, 4, seed=7, dtype=dtype)
     padded = torch.cat([x, torch.zeros(20, 4, dtype=dtype)])  # 320 = 5 segments of 64
-    kern, first, peak = selection._group_kernel(padded[None], [300], "exp")
+    kern, first, peak = group_kernel(padded[None], [300], "exp")
     assert torch.equal(kern[0], kern[0].T)
     assert torch.equal(peak[0], kern[0].view(320, 5, 64).amax(-1))
     valid = (torch.arange(320) < 300)[None]
-    cov = selection._Coverage(kern, valid, torch.arange(320)[None], peak, first)
+    cov = Coverage(kern, valid, torch.arange(320)[None], peak, first)
     act = torch.zeros(1, dtype=torch.long)
     for t in range(60):
         best, gain = cov.best(act)
@@ -309,7 +312,7 @@ def test_partition_is_balanced_and_complete() -> None:
     rows = torch.arange(1000) * 2  # any row indices
     xx = torch.zeros(2000, 5)
     xx[rows] = x
-    parts = selection._partition(xx, rows, 130)
+    parts = partition(xx, rows, 130)
     assert len(parts) == 8
     assert all(p.numel() <= 130 for p in parts)
     assert torch.equal(torch.cat(parts).sort().values, rows)

@@ -76,11 +76,11 @@ def test_near_ties_and_duplicates_follow_the_reference() -> None:
 def test_the_kernel_keeps_float32_precision() -> None:
     """Distances taken in float32 as |a|^2 + |b|^2 - 2ab lost up to 8e-4 of a similarity and
     made rows less similar to themselves than 1; now float32 keeps its 1e-7."""
-    from epic.selection import _similarity
+    from epic.selection.kernel import similarity_matrix
 
     x = gradients(2000, 10, 0).float()
     exact = torch.exp(-torch.cdist(x.double(), x.double()) / 10)
-    got = _similarity(x, x, "exp", 0.0).double()
+    got = similarity_matrix(x, x, "exp", 0.0).double()
     assert float((got - exact).abs().max()) < 2e-7
     assert bool((got.diagonal() == 1).all())
 
