@@ -157,11 +157,6 @@ def export_benchmark(poisons: PoisonSet, folder: str | os.PathLike[str], *,
     use_pil = _have_pil() if pil is None else pil
     labels = poisons.labels
     if labels is None:
-        labels = torch.full((len(poisons),), -1)  # unknown without the training set
-        base_labels = poisons.metadata.get("base_labels")
-        if base_labels is not None:
-            labels = torch.tensor(base_labels)
-    if poisons.labels is None and (labels < 0).any():
         # Clean-label sets keep base labels; benchmark readers expect them in the file, and
         # all poisons of these attacks come from the adversarial class.
         labels = torch.full((len(poisons),), poisons.adversarial_class)

@@ -107,7 +107,7 @@ def model_name(model: nn.Module) -> str:
     """A short description of the crafting model: its class, body and parameter count."""
     body = getattr(model, "body", None)
     n = sum(p.numel() for p in model.parameters())
-    arch = getattr(model, "arch", None) or type(body if body is not None else model).__name__
+    arch = type(body if body is not None else model).__name__
     return f"{type(model).__name__}({arch}, {n} parameters)"
 
 
