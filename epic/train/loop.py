@@ -1,10 +1,6 @@
-"""The training loop and its scenarios: from scratch, transfer learning, fine-tuning.
-
-One function, :func:`train`, runs SGD over an in-memory dataset with an optional defense
-(anything with ``due``/``update``/``keep_mask``, such as :class:`epic.EPIC`) and an optional
-poison set whose attack success it measures every epoch. With ``out`` it writes the resolved
-config, per-epoch metrics, defense records, a checkpoint each epoch (``resume=True`` continues
-from it) and a summary.
+"""The training loop: :func:`train` runs SGD epoch by epoch, with a defense's rounds before the
+epochs they are due for, attack success measured every epoch, and the run's files written
+(:mod:`epic.train.records`) when it has a folder.
 """
 
 from __future__ import annotations
@@ -13,15 +9,11 @@ import dataclasses
 import json
 import logging
 import os
-import platform
-import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -29,138 +21,23 @@ from torch.nn import functional as F
 
 from epic.data import ImageData, iterate_batches
 from epic.distributed import world
-from epic.files import replace_atomically
 from epic.gradients import feature_embeddings
-from epic.models import Classifier, eval_mode
+from epic.models import Classifier
 from epic.poisons import PoisonSet
+from epic.train.config import Defense, TrainConfig, TrainResult, evaluate, prepare_model
+from epic.train.records import (
+    check_same_run,
+    defense_records,
+    describe,
+    provenance,
+    save_checkpoint,
+    summarize,
+    write_json,
+)
 
-__all__ = ["Defense", "RoundEmbeddings", "Scenario", "TrainConfig", "TrainResult",
-           "default_milestones", "defense_records", "evaluate", "prepare_model", "provenance",
-           "train"]
+__all__ = ["train"]
 
-log = logging.getLogger(__name__)
-
-Scenario = Literal["scratch", "transfer", "finetune"]
-# Where an EPIC round gets its gradients (see TrainConfig).
-RoundEmbeddings = Literal["eval", "train-pass"]
-
-
-class Defense(Protocol):
-    """What the trainer needs of a defense that drops training examples during training."""
-
-    keep_mask: Tensor | None
-
-    def due(self, epoch: int) -> bool: ...
-
-    def update(self, model: nn.Module, data: ImageData, epoch: int, *,
-               features: Tensor | None = None) -> Any: ...
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-def default_milestones(epochs: int) -> tuple[int, ...]:
-    """Learning-rate drops (/10): the paper's 100 and 150 for 200 epochs, else 25/40 and 35/40."""
-    if epochs == 200:
-        return (100, 150)
-    return tuple(sorted({m for m in (round(epochs * 25 / 40), round(epochs * 35 / 40))
-                         if 0 < m < epochs}))
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Hyperparameters of a run (defaults: the paper's CIFAR-10 pipeline).
-
-    ``lr=None`` means 0.1, or 1e-4 when fine-tuning; ``milestones=None`` means
-    :func:`default_milestones`. ``grad_clip`` and ``grad_noise`` turn on the DP-SGD-style
-    gradient shaping the paper compares with (Hong et al. 2020): every mini-batch gradient is
-    clipped to norm ``grad_clip`` and gets Gaussian noise of std ``grad_clip * grad_noise``.
-
-    ``round_embeddings`` is how an EPIC round gets its gradients: ``"eval"`` (the paper's) by
-    an eval-mode pass over the kept, un-augmented examples before the round;
-    ``"train-pass"`` from the logits the training pass of the epoch before computed anyway
-    (augmented inputs, train-mode batch norm, weights moving during the epoch), so a round
-    costs only its selection. A round with no such epoch before it (the first epoch of a run
-    or of a resumed run, or under ``torch.distributed``) takes the eval pass.
-    """
-
-    epochs: int = 40
-    scenario: Scenario = "scratch"
-    lr: float | None = None
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    batch_size: int = 128
-    milestones: tuple[int, ...] | None = None
-    gamma: float = 0.1
-    augment: bool = True
-    seed: int = 0
-    grad_clip: float | None = None
-    grad_noise: float = 0.0
-    round_embeddings: RoundEmbeddings = "eval"
-
-    @property
-    def resolved_lr(self) -> float:
-        if self.lr is not None:
-            return self.lr
-        return 1e-4 if self.scenario == "finetune" else 0.1
-
-    @property
-    def resolved_milestones(self) -> tuple[int, ...]:
-        return self.milestones if self.milestones is not None else default_milestones(self.epochs)
-
-
-@dataclass
-class TrainResult:
-    """What :func:`train` returns: per-epoch metrics and the final summary."""
-
-    metrics: list[dict[str, Any]]
-    summary: dict[str, Any]
-    model: nn.Module = field(repr=False)
-
-
-def prepare_model(model: Classifier, scenario: Scenario) -> list[nn.Parameter]:
-    """Set a pretrained model up for ``scenario``; returns the parameters to optimize.
-
-    ``transfer`` freezes the feature extractor (and its batch-norm statistics) and
-    re-initializes the last layer; ``finetune`` re-initializes the last layer and trains all;
-    ``scratch`` leaves the model as it is.
-    """
-    if scenario == "scratch":
-        return list(model.parameters())
-    model.reset_classifier()
-    if scenario == "finetune":
-        return list(model.parameters())
-    for name, p in model.named_parameters():
-        p.requires_grad_(name.startswith("classifier."))
-    return list(model.classifier.parameters())
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, data: ImageData, *, batch_size: int = 1000) -> float:
-    """Accuracy of ``model`` on ``data`` (eval mode; training mode restored)."""
-    device = next(model.parameters()).device
-    correct = 0
-    with eval_mode(model):
-        for x, y, _ in iterate_batches(data, batch_size=batch_size, device=device):
-            correct += int((model(x).argmax(1) == y).sum())
-    return correct / max(len(data), 1)
-
-
-def provenance() -> dict[str, Any]:
-    """Library versions and the git revision of this checkout, for the record of a run."""
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        rev = None
-    return {"torch": torch.__version__, "numpy": np.__version__,
-            "python": platform.python_version(), "git_revision": rev}
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    replace_atomically(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+log = logging.getLogger("epic.train")
 
 
 def train(
@@ -240,12 +117,12 @@ def train(
     recorded: tuple[Tensor, Tensor] | None = None  # the last epoch's (gradients, labels)
 
     identity = {"config": dataclasses.asdict(config) | {"milestones": config.resolved_milestones},
-                "defense": _describe(defense), "batch_transform": _describe(batch_transform),
+                "defense": describe(defense), "batch_transform": describe(batch_transform),
                 "model": type(model).__name__, "examples": len(train_data),
                 "poisons": None if poisons is None else len(poisons)}
     if resume and checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=True)
-        _check_same_run(checkpoint, json.loads(state.get("identity", "null")), identity)
+        check_same_run(checkpoint, json.loads(state.get("identity", "null")), identity)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -257,13 +134,13 @@ def train(
         start_epoch, elapsed = int(state["epoch"]) + 1, float(state["seconds"])
         log.info("resuming from %s at epoch %d", checkpoint, start_epoch)
         if outp is not None and defense is not None:  # a crash may have cut its last write
-            _write_json(outp / "defense.json", defense_records(defense, poisons))
+            write_json(outp / "defense.json", defense_records(defense, poisons))
     if outp is not None:
         outp.mkdir(parents=True, exist_ok=True)
-        _write_json(outp / "config.json", {
+        write_json(outp / "config.json", {
             "config": dataclasses.asdict(config) | {"lr": config.resolved_lr,
                                                    "milestones": config.resolved_milestones},
-            "defense": _describe(defense), "batch_transform": _describe(batch_transform),
+            "defense": describe(defense), "batch_transform": describe(batch_transform),
             "poisons": None if poisons is None else {
                 "count": len(poisons), "metadata": poisons.metadata},
             "device": str(device), "run": (run_info or {}) | provenance()})
@@ -337,10 +214,10 @@ def train(
         record["seconds"] = round(elapsed, 3)
         metrics.append(record)
         if outp is not None:
-            _save_epoch(outp, model, optimizer, scheduler, (generator, noise), defense, metrics,
+            save_checkpoint(outp, model, optimizer, scheduler, (generator, noise), defense, metrics,
                         epoch, elapsed, identity)
             if defense is not None and record.get("defense_seconds") is not None:
-                _write_json(outp / "defense.json", defense_records(defense, poisons))
+                write_json(outp / "defense.json", defense_records(defense, poisons))
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{record['train_loss']:.3f}", acc=f"{record['test_acc']:.3f}")
@@ -350,10 +227,10 @@ def train(
     if bar is not None:
         bar.close()
 
-    summary = _summarize(metrics, defense, poisons, len(train_data))
+    summary = summarize(metrics, defense, poisons, len(train_data))
     if outp is not None:
         torch.save(model.state_dict(), outp / "model.pt")
-        _write_json(outp / "summary.json", summary)
+        write_json(outp / "summary.json", summary)
     return TrainResult(metrics, summary, model)
 
 
@@ -370,29 +247,6 @@ def _record_gradients(recorded: tuple[Tensor, Tensor] | None, logits: Tensor, y:
     recorded[0][rows] = probs - F.one_hot(y, logits.shape[1]).float()
     recorded[1][rows] = y
     return recorded
-
-
-def _check_same_run(checkpoint: Path, saved: dict[str, Any] | None,
-                    current: dict[str, Any]) -> None:
-    """Refuse to resume a checkpoint that another configuration wrote: it would continue
-    training with that run's optimizer state and keep-mask under this run's settings."""
-    if saved is None:
-        log.warning("%s does not record its run's settings; resuming without checking them",
-                    checkpoint)
-        return
-    current = json.loads(json.dumps(current))  # tuples as lists, as the checkpoint has them
-    differences = []
-    for group in sorted(saved.keys() | current.keys()):
-        there, here = saved.get(group), current.get(group)
-        if isinstance(there, dict) and isinstance(here, dict):
-            differences += [f"{group}.{key}: {there.get(key)!r} there, {here.get(key)!r} here"
-                            for key in sorted(there.keys() | here.keys())
-                            if there.get(key) != here.get(key)]
-        elif there != here:
-            differences.append(f"{group}: {there!r} there, {here!r} here")
-    if differences:
-        raise ValueError(f"{checkpoint} belongs to a run with other settings ("
-                         f"{'; '.join(differences[:4])}): use another --out or drop --resume")
 
 
 def _data_parallel(module: nn.Module, device: torch.device) -> nn.Module:
@@ -419,51 +273,3 @@ def _shape_gradients(params: list[nn.Parameter], clip: float, noise_multiplier: 
         if p.grad is not None:
             p.grad.add_(torch.randn(p.grad.shape, generator=generator, device=p.grad.device,
                                     dtype=p.grad.dtype), alpha=clip * noise_multiplier)
-
-
-def _describe(obj: object | None) -> dict[str, Any] | None:
-    if obj is None:
-        return None
-    settings = {k: v for k, v in vars(obj).items()
-                if isinstance(v, (int, float, str, bool, type(None)))}
-    return {"name": type(obj).__name__} | settings
-
-
-def defense_records(defense: Defense, poisons: PoisonSet | None = None
-                    ) -> list[dict[str, Any]]:
-    """JSON-ready records of a defense's rounds; with ``poisons``, how each round treated them
-    (each record's ``poison_summary``: poisons dropped, and for EPIC the cluster sizes the
-    poisons fell in)."""
-    return [r.summary() | ({} if poisons is None else r.poison_summary(poisons.indices))
-            for r in getattr(defense, "history", [])]
-
-
-def _save_epoch(outp: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                scheduler: torch.optim.lr_scheduler.LRScheduler,
-                generators: tuple[torch.Generator, torch.Generator], defense: Defense | None,
-                metrics: list[dict[str, Any]], epoch: int, elapsed: float,
-                identity: dict[str, Any]) -> None:
-    _write_json(outp / "metrics.json", metrics)
-    state = {"identity": json.dumps(identity), "model": model.state_dict(),
-             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "generator": generators[0].get_state(), "noise": generators[1].get_state(),
-             "defense": None if defense is None else defense.state_dict(),
-             "metrics": json.dumps(metrics), "epoch": epoch, "seconds": elapsed}
-    replace_atomically(outp / "checkpoint.pt", lambda f: torch.save(state, f))
-
-
-def _summarize(metrics: list[dict[str, Any]], defense: Defense | None,
-               poisons: PoisonSet | None, n: int) -> dict[str, Any]:
-    last = metrics[-1] if metrics else {}
-    keep = defense.keep_mask if defense is not None else None
-    summary: dict[str, Any] = {
-        "test_acc": last.get("test_acc"), "epochs": len(metrics),
-        "seconds": last.get("seconds", 0.0),
-        "examples_dropped": 0 if keep is None else int((~keep).sum()), "examples": n}
-    if poisons is not None:
-        summary["attack_success"] = last.get("attack_success")
-        summary["poisons"] = len(poisons)
-        summary["poisons_dropped"] = 0 if keep is None else int((~keep[poisons.indices]).sum())
-        if poisons.trigger is not None:
-            summary["patch_free_success"] = last.get("patch_free_success")
-    return summary
