@@ -26,14 +26,14 @@ import json
 import os
 import statistics
 import time
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from epic.data import load_dataset
 from epic.defenses import EPIC, paper_warmup
 from epic.models import build_model
-from epic.train import TrainConfig, train
+from epic.train import RoundEmbeddings, TrainConfig, train
 
 
 def main() -> None:
@@ -71,7 +71,7 @@ def main() -> None:
             defense = None if name == "undefended" else EPIC(
                 args.fraction, warmup=warmup, every=every, until=milestones[-1],
                 num_examples=len(train_data))
-            mode: Literal["eval", "train-pass"] = (
+            mode: RoundEmbeddings = (
                 "train-pass" if name == "epic_train_pass" else "eval")
             config = TrainConfig(epochs=args.epochs, seed=args.seed, round_embeddings=mode)
             start = time.perf_counter()

@@ -33,7 +33,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from epic.selection import (  # noqa: E402
+    Method,
     facility_location_value,
     find_isolated,
     phase_times,
@@ -292,7 +293,7 @@ def main() -> None:
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--per-class", type=int, default=5000)
     p.add_argument("--fraction", type=float, default=0.1)
-    p.add_argument("--method", default="lazy", choices=["lazy", "stochastic", "naive"])
+    p.add_argument("--method", default="lazy", choices=get_args(Method))
     p.add_argument("--repeat", type=int, default=3, help="runs of ours; the best is reported")
     p.add_argument("--scale-n", type=int, default=1_000_000)
     p.add_argument(

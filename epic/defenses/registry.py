@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
 from epic.defenses.adversarial import AdversarialPoisoning
@@ -13,6 +11,8 @@ from epic.defenses.epic import EPIC, paper_warmup
 from epic.defenses.knn import DeepKNN
 from epic.defenses.scores import HighestLoss, LowestConfidence, RandomDrop
 from epic.defenses.spectral import SpectralSignatures
+from epic.models import Scenario
+from epic.selection import PerClass, Similarity
 
 DEFENSES = ("none", "epic", "deep-knn", "spectral-signatures", "activation-clustering",
             "lowest-confidence", "highest-loss", "random", "dp-sgd", "adversarial-poisoning")
@@ -28,14 +28,14 @@ def build_defense(
     num_examples: int,
     epochs: int,
     milestones: tuple[int, ...],
-    scenario: Literal["scratch", "transfer", "finetune"] = "scratch",
+    scenario: Scenario = "scratch",
     fraction: float = 0.1,
     warmup: int | None = None,
     every: int | None = None,
     until: int | None = None,
     max_cluster_size: int = 1,
-    similarity: Literal["exp", "linear", "cosine"] = "exp",
-    per_class: Literal["proportional", "equal"] = "proportional",
+    similarity: Similarity = "exp",
+    per_class: PerClass = "proportional",
     budget: float = 0.01,
     threshold: float | None = None,
     drop_fraction: float = 0.01,

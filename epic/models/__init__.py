@@ -18,12 +18,12 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from epic.models.base import Classifier, Normalize, eval_mode
+from epic.models.base import Classifier, Normalize, Scenario, eval_mode
 from epic.models.resnet import resnet_body
 from epic.models.small import convnet_body
 from epic.models.vgg import vgg_body
 
-__all__ = ["MODELS", "Classifier", "Normalize", "build_model", "eval_mode"]
+__all__ = ["MODELS", "Classifier", "Normalize", "Scenario", "build_model", "eval_mode"]
 
 MODELS: dict[str, Callable[[int], tuple[nn.Module, int]]] = {
     "resnet18": lambda c: resnet_body(c, width=64),

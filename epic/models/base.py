@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Classifier", "Normalize", "eval_mode"]
+__all__ = ["Classifier", "Normalize", "Scenario", "eval_mode"]
+
+# How a run starts from a model's weights: train everything from them (scratch), retrain a
+# fresh last layer on the frozen feature extractor (transfer), or train everything from a
+# fresh last layer (finetune); see epic.train.prepare_model.
+Scenario = Literal["scratch", "transfer", "finetune"]
 
 
 @contextmanager

@@ -12,12 +12,11 @@ import torch
 from torch import Tensor, nn
 
 from epic.data import ImageData, iterate_batches
-from epic.models import Classifier, eval_mode
+from epic.models import Classifier, Scenario, eval_mode
 
 __all__ = ["Defense", "RoundEmbeddings", "Scenario", "TrainConfig", "TrainResult",
            "default_milestones", "evaluate", "prepare_model"]
 
-Scenario = Literal["scratch", "transfer", "finetune"]
 # Where an EPIC round gets its gradients (see TrainConfig).
 RoundEmbeddings = Literal["eval", "train-pass"]
 
