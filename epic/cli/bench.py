@@ -25,6 +25,7 @@ from epic.cli.common import (
     chosen_setups,
     load_data,
     make_model,
+    parse_command,
     pick_device,
     run_command,
     train_config,
@@ -234,8 +235,7 @@ def cmd_rerun(args: argparse.Namespace) -> int:
         argv = [args.data_dir + a[len(stored):] if a.startswith(stored) else a for a in argv]
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or tmp
-        again = args.parser.parse_args(argv)
-        again.argv = argv
+        again = parse_command(args.parser, argv)
         for name, value in {"poisons": [old["poisons_dir"]], "defenses": [old["defense"]],
                             "seeds": [old["seed"]], "out": out, "progress": False}.items():
             setattr(again, name, value)
