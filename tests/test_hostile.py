@@ -152,3 +152,21 @@ def test_a_compressed_poison_set_cannot_ask_for_gigabytes(tmp_path, tiny_data) -
         np.lib.format.write_array_header_1_0(f, header)
     with pytest.raises(PoisonSetError, match="'images' has 61 rows, the training set 60"):
         PoisonSet.load(folder, train)
+
+
+def test_fractions_of_every_numeric_kind_and_no_booleans() -> None:
+    import numpy as np
+
+    from epic import EPIC
+    from epic.selection import find_isolated
+
+    x, y = torch.randn(50, 4), torch.arange(50) % 2
+    want = find_isolated(x, y, 0.2)
+    for fraction in (np.float32(0.2), torch.tensor(0.2), np.float64(0.2)):
+        assert torch.equal(find_isolated(x, y, fraction), want)  # type: ignore[arg-type]
+        assert EPIC(fraction).fraction == 0.2  # type: ignore[arg-type]
+    for bad in (True, "0.2", torch.tensor([0.2, 0.3]), 0.0, 1.5):
+        with pytest.raises(ValueError, match="fraction must be"):
+            find_isolated(x, y, bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="fraction must be"):
+            EPIC(bad)  # type: ignore[arg-type]

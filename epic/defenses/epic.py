@@ -23,6 +23,7 @@ from epic.selection import (
     Method,
     PerClass,
     Similarity,
+    as_fraction,
     find_isolated,
     isolated_medoids,
     select_medoids,
@@ -161,8 +162,7 @@ class EPIC(ScheduledDefense):
         generator: torch.Generator | None = None,
         logits_fn: LogitsFn | None = None,
     ) -> None:
-        if not 0 < fraction <= 1:
-            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        fraction = as_fraction(fraction)
         super().__init__(warmup=warmup, every=every, until=until, num_examples=num_examples,
                          batch_size=batch_size)
         self.fraction = fraction

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -30,6 +32,7 @@ __all__ = [
     "Method",
     "PerClass",
     "Similarity",
+    "as_fraction",
     "facility_location_value",
     "find_isolated",
     "isolated_medoids",
@@ -37,6 +40,21 @@ __all__ = [
 ]
 
 logger = logging.getLogger("epic.selection")
+
+
+def as_fraction(value: object, name: str = "fraction") -> float:
+    """``value`` as a share in (0, 1] (any real number: a Python, numpy or 0-d tensor one),
+    or a ValueError naming ``name``; ``True`` is not a number here. A float32 ``0.2`` means
+    0.2, not 0.2000000030 (which would round ``0.2 * 25`` medoids up to 6)."""
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.dtype.is_complex:
+        value = value.detach().cpu().numpy().reshape(())[()]
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+    if isinstance(value, (np.float32, np.float16)):  # its shortest decimal, as written
+        value = float(np.format_float_positional(value, unique=True))
+    if not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+    return float(value)
 
 Similarity = Literal["exp", "linear", "cosine"]
 Method = Literal["lazy", "stochastic", "naive"]
@@ -113,7 +131,8 @@ def select_medoids(
         ValueError: on non-finite rows (named), a fraction outside (0, 1], mismatched shapes
             or invalid options.
     """
-    x, labels = _validate(x, labels, fraction, per_class, similarity, method, epsilon)
+    fraction = as_fraction(fraction)
+    x, labels = _validate(x, labels, per_class, similarity, method, epsilon)
     if max_memory <= 0:
         raise ValueError(f"max_memory must be positive, got {max_memory}")
     if partition_size is not None and partition_size < 2:
@@ -252,7 +271,7 @@ def facility_location_value(
     Returns:
         The objective value.
     """
-    x, labels = _validate(x, labels, 1.0, "proportional", similarity, "lazy", 0.5)
+    x, labels = _validate(x, labels, "proportional", similarity, "lazy", 0.5)
     x = x.double()
     indices = torch.as_tensor(indices, dtype=torch.long, device=x.device)
     is_sel = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
@@ -277,7 +296,6 @@ def facility_location_value(
 def _validate(
     x: Tensor,
     labels: Tensor,
-    fraction: float,
     per_class: str,
     similarity: str,
     method: str,
@@ -292,8 +310,6 @@ def _validate(
         )
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
-    if not (isinstance(fraction, (int, float)) and 0.0 < fraction <= 1.0):
-        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
     if per_class not in _PER_CLASS:
         raise ValueError(f"per_class must be one of {_PER_CLASS}, got {per_class!r}")
     if similarity not in _SIMILARITIES:
