@@ -184,3 +184,24 @@ def test_rounds_from_the_training_pass_skip_the_eval_pass(tiny_data, monkeypatch
     train(seeded_convnet(train_data), train_data, test_data, cfg, defense=defense)
     assert [r.epoch for r in defense.history] == [1, 2, 3] and passes == []
     assert len(defense.dropped) > 0
+
+
+def test_evaluating_every_few_epochs_and_after_the_last(tiny_data, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    train_data, test_data = tiny_data
+    cfg = TrainConfig(epochs=5, lr=0.05, batch_size=16, seed=3, eval_every=2)
+    result = train(seeded_convnet(train_data), train_data, test_data, cfg, out=tmp_path)
+    assert [m["epoch"] for m in result.metrics if "test_acc" in m] == [1, 3, 4]
+    assert result.summary["test_acc"] == result.metrics[-1]["test_acc"]
+    every = train(seeded_convnet(train_data), train_data, test_data,
+                  TrainConfig(epochs=5, lr=0.05, batch_size=16, seed=3))
+    assert result.metrics[3]["test_acc"] == every.metrics[3]["test_acc"]  # same training
+    # a checkpoint from before the setting existed resumes as if it had its default
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    identity = json.loads(state["identity"])
+    del identity["config"]["eval_every"]
+    state["identity"] = json.dumps(identity)
+    torch.save(state, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match="config.eval_every: 1 there, 2 here"):
+        train(seeded_convnet(train_data), train_data, test_data, cfg, out=tmp_path, resume=True)
+    train(seeded_convnet(train_data), train_data, test_data,
+          TrainConfig(epochs=5, lr=0.05, batch_size=16, seed=3), out=tmp_path, resume=True)

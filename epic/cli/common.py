@@ -117,6 +117,9 @@ def add_fit_args(g: argparse._ArgumentGroup) -> None:
     """--epochs, --lr, --batch-size, --weight-decay, --milestones, --no-augment, --seed,
     --device: what :func:`train_config` and :func:`pick_device` read."""
     g.add_argument("--epochs", type=at_least(1), default=40, help="training epochs (default: 40)")
+    g.add_argument("--eval-every", type=at_least(1), default=1, metavar="N",
+                   help="test accuracy and attack success every N epochs and after the last "
+                        "(default: 1)")
     g.add_argument("--lr", type=number(0, low_open=True), default=None,
                    help="learning rate (default: 0.1; 1e-4 when fine-tuning)")
     g.add_argument("--batch-size", type=at_least(1), default=128,
@@ -240,4 +243,5 @@ def train_config(args: argparse.Namespace, **settings: Any) -> TrainConfig:
     return TrainConfig(epochs=args.epochs, scenario=args.scenario, lr=args.lr,
                        batch_size=args.batch_size, weight_decay=args.weight_decay,
                        milestones=tuple(args.milestones) if args.milestones is not None
-                       else None, augment=not args.no_augment, seed=args.seed, **settings)
+                       else None, augment=not args.no_augment, seed=args.seed,
+                       eval_every=args.eval_every, **settings)

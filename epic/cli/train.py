@@ -107,6 +107,8 @@ def make_defense(args: argparse.Namespace, n: int,
 
 
 def _report_attack(epoch: int, record: dict[str, object]) -> None:
+    if "attack_success" not in record:  # not an evaluated epoch (--eval-every)
+        return
     dropped = record.get("poisons_dropped")
     print(f"epoch {epoch}: attack success {record['attack_success']:.3f}, test accuracy "
           f"{record['test_acc']:.4f}" + ("" if dropped is None else f", poisons dropped {dropped}"),

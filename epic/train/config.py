@@ -59,6 +59,9 @@ class TrainConfig:
     (augmented inputs, train-mode batch norm, weights moving during the epoch), so a round
     costs only its selection. A round with no such epoch before it (the first epoch of a run
     or of a resumed run, or under ``torch.distributed``) takes the eval pass.
+
+    ``eval_every``: test accuracy (and attack success) after every this many epochs and after
+    the last; evaluating a full test set can cost as much as a third of an epoch.
     """
 
     epochs: int = 40
@@ -75,6 +78,7 @@ class TrainConfig:
     grad_clip: float | None = None
     grad_noise: float = 0.0
     round_embeddings: RoundEmbeddings = "eval"
+    eval_every: int = 1
 
     @property
     def resolved_lr(self) -> float:

@@ -102,6 +102,8 @@ def train(
     noise = torch.Generator(device=device).manual_seed(config.seed + 1)
     if config.grad_noise > 0 and config.grad_clip is None:
         raise ValueError("grad_noise needs grad_clip (the noise scale is relative to the clip)")
+    if config.eval_every < 1:
+        raise ValueError(f"eval_every must be >= 1, got {config.eval_every}")
     augment = train_data.augment if config.augment else None
     # A frozen body sees the same images every epoch unless they are augmented or transformed:
     # their features are computed once.
@@ -201,12 +203,16 @@ def train(
             dist.all_reduce(totals)
             loss_sum, correct, seen = float(totals[0]), int(totals[1]), int(totals[2])
         record |= {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
-                   "trained_on": seen,
-                   "test_acc": evaluate(model, test_data) if test_features is None
-                   else _head_accuracy(model.classifier, *test_features)}
+                   "trained_on": seen}
+        last = epoch == config.epochs - 1
+        evaluating = last or (epoch + 1) % config.eval_every == 0
+        if evaluating:
+            record["test_acc"] = (evaluate(model, test_data) if test_features is None
+                                  else _head_accuracy(model.classifier, *test_features))
         if poisons is not None:
-            record["attack_success"] = poisons.success(model, test_data)
-            if poisons.trigger is not None and epoch == config.epochs - 1:
+            if evaluating:
+                record["attack_success"] = poisons.success(model, test_data)
+            if poisons.trigger is not None and last:
                 record["patch_free_success"] = poisons.success(model, test_data, patched=False)
             if keep is not None:
                 record["poisons_dropped"] = int((~keep[poisons.indices]).sum())
@@ -220,7 +226,8 @@ def train(
                 write_json(outp / "defense.json", defense_records(defense, poisons))
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{record['train_loss']:.3f}", acc=f"{record['test_acc']:.3f}")
+            bar.set_postfix(loss=f"{record['train_loss']:.3f}",
+                            acc=f"{record.get('test_acc', float('nan')):.3f}")
         log.info("epoch %d: %s", epoch, record)
         if on_epoch_end is not None:
             on_epoch_end(epoch, record)

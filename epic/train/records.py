@@ -6,6 +6,7 @@ run, ``metrics.json``, ``defense.json`` (the records of the defense's rounds), t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import platform
@@ -19,7 +20,7 @@ from torch import nn
 
 from epic.files import replace_atomically
 from epic.poisons import PoisonSet
-from epic.train.config import Defense
+from epic.train.config import Defense, TrainConfig
 
 __all__ = ["check_same_run", "defense_records", "describe", "provenance", "save_checkpoint",
            "summarize", "write_json"]
@@ -51,6 +52,8 @@ def check_same_run(checkpoint: Path, saved: dict[str, Any] | None,
                     checkpoint)
         return
     current = json.loads(json.dumps(current))  # tuples as lists, as the checkpoint has them
+    # a setting newer than the checkpoint had its default there
+    saved = saved | {"config": dataclasses.asdict(TrainConfig()) | saved.get("config", {})}
     differences = []
     for group in sorted(saved.keys() | current.keys()):
         there, here = saved.get(group), current.get(group)
