@@ -119,8 +119,9 @@ class DistributedKeepSampler(Sampler[int]):
             kept = kept[torch.randperm(len(kept), generator=g)]
         if len(kept) == 0:
             return iter([])
-        padded = kept.repeat(-(-len(self) * self.num_replicas // len(kept)))
-        return iter(padded[:len(self) * self.num_replicas][self.rank::self.num_replicas].tolist())
+        total = -(-len(kept) // self.num_replicas) * self.num_replicas  # len(self) per rank
+        padded = kept.repeat(-(-total // len(kept)))[:total]
+        return iter(padded[self.rank::self.num_replicas].tolist())
 
     def __len__(self) -> int:
         return -(-len(_kept(self.defense, self.num_examples)) // self.num_replicas)

@@ -18,6 +18,7 @@ from epic.bench.presets import PRESETS, run_preset
 from epic.bench.report import plot_effective, summarize, to_markdown, write_report
 from epic.bench.runner import run_trials
 from epic.bench.store import ResultStore
+from epic.cli.argtypes import at_least, number
 from epic.cli.common import (
     add_data_args,
     add_setup_args,
@@ -61,14 +62,14 @@ def add_bench_commands(sub: Any) -> None:
                    help="defenses: none, epic-<fraction>, deep-knn, spectral-signatures, "
                         "activation-clustering, lowest-confidence, highest-loss, random, dp-sgd "
                         "(default: none epic-0.1)")
-    g.add_argument("--seeds", nargs="+", type=int, default=[0],
+    g.add_argument("--seeds", nargs="+", type=at_least(0), default=[0],
                    help="training seeds (default: 0)")
-    g.add_argument("--warmup", type=int, default=None,
+    g.add_argument("--warmup", type=at_least(0), default=None,
                    help="epochs before a defense's first round (default: the paper's, "
                         "100 x fraction for EPIC)")
-    g.add_argument("--every", type=int, default=None,
+    g.add_argument("--every", type=at_least(1), default=None,
                    help="epochs between rounds (default: epochs/20; 1 in transfer learning)")
-    g.add_argument("--until", type=int, default=None,
+    g.add_argument("--until", type=at_least(1), default=None,
                    help="no rounds from this epoch on (default: the last lr milestone)")
     g.add_argument("--out", default="bench", help="folder for results.jsonl and trial runs")
     g.add_argument("--progress", action="store_true", help="show a progress bar per trial")
@@ -85,7 +86,7 @@ def add_bench_commands(sub: Any) -> None:
     add_data_args(e)
     add_train_args(e)
     e.add_argument("--poisons", required=True, metavar="DIR", help="poison set folder")
-    e.add_argument("--threshold", type=float, default=0.5,
+    e.add_argument("--threshold", type=number(0, 1), default=0.5,
                    help="attack counts as successful above this success rate (default: 0.5)")
     e.add_argument("--out", default="effective", help="output folder")
     e.add_argument("--json", action="store_true", help="print the result as JSON last")
@@ -106,7 +107,7 @@ def add_bench_commands(sub: Any) -> None:
                                         "success and test accuracy come out identical (they "
                                         "do on the CPU).")
     rerun.add_argument("store", help="a results.jsonl written by `epic bench run`")
-    rerun.add_argument("row", type=int, help="0-based row of the store")
+    rerun.add_argument("row", type=at_least(0), help="0-based row of the store")
     rerun.add_argument("--out", default=None,
                        help="folder for the rerun (default: a temporary folder, removed after)")
     rerun.add_argument("--data-dir", default=None,
