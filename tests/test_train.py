@@ -1,15 +1,34 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
+from torch import nn
 
+from epic.data import ImageData
 from epic.defenses import EPIC
 from epic.poisons import PoisonSet
 from epic.train import TrainConfig, default_milestones, evaluate, prepare_model, train
 
 from .conftest import seeded_convnet
+
+
+def check_epic_round(r, labels: torch.Tensor, kept: torch.Tensor, fraction: float) -> None:  # type: ignore[no-untyped-def]
+    """What must hold of an EPIC round (``max_cluster_size`` 1) on the examples ``kept``
+    before it: ``ceil(fraction * n)`` clusters in a class of ``n`` kept examples, every kept
+    example in one cluster, and dropped exactly the examples alone in theirs."""
+    assert torch.equal(r.cluster_size_of > 0, kept)
+    sizes = r.cluster_size_of[kept].tolist()
+    clusters = 0
+    for size in set(sizes):
+        assert sizes.count(size) % size == 0  # a cluster of `size` has `size` members
+        clusters += sizes.count(size) // size
+    per_class = [int((labels[kept] == c).sum()) for c in labels.unique()]
+    assert clusters == sum(math.ceil(fraction * n) for n in per_class)
+    assert r.dropped.tolist() == [i for i in range(len(kept)) if r.cluster_size_of[i] == 1]
+    assert r.remaining == int(kept.sum()) - len(r.dropped)
 
 
 def test_milestones_match_the_paper() -> None:
@@ -99,16 +118,54 @@ def test_finetune_uses_small_lr_and_new_head(tiny_data) -> None:  # type: ignore
 def test_poisons_are_applied_and_their_success_measured(tiny_data) -> None:  # type: ignore[no-untyped-def]
     train_data, test_data = tiny_data
     idx = torch.arange(0, 60, 3)[:5]
-    poisons = PoisonSet(idx, train_data.images[idx], test_data.images[:2], target_class=0,
+    shifted = (train_data.images[idx].short() + 8).clamp(0, 255).to(torch.uint8)
+    poisons = PoisonSet(idx, shifted, test_data.images[:2], target_class=0,
                         adversarial_class=1, eps=8 / 255)
     model = seeded_convnet(train_data)
-    result = train(model, train_data, test_data, TrainConfig(epochs=2, batch_size=16),
-                   poisons=poisons)
+    seen: list[torch.Tensor] = []
+
+    def record(m, x, y):  # type: ignore[no-untyped-def]
+        seen.append((x * 255).round().to(torch.uint8))
+        return x, y
+
+    result = train(model, train_data, test_data,
+                   TrainConfig(epochs=2, batch_size=16, augment=False), poisons=poisons,
+                   batch_transform=record)
+    # the first epoch trained on every training image once, the poisons in their bases' place
+    first_epoch = {tuple(x.flatten().tolist()) for x in torch.cat(seen)[:len(train_data)]}
+    expected_set = train_data.images.clone()
+    expected_set[idx] = shifted
+    assert first_epoch == {tuple(x.flatten().tolist()) for x in expected_set}
+    assert not first_epoch & {tuple(x.flatten().tolist()) for x in train_data.images[idx]}
     expected = float((model.eval()(test_data.images[:2].float() / 255).argmax(1) == 1)
                      .float().mean())
     assert result.summary["attack_success"] == pytest.approx(expected)
     assert result.summary["poisons"] == 5 and result.summary["poisons_dropped"] == 0
-    assert 0 <= evaluate(model, test_data) <= 1
+
+
+class _SwapsInTraining(nn.Module):
+    """Logits: the two channels of a 1 x 1 image as they are, swapped in training mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(2, 2, bias=False)
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.eye(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.linear(x.flatten(1))
+        return logits.flip(1) if self.training else logits
+
+
+def test_evaluate_is_the_share_of_correct_predictions_in_eval_mode() -> None:
+    pixels = torch.tensor([[200, 10], [150, 40], [90, 30], [5, 250], [60, 61], [0, 9],
+                           [100, 20], [20, 100]], dtype=torch.uint8)
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 1, 0])  # the brighter channel, but the last two
+    data = ImageData.from_arrays(pixels[:, :, None, None], labels, ("a", "b"))
+    model = _SwapsInTraining().train()
+    assert evaluate(model, data) == 0.75  # 6 of 8; 2 of 8 if it were left in training mode
+    assert evaluate(model, data, batch_size=3) == 0.75  # batches of 3, 3 and 2
+    assert model.training
 
 
 def test_defense_records_say_how_poisons_fared(tiny_data, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -124,7 +181,12 @@ def test_defense_records_say_how_poisons_fared(tiny_data, tmp_path) -> None:  # 
     for rec, rnd in zip(records, defense.history, strict=True):
         assert rec["poisons_dropped"] == len(set(rnd.dropped.tolist()) & {0, 4, 8})
         hist = {int(k): v for k, v in rec["poison_cluster_size_histogram"].items()}
-        assert sum(hist.values()) == int((rnd.cluster_size_of[idx] > 0).sum())
+        expected: dict[int, int] = {}
+        for i in idx.tolist():  # poisons dropped in an earlier round are in no cluster (0)
+            size = int(rnd.cluster_size_of[i])
+            if size > 0:
+                expected[size] = expected.get(size, 0) + 1
+        assert hist == expected
 
 
 def test_resume_refuses_a_checkpoint_of_other_settings(tiny_data, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -183,7 +245,11 @@ def test_rounds_from_the_training_pass_skip_the_eval_pass(tiny_data, monkeypatch
     cfg = TrainConfig(epochs=4, lr=0.05, batch_size=16, round_embeddings="train-pass")
     train(seeded_convnet(train_data), train_data, test_data, cfg, defense=defense)
     assert [r.epoch for r in defense.history] == [1, 2, 3] and passes == []
-    assert len(defense.dropped) > 0
+    kept = torch.ones(len(train_data), dtype=torch.bool)
+    for r in defense.history:
+        check_epic_round(r, train_data.labels, kept, fraction=0.5)
+        kept[r.dropped] = False
+    assert torch.equal(defense.keep_mask, kept) and not kept.all()
 
 
 def test_evaluating_every_few_epochs_and_after_the_last(tiny_data, tmp_path) -> None:  # type: ignore[no-untyped-def]
