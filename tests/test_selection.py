@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import epic.selection.greedy as greedy
 from epic.selection import Medoids, facility_location_value, find_isolated, select_medoids
-from epic.selection.greedy import Coverage
+from epic.selection.coverage import Coverage
 from epic.selection.kernel import group_kernel
 from epic.selection.partition import partition
 

@@ -56,7 +56,8 @@ Where each part lives: ``medoids.py`` the public API (:func:`select_medoids`,
 :func:`find_isolated`, :func:`isolated_medoids`, :func:`facility_location_value`,
 :class:`Medoids`, the option types) and the checks of every input; ``kernel.py`` the
 similarity kernel (blocked, exactly symmetric, segment maxima); ``greedy.py`` the greedy
-engine (:class:`~epic.selection.greedy.Coverage` and its incrementally known gains);
+loop; ``coverage.py`` its state (:class:`~epic.selection.coverage.Coverage`: coverage, the
+incrementally known gains and naive greedy's choice from them);
 ``partition.py`` the partitions of large classes and the k-d ordering of rows;
 ``timing.py`` an opt-in timer of the engine's phases (:func:`phase_times`). The package
 imports nothing else from ``epic``.
