@@ -59,17 +59,26 @@ def _fill_kernel(out: Tensor, a: Tensor, b: Tensor, sq_a: Tensor, sq_b: Tensor,
     with ``sq_*`` their squared norms (for ``"cosine"``, ``a`` and ``b`` normalized); for
     ``"linear"`` the distance, from which ``c0 - d`` follows once ``c0`` is known.
 
-    Squared distances via ``|a|^2 + |b|^2 - 2 a.b`` (one matrix product) in float64: in
-    float32 the difference of those large terms loses up to 1e-3 of a near pair's similarity
-    and makes a row less similar to itself than 1. ``a``, ``b`` and ``sq_*`` come in float64;
-    the rest (square root, ``exp(-d / D)`` as ``exp2(-d * log2(e) / D)``) is done in ``out``'s
-    dtype, which keeps its own precision (about 1e-7 relative in float32).
+    For a float32 ``out``, squared distances via ``|a|^2 + |b|^2 - 2 a.b`` (one matrix
+    product) in float64: in float32 the difference of those large terms loses up to 1e-3 of a
+    near pair's similarity and makes a row less similar to itself than 1; in float64 its
+    error, about 1e-8 of a row's norm once square-rooted, is below float32's resolution. A
+    float64 ``out`` needs more than that and gets distances from direct differences (for
+    ``"cosine"``, between the unit rows: a row and its copies are then exactly 1). ``a``,
+    ``b`` and ``sq_*`` come in float64; the rest (square root, ``exp(-d / D)`` as
+    ``exp2(-d * log2(e) / D)``) is done in ``out``'s dtype, which keeps its own precision
+    (about 1e-7 relative in float32).
     """
-    if similarity == "cosine":
+    if out.dtype == torch.float64:
+        out.copy_(torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist"))
+        if similarity == "cosine":  # (1 + cos) / 2 = 1 - |a - b|^2 / 4 for unit rows
+            return out.square_().mul_(-0.25).add_(1.0).clamp_(0.0, 1.0)
+    elif similarity == "cosine":
         out.copy_(torch.mm(a, b.T))
         return out.add_(1.0).mul_(0.5).clamp_(0.0, 1.0)
-    out.copy_(torch.addmm(sq_a[:, None] + sq_b[None, :], a, b.T, alpha=-2.0))
-    out.clamp_(min=0.0).sqrt_()
+    else:
+        out.copy_(torch.addmm(sq_a[:, None] + sq_b[None, :], a, b.T, alpha=-2.0))
+        out.clamp_(min=0.0).sqrt_()
     if similarity == "exp":
         out.mul_(-_LOG2_E / a.shape[-1]).exp2_()
     return out
@@ -94,7 +103,7 @@ def group_kernel(
     of ``SEGMENT``. Returns the (G, n, n) kernel, 0 on padded rows and columns; its (G, n)
     row sums, the gains of every column before any selection (-inf on padding), summed
     blockwise, so only up to rounding the way
-    :meth:`~epic.selection.greedy.Coverage.all_gains` sums them; and the
+    :meth:`~epic.selection.coverage.Coverage.all_gains` sums them; and the
     (G, n, n / SEGMENT) largest similarity of every row within each segment of
     ``SEGMENT`` columns. The kernel is built in cache-sized square blocks on and above the
     diagonal (one matrix product each), each mirrored below it, so it is exactly symmetric:
