@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import math
 import os
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,23 @@ def seeded_convnet(data: ImageData, seed: int = 0) -> Classifier:
     torch.manual_seed(seed)
     return build_model("convnet", num_classes=data.num_classes, in_channels=data.shape[0],
                        mean=data.mean, std=data.std)
+
+
+def check_epic_round(r, labels: torch.Tensor, kept: torch.Tensor, fraction: float) -> None:  # type: ignore[no-untyped-def]
+    """What must hold of an EPIC round ``r`` (``max_cluster_size`` 1) on the examples ``kept``
+    before it: ``ceil(fraction * n)`` clusters in a class of ``n`` kept examples, every kept
+    example in one cluster, and dropped exactly the examples alone in theirs."""
+    assert torch.equal(r.cluster_size_of > 0, kept)
+    sizes = r.cluster_size_of[kept].tolist()
+    clusters = 0
+    for size in set(sizes):
+        assert sizes.count(size) % size == 0  # a cluster of `size` has `size` members
+        clusters += sizes.count(size) // size
+    per_class = [int((labels[kept] == c).sum()) for c in labels[kept].unique()]
+    assert clusters == sum(math.ceil(Fraction(str(fraction)) * n) for n in per_class)
+    every = r.cluster_size_of.tolist()
+    assert r.dropped.tolist() == [i for i, size in enumerate(every) if size == 1]
+    assert r.remaining == int(kept.sum()) - len(r.dropped)
 
 
 def cifar_root() -> Path | None:

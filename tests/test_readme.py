@@ -8,6 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+
+from .conftest import check_epic_round
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -20,16 +23,35 @@ def test_readme_python_examples_run(capsys) -> None:  # type: ignore[no-untyped-
     namespace: dict[str, Any] = {}
     exec(compile(plain, str(README), "exec"), namespace)  # noqa: S102
     defense = namespace["defense"]
+    labels = namespace["dataset"].tensors[1]
     assert [r.epoch for r in defense.history] == [5, 7, 9, 11, 13]
-    assert f"dropped {len(defense.dropped)} of 1797" in capsys.readouterr().out
-    assert len(defense.dropped) > 0
+    kept = _rounds_keep(defense.history, labels, 0.1)
+    assert f"dropped {int((~kept).sum())} of 1797" in capsys.readouterr().out
+    assert not kept.all() and torch.equal(defense.keep_mask, kept)
     exec(compile(with_lightning, str(README), "exec"), namespace)  # noqa: S102
     callback = namespace["callback"]
     assert [r.epoch for r in callback.defense.history] == [5, 7, 9, 11, 13]
-    assert callback.defense.history[-1].remaining < 1797
+    kept = _rounds_keep(callback.defense.history, labels, 0.1)
+    assert not kept.all()
+    assert f"tensor({int(kept.sum())}.)" in capsys.readouterr().out  # epic/remaining, printed
     exec(compile(own, str(README), "exec"), namespace)  # noqa: S102
-    defense = namespace["defense"]
-    assert defense.history and all(r.epoch < 25 for r in defense.history)
+    defense, model, test_data = namespace["defense"], namespace["model"], namespace["test_data"]
+    assert [r.epoch for r in defense.history] == [10, 12, 14, 16, 18, 20, 22, 24]
+    kept = _rounds_keep(defense.history, namespace["train_data"].labels, 0.1)
+    accuracy, dropped = capsys.readouterr().out.strip().splitlines()[-1].split()[:2]
+    with torch.no_grad():
+        predicted = model.eval()(test_data.images.float() / 255).argmax(1)
+    assert float(accuracy) == int((predicted == test_data.labels).sum()) / len(test_data) > 0.9
+    assert int(dropped) == int((~kept).sum()) > 0
+
+
+def _rounds_keep(history, labels: torch.Tensor, fraction: float) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """The keep-mask after EPIC rounds ``history``, each checked against what it must be."""
+    kept = torch.ones(len(labels), dtype=torch.bool)
+    for r in history:
+        check_epic_round(r, labels, kept, fraction)
+        kept[r.dropped] = False
+    return kept
 
 
 def test_readme_ddp_example_runs_under_torchrun() -> None:

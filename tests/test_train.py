@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -12,23 +11,7 @@ from epic.defenses import EPIC
 from epic.poisons import PoisonSet
 from epic.train import TrainConfig, default_milestones, evaluate, prepare_model, train
 
-from .conftest import seeded_convnet
-
-
-def check_epic_round(r, labels: torch.Tensor, kept: torch.Tensor, fraction: float) -> None:  # type: ignore[no-untyped-def]
-    """What must hold of an EPIC round (``max_cluster_size`` 1) on the examples ``kept``
-    before it: ``ceil(fraction * n)`` clusters in a class of ``n`` kept examples, every kept
-    example in one cluster, and dropped exactly the examples alone in theirs."""
-    assert torch.equal(r.cluster_size_of > 0, kept)
-    sizes = r.cluster_size_of[kept].tolist()
-    clusters = 0
-    for size in set(sizes):
-        assert sizes.count(size) % size == 0  # a cluster of `size` has `size` members
-        clusters += sizes.count(size) // size
-    per_class = [int((labels[kept] == c).sum()) for c in labels.unique()]
-    assert clusters == sum(math.ceil(fraction * n) for n in per_class)
-    assert r.dropped.tolist() == [i for i in range(len(kept)) if r.cluster_size_of[i] == 1]
-    assert r.remaining == int(kept.sum()) - len(r.dropped)
+from .conftest import check_epic_round, seeded_convnet
 
 
 def test_milestones_match_the_paper() -> None:
