@@ -14,7 +14,7 @@ from epic.data import ImageData
 from epic.defenses import EPIC, LowestConfidence, RandomDrop, ScheduledDefense, SpectralSignatures
 from epic.gradients import count_examples, gradient_embeddings
 
-from .conftest import seeded_convnet
+from .conftest import check_epic_round, seeded_convnet
 
 
 def as_tensors(data: ImageData) -> TensorDataset:
@@ -78,6 +78,7 @@ def test_epic_rounds_agree_on_a_dataloader_and_on_image_data(reference) -> None:
     on_loader = EPIC(0.5, warmup=0, every=1)
     first = on_images.update(model, train, 0)
     second = on_loader.update(model, DataLoader(as_tensors(train), batch_size=64), 0)
+    check_epic_round(first, train.labels, torch.ones(len(train), dtype=torch.bool), 0.5)
     assert torch.equal(first.dropped, second.dropped) and len(first.dropped) > 0
     # a second round skips the dropped examples in both
     assert torch.equal(on_images.update(model, train, 1).dropped,
@@ -90,10 +91,22 @@ def test_baselines_take_a_dataset_too(reference) -> None:  # type: ignore[no-unt
         return [SpectralSignatures(warmup=0), LowestConfidence(threshold=0.34, warmup=0),
                 RandomDrop(fraction=0.1, warmup=0, generator=torch.Generator().manual_seed(0))]
 
-    for a, b in zip(make(), make(), strict=True):
-        dropped = a.update(model, train, 0).dropped
-        assert len(dropped) > 0, type(a).__name__
-        assert torch.equal(dropped, b.update(model, as_tensors(train), 0).dropped)
+    # confidence in its own label of each example, one at a time (an untrained model: ~1/3)
+    confidence = []
+    with torch.no_grad():
+        model.eval()
+        for i in range(len(train)):
+            probs = torch.softmax(model(train.images[i:i + 1].float() / 255), 1)[0]
+            confidence.append(float(probs[train.labels[i]]))
+    unsure = [i for i, c in enumerate(confidence) if c < 0.34]
+    assert 0 < len(unsure) < len(train)
+    spectral, lowest, random = (a.update(model, train, 0).dropped for a in make())
+    # 1.5 x the 1% budget of 60 examples, rounded up: one per class of 20
+    assert torch.bincount(train.labels[spectral]).tolist() == [1, 1, 1]
+    assert lowest.tolist() == unsure
+    assert len(random) == 6 and len(set(random.tolist())) == 6  # 10% of 60
+    for a, expected in zip(make(), (spectral, lowest, random), strict=True):
+        assert torch.equal(a.update(model, as_tensors(train), 0).dropped, expected)
 
 
 def test_an_iterable_needs_the_size_of_the_training_set(reference) -> None:  # type: ignore[no-untyped-def]
@@ -102,7 +115,10 @@ def test_an_iterable_needs_the_size_of_the_training_set(reference) -> None:  # t
     with pytest.raises(ValueError, match="pass num_examples="):
         EPIC(0.5, warmup=0, every=1).update(model, stream, 0)
     defense = EPIC(0.5, warmup=0, every=1, num_examples=len(train))
-    assert defense.update(model, stream, 0).remaining < len(train)
+    streamed = defense.update(model, stream, 0)
+    check_epic_round(streamed, train.labels, torch.ones(len(train), dtype=torch.bool), 0.5)
+    assert torch.equal(streamed.dropped, EPIC(0.5, warmup=0, every=1).update(
+        model, train, 0).dropped) and len(streamed.dropped) > 0
 
 
 def test_missing_or_repeated_examples_are_an_error(reference) -> None:  # type: ignore[no-untyped-def]
