@@ -23,9 +23,9 @@ from .conftest import seeded_convnet
 
 
 def test_parse_defense() -> None:
-    assert parse_defense("epic-0.3") == ("epic", 0.3)
-    assert parse_defense("deep-knn") == ("deep-knn", 0.1)
-    assert parse_defense("ap-0.25") == ("adversarial-poisoning", 0.25)
+    assert parse_defense("epic-0.3") == ("epic", {"fraction": 0.3})
+    assert parse_defense("deep-knn") == ("deep-knn", {})
+    assert parse_defense("ap-0.25") == ("adversarial-poisoning", {"share": 0.25})
     with pytest.raises(ValueError, match="unknown defense"):
         parse_defense("magic")
 
@@ -81,6 +81,35 @@ def test_run_trials_resumes_and_reports(tiny_data, tmp_path) -> None:  # type: i
                       **kwargs | {"config": TrainConfig(epochs=0, batch_size=16)}) == []
     assert "| scratch | copy | none | 2 | 0.0% ± 0.0 |" in to_markdown(summarize(store.load()))
     write_report(store.load(), tmp_path / "report")
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_dp_sgd_rows_carry_the_privacy_spent(tiny_data, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("opacus")
+    train_data, test_data = tiny_data
+    idx = torch.tensor([0, 3, 6])
+    PoisonSet(idx, train_data.images[idx], test_data.images[:1], target_class=0,
+              adversarial_class=1, eps=8 / 255, metadata={"attack": "copy"}).save(tmp_path / "p")
+    store = ResultStore(tmp_path / "bench" / "results.jsonl")
+    model = seeded_convnet(train_data)
+    rows = run_trials([tmp_path / "p"], ["dp-sgd", "clip-noise"], seeds=[0],
+                      train_data=train_data, test_data=test_data,
+                      make_model=lambda seed: model,
+                      config=TrainConfig(epochs=2, batch_size=16, scenario="transfer",
+                                         augment=False),
+                      store=store, out=tmp_path / "bench")
+    assert rows[0]["dp_epsilon"] > 0 and rows[0]["dp_delta"] == 1e-5
+    assert "dp_epsilon" not in rows[1]
+    # a row stored when "dp-sgd" clipped and noised the batch gradient is not DP-SGD's
+    before = rows[1] | {"defense": "dp-sgd", "config": rows[1]["config"] | {
+        "grad_clip": 1.0, "grad_noise": 0.01}}
+    summary = {r["defense"]: r for r in summarize([*rows, before])}
+    assert summary["dp-sgd"]["n"] == 1 and summary["dp-sgd (batch clip-noise)"]["n"] == 1
+    table = to_markdown(list(summary.values()))
+    assert table.splitlines()[0].endswith("| epsilon (delta) |")
+    epsilon = f"{rows[0]['dp_epsilon']:.3g} (1e-05) |"
+    marked = {line.split(" | ")[2] for line in table.splitlines()[2:] if line.endswith(epsilon)}
+    assert marked == {"dp-sgd"}
 
 
 def test_bench_cli_resumes_reruns_and_tells_epochs_apart(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]

@@ -7,6 +7,7 @@ from torch.nn import functional as F
 from epic.defenses import (
     ActivationClustering,
     AdversarialPoisoning,
+    ClipNoise,
     DeepKNN,
     HighestLoss,
     LowestConfidence,
@@ -99,18 +100,30 @@ def test_every_baseline_plugs_into_the_trainer(make, tiny_data) -> None:  # type
     assert result.metrics[-1]["trained_on"] == int(defense.keep_mask.sum())
 
 
-def test_dp_sgd_noise_changes_training_and_needs_a_clip(tiny_data) -> None:  # type: ignore[no-untyped-def]
+def test_clip_noise_bounds_the_batch_step_and_its_noise_is_seeded(tiny_data) -> None:  # type: ignore[no-untyped-def]
     train_data, test_data = tiny_data
 
-    def run(**kw):  # type: ignore[no-untyped-def]
+    def run(defense):  # type: ignore[no-untyped-def]
         model = seeded_convnet(train_data)
-        return train(model, train_data, test_data, TrainConfig(epochs=1, batch_size=16, **kw))
+        before = [p.detach().clone() for p in model.parameters()]
+        result = train(model, train_data, test_data,
+                       TrainConfig(epochs=1, batch_size=60, lr=1.0, momentum=0.0, nesterov=False,
+                                   weight_decay=0.0, augment=False), defense=defense)
+        step = torch.cat([(p.detach() - b).flatten()
+                          for p, b in zip(model.parameters(), before, strict=True)])
+        return result, step
 
-    clipped = run(grad_clip=1.0).metrics[0]["train_loss"]
-    assert clipped == run(grad_clip=1.0).metrics[0]["train_loss"]
-    assert run(grad_clip=1.0, grad_noise=0.5).metrics[0]["train_loss"] != clipped
-    with pytest.raises(ValueError, match="grad_clip"):
-        run(grad_noise=0.1)
+    plain, unclipped = run(None)
+    clipped = run(ClipNoise(clip=1e-3, noise=0.0))[1]
+    # one batch, lr 1: the step is the clipped batch gradient, in the unclipped one's direction
+    assert unclipped.norm() > 1e-2 and clipped.norm() == pytest.approx(1e-3, rel=1e-3)
+    assert torch.nn.functional.cosine_similarity(clipped, unclipped, dim=0) > 0.999
+    noisy = run(ClipNoise(clip=1e-3, noise=0.5, seed=1))[1]
+    assert torch.equal(noisy, run(ClipNoise(clip=1e-3, noise=0.5, seed=1))[1])
+    assert not torch.equal(noisy, run(ClipNoise(clip=1e-3, noise=0.5, seed=2))[1])
+    assert (noisy - clipped).std() == pytest.approx(0.5e-3, rel=0.1)
+    with pytest.raises(ValueError, match="clip"):
+        ClipNoise(clip=0.0)
 
 
 def test_adversarial_poisoning_perturbs_only_its_share_within_eps(tiny_data) -> None:  # type: ignore[no-untyped-def]
@@ -133,10 +146,11 @@ def test_adversarial_poisoning_plugs_into_training(tiny_data) -> None:  # type: 
     model = seeded_convnet(train_data)
     calls = []
 
-    def counting(m, x, y):  # type: ignore[no-untyped-def]
-        calls.append(len(x))
-        return AdversarialPoisoning(share=0.5, steps=1)(m, x, y)
+    class Counting(AdversarialPoisoning):
+        def on_batch(self, m, x, y):  # type: ignore[no-untyped-def]
+            calls.append(len(x))
+            return super().on_batch(m, x, y)
 
     result = train(model, train_data, test_data, TrainConfig(epochs=1, batch_size=16),
-                   batch_transform=counting)
+                   defense=Counting(share=0.5, steps=1))
     assert sum(calls) == len(train_data) and result.metrics[0]["trained_on"] == len(train_data)

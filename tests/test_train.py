@@ -7,11 +7,21 @@ import torch
 from torch import nn
 
 from epic.data import ImageData
-from epic.defenses import EPIC
+from epic.defenses import EPIC, Defense
 from epic.poisons import PoisonSet
 from epic.train import TrainConfig, default_milestones, evaluate, prepare_model, train
 
 from .conftest import check_epic_round, seeded_convnet
+
+
+class _OnBatch(Defense):
+    """A defense that only calls ``fn(model, x, y)`` on every training batch."""
+
+    def __init__(self, fn) -> None:  # type: ignore[no-untyped-def]
+        self.fn = fn
+
+    def on_batch(self, model, x, y):  # type: ignore[no-untyped-def]
+        return self.fn(model, x, y)
 
 
 def test_milestones_match_the_paper() -> None:
@@ -82,8 +92,8 @@ def test_transfer_without_augmentation_matches_per_batch_features(tiny_data) -> 
     torch.manual_seed(0)  # the re-initialized last layer draws from the global generator
     train(cached, train_data, test_data, config)
     torch.manual_seed(0)
-    # An identity batch transform forces the features to be recomputed for every batch.
-    train(per_batch, train_data, test_data, config, batch_transform=lambda m, x, y: (x, y))
+    # A defense that sees every batch forces the features to be recomputed for every batch.
+    train(per_batch, train_data, test_data, config, defense=_OnBatch(lambda m, x, y: (x, y)))
     for name, value in cached.classifier.state_dict().items():
         torch.testing.assert_close(value, per_batch.classifier.state_dict()[name])
 
@@ -113,7 +123,7 @@ def test_poisons_are_applied_and_their_success_measured(tiny_data) -> None:  # t
 
     result = train(model, train_data, test_data,
                    TrainConfig(epochs=2, batch_size=16, augment=False), poisons=poisons,
-                   batch_transform=record)
+                   defense=_OnBatch(record))
     # the first epoch trained on every training image once, the poisons in their bases' place
     first_epoch = {tuple(x.flatten().tolist()) for x in torch.cat(seen)[:len(train_data)]}
     expected_set = train_data.images.clone()

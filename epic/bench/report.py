@@ -17,7 +17,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-__all__ = ["drop_curve", "plot_effective", "summarize", "to_markdown", "write_report"]
+__all__ = ["defense_label", "drop_curve", "plot_effective", "summarize", "to_markdown",
+           "write_report"]
 
 SIZE_BUCKETS = ((1, 1), (2, 5), (6, 20), (21, 100), (101, math.inf))
 
@@ -35,16 +36,27 @@ def _mean_se(values: list[Any]) -> tuple[float | None, float | None]:
     return m, math.sqrt(sum((v - m) ** 2 for v in known) / (n - 1) / n)
 
 
+def defense_label(record: dict[str, Any]) -> str:
+    """The defense of a benchmark record as the report names it: its spec, except that a
+    record whose training configuration carries a batch-level ``grad_clip`` ran "dp-sgd" when
+    that name meant clipping and noising the mini-batch gradient (what ``clip-noise`` is
+    now), and reads "<spec> (batch clip-noise)"."""
+    if (record.get("config") or {}).get("grad_clip") is not None:
+        return f"{record['defense']} (batch clip-noise)"
+    return str(record["defense"])
+
+
 def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (scenario, attack, defense): ``n`` trials, attack success (the share of
     targets flipped, or of patched source images for backdoors) and test accuracy as mean and
     standard error, mean seconds, and the shares of poisons and of all examples dropped. For
     backdoors also ``patch_free_success``: the same victims on the source images without the
-    trigger. Means skip trials without the value (null after zero epochs); None when no trial
-    has it."""
+    trigger; for DP-SGD ``dp_epsilon`` (mean) at ``dp_delta``, the privacy spent. Means skip
+    trials without the value (null after zero epochs); None when no trial has it. Defenses
+    are named by :func:`defense_label`."""
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in records:
-        groups[(r["scenario"], r["attack"], r["defense"])].append(r)
+        groups[(r["scenario"], r["attack"], defense_label(r))].append(r)
     rows = []
     for (scenario, attack, defense), rs in sorted(groups.items()):
         succ, succ_se = _mean_se([r["attack_success"] for r in rs])
@@ -61,23 +73,32 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         free = [r.get("patch_free_success") for r in rs]
         if any(v is not None for v in free):
             row["patch_free_success"], row["patch_free_success_se"] = _mean_se(free)
+        epsilon = _mean_se([r.get("dp_epsilon") for r in rs])[0]
+        if epsilon is not None:
+            row["dp_epsilon"], row["dp_delta"] = epsilon, max(r.get("dp_delta") or 0 for r in rs)
         rows.append(row)
     return rows
 
 
 def to_markdown(rows: list[dict[str, Any]]) -> str:
-    """The summary as a Markdown table (mean ± standard error)."""
+    """The summary as a Markdown table (mean ± standard error); a last column gives the
+    privacy spent when a row has it (DP-SGD)."""
+    private = any(r.get("dp_epsilon") is not None for r in rows)
     head = ("| scenario | attack | defense | n | attack success | test acc | seconds | "
-            "poisons dropped | examples dropped |\n|---|---|---|---:|---:|---:|---:|---:|---:|")
+            "poisons dropped | examples dropped |" + (" epsilon (delta) |" if private else "")
+            + "\n|---|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if private else ""))
     lines = [head]
     for r in rows:
         free = r.get("patch_free_success")
+        epsilon = (f" {r['dp_epsilon']:.3g} ({r['dp_delta']:g}) |" if r.get("dp_epsilon")
+                   is not None else " – |") if private else ""
         lines.append(
             f"| {r['scenario']} | {r['attack']} | {r['defense']} | {r['n']} | "
             f"{_mean_pm(r, 'attack_success', 1)}"
             + ("" if free is None else f" (no patch: {100 * free:.1f}%)") + " | "
             f"{_mean_pm(r, 'test_acc', 2)} | {r['seconds']:.1f} | "
-            f"{100 * r['poisons_dropped']:.1f}% | {100 * r['examples_dropped']:.2f}% |")
+            f"{100 * r['poisons_dropped']:.1f}% | {100 * r['examples_dropped']:.2f}% |"
+            + epsilon)
     return "\n".join(lines)
 
 
@@ -232,11 +253,13 @@ def write_report(records: list[dict[str, Any]], out: str | os.PathLike[str]) -> 
              f"<p>{len(records)} trials.</p><table><tr>"]
     cols = ["scenario", "attack", "defense", "n", "attack_success", "test_acc", "seconds",
             "poisons_dropped", "examples_dropped"]
+    if any(r.get("dp_epsilon") is not None for r in rows):
+        cols.append("dp_epsilon")
     parts.append("".join(f"<th>{c}</th>" for c in cols) + "</tr>")
     for r in rows:
         cells = []
         for c in cols:
-            v = r[c]
+            v = r.get(c)
             if v is None:  # no trial of the row measured it
                 text = "–"
             elif c in ("attack_success", "test_acc", "poisons_dropped", "examples_dropped"):

@@ -18,31 +18,19 @@ import torch
 
 from epic.bench.store import ResultStore
 from epic.data import ImageData
-from epic.defenses import DEFENSES, DP_SGD_CLIP, DP_SGD_NOISE, build_batch_transform, build_defense
+from epic.defenses import RunFacts, build_defense, options_for, parse_spec
 from epic.models import Classifier
 from epic.poisons import PoisonSet
-from epic.train import TrainConfig, provenance, train
+from epic.train import TrainConfig, config_record, provenance, train
 
 __all__ = ["SETTING_OPTIONS", "Trial", "parse_defense", "plan_trials", "run_trials", "trial_id"]
 
 log = logging.getLogger(__name__)
 
 
-def parse_defense(spec: str) -> tuple[str, float]:
-    """A defense spec and its number: ``"epic-0.2"`` -> ``("epic", 0.2)`` (medoid fraction),
-    ``"ap-0.25"`` -> ``("adversarial-poisoning", 0.25)`` (share of each batch poisoned); other
-    names come with 0.1 for EPIC and 0.5 for Adversarial Poisoning."""
-    prefix, _, number = spec.rpartition("-")
-    name = {"epic": "epic", "ap": "adversarial-poisoning"}.get(prefix)
-    if name is not None:
-        try:
-            return name, float(number)
-        except ValueError:
-            pass
-    if spec not in DEFENSES:
-        raise ValueError(f"unknown defense {spec!r}; choose from {', '.join(DEFENSES)} "
-                         "(or epic-<fraction>, ap-<share>: epic-0.1, ap-0.5, ...)")
-    return spec, 0.5 if spec == "adversarial-poisoning" else 0.1
+# A defense spec of --defenses: the defense and the options it sets ("epic-0.2" -> ("epic",
+# {"fraction": 0.2})), as the registry reads it.
+parse_defense = parse_spec
 
 
 # Command-line options that choose the model and the data a trial trains on: with the fields of
@@ -85,8 +73,7 @@ def trial_id(record: Mapping[str, Any], digests: dict[str, str | None] | None = 
         digest = digests[poisons]
     facts = {k: record.get(k) for k in ("attack", "eps", "target_class", "adversarial_class",
                                         "setup", "scenario", "defense", "seed", "schedule")}
-    facts |= {"poisons": [poisons, digest],
-              "config": dataclasses.asdict(TrainConfig()) | record["config"],
+    facts |= {"poisons": [poisons, digest], "config": config_record(record["config"]),
               "setting": _setting(record.get("argv", []))}
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -118,7 +105,7 @@ def _poisons_sha256(folder: str | os.PathLike[str]) -> str | None:
 @dataclass(frozen=True)
 class Trial:
     """A planned trial: its identity (:func:`trial_id`), the record it will be stored as less
-    its outcome, its poison set and its own training configuration (seed, DP-SGD shaping)."""
+    its outcome, its poison set and its own training configuration (its seed)."""
 
     id: str
     record: dict[str, Any]
@@ -145,11 +132,9 @@ def plan_trials(
         digest = _poisons_sha256(poison_dir)
         poisons = PoisonSet.load(poison_dir)
         for spec in defenses:
-            dp = parse_defense(spec)[0] == "dp-sgd"
+            parse_spec(spec)  # an unknown defense stops the plan before anything runs
             for seed in seeds:
-                trial_config = dataclasses.replace(
-                    config, seed=seed, grad_clip=DP_SGD_CLIP if dp else config.grad_clip,
-                    grad_noise=DP_SGD_NOISE if dp else config.grad_noise)
+                trial_config = dataclasses.replace(config, seed=seed)
                 record = {"key": f"{Path(poison_dir).name}/{spec}/{config.scenario}/{seed}",
                           "poisons_dir": str(poison_dir), "poisons_sha256": digest,
                           "attack": str(poisons.metadata.get("attack", "unknown")),
@@ -192,8 +177,8 @@ def run_trials(
         make_model: seed -> a fresh model (loaded with pretrained weights for transfer and
             fine-tuning), on the device to train on.
         config: the pipeline; its ``seed`` is replaced by each trial's seed.
-        warmup, every, until: override the defenses' paper schedules (see
-            :func:`epic.defenses.build_defense`).
+        warmup, every, until: override the paper schedules of the defenses that have one
+            (see :func:`epic.defenses.build_defense`).
         victim_for: poison set -> the training set it belongs to (benchmark setups give each
             trial its own victim set); default: ``train_data`` for every poison set. Called
             only for poison sets with a trial to run.
@@ -226,20 +211,18 @@ def run_trials(
                                          else victim_for(trial.poisons))
                 trial.poisons.validate(victim[1])
             data = victim[1]
-            name, number = parse_defense(trial.record["defense"])
-            seed = trial.config.seed
-            defense = build_defense(name, num_examples=len(data), epochs=config.epochs,
-                                    milestones=trial.config.resolved_milestones,
-                                    scenario=config.scenario, fraction=number,
-                                    warmup=warmup, every=every, until=until, seed=seed)
+            spec, seed = trial.record["defense"], trial.config.seed
+            run = RunFacts(num_examples=len(data), epochs=config.epochs,
+                           milestones=trial.config.resolved_milestones,
+                           scenario=config.scenario, seed=seed, poison_eps=trial.poisons.eps)
+            defense = build_defense(spec, run, **options_for(
+                spec, {"warmup": warmup, "every": every, "until": until}))
             model = make_model(seed)
             run_dir = Path(out) / "trials" / f"{key.replace('/', '_')}-{trial.id[:8]}"
             start = time.perf_counter()
-            transform = build_batch_transform(name, share=number, eps=trial.poisons.eps,
-                                              seed=seed)
             result = train(copy.deepcopy(model), data, test_data, trial.config,
                            defense=defense, poisons=trial.poisons, out=run_dir,
-                           progress=progress, batch_transform=transform)
+                           progress=progress)
             record = trial.record | {"wall_seconds": round(time.perf_counter() - start, 3),
                                      "run_dir": str(run_dir),
                                      "device": str(_device_of(model)), "run": versions}

@@ -7,7 +7,7 @@ import argparse
 import math
 from collections.abc import Callable
 
-__all__ = ["at_least", "number"]
+__all__ = ["at_least", "number", "setting"]
 
 
 def at_least(minimum: int) -> Callable[[str], int]:
@@ -44,3 +44,23 @@ def number(low: float = -math.inf, high: float = math.inf, *, low_open: bool = F
 
     parse.__name__ = "number"
     return parse
+
+
+def setting(text: str) -> tuple[str, object]:
+    """A ``NAME=VALUE`` option: the name (dashes read as underscores) and the value as an
+    integer, a number, true/false/none, or else the text."""
+    name, eq, raw = text.partition("=")
+    name = name.strip().replace("-", "_")
+    if not eq or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    value: object = {"true": True, "false": False, "none": None}.get(raw.strip().lower(), raw)
+    if value is raw:
+        for kind in (int, float):
+            try:
+                value = kind(raw)
+                break
+            except ValueError:
+                continue
+    if isinstance(value, float) and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{name} must be finite, got {raw}")
+    return name, value

@@ -59,9 +59,11 @@ def add_bench_commands(sub: Any) -> None:
                         "(resumable; prints each command; takes --data-dir, --first and "
                         "--defenses, ignores the other options)")
     g.add_argument("--defenses", nargs="+", default=["none", "epic-0.1"],
-                   help="defenses: none, epic-<fraction>, deep-knn, spectral-signatures, "
-                        "activation-clustering, lowest-confidence, highest-loss, random, dp-sgd "
-                        "(default: none epic-0.1)")
+                   help="defenses as epic train --defense names them (none, epic, deep-knn, "
+                        "spectral-signatures, activation-clustering, lowest-confidence, "
+                        "highest-loss, random, dp-sgd, clip-noise, adversarial-poisoning), "
+                        "with epic-<fraction> and ap-<share> for EPIC and Adversarial "
+                        "Poisoning at a setting (default: none epic-0.1)")
     g.add_argument("--seeds", nargs="+", type=at_least(0), default=[0],
                    help="training seeds (default: 0)")
     g.add_argument("--warmup", type=at_least(0), default=None,

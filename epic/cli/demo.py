@@ -18,7 +18,7 @@ from epic.attacks import PatchBackdoor
 from epic.cli.argtypes import at_least, number
 from epic.cli.common import pick_device
 from epic.data import load_digits
-from epic.defenses import build_defense
+from epic.defenses import RunFacts, build_defense
 from epic.models import build_model
 from epic.train import TrainConfig, train
 
@@ -72,9 +72,9 @@ def run_demo(*, pairs: int = 4, epochs: int = 40, budget: float = 0.01, seed: in
             model = build_model("convnet", num_classes=train_data.num_classes,
                                 in_channels=train_data.shape[0], mean=train_data.mean,
                                 std=train_data.std).to(device)
-            defense = build_defense(name if name == "epic" else "none",
-                                    num_examples=len(train_data), epochs=epochs,
-                                    milestones=config.resolved_milestones, seed=seed)
+            defense = build_defense(name if name == "epic" else "none", RunFacts(
+                num_examples=len(train_data), epochs=epochs,
+                milestones=config.resolved_milestones, seed=seed))
             s = train(model, train_data, test_data, config, defense=defense,
                       poisons=poisons).summary
             rows[name].append({"source": source, "adversarial": adversarial,

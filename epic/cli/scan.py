@@ -21,7 +21,7 @@ from epic.cli.common import (
     train_config,
 )
 from epic.data import ImageData
-from epic.defenses import EPIC, build_defense
+from epic.defenses import EPIC, RunFacts, build_defense
 from epic.images import MAX_FILE_BYTES, MAX_PIXELS, Skipped, read_image_folder, read_npz
 from epic.models import MODELS
 from epic.scan import scan, train_and_scan, write_outputs
@@ -109,9 +109,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
     else:
         config = train_config(args, round_embeddings=args.round_embeddings)
         defense = cast(EPIC, build_defense(
-            "epic", num_examples=len(data), epochs=args.epochs,
-            milestones=config.resolved_milestones, warmup=args.warmup, every=args.every,
-            until=args.until, **settings))
+            "epic", RunFacts(num_examples=len(data), epochs=args.epochs,
+                             milestones=config.resolved_milestones),
+            warmup=args.warmup, every=args.every, until=args.until, **settings))
         rounds = [e for e in range(args.epochs) if defense.due(e)]
         print(f"training {args.model} for {args.epochs} epochs with EPIC-{args.fraction}, "
               f"rounds before epochs {rounds}", flush=True)

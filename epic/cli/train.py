@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from epic.cli.argtypes import number
+from epic.cli.argtypes import number, setting
 from epic.cli.common import (
     add_data_args,
     add_epic_args,
@@ -20,20 +20,13 @@ from epic.cli.common import (
     pick_device,
     train_config,
 )
-from epic.defenses import (
-    DEFENSES,
-    DP_SGD_CLIP,
-    DP_SGD_NOISE,
-    ScheduledDefense,
-    build_batch_transform,
-    build_defense,
-)
+from epic.defenses import DEFENSES, Defense, RunFacts, build_defense, options_for
 from epic.distributed import init_from_env, world
 from epic.poisons import PoisonSet
 from epic.setups import load_setups, outside_victims
 from epic.train import train
 
-__all__ = ["add_train_command", "make_defense"]
+__all__ = ["add_train_command", "defense_settings", "make_defense"]
 
 
 def add_train_command(sub: Any) -> None:
@@ -69,11 +62,13 @@ def _add_defense_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("defense")
     g.add_argument("--defense", choices=DEFENSES, default="none",
                    help="defense to train with (default: none). epic is this library's; the "
-                        "others are the paper's baselines: deep-knn, spectral-signatures and "
-                        "activation-clustering filter once in feature space at --warmup; "
-                        "lowest-confidence, highest-loss and random drop on EPIC's schedule; "
-                        "dp-sgd clips and noises every gradient; adversarial-poisoning poisons "
-                        "part of every batch on the fly")
+                        "others are the paper's baselines (docs/defenses.md): deep-knn, "
+                        "spectral-signatures and activation-clustering filter once in feature "
+                        "space at --warmup; lowest-confidence, highest-loss and random drop on "
+                        "EPIC's schedule; dp-sgd clips every example's gradient, adds noise and "
+                        "reports the privacy spent (needs the [dp] extra); clip-noise clips and "
+                        "noises the mini-batch gradient; adversarial-poisoning poisons part of "
+                        "every batch on the fly. Each takes the options below that it knows")
     add_epic_args(g)
     g.add_argument("--budget", type=number(0, 1, low_open=True), default=0.01,
                    help="deep-knn, spectral-signatures: the poison share the defender expects "
@@ -83,27 +78,46 @@ def _add_defense_args(p: argparse.ArgumentParser) -> None:
                         "highest-loss: drop above this loss (default 1.0)")
     g.add_argument("--drop-fraction", type=number(0, 1), default=0.01,
                    help="random: share of the kept examples dropped per round (default: 0.01)")
-    g.add_argument("--dp-clip", type=number(0, low_open=True), default=DP_SGD_CLIP,
-                   help=f"dp-sgd: gradient norm bound (default: {DP_SGD_CLIP})")
-    g.add_argument("--dp-noise", type=number(0), default=DP_SGD_NOISE,
-                   help=f"dp-sgd: noise std relative to --dp-clip (default: "
-                        f"{DP_SGD_NOISE})")
+    g.add_argument("--dp-clip", type=number(0, low_open=True), default=None,
+                   help="dp-sgd: every example's gradient norm bound; clip-noise: the "
+                        "mini-batch gradient's (default: 1)")
+    g.add_argument("--dp-noise", type=number(0), default=None,
+                   help="noise std relative to --dp-clip: dp-sgd's noise multiplier, on a "
+                        "batch's sum of clipped gradients (default: 1); clip-noise's, on the "
+                        "mini-batch gradient (default: 0.01)")
+    g.add_argument("--dp-delta", type=number(0, 1, low_open=True), default=None,
+                   help="dp-sgd: the delta of the (epsilon, delta) guarantee the summary "
+                        "reports (default: 1e-5)")
     g.add_argument("--ap-share", type=number(0, 1), default=0.5,
                    help="adversarial-poisoning: share of each batch poisoned on the fly "
                         "(default: 0.5, the paper's AP-0.5)")
     g.add_argument("--ap-eps", type=number(0, 255, low_open=True), default=16,
                    help="adversarial-poisoning: budget in pixel steps of 255 (default: 16)")
+    g.add_argument("--defense-option", type=setting, action="append", default=[],
+                   metavar="NAME=VALUE",
+                   help="any option of the defense by name (repeatable; an option it does not "
+                        "take is an error), e.g. --defense-option noise=2")
+
+
+def defense_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The defense options the flags above set, by the names the defenses take them under
+    (each defense takes those it knows; None: not given, the defense's default)."""
+    return {"fraction": args.fraction, "warmup": args.warmup, "every": args.every,
+            "until": args.until, "max_cluster_size": args.max_cluster_size,
+            "similarity": args.similarity, "per_class": args.per_class, "budget": args.budget,
+            "threshold": args.threshold, "drop_fraction": args.drop_fraction,
+            "clip": args.dp_clip, "noise": args.dp_noise, "delta": args.dp_delta,
+            "share": args.ap_share, "eps": args.ap_eps / 255}
 
 
 def make_defense(args: argparse.Namespace, n: int,
-                 milestones: tuple[int, ...]) -> ScheduledDefense | None:
-    """The defense the arguments name, with the paper's schedule unless overridden."""
-    return build_defense(args.defense, num_examples=n, epochs=args.epochs, milestones=milestones,
-                         scenario=args.scenario, fraction=args.fraction, warmup=args.warmup,
-                         every=args.every, until=args.until,
-                         max_cluster_size=args.max_cluster_size, similarity=args.similarity,
-                         per_class=args.per_class, budget=args.budget, threshold=args.threshold,
-                         drop_fraction=args.drop_fraction, seed=args.seed)
+                 milestones: tuple[int, ...]) -> Defense | None:
+    """The defense the arguments name, with the paper's settings unless overridden: the
+    flags it takes (:func:`defense_settings`) and every ``--defense-option``."""
+    run = RunFacts(num_examples=n, epochs=args.epochs, milestones=milestones,
+                   scenario=args.scenario, seed=args.seed)
+    options = options_for(args.defense, defense_settings(args)) | dict(args.defense_option)
+    return build_defense(args.defense, run, **options)
 
 
 def _report_attack(epoch: int, record: dict[str, object]) -> None:
@@ -134,15 +148,11 @@ def _train(args: argparse.Namespace, device: torch.device, *, first: bool) -> in
             outside_victims(train_data.labels, load_setups(args.outside_victims)))
     poisons = PoisonSet.load(args.poisons, train_data) if args.poisons else None
     model = make_model(args, train_data, device)
-    config = train_config(args, grad_clip=args.dp_clip if args.defense == "dp-sgd" else None,
-                          grad_noise=args.dp_noise if args.defense == "dp-sgd" else 0.0,
-                          round_embeddings=args.round_embeddings)
+    config = train_config(args, round_embeddings=args.round_embeddings)
     defense = make_defense(args, len(train_data), config.resolved_milestones)
     progress = first and (sys.stderr.isatty() if args.progress is None else args.progress)
     result = train(model, train_data, test_data, config, defense=defense, poisons=poisons,
                    out=out, resume=args.resume, progress=progress,
-                   batch_transform=build_batch_transform(args.defense, share=args.ap_share,
-                                                         eps=args.ap_eps / 255, seed=args.seed),
                    run_info={"argv": sys.argv[1:], "dataset": args.dataset, "model": args.model,
                              "train_examples": len(train_data), "seed": args.seed},
                    on_epoch_end=_report_attack if poisons is not None and first else None)
@@ -154,6 +164,8 @@ def _train(args: argparse.Namespace, device: torch.device, *, first: bool) -> in
     if poisons is not None:
         print(f"attack success {s['attack_success']:.3f}; poisons dropped "
               f"{s['poisons_dropped']} of {s['poisons']}")
+    if s.get("dp_epsilon") is not None:
+        print(f"differential privacy: epsilon {s['dp_epsilon']:.3g} at delta {s['dp_delta']:g}")
     if args.json:
         print(json.dumps(s))
     return 0

@@ -1,27 +1,29 @@
 """The defenses: EPIC and the baselines the paper compares it with, one file each.
 
+Every defense is a :class:`Defense` (:mod:`epic.protocol`): the trainer calls its hooks.
 ``base.py`` holds :class:`ScheduledDefense`, what every defense that drops examples on a
 schedule shares (``due``, ``update``, ``keep_mask``, ``history`` of :class:`DropRound`
 records); ``epic.py`` EPIC (:class:`EPIC`, :class:`EpicRound`, :func:`find_poisons`); each
 baseline its own file, the math in plain tensor functions beside its class (``filtering.py``
-is the shape the feature-space filters share); ``registry.py`` builds any of them by name
-with the paper's schedule, for the CLI and the benchmark. The trainer and the benchmark treat
-every :class:`ScheduledDefense` alike. DP-SGD is a change to the optimizer step instead
-(``TrainConfig.grad_clip`` / ``grad_noise``), and Adversarial Poisoning a change to every batch
-(``train(..., batch_transform=AdversarialPoisoning(...))``).
+is the shape the feature-space filters share): the drop rules, Adversarial Poisoning (a hook
+on every batch), DP-SGD through Opacus (:class:`DPSGD`: a wrapped module and optimizer) and
+the batch-level clip-and-noise (:class:`ClipNoise`: a hook on the gradients).
+``registry.py`` builds any of them by name with the paper's settings, for the CLI and the
+benchmark; docs/defenses.md shows how to add one.
 """
-
 from epic.defenses.adversarial import AdversarialPoisoning
-from epic.defenses.base import DropRound, ScheduledDefense
+from epic.defenses.base import DropRound, ScheduledDefense, paper_schedule
+from epic.defenses.clipnoise import ClipNoise
 from epic.defenses.clustering import ActivationClustering, activation_clusters
+from epic.defenses.dpsgd import DPSGD, group_norms
 from epic.defenses.epic import EPIC, EpicRound, find_poisons, paper_warmup
 from epic.defenses.knn import DeepKNN, deep_knn_outliers
 from epic.defenses.registry import (
     DEFENSES,
-    DP_SGD_CLIP,
-    DP_SGD_NOISE,
-    build_batch_transform,
     build_defense,
+    defense_options,
+    options_for,
+    parse_spec,
 )
 from epic.defenses.scores import (
     HighestLoss,
@@ -35,18 +37,25 @@ from epic.defenses.spectral import (
     spectral_signature_outliers,
     spectral_signature_scores,
 )
+from epic.protocol import Defense, RunFacts
 
 __all__ = [
     "DEFENSES",
-    "DP_SGD_CLIP",
-    "DP_SGD_NOISE",
+    "DPSGD",
     "EPIC",
     "AdversarialPoisoning",
+    "ClipNoise",
+    "Defense",
     "DropRound",
     "EpicRound",
+    "RunFacts",
     "ScheduledDefense",
-    "build_batch_transform",
     "build_defense",
+    "defense_options",
+    "group_norms",
+    "options_for",
+    "paper_schedule",
+    "parse_spec",
     "ActivationClustering",
     "DeepKNN",
     "HighestLoss",

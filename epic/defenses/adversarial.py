@@ -4,19 +4,22 @@ poison part of every mini-batch on the fly so the model learns to ignore poisons
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from epic.alignment import alignment_loss, gradient_norm, parameter_gradient
 from epic.models import eval_mode
+from epic.protocol import Defense, RunFacts
 
 __all__ = ["AdversarialPoisoning"]
 
 
 @dataclass(kw_only=True)
-class AdversarialPoisoning:
-    """A batch transform for :func:`epic.train` (``batch_transform=``).
+class AdversarialPoisoning(Defense):
+    """A defense that changes every training batch (:meth:`on_batch`); also callable on a
+    batch, ``ap(model, x, y)``.
 
     In every mini-batch, the first ``share`` of the (shuffled) examples become poisons: a few
     steps of gradient matching (signed steps of size ``step_size`` within ``eps``) align their
@@ -47,6 +50,24 @@ class AdversarialPoisoning:
             raise ValueError(f"share must be in (0, 1), got {self.share}")
         if self.steps < 1 or self.targets < 1:
             raise ValueError("steps and targets must be positive")
+
+    @classmethod
+    def for_run(cls, run: RunFacts, *, share: float = 0.5,
+                eps: float | None = None) -> AdversarialPoisoning:
+        """AP-``share`` with the budget ``eps`` of the run's poisons when known (else 16/255),
+        its labels drawn from the run's seed."""
+        if eps is None:
+            eps = run.poison_eps if run.poison_eps is not None else 16 / 255
+        return cls(share=share, eps=eps, generator=torch.Generator().manual_seed(run.seed))
+
+    def on_batch(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        return self(model, x, y)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"].cpu())
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Return the batch ``(x, y)`` with its first ``share`` replaced by fresh poisons."""

@@ -5,7 +5,8 @@
 per round, and resumable state; a subclass says how to embed the kept examples
 (:meth:`~ScheduledDefense.embed`) and which of them to drop
 (:meth:`~ScheduledDefense.drop_rows`). EPIC (:mod:`epic.defenses.epic`) and the baselines
-beside it in :mod:`epic.defenses` are such subclasses.
+beside it in :mod:`epic.defenses` that drop examples are such subclasses.
+:func:`paper_schedule` is the schedule they take when built by name.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from torch import Tensor, nn
 
 from epic.distributed import broadcast_from_first, gather_shares, share_of, world
 from epic.gradients import Examples, count_examples
+from epic.protocol import Defense, RunFacts
 
-__all__ = ["DropRound", "ScheduledDefense", "positions"]
+__all__ = ["DropRound", "ScheduledDefense", "paper_schedule", "positions"]
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,22 @@ class DropRound:
         return cls(**fields)
 
 
-class ScheduledDefense:
+def paper_schedule(run: RunFacts, *, warmup: int | None = None, every: int | None = None,
+                   until: int | None = None, once: bool = False) -> dict[str, Any]:
+    """The schedule keywords of a :class:`ScheduledDefense` for ``run``, as the paper runs them:
+    the first round before epoch ``warmup`` (default 10, EPIC-0.1's), then a round every
+    ``epochs / 20`` epochs (2 of 40, 10 of 200; every epoch in transfer learning) until the
+    last learning-rate milestone, or, with ``once``, the one round at ``warmup``. ``every``
+    and ``until`` override."""
+    warmup = 10 if warmup is None else warmup
+    if every is None:
+        every = 1 if run.scenario == "transfer" else max(1, run.epochs // 20)
+    if until is None:
+        until = warmup + 1 if once else (run.milestones[-1] if run.milestones else None)
+    return {"warmup": warmup, "every": every, "until": until, "num_examples": run.num_examples}
+
+
+class ScheduledDefense(Defense):
     """Base of defenses that drop examples before some epochs; subclasses implement
     :meth:`embed` and :meth:`drop_rows`.
 

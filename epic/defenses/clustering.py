@@ -9,7 +9,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from epic.defenses.base import paper_schedule
 from epic.defenses.filtering import FeatureFilter
+from epic.protocol import RunFacts
 
 
 def activation_clusters(features: Tensor, labels: Tensor, *, components: int = 10,
@@ -50,6 +52,13 @@ class ActivationClustering(FeatureFilter):
         self.components = components
         self.size_threshold = size_threshold
         self.seed = seed
+
+    @classmethod
+    def for_run(cls, run: RunFacts, *, warmup: int | None = None, every: int | None = None,
+                until: int | None = None) -> ActivationClustering:
+        """One filtering round at ``warmup`` (default 10), k-means seeded by the run."""
+        return cls(seed=run.seed, **paper_schedule(run, warmup=warmup, every=every,
+                                                   until=until, once=True))
 
     def outliers(self, features: Tensor, labels: Tensor, n: int) -> Tensor:
         return activation_clusters(features, labels, components=self.components,

@@ -17,8 +17,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from epic.defenses.base import DropRound, ScheduledDefense
+from epic.defenses.base import DropRound, ScheduledDefense, paper_schedule
 from epic.gradients import Examples, LogitsFn, gradient_embeddings
+from epic.protocol import RunFacts
 from epic.selection import (
     Method,
     PerClass,
@@ -174,6 +175,17 @@ class EPIC(ScheduledDefense):
         self.logits_fn = logits_fn
 
     record_type = EpicRound
+
+    @classmethod
+    def for_run(cls, run: RunFacts, *, fraction: float = 0.1, warmup: int | None = None,
+                every: int | None = None, until: int | None = None, max_cluster_size: int = 1,
+                similarity: Similarity = "exp", per_class: PerClass = "proportional") -> EPIC:
+        """EPIC-``fraction`` on the paper's schedule (:func:`paper_schedule`), warming up for
+        :func:`paper_warmup` epochs unless ``warmup`` says otherwise."""
+        return cls(fraction, max_cluster_size=max_cluster_size, similarity=similarity,
+                   per_class=per_class, **paper_schedule(
+                       run, warmup=paper_warmup(fraction) if warmup is None else warmup,
+                       every=every, until=until))
 
     def embed(self, model: nn.Module, data: Examples, keep: Tensor,
               features: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -7,7 +7,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from epic.defenses.base import paper_schedule
 from epic.defenses.filtering import FeatureFilter
+from epic.protocol import RunFacts
 
 
 def deep_knn_outliers(features: Tensor, labels: Tensor, k: int, *, block: int = 512) -> Tensor:
@@ -55,6 +57,13 @@ class DeepKNN(FeatureFilter):
         self.k = k
         self.budget = budget
         self.overestimation = overestimation
+
+    @classmethod
+    def for_run(cls, run: RunFacts, *, budget: float = 0.01, warmup: int | None = None,
+                every: int | None = None, until: int | None = None) -> DeepKNN:
+        """One filtering round at ``warmup`` (default 10), expecting ``budget`` poisons."""
+        return cls(budget=budget, **paper_schedule(run, warmup=warmup, every=every,
+                                                   until=until, once=True))
 
     def outliers(self, features: Tensor, labels: Tensor, n: int) -> Tensor:
         k = self.k if self.k is not None else max(1, int(self.overestimation * self.budget * n))

@@ -1,91 +1,112 @@
-"""Defenses by name, with the paper's schedules: what the CLI and the benchmark build from."""
+"""Defenses by name, with the paper's settings: what the CLI and the benchmark build from.
+
+:data:`DEFENSES` maps each name to its class; :func:`build_defense` builds one for a run
+(:class:`~epic.protocol.RunFacts`) through the class's ``for_run``, whose keyword-only
+arguments are the defense's options. Adding a defense is a new file with its class and one
+line here (docs/defenses.md).
+"""
 
 from __future__ import annotations
 
-import torch
+import inspect
+from collections.abc import Mapping
+from typing import Any
 
 from epic.defenses.adversarial import AdversarialPoisoning
-from epic.defenses.base import ScheduledDefense
+from epic.defenses.clipnoise import ClipNoise
 from epic.defenses.clustering import ActivationClustering
-from epic.defenses.epic import EPIC, paper_warmup
+from epic.defenses.dpsgd import DPSGD
+from epic.defenses.epic import EPIC
 from epic.defenses.knn import DeepKNN
 from epic.defenses.scores import HighestLoss, LowestConfidence, RandomDrop
 from epic.defenses.spectral import SpectralSignatures
-from epic.models import Scenario
-from epic.selection import PerClass, Similarity
+from epic.protocol import Defense, RunFacts
 
-DEFENSES = ("none", "epic", "deep-knn", "spectral-signatures", "activation-clustering",
-            "lowest-confidence", "highest-loss", "random", "dp-sgd", "adversarial-poisoning")
+__all__ = ["DEFENSES", "SHORT_SPECS", "build_defense", "defense_options", "options_for",
+           "parse_spec"]
 
-# DP-SGD's default gradient shaping: clip norm, and noise std relative to it.
-DP_SGD_CLIP = 1.0
-DP_SGD_NOISE = 0.01
+DEFENSES: dict[str, type[Defense] | None] = {
+    "none": None,
+    "epic": EPIC,
+    "deep-knn": DeepKNN,
+    "spectral-signatures": SpectralSignatures,
+    "activation-clustering": ActivationClustering,
+    "lowest-confidence": LowestConfidence,
+    "highest-loss": HighestLoss,
+    "random": RandomDrop,
+    "dp-sgd": DPSGD,
+    "clip-noise": ClipNoise,
+    "adversarial-poisoning": AdversarialPoisoning,
+}
+
+# Specs "<prefix>-<number>" (the benchmark's epic-0.2, ap-0.25): the defense and the option
+# the number sets.
+SHORT_SPECS: dict[str, tuple[str, str]] = {
+    "epic": ("epic", "fraction"),
+    "ap": ("adversarial-poisoning", "share"),
+}
 
 
-def build_defense(
-    name: str,
-    *,
-    num_examples: int,
-    epochs: int,
-    milestones: tuple[int, ...],
-    scenario: Scenario = "scratch",
-    fraction: float = 0.1,
-    warmup: int | None = None,
-    every: int | None = None,
-    until: int | None = None,
-    max_cluster_size: int = 1,
-    similarity: Similarity = "exp",
-    per_class: PerClass = "proportional",
-    budget: float = 0.01,
-    threshold: float | None = None,
-    drop_fraction: float = 0.01,
-    seed: int = 0,
-) -> ScheduledDefense | None:
-    """The defense ``name`` (one of :data:`DEFENSES`) on the paper's schedule.
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """The defense a spec names and the options it sets: ``"epic-0.2"`` -> ``("epic",
+    {"fraction": 0.2})``, ``"ap-0.25"`` -> ``("adversarial-poisoning", {"share": 0.25})``, a
+    name of :data:`DEFENSES` -> ``(name, {})``."""
+    if spec in DEFENSES:
+        return spec, {}
+    prefix, _, number = spec.rpartition("-")
+    if prefix in SHORT_SPECS:
+        name, option = SHORT_SPECS[prefix]
+        try:
+            return name, {option: float(number)}
+        except ValueError:
+            pass
+    short = ", ".join(f"{p}-<{o}>" for p, (_, o) in SHORT_SPECS.items())
+    raise ValueError(f"unknown defense {spec!r}; choose from {', '.join(DEFENSES)} (or "
+                     f"{short}: epic-0.1, ap-0.5, ...)")
 
-    Defaults: warmup ``100 * fraction`` epochs (10 / 20 / 30 for EPIC-0.1 / 0.2 / 0.3), a round
-    every ``epochs / 20`` epochs (2 of 40, 10 of 200; every epoch in transfer learning) until the
-    last learning-rate milestone. Deep k-NN, Spectral Signatures and Activation Clustering filter
-    once, at the warmup epoch. ``none``, ``dp-sgd`` (a change to the optimizer step: see
-    ``DP_SGD_CLIP``, ``DP_SGD_NOISE`` and :class:`epic.TrainConfig`) and
-    ``adversarial-poisoning`` (a change to every batch: see :func:`build_batch_transform`)
-    return None.
+
+def defense_options(name: str) -> tuple[str, ...]:
+    """The options of defense ``name``: the keyword-only arguments of its ``for_run``."""
+    cls = DEFENSES[parse_spec(name)[0]]
+    if cls is None:
+        return ()
+    return tuple(p.name for p in inspect.signature(cls.for_run).parameters.values()
+                 if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
+def options_for(spec: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``settings`` (shared options such as the command line's, some of them for other
+    defenses) that defense ``spec`` takes, leaving out those that are None (not given)."""
+    known = defense_options(spec)
+    return {k: v for k, v in settings.items() if k in known and v is not None}
+
+
+def build_defense(spec: str, run: RunFacts, **options: Any) -> Defense | None:
+    """The defense ``spec`` names (see :func:`parse_spec`) for ``run``: ``for_run(run,
+    **options)`` of its class, with the paper's settings where ``options`` are silent; None
+    for ``"none"``.
+
+    On the paper's schedule (:func:`~epic.defenses.base.paper_schedule`): EPIC-0.1/0.2/0.3
+    warm up 10/20/30 epochs, the other drop rules 10; rounds every ``epochs / 20`` epochs
+    (every epoch in transfer learning) until the last learning-rate milestone; Deep k-NN,
+    Spectral Signatures and Activation Clustering filter once, at the warmup. DP-SGD,
+    clip-and-noise and Adversarial Poisoning have no schedule.
+
+    Raises:
+        ValueError: an unknown spec, or an option the defense does not take.
+
+    Example:
+        >>> build_defense("epic-0.2", RunFacts(num_examples=100, epochs=40, milestones=(25, 35)))
+        ... # doctest: +ELLIPSIS
+        <epic.defenses.epic.EPIC object at ...>
     """
-    if name not in DEFENSES:
-        raise ValueError(f"unknown defense {name!r}; choose from {', '.join(DEFENSES)}")
-    if name in ("none", "dp-sgd", "adversarial-poisoning"):
+    name, preset = parse_spec(spec)
+    cls = DEFENSES[name]
+    unknown = sorted(options.keys() - set(defense_options(name)))
+    if unknown:
+        takes = ", ".join(defense_options(name)) or "none"
+        raise ValueError(f"defense {name} takes no option {', '.join(unknown)} (its options: "
+                         f"{takes})")
+    if cls is None:
         return None
-    warmup = warmup if warmup is not None else paper_warmup(fraction)
-    if every is None:
-        every = 1 if scenario == "transfer" else max(1, epochs // 20)
-    end = until if until is not None else (milestones[-1] if milestones else None)
-    once = until if until is not None else warmup + 1
-    n = num_examples
-    if name == "epic":
-        return EPIC(fraction, max_cluster_size=max_cluster_size, similarity=similarity,
-                    per_class=per_class, warmup=warmup, every=every, until=end, num_examples=n)
-    if name == "deep-knn":
-        return DeepKNN(budget=budget, warmup=warmup, every=every, until=once, num_examples=n)
-    if name == "spectral-signatures":
-        return SpectralSignatures(budget=budget, warmup=warmup, every=every, until=once,
-                                  num_examples=n)
-    if name == "activation-clustering":
-        return ActivationClustering(seed=seed, warmup=warmup, every=every, until=once,
-                                    num_examples=n)
-    if name == "lowest-confidence":
-        return LowestConfidence(threshold=threshold if threshold is not None else 0.5,
-                                warmup=warmup, every=every, until=end, num_examples=n)
-    if name == "highest-loss":
-        return HighestLoss(threshold=threshold if threshold is not None else 1.0,
-                           warmup=warmup, every=every, until=end, num_examples=n)
-    return RandomDrop(fraction=drop_fraction, generator=torch.Generator().manual_seed(seed),
-                      warmup=warmup, every=every, until=end, num_examples=n)
-
-
-def build_batch_transform(name: str, *, share: float = 0.5, eps: float = 16 / 255,
-                          seed: int = 0) -> AdversarialPoisoning | None:
-    """The per-batch change a defense makes (Adversarial Poisoning), or None for the others."""
-    if name != "adversarial-poisoning":
-        return None
-    return AdversarialPoisoning(share=share, eps=eps,
-                                generator=torch.Generator().manual_seed(seed))
+    return cls.for_run(run, **(preset | options))

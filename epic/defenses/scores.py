@@ -9,8 +9,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from epic.defenses.base import ScheduledDefense
+from epic.defenses.base import ScheduledDefense, paper_schedule
 from epic.gradients import Examples, logit_embeddings
+from epic.protocol import RunFacts
 
 
 def low_confidence(logits: Tensor, labels: Tensor, threshold: float) -> Tensor:
@@ -24,12 +25,22 @@ def high_loss(logits: Tensor, labels: Tensor, threshold: float) -> Tensor:
 
 
 class _LogitRule(ScheduledDefense):
+    default_threshold: float  # when built by name
+
     def __init__(self, *, threshold: float, warmup: int = 10, every: int = 2,
                  until: int | None = None, num_examples: int | None = None,
                  batch_size: int = 512) -> None:
         super().__init__(warmup=warmup, every=every, until=until, num_examples=num_examples,
                          batch_size=batch_size)
         self.threshold = threshold
+
+    @classmethod
+    def for_run(cls, run: RunFacts, *, threshold: float | None = None,
+                warmup: int | None = None, every: int | None = None,
+                until: int | None = None) -> _LogitRule:
+        """The rule on EPIC's schedule (:func:`paper_schedule`)."""
+        return cls(threshold=cls.default_threshold if threshold is None else threshold,
+                   **paper_schedule(run, warmup=warmup, every=every, until=until))
 
     @staticmethod
     def rule(logits: Tensor, labels: Tensor, threshold: float) -> Tensor:
@@ -49,12 +60,14 @@ class LowestConfidence(_LogitRule):
     """Drop examples whose confidence in their own label is below ``threshold`` (paper: .25, .5)."""
 
     rule = staticmethod(low_confidence)
+    default_threshold = 0.5
 
 
 class HighestLoss(_LogitRule):
     """Drop examples whose loss exceeds ``threshold`` (paper: 1, 2)."""
 
     rule = staticmethod(high_loss)
+    default_threshold = 1.0
 
 
 class RandomDrop(ScheduledDefense):
@@ -68,6 +81,14 @@ class RandomDrop(ScheduledDefense):
             raise ValueError(f"fraction must be in [0, 1], got {fraction}")
         self.fraction = fraction
         self.generator = generator
+
+    @classmethod
+    def for_run(cls, run: RunFacts, *, drop_fraction: float = 0.01, warmup: int | None = None,
+                every: int | None = None, until: int | None = None) -> RandomDrop:
+        """``drop_fraction`` of the kept examples a round on EPIC's schedule
+        (:func:`paper_schedule`), drawn from the run's seed."""
+        return cls(fraction=drop_fraction, generator=torch.Generator().manual_seed(run.seed),
+                   **paper_schedule(run, warmup=warmup, every=every, until=until))
 
     def embed(self, model: nn.Module, data: Examples, keep: Tensor,
               features: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -9,7 +9,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from epic.defenses.base import paper_schedule
 from epic.defenses.filtering import FeatureFilter
+from epic.protocol import RunFacts
 
 
 def spectral_signature_scores(features: Tensor, labels: Tensor) -> Tensor:
@@ -52,6 +54,13 @@ class SpectralSignatures(FeatureFilter):
         super().__init__(**schedule)
         self.budget = budget
         self.overestimation = overestimation
+
+    @classmethod
+    def for_run(cls, run: RunFacts, *, budget: float = 0.01, warmup: int | None = None,
+                every: int | None = None, until: int | None = None) -> SpectralSignatures:
+        """One filtering round at ``warmup`` (default 10), expecting ``budget`` poisons."""
+        return cls(budget=budget, **paper_schedule(run, warmup=warmup, every=every,
+                                                   until=until, once=True))
 
     def outliers(self, features: Tensor, labels: Tensor, n: int) -> Tensor:
         per_class = math.ceil(self.overestimation * self.budget * n)

@@ -1,23 +1,24 @@
 """The training loop and its scenarios: from scratch, transfer learning, fine-tuning.
 
 One function, :func:`train`, runs SGD over an in-memory dataset with an optional defense
-(anything with ``due``/``update``/``keep_mask``, such as :class:`epic.EPIC`) and an optional
-poison set whose attack success it measures every epoch. With ``out`` it writes the resolved
-config, per-epoch metrics, defense records, a checkpoint each epoch (``resume=True`` continues
-from it) and a summary.
+(a :class:`epic.protocol.Defense`, such as :class:`epic.EPIC`, whose hooks it calls) and an
+optional poison set whose attack success it measures every epoch. With ``out`` it writes the
+resolved config, per-epoch metrics, defense records, a checkpoint each epoch (``resume=True``
+continues from it) and a summary.
 
 Where each part lives: ``config.py`` what a run is (:class:`TrainConfig`, :data:`Scenario`,
-:class:`TrainResult`, the :class:`Defense` protocol, :func:`prepare_model`, :func:`evaluate`);
-``loop.py`` the loop (:func:`train`); ``records.py`` the run's folder (config, metrics,
-defense records, checkpoints and the resume check, summary).
+:class:`TrainResult`, :func:`prepare_model`, :func:`evaluate`); ``loop.py`` the loop
+(:func:`train`); ``records.py`` the run's folder (config, metrics, defense records,
+checkpoints and the resume check, summary).
 """
 
+from epic.protocol import Defense
 from epic.train.config import (
-    Defense,
     RoundEmbeddings,
     Scenario,
     TrainConfig,
     TrainResult,
+    config_record,
     default_milestones,
     evaluate,
     prepare_model,
@@ -26,5 +27,5 @@ from epic.train.loop import train
 from epic.train.records import defense_records, provenance
 
 __all__ = ["Defense", "RoundEmbeddings", "Scenario", "TrainConfig", "TrainResult",
-           "default_milestones", "defense_records", "evaluate", "prepare_model", "provenance",
-           "train"]
+           "config_record", "default_milestones", "defense_records", "evaluate",
+           "prepare_model", "provenance", "train"]

@@ -1,39 +1,26 @@
-"""What a training run is: its hyperparameters (:class:`TrainConfig`), scenario, result, and
-what the trainer needs of a defense (:class:`Defense`); and the pieces of the pipeline around
-the loop: setting a pretrained model up for its scenario, and measuring accuracy.
+"""What a training run is: its hyperparameters (:class:`TrainConfig`), scenario and result;
+and the pieces of the pipeline around the loop: setting a pretrained model up for its scenario,
+and measuring accuracy. What the trainer needs of a defense is :class:`epic.protocol.Defense`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from epic.data import ImageData, iterate_batches
 from epic.models import Classifier, Scenario, eval_mode
 
-__all__ = ["Defense", "RoundEmbeddings", "Scenario", "TrainConfig", "TrainResult",
+__all__ = ["RoundEmbeddings", "Scenario", "TrainConfig", "TrainResult", "config_record",
            "default_milestones", "evaluate", "prepare_model"]
 
 # Where an EPIC round gets its gradients (see TrainConfig).
 RoundEmbeddings = Literal["eval", "train-pass"]
-
-
-class Defense(Protocol):
-    """What the trainer needs of a defense that drops training examples during training."""
-
-    keep_mask: Tensor | None
-
-    def due(self, epoch: int) -> bool: ...
-
-    def update(self, model: nn.Module, data: ImageData, epoch: int, *,
-               features: Tensor | None = None) -> Any: ...
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 def default_milestones(epochs: int) -> tuple[int, ...]:
@@ -49,9 +36,8 @@ class TrainConfig:
     """Hyperparameters of a run (defaults: the paper's CIFAR-10 pipeline).
 
     ``lr=None`` means 0.1, or 1e-4 when fine-tuning; ``milestones=None`` means
-    :func:`default_milestones`. ``grad_clip`` and ``grad_noise`` turn on the DP-SGD-style
-    gradient shaping the paper compares with (Hong et al. 2020): every mini-batch gradient is
-    clipped to norm ``grad_clip`` and gets Gaussian noise of std ``grad_clip * grad_noise``.
+    :func:`default_milestones`. Defenses, DP-SGD among them, are not settings of the run but
+    the ``defense`` of :func:`epic.train` (see :mod:`epic.defenses`).
 
     ``round_embeddings`` is how an EPIC round gets its gradients: ``"eval"`` (the paper's) by
     an eval-mode pass over the kept, un-augmented examples before the round;
@@ -75,8 +61,6 @@ class TrainConfig:
     gamma: float = 0.1
     augment: bool = True
     seed: int = 0
-    grad_clip: float | None = None
-    grad_noise: float = 0.0
     round_embeddings: RoundEmbeddings = "eval"
     eval_every: int = 1
 
@@ -89,6 +73,21 @@ class TrainConfig:
     @property
     def resolved_milestones(self) -> tuple[int, ...]:
         return self.milestones if self.milestones is not None else default_milestones(self.epochs)
+
+
+# Settings that TrainConfig had once, with the value that meant "off": the batch-level gradient
+# clipping and noise, now the "clip-noise" defense (epic.defenses.ClipNoise).
+RETIRED_SETTINGS: dict[str, Any] = {"grad_clip": None, "grad_noise": 0.0}
+
+
+def config_record(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of a :class:`TrainConfig` as a record of a run stored them
+    (:func:`dataclasses.asdict`), read today: settings added since take their defaults, and a
+    retired setting that was off is left out. A retired setting that was on stays, so the
+    record differs from every configuration of today (it ran something else)."""
+    fields = dataclasses.asdict(TrainConfig()) | dict(saved)
+    return {k: v for k, v in fields.items()
+            if not (k in RETIRED_SETTINGS and v == RETIRED_SETTINGS[k])}
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""The training loop: :func:`train` runs SGD epoch by epoch, with a defense's rounds before the
-epochs they are due for, attack success measured every epoch, and the run's files written
+"""The training loop: :func:`train` runs SGD epoch by epoch under a defense, calling its hooks
+(:class:`epic.protocol.Defense`: rounds before the epochs they are due for, batches,
+gradients), with attack success measured every epoch and the run's files written
 (:mod:`epic.train.records`) when it has a folder.
 """
 
@@ -24,7 +25,8 @@ from epic.distributed import world
 from epic.gradients import feature_embeddings
 from epic.models import Classifier
 from epic.poisons import PoisonSet
-from epic.train.config import Defense, TrainConfig, TrainResult, evaluate, prepare_model
+from epic.protocol import Defense, changes_batches
+from epic.train.config import TrainConfig, TrainResult, evaluate, prepare_model
 from epic.train.records import (
     check_same_run,
     defense_records,
@@ -52,7 +54,6 @@ def train(
     resume: bool = False,
     progress: bool = False,
     run_info: dict[str, Any] | None = None,
-    batch_transform: Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``train_data`` (poisoned by ``poisons`` if given) under ``defense``.
@@ -71,20 +72,36 @@ def train(
         model: a :class:`~epic.models.Classifier`; for transfer/fine-tuning, already loaded
             with pretrained weights (see :func:`prepare_model`, applied here).
         config: hyperparameters and scenario.
-        defense: e.g. :class:`epic.EPIC`; consulted before every epoch.
+        defense: any :class:`epic.protocol.Defense` (:class:`epic.EPIC`, the baselines and
+            DP-SGD of :mod:`epic.defenses`), its hooks called as that class describes; under
+            DP-SGD a model's trained batch-norm layers become group norms (see
+            :class:`epic.defenses.DPSGD`).
         poisons: a poison set; applied to ``train_data`` and its success measured each epoch.
         out: folder for ``config.json``, ``metrics.json``, ``defense.json``, ``checkpoint.pt``,
             ``model.pt`` and ``summary.json``.
         resume: continue from ``out/checkpoint.pt`` if it exists.
         progress: show a progress bar on stderr.
         run_info: extra facts to record in ``config.json`` (dataset, model name, ...).
-        batch_transform: ``(model, x, y) -> (x, y)`` applied to every augmented training
-            batch, e.g. :class:`epic.defenses.AdversarialPoisoning`.
         on_epoch_end: called with ``(epoch, metrics)`` after each epoch's checkpoint.
 
     Returns:
         :class:`TrainResult` with per-epoch metrics and the summary.
     """
+    try:
+        return _train(model, train_data, test_data, config, defense=defense, poisons=poisons,
+                      out=out, resume=resume, progress=progress, run_info=run_info,
+                      on_epoch_end=on_epoch_end)
+    finally:
+        if defense is not None:
+            defense.teardown()
+
+
+def _train(model: Classifier, train_data: ImageData, test_data: ImageData, config: TrainConfig,
+           *, defense: Defense | None, poisons: PoisonSet | None,
+           out: str | os.PathLike[str] | None, resume: bool, progress: bool,
+           run_info: dict[str, Any] | None,
+           on_epoch_end: Callable[[int, dict[str, Any]], None] | None) -> TrainResult:
+    """:func:`train`, without the defense's teardown."""
     device = next(model.parameters()).device
     rank, size = world()
     shard = (rank, size) if size > 1 else None
@@ -99,19 +116,21 @@ def train(
     scheduler = torch.optim.lr_scheduler.MultiStepLR(
         optimizer, milestones=list(config.resolved_milestones), gamma=config.gamma)
     generator = torch.Generator().manual_seed(config.seed)
-    noise = torch.Generator(device=device).manual_seed(config.seed + 1)
-    if config.grad_noise > 0 and config.grad_clip is None:
-        raise ValueError("grad_noise needs grad_clip (the noise scale is relative to the clip)")
     if config.eval_every < 1:
         raise ValueError(f"eval_every must be >= 1, got {config.eval_every}")
     augment = train_data.augment if config.augment else None
+    on_batch = defense.on_batch if defense is not None and changes_batches(defense) else None
     # A frozen body sees the same images every epoch unless they are augmented or transformed:
     # their features are computed once.
     cached = (feature_embeddings(model, train_data, device=device)[0]
-              if frozen_body and augment is None and batch_transform is None else None)
+              if frozen_body and augment is None and on_batch is None else None)
     # ... and so does the test set, every epoch: its features too are computed once.
     test_features = feature_embeddings(model, test_data, device=device) if frozen_body else None
     net = _data_parallel(model.classifier if frozen_body else model, device)
+    stepper: torch.optim.Optimizer = optimizer  # what steps; checkpoints hold `optimizer`
+    if defense is not None:
+        net, stepper = defense.setup(model, net, optimizer, num_examples=len(train_data),
+                                     batch_size=config.batch_size)
     metrics: list[dict[str, Any]] = []
     start_epoch, elapsed = 0, 0.0
     from_training = (config.round_embeddings == "train-pass" and shard is None
@@ -119,9 +138,8 @@ def train(
     recorded: tuple[Tensor, Tensor] | None = None  # the last epoch's (gradients, labels)
 
     identity = {"config": dataclasses.asdict(config) | {"milestones": config.resolved_milestones},
-                "defense": describe(defense), "batch_transform": describe(batch_transform),
-                "model": type(model).__name__, "examples": len(train_data),
-                "poisons": None if poisons is None else len(poisons)}
+                "defense": describe(defense), "model": type(model).__name__,
+                "examples": len(train_data), "poisons": None if poisons is None else len(poisons)}
     if resume and checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=True)
         check_same_run(checkpoint, json.loads(state.get("identity", "null")), identity)
@@ -129,7 +147,6 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
-        noise.set_state(state["noise"].cpu())
         if defense is not None and state["defense"] is not None:
             defense.load_state_dict(state["defense"])
         metrics = json.loads(state["metrics"])
@@ -142,7 +159,7 @@ def train(
         write_json(outp / "config.json", {
             "config": dataclasses.asdict(config) | {"lr": config.resolved_lr,
                                                    "milestones": config.resolved_milestones},
-            "defense": describe(defense), "batch_transform": describe(batch_transform),
+            "defense": describe(defense),
             "poisons": None if poisons is None else {
                 "count": len(poisons), "metadata": poisons.metadata},
             "device": str(device), "run": (run_info or {}) | provenance()})
@@ -172,9 +189,9 @@ def train(
         for x, y, idx in iterate_batches(train_data, batch_size=config.batch_size, keep=keep,
                                          shuffle=True, augment=augment, generator=generator,
                                          device=device, shard=shard):
-            if batch_transform is not None:
-                x, y = batch_transform(model, x, y)
-                if frozen_body:
+            if on_batch is not None:
+                x, y = on_batch(model, x, y)
+                if frozen_body:  # the hook may have put the whole model in one mode
                     model.body.eval()
             if cached is not None:
                 logits = net(cached[idx.to(device)])
@@ -187,11 +204,11 @@ def train(
             if recording:
                 recorded = _record_gradients(recorded, logits, y, idx, len(train_data))
             loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
+            stepper.zero_grad(set_to_none=True)
             loss.backward()
-            if config.grad_clip is not None:
-                _shape_gradients(params, config.grad_clip, config.grad_noise, noise)
-            optimizer.step()
+            if defense is not None:
+                defense.after_backward(params)
+            stepper.step()
             loss_sum += float(loss.detach()) * len(y)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
@@ -216,12 +233,14 @@ def train(
                 record["patch_free_success"] = poisons.success(model, test_data, patched=False)
             if keep is not None:
                 record["poisons_dropped"] = int((~keep[poisons.indices]).sum())
+        if defense is not None:
+            record |= defense.facts()
         elapsed += time.perf_counter() - t0
         record["seconds"] = round(elapsed, 3)
         metrics.append(record)
         if outp is not None:
-            save_checkpoint(outp, model, optimizer, scheduler, (generator, noise), defense, metrics,
-                        epoch, elapsed, identity)
+            save_checkpoint(outp, model, optimizer, scheduler, generator, defense, metrics,
+                            epoch, elapsed, identity)
             if defense is not None and record.get("defense_seconds") is not None:
                 write_json(outp / "defense.json", defense_records(defense, poisons))
         if bar is not None:
@@ -268,15 +287,3 @@ def _data_parallel(module: nn.Module, device: torch.device) -> nn.Module:
 def _head_accuracy(head: nn.Module, features: Tensor, labels: Tensor) -> float:
     """Accuracy of a last layer on precomputed features (a frozen body's test set)."""
     return int((head(features).argmax(1) == labels).sum()) / max(len(labels), 1)
-
-
-@torch.no_grad()
-def _shape_gradients(params: list[nn.Parameter], clip: float, noise_multiplier: float,
-                     generator: torch.Generator) -> None:
-    nn.utils.clip_grad_norm_(params, clip)
-    if noise_multiplier <= 0:
-        return
-    for p in params:
-        if p.grad is not None:
-            p.grad.add_(torch.randn(p.grad.shape, generator=generator, device=p.grad.device,
-                                    dtype=p.grad.dtype), alpha=clip * noise_multiplier)

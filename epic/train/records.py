@@ -6,7 +6,6 @@ run, ``metrics.json``, ``defense.json`` (the records of the defense's rounds), t
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import platform
@@ -20,7 +19,8 @@ from torch import nn
 
 from epic.files import replace_atomically
 from epic.poisons import PoisonSet
-from epic.train.config import Defense, TrainConfig
+from epic.protocol import Defense
+from epic.train.config import config_record
 
 __all__ = ["check_same_run", "defense_records", "describe", "provenance", "save_checkpoint",
            "summarize", "write_json"]
@@ -53,7 +53,11 @@ def check_same_run(checkpoint: Path, saved: dict[str, Any] | None,
         return
     current = json.loads(json.dumps(current))  # tuples as lists, as the checkpoint has them
     # a setting newer than the checkpoint had its default there
-    saved = saved | {"config": dataclasses.asdict(TrainConfig()) | saved.get("config", {})}
+    saved = saved | {"config": config_record(saved.get("config", {}))}
+    # a batch transform was once recorded apart from the defense; it is the defense now
+    transform = saved.pop("batch_transform", None)
+    if transform is not None and saved.get("defense") is None:
+        saved["defense"] = transform
     differences = []
     for group in sorted(saved.keys() | current.keys()):
         there, here = saved.get(group), current.get(group)
@@ -69,10 +73,12 @@ def check_same_run(checkpoint: Path, saved: dict[str, Any] | None,
 
 
 def describe(obj: object | None) -> dict[str, Any] | None:
+    """The class name and the plain settings (numbers, strings, None) of ``obj``; attributes
+    named with a leading underscore are its running state, not settings."""
     if obj is None:
         return None
-    settings = {k: v for k, v in vars(obj).items()
-                if isinstance(v, (int, float, str, bool, type(None)))}
+    settings = {k: v for k, v in vars(obj).items() if not k.startswith("_")
+                and isinstance(v, (int, float, str, bool, type(None)))}
     return {"name": type(obj).__name__} | settings
 
 
@@ -87,13 +93,13 @@ def defense_records(defense: Defense, poisons: PoisonSet | None = None
 
 def save_checkpoint(outp: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler,
-                generators: tuple[torch.Generator, torch.Generator], defense: Defense | None,
+                generator: torch.Generator, defense: Defense | None,
                 metrics: list[dict[str, Any]], epoch: int, elapsed: float,
                 identity: dict[str, Any]) -> None:
     write_json(outp / "metrics.json", metrics)
     state = {"identity": json.dumps(identity), "model": model.state_dict(),
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "generator": generators[0].get_state(), "noise": generators[1].get_state(),
+             "generator": generator.get_state(),
              "defense": None if defense is None else defense.state_dict(),
              "metrics": json.dumps(metrics), "epoch": epoch, "seconds": elapsed}
     replace_atomically(outp / "checkpoint.pt", lambda f: torch.save(state, f))
@@ -113,4 +119,6 @@ def summarize(metrics: list[dict[str, Any]], defense: Defense | None,
         summary["poisons_dropped"] = 0 if keep is None else int((~keep[poisons.indices]).sum())
         if poisons.trigger is not None:
             summary["patch_free_success"] = last.get("patch_free_success")
+    if defense is not None:
+        summary |= defense.facts()
     return summary
