@@ -198,6 +198,21 @@ def test_craft_cli_writes_a_loadable_set(tmp_path: Path, capsys) -> None:
     assert all("attack_success" in m for m in metrics)
 
 
+def test_craft_trains_its_clean_model_as_train_does(tmp_path: Path) -> None:
+    options = ["--subset", "200", "--test-subset", "50", "--epochs", "2", "--lr", "0.03",
+               "--weight-decay", "0.001", "--milestones", "1", "--batch-size", "64",
+               "--eval-every", "2", "--seed", "5", "--device", "cpu"]
+    assert main(["craft", "--attack", "patch", *options, "--out", str(tmp_path / "p")]) == 0
+    assert main(["train", *options, "--out", str(tmp_path / "t"), "--no-progress"]) == 0
+    crafted = json.loads((tmp_path / "p" / "clean_model" / "config.json").read_text())
+    trained = json.loads((tmp_path / "t" / "config.json").read_text())
+    assert crafted["config"] == trained["config"]
+    assert crafted["config"]["lr"] == 0.03 and crafted["config"]["milestones"] == [1]
+    clean = torch.load(tmp_path / "p" / "clean_model" / "model.pt", weights_only=True)
+    same = torch.load(tmp_path / "t" / "model.pt", weights_only=True)
+    assert torch.equal(clean["classifier.weight"], same["classifier.weight"])
+
+
 @pytest.mark.slow
 def test_demo_attack_works_and_epic_stops_it(capsys) -> None:
     rc = main(["demo", "--json"])

@@ -28,13 +28,14 @@ from epic.cli.common import (
     make_model,
     output_folder,
     pick_device,
+    train_config,
 )
 from epic.data import ImageData
 from epic.formats import export_benchmark, export_metapoison
 from epic.models import Classifier
 from epic.poisons import PoisonSet
 from epic.setups import resolve_target, victim_data
-from epic.train import TrainConfig, train
+from epic.train import train
 
 __all__ = ["add_craft_command", "craft_from_args"]
 
@@ -90,17 +91,16 @@ def add_craft_command(sub: Any) -> None:
 
 def _attacker_model(args: argparse.Namespace, train_data: ImageData, test_data: ImageData,
                     device: torch.device) -> Classifier:
-    scenario = args.scenario
-    args.scenario = "scratch" if args.pretrained is None else scenario
-    model = make_model(args, train_data, device)
-    args.scenario = scenario
-    if args.pretrained is None:
-        log.info("training the attacker's clean model for %d epochs", args.epochs)
-        result = train(model, train_data, test_data,
-                       TrainConfig(epochs=args.epochs, batch_size=args.batch_size,
-                                   augment=not args.no_augment, seed=args.seed),
-                       out=Path(args.out) / "clean_model", progress=args.progress)
-        log.info("clean model: test accuracy %.4f", result.summary["test_acc"])
+    """The model the attacker crafts against: --pretrained's weights, or else a clean model
+    trained from scratch as ``epic train`` would with the same training options."""
+    if args.pretrained is not None:
+        return make_model(args, train_data, device)
+    scratch = argparse.Namespace(**(vars(args) | {"scenario": "scratch"}))
+    model = make_model(scratch, train_data, device)
+    log.info("training the attacker's clean model for %d epochs", args.epochs)
+    result = train(model, train_data, test_data, train_config(scratch),
+                   out=Path(args.out) / "clean_model", progress=args.progress)
+    log.info("clean model: test accuracy %.4f", result.summary["test_acc"])
     return model
 
 
