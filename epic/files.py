@@ -1,15 +1,17 @@
-"""Writing files so that a crash never leaves half a file and a planted link is never followed."""
+"""Writing files so that a crash never leaves half a file and a planted link is never followed;
+reading JSON from strangers so that any failure is a ValueError naming the file."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-__all__ = ["replace_atomically", "temporary_beside"]
+__all__ = ["read_json", "replace_atomically", "temporary_beside"]
 
 
 @contextmanager
@@ -51,3 +53,13 @@ def replace_atomically(path: str | os.PathLike[str], write: Callable[[IO[bytes]]
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """The JSON document in ``path``; a ValueError naming the file if it is not one (also for
+    nesting too deep to decode, or bytes that are not UTF-8). OSError as ``open`` raises it."""
+    try:
+        return json.loads(Path(path).read_bytes())
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError too
+        raise ValueError(f"{path}: not readable JSON ({type(exc).__name__}: "
+                         f"{str(exc)[:160]})") from None

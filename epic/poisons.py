@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from epic.data import ImageData, iterate_batches
+from epic.files import read_json
 from epic.models import eval_mode
 from epic.npy import array_header, read_array
 
@@ -243,7 +244,7 @@ class PoisonSet:
         """
         folder = Path(path)
         try:
-            meta = json.loads((folder / "poisons.json").read_text())
+            meta = read_json(folder / "poisons.json")
             arrays = _read_arrays(folder / "poisons.npz", None if train is None else len(train))
         except (OSError, ValueError, zipfile.BadZipFile, zlib.error, EOFError) as exc:
             raise PoisonSetError(f"cannot read a poison set at {folder}: {exc}") from exc

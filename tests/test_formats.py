@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -199,3 +200,32 @@ def test_metapoison_round_trip(tmp_path: Path, kind: str) -> None:
     if kind == "relabelled":
         changed |= True
     assert torch.equal(got.indices, ps.indices[changed])
+
+
+def test_wrong_kinds_of_fields_are_refused_by_file_and_field(tmp_path: Path) -> None:
+    """Float indices were truncated, a sidecar without a key or a list for it was a KeyError
+    or TypeError, MetaPoison's float labels were cast: each is now an error naming both."""
+    train = _train(3)
+    ps = _poisons(train)
+    export_benchmark(ps, tmp_path, pil=False)
+    good = (tmp_path / "base_indices.pickle").read_bytes()
+    (tmp_path / "base_indices.pickle").write_bytes(pickle.dumps(np.array([0.5, 2.7, 4.0])))
+    refused = re.escape(f"{tmp_path}: base_indices.pickle must be integers")
+    with pytest.raises(PoisonSetError, match=refused):
+        import_benchmark(tmp_path, train)
+    (tmp_path / "base_indices.pickle").write_bytes(good)
+    for side, message in (('{"eps": 0.03}', "lacks 'target_class'"),
+                          ("[1, 2]", "must hold an object"),
+                          ('{"eps": 0.03, "target_class": "2", "adversarial_class": 1, '
+                           '"relabelled": false}', "'target_class' must be an integer")):
+        (tmp_path / "epic.json").write_text(side)
+        with pytest.raises(PoisonSetError, match=re.escape(f"{tmp_path}: epic.json {message}")):
+            import_benchmark(tmp_path, train)
+    path = tmp_path / "mp.pkl"
+    export_metapoison(ps, train, path)
+    with open(path, "rb") as f:
+        record = pickle.load(f)
+    record["ytrain"] = record["ytrain"].astype(np.float32)
+    path.write_bytes(pickle.dumps(record))
+    with pytest.raises(PoisonSetError, match=re.escape(f"{path}: 'ytrain' must be integers")):
+        import_metapoison(path, train)

@@ -170,3 +170,134 @@ def test_fractions_of_every_numeric_kind_and_no_booleans() -> None:
             find_isolated(x, y, bad)  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="fraction must be"):
             EPIC(bad)  # type: ignore[arg-type]
+
+
+# --- every hostile file through every reader, under a memory and a time limit -------------
+
+def _png(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` RGB pixels, with one byte of data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0"))
+            + chunk(b"IEND", b""))
+
+
+def _npz(members: dict[str, bytes]) -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            with zf.open(name, "w", force_zip64=True) as f:
+                f.write(data)
+    return buf.getvalue()
+
+
+def _npy_header(shape: tuple[int, ...], descr: str = "|u1") -> bytes:
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+def hostile_files(folder: Path, marker: Path) -> list[Path]:
+    """Files a stranger may hand over, written into ``folder``: code in pickles, forged
+    dtypes, exponential and deep nesting, small files that ask for gigabytes, broken archives
+    and images, JSON of the wrong shape. Running any of them must not create ``marker``."""
+    import numpy as np
+
+    from tests.test_safe_pickle import _ArrayOf, _Exploit, _ForgedDtype
+
+    nest: list[object] = []
+    for _ in range(60):
+        nest = [nest, nest]
+    f8 = b"cnumpy\ndtype\n(X\x02\x00\x00\x00f8tR"
+    huge = b"(J\x00\x00\x00\x40t"  # the tuple (2**30,)
+    files = {
+        "code.pkl": pickle.dumps({"data": _Exploit(str(marker))}, protocol=2),
+        "forged_dtype.pkl": pickle.dumps({"data": _ArrayOf(_ForgedDtype())}, protocol=2),
+        "shared_dag.pkl": pickle.dumps(nest),
+        "deep.pkl": b"(" * 200_000 + b"l" * 200_000 + b".",
+        "huge_array.pkl": b"cnumpy.core.multiarray\n_reconstruct\n(cnumpy\nndarray\n" + huge
+                          + f8 + b"tR.",
+        "huge_bytes.pkl": b"\x80\x04\x8e" + (1 << 40).to_bytes(8, "little") + b"x" * 16,
+        "huge_string.pkl": b"\x80\x04\x8d" + (1 << 40).to_bytes(8, "little") + b"x" * 16,
+        "huge_long.pkl": b"\x80\x02\x8b\xff\xff\xff\x7f" + b"\x01" * 16,
+        "truncated.pkl": pickle.dumps({"labels": list(range(100))})[:-20],
+        "wrong_types.pkl": pickle.dumps({"data": "text", "labels": None, "xtrain": 3,
+                                         "ytrain": [1.5], "poison_indices": "x"}),
+        "list_of_junk.pkl": pickle.dumps([(1, 2, 3), ("a", None), [None, "b"]]),
+        "float_indices.pkl": pickle.dumps(np.array([0.5, 1.7])),
+        "empty": b"",
+        "noise.bin": np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes(),
+        "zeros_2gib.npz": _npz({"images.npy": _npy_header((2**31,)) + b"\0" * 4096}),
+        "object_array.npz": _npz({"images.npy": _npy_header((4,), "|O") + b"\0" * 32}),
+        "short_data.npz": _npz({"images.npy": _npy_header((5, 3, 8, 8)) + b"\0" * 10,
+                                "labels.npy": _npy_header((5,), "<i8")}),
+        "cut.npz": _npz({"images.npy": _npy_header((5, 3, 8, 8)) + b"\0" * 960})[:-30],
+        "bomb.png": _png(65_000, 65_000),
+        "cut.png": _png(8, 8)[:30],
+        "list.json": b"[1, 2, 3]",
+        "empty_object.json": b"{}",
+        "deep.json": b"[" * 100_000 + b"]" * 100_000,
+        "huge_number.json": b'{"eps": 1e999999, "target_class": 99999999999999999999}',
+        "lines.jsonl": b'{}\n[]\n{"key": "k", "test_acc": null}\nnot json\n{"key"',
+    }
+    paths = []
+    for name, data in files.items():
+        path = folder / name
+        path.write_bytes(data)
+        paths.append(path)
+    return paths
+
+
+LOADERS = ["safe_load", "metapoison", "setups", "npz", "result_store", "model_weights", "cifar",
+           "benchmark", "poison_set", "image_folder"]
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_every_hostile_file_through_every_reader(loader: str, tmp_path: Path) -> None:
+    """Each reader either reads a file (or skips it, saying so) or refuses it with an error
+    that names it; never code run, a crash, a hang, a memory blow-up or a bare traceback."""
+    import json
+    import subprocess
+    import sys
+
+    marker = tmp_path / "pwned"
+    (tmp_path / "files").mkdir()
+    files = hostile_files(tmp_path / "files", marker)
+    script = Path(__file__).parent / "scripts" / "hostile_loaders.py"
+    root = Path(__file__).parent.parent
+    proc = subprocess.run(
+        [sys.executable, str(script), loader, str(tmp_path / "work"), *map(str, files)],
+        capture_output=True, text=True, timeout=600, cwd=root,
+        env=os.environ | {"PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    results = [r for r in lines if "outcome" in r]
+    started = [r for r in lines if "start" in r]
+    assert proc.returncode == 0, (f"the reader died (code {proc.returncode}) on "
+                                  f"{started[-1] if started else '?'}: {proc.stderr[-2000:]}")
+    assert len(results) == len(started) and len(results) >= len(files)
+    assert not marker.exists()
+    bad = []
+    for r in results:
+        where = r["slot"] or r["file"]
+        if r["outcome"] == "timeout":
+            bad.append(f"{r['file']} as {where}: no answer within the time limit")
+        elif r["outcome"] == "error":
+            # the path the reader was given, or within it the file that failed
+            named = r["target"] in r["message"] or (not r["slot"] and r["file"] in r["message"])
+            if not ({"ValueError", "OSError"} & set(r["bases"])) or not named:
+                bad.append(f"{r['file']} as {where}: {r['type']}: {r['message'][:200]}")
+    assert not bad, "\n".join(bad)

@@ -148,12 +148,15 @@ def _locate_cifar(name: str, spec: _CifarSpec, root: Path) -> Path | None:
 
 
 def _read_cifar_members(source: Path, spec: _CifarSpec) -> dict[str, dict[str, object]]:
+    """Every batch and the meta file of a CIFAR folder or archive, checked (see
+    :func:`_checked`)."""
     wanted = (*spec.train_files, *spec.test_files, spec.meta_file)
     out: dict[str, dict[str, object]] = {}
     if source.is_dir():
         for name in wanted:
             with open(source / name, "rb") as f:
-                out[name] = _as_batch(safe_load(f), name)
+                where = str(source / name)
+                out[name] = _checked(safe_load(f, name=where), where, spec, name)
         return out
     with tarfile.open(source, "r:gz") as tar:
         for member in tar.getmembers():
@@ -162,29 +165,44 @@ def _read_cifar_members(source: Path, spec: _CifarSpec) -> dict[str, dict[str, o
                 member_file = tar.extractfile(member)
                 if member_file is None:
                     raise ValueError(f"{source}: cannot read {member.name}")
-                out[base] = _as_batch(safe_load(member_file, name=f"{source}:{member.name}"),
-                                      base)
+                where = f"{source}:{member.name}"
+                out[base] = _checked(safe_load(member_file, name=where), where, spec, base)
     missing = set(wanted) - set(out)
     if missing:
         raise ValueError(f"{source} lacks {sorted(missing)}")
     return out
 
 
-def _as_batch(obj: object, name: str) -> dict[str, object]:
+def _checked(obj: object, where: str, spec: _CifarSpec, name: str) -> dict[str, object]:
+    """A batch (``data`` uint8 (N, 3072) and N integer labels) or the meta file (a list of
+    class names), with str keys; a ValueError naming ``where`` and the field otherwise."""
     if not isinstance(obj, dict):
-        raise ValueError(f"{name}: expected a dict, got {type(obj).__name__}")
-    return {k.decode() if isinstance(k, bytes) else str(k): v for k, v in obj.items()}
+        raise ValueError(f"{where}: expected a dict, got {type(obj).__name__}")
+    batch = {k.decode() if isinstance(k, bytes) else str(k): v for k, v in obj.items()}
+    if name == spec.meta_file:
+        names = batch.get(spec.names_key)
+        if not isinstance(names, list) or not all(isinstance(n, (str, bytes)) for n in names):
+            raise ValueError(f"{where}: '{spec.names_key}' must be a list of class names")
+        return batch
+    data, labels = batch.get("data"), batch.get(spec.label_key)
+    if (not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2
+            or data.shape[1] != 3072):
+        got = (f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray)
+               else type(data).__name__)
+        raise ValueError(f"{where}: 'data' must be a uint8 (N, 3072) array, got {got}")
+    if isinstance(labels, list) and all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in labels):
+        labels = np.array(labels, dtype=np.int64)
+    if (not isinstance(labels, np.ndarray) or labels.dtype.kind not in "iu"
+            or labels.shape != (len(data),)):
+        raise ValueError(f"{where}: '{spec.label_key}' must be {len(data)} integer labels")
+    batch[spec.label_key] = labels
+    return batch
 
 
-def _stack(batches: list[dict[str, object]], label_key: str, name: str) -> tuple[Tensor, Tensor]:
-    images, labels = [], []
-    for b in batches:
-        data = np.asarray(b["data"])
-        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-            raise ValueError(f"{name}: 'data' must be uint8 (N, 3072), got {data.dtype} "
-                             f"{data.shape}")
-        images.append(data.reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(b[label_key], dtype=np.int64))
+def _stack(batches: list[dict[str, object]], label_key: str) -> tuple[Tensor, Tensor]:
+    images = [np.asarray(b["data"]).reshape(-1, 3, 32, 32) for b in batches]
+    labels = [np.asarray(b[label_key], dtype=np.int64) for b in batches]
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
 
 
@@ -210,12 +228,11 @@ def load_cifar(
         source = download_cifar(name, rootp)
     batches = _read_cifar_members(source, spec)
     meta = batches[spec.meta_file]
-    classes = tuple(
-        n.decode() if isinstance(n, bytes) else str(n) for n in meta[spec.names_key]  # type: ignore[attr-defined]
-    )
+    classes = tuple(n.decode() if isinstance(n, bytes) else n
+                    for n in meta[spec.names_key])  # type: ignore[attr-defined]
     mean, std = _CIFAR_STATS[name]
-    train_x, train_y = _stack([batches[f] for f in spec.train_files], spec.label_key, name)
-    test_x, test_y = _stack([batches[f] for f in spec.test_files], spec.label_key, name)
+    train_x, train_y = _stack([batches[f] for f in spec.train_files], spec.label_key)
+    test_x, test_y = _stack([batches[f] for f in spec.test_files], spec.label_key)
     return (ImageData(train_x, train_y, classes, mean, std),
             ImageData(test_x, test_y, classes, mean, std))
 
