@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from epic import EPIC
 
-from .conftest import seeded_convnet
+from .conftest import check_epic_round, seeded_convnet
 
 L = pytest.importorskip("lightning.pytorch")
 from epic.integrations.lightning import EPICCallback  # noqa: E402
@@ -58,14 +58,19 @@ def test_callback_runs_rounds_on_schedule_and_trains_on_the_kept_examples(tiny_d
     trainer.fit(module, DataLoader(Indexed(x, train.labels), batch_size=16, shuffle=True))
     defense = callback.defense
     assert [r.epoch for r in defense.history] == [1, 2]
+    keep = torch.ones(len(train), dtype=torch.bool)
+    for r in defense.history:
+        check_epic_round(r, train.labels, keep, 0.5)
+        keep[r.dropped] = False
     assert len(defense.history[0].dropped) > 0
+    assert torch.equal(defense.dropped, (~keep).nonzero().squeeze(1))
     after = {1: defense.history[0].dropped, 2: defense.dropped, 3: defense.dropped}
     assert sorted(module.seen[0]) == list(range(len(train)))  # warmup: everything
     for epoch, gone in after.items():
         kept = sorted(set(range(len(train))) - set(gone.tolist()))
         assert sorted(module.seen[epoch]) == kept, epoch
-    assert trainer.callback_metrics["epic/remaining"] == defense.history[-1].remaining
-    assert trainer.callback_metrics["epic/dropped_total"] == len(defense.dropped)
+    assert trainer.callback_metrics["epic/remaining"] == int(keep.sum())
+    assert trainer.callback_metrics["epic/dropped_total"] == int((~keep).sum())
 
 
 def test_callback_checks_the_sizes(tiny_data) -> None:  # type: ignore[no-untyped-def]
