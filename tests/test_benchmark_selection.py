@@ -50,7 +50,7 @@ def test_a_phase_within_a_phase_counts_for_itself_only(monkeypatch) -> None:  # 
         inner()
 
     @timing.phase("choose")
-    def recursive(depth: int) -> None:  # as the engine's choose may call itself
+    def recursive(depth: int) -> None:  # a phase that calls itself
         now[0] += 1
         if depth:
             recursive(depth - 1)
