@@ -8,6 +8,7 @@ selection.
 
     python benchmarks/epoch_profile.py --json                    # CIFAR-10 subset if found
     python benchmarks/epoch_profile.py --model resnet18-small --json
+    python benchmarks/epoch_profile.py --embedding-variants --json  # other ways to embed
 
 With ``--json`` the last line is a JSON object with the settings, ``seconds`` per part and
 ``share`` of the epoch (the parts the trainer runs every epoch), and the round's parts as a
@@ -25,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch.nn import functional as F
 
 from epic.data import augment_batch, iterate_batches, load_dataset
@@ -40,6 +42,52 @@ def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - start, value
 
 
+def embedding_variants(model: torch.nn.Module, data: Any, fraction: float,
+                       sync: Callable[[], None]) -> dict[str, Any]:
+    """The round's embedding pass done other ways, each against the default (eval mode,
+    ``no_grad``, batches of 512, float32): seconds (best of 2), the largest difference of an
+    embedding, and the share of the default's dropped examples it drops too."""
+    def run(**kw: Any) -> tuple[float, Tensor]:
+        def once() -> Tensor:
+            grads = gradient_embeddings(model, data, **kw)[0]
+            sync()
+            return grads
+        once()  # warm-up
+        return min((_timed(once) for _ in range(2)), key=lambda r: r[0])
+
+    def drops(grads: Tensor) -> Tensor:
+        return find_isolated(grads, data.labels.to(grads.device), fraction).cpu()
+
+    base_s, base = run()
+    base_drop = drops(base)
+    out: dict[str, Any] = {"default_s": round(base_s, 3), "default_dropped": int(base_drop.sum())}
+    variants: dict[str, dict[str, Any]] = {
+        "batch_256": {"batch_size": 256}, "batch_1024": {"batch_size": 1024},
+        "batch_2048": {"batch_size": 2048}, "bfloat16_autocast": {"autocast": torch.bfloat16}}
+    if next(model.parameters()).is_cuda:
+        variants["float16_autocast"] = {"autocast": torch.float16}
+    for name, kw in variants.items():
+        seconds, grads = run(**kw)
+        out[name] = _compared(seconds, base_s, grads, base, drops(grads), base_drop)
+    with torch.inference_mode():
+        seconds, grads = run()
+    out["inference_mode"] = _compared(seconds, base_s, grads, base, drops(grads), base_drop)
+    model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    seconds, grads = run()
+    model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+    out["channels_last"] = _compared(seconds, base_s, grads, base, drops(grads), base_drop)
+    return out
+
+
+def _compared(seconds: float, base_s: float, grads: Tensor, base: Tensor, drop: Tensor,
+              base_drop: Tensor) -> dict[str, Any]:
+    shared = int((drop & base_drop).sum())
+    return {"s": round(seconds, 3), "vs_default": round(seconds / base_s, 3),
+            "max_abs_diff": float((grads.float() - base).abs().max()),
+            "dropped": int(drop.sum()),
+            "share_of_default_drops": round(shared / max(int(base_drop.sum()), 1), 3)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     have_cifar = bool(os.environ.get("EPIC_DATA_DIR"))
@@ -52,6 +100,9 @@ def main() -> None:
     p.add_argument("--fraction", type=float, default=0.1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--embedding-variants", action="store_true",
+                   help="also time the round's embedding pass other ways (batch sizes, "
+                        "inference_mode, channels-last, autocast) against the default")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
 
@@ -109,6 +160,8 @@ def main() -> None:
         "round_embed_s": round(embed_s, 3), "round_select_s": round(select_s, 3),
         "round_share_of_epoch": round((embed_s + select_s) / epoch, 3),
     }
+    if args.embedding_variants:
+        out["embedding_variants"] = embedding_variants(model, train_data, args.fraction, sync)
     if not args.json:
         for k, v in out.items():
             print(f"{k:>22}: {v}")

@@ -23,6 +23,7 @@ device); pass ``store="cpu"`` when ``N x C`` floats would crowd the accelerator.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sized
 from typing import Any, TypeAlias
 
@@ -149,16 +150,22 @@ def _batches(data: Examples, *, keep: Tensor | None, batch_size: int, device: to
 @torch.no_grad()
 def _embed(model: nn.Module, data: Examples, fn: Callable[[Any, Tensor], Tensor], *,
            keep: Tensor | None, batch_size: int, device: torch.device | str | None,
-           store: torch.device | str | None) -> tuple[Tensor, Tensor, Tensor]:
-    """``fn(x, y)`` for every kept example, with labels and dataset indices, in index order."""
+           store: torch.device | str | None, autocast: torch.dtype | None = None
+           ) -> tuple[Tensor, Tensor, Tensor]:
+    """``fn(x, y)`` for every kept example, with labels and dataset indices, in index order;
+    the model runs under ``torch.autocast`` to ``autocast`` when given."""
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
     store = device if store is None else torch.device(store)
     rows, labels, indices = [], [], []
+    mixed = (torch.autocast(device.type, dtype=autocast) if autocast is not None
+             else contextlib.nullcontext())
     with eval_mode(model):
         for x, y, idx in _batches(data, keep=keep, batch_size=batch_size, device=device):
-            rows.append(fn(x, y).to(store))
+            with mixed:
+                row = fn(x, y)
+            rows.append(row.float().to(store))
             labels.append(y.to(store))
             indices.append(idx)
     if not rows:
@@ -221,6 +228,7 @@ def gradient_embeddings(
     features: Tensor | None = None,
     logits_fn: LogitsFn | None = None,
     store: torch.device | str | None = None,
+    autocast: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Cross-entropy gradients w.r.t. the logits, ``softmax(z_i) - onehot(y_i)``, per example.
 
@@ -242,6 +250,10 @@ def gradient_embeddings(
             ``model.classifier`` runs (results on the features' device).
         logits_fn: ``logits_fn(model, x)`` gives the logits when ``model(x)`` does not.
         store: where the embeddings are collected (default: ``device``).
+        autocast: run the model under ``torch.autocast`` to this dtype (``torch.bfloat16``,
+            ``torch.float16`` on CUDA); the gradients are formed and kept in float32. Off by
+            default: on CPUs without bfloat16 arithmetic it is slower, not faster
+            (``benchmarks/epoch_profile.py --embedding-variants``).
 
     Returns:
         ``(grads, labels)``: ``(M, C)`` float32 and ``(M,)`` int64, rows in index order of the
@@ -261,7 +273,8 @@ def gradient_embeddings(
         return _from_features(model, data, features, _logit_gradients, keep)
     logits = _logits(model, logits_fn)
     grads, labels, _ = _embed(model, data, lambda x, y: _logit_gradients(logits(x), y),
-                              keep=keep, batch_size=batch_size, device=device, store=store)
+                              keep=keep, batch_size=batch_size, device=device, store=store,
+                              autocast=autocast)
     return grads, labels
 
 

@@ -184,3 +184,16 @@ def test_embeddings_can_be_collected_elsewhere(reference) -> None:  # type: igno
     got, labels = gradient_embeddings(model, as_tensors(train), store="meta")
     assert got.device.type == "meta" and labels.device.type == "meta"
     assert got.shape == grads.shape
+
+
+def test_autocast_runs_the_model_in_bfloat16_and_keeps_float32(reference) -> None:  # type: ignore[no-untyped-def]
+    train, model, grads, labels = reference
+    seen: list[torch.dtype] = []
+    hook = model.classifier.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    try:
+        got, got_labels = gradient_embeddings(model, train, autocast=torch.bfloat16)
+    finally:
+        hook.remove()
+    assert seen and set(seen) == {torch.bfloat16}  # the model did run in bfloat16
+    assert got.dtype == torch.float32 and torch.equal(got_labels, labels)
+    assert 0 < float((got - grads).abs().max()) < 0.05  # rounded, not another computation
