@@ -181,3 +181,30 @@ def test_a_round_records_its_embedding_time_apart(tiny_data) -> None:  # type: i
     resumed = EPIC(0.5, warmup=0, every=1)
     resumed.load_state_dict(defense.state_dict())
     assert resumed.history[0].embed_seconds == r.embed_seconds
+
+
+def test_cluster_all_clusters_the_dropped_too_and_drops_only_kept_ones() -> None:
+    """``cluster="all"`` (the authors' code): every round clusters every example, those
+    dropped before included, and newly drops the isolated medoids among the kept."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(200) % 2
+    x = torch.randn(200, 4, generator=g) * 0.05 + y[:, None].float()
+    far = torch.tensor([3, 8, 50, 51])
+    x[far] += torch.tensor([[4.0, 0, 0, 0], [0, 4.0, 0, 0], [0, 0, 4.0, 0], [0, 0, 0, 4.0]])
+    kept_only = EPIC(0.1, warmup=0, every=1)
+    everything = EPIC(0.1, warmup=0, every=1, cluster="all")
+    for d in (kept_only, everything):
+        first = d.update_from_embeddings(x, y, epoch=0)
+        assert set(far.tolist()) <= set(first.dropped.tolist())
+    assert torch.equal(kept_only.keep_mask, everything.keep_mask)  # the same first round
+    before = everything.keep_mask.clone()
+    x2 = x + 0.01 * torch.randn(x.shape, generator=g)
+    second = everything.update_from_embeddings(x2, y, epoch=1)
+    assert bool((second.cluster_size_of[~before] > 0).all())  # the dropped were clustered
+    want = find_isolated(x2, y, 0.1) & before  # isolated among all, newly dropped if kept
+    assert second.dropped.tolist() == want.nonzero().squeeze(1).tolist()
+    assert not bool(everything.keep_mask[~before].any())
+    assert bool((kept_only.update_from_embeddings(x2, y, epoch=1).cluster_size_of[~before]
+                 == 0).all())
+    with pytest.raises(ValueError, match="cluster must be one of"):
+        EPIC(0.1, cluster="some")  # type: ignore[arg-type]

@@ -140,6 +140,11 @@ class ScheduledDefense(Defense):
         positions, and extra fields for the round record."""
         raise NotImplementedError
 
+    def looks_at(self, keep: Tensor) -> Tensor:
+        """The examples a round embeds and decides on, given the keep-mask ``keep``: the kept
+        ones (a subclass may look at more; only kept ones are ever newly dropped)."""
+        return keep
+
     def choose(self, embeddings: Tensor, labels: Tensor, keep: Tensor
                ) -> tuple[Tensor, dict[str, Any]]:
         """Dataset indices to drop among ``keep`` (whose kept rows ``embeddings`` holds), and
@@ -169,17 +174,18 @@ class ScheduledDefense(Defense):
 
         def choose(keep: Tensor) -> tuple[Tensor, dict[str, Any]]:
             start = time.perf_counter()
+            seen = self.looks_at(keep)
             if size == 1:
-                rows, labels = self.embed(model, data, keep, features)
+                rows, labels = self.embed(model, data, seen, features)
             else:
-                rows, labels = self.embed(model, data, share_of(keep, rank, size), features)
-                rows, labels = gather_shares(rows, labels, int(keep.sum()))
+                rows, labels = self.embed(model, data, share_of(seen, rank, size), features)
+                rows, labels = gather_shares(rows, labels, int(seen.sum()))
             embedded = {"embed_seconds": time.perf_counter() - start}
             if size == 1:
-                dropped, extra = self.choose(rows, labels, keep)
+                dropped, extra = self.choose(rows, labels, seen)
             else:
                 dropped, extra = broadcast_from_first(
-                    self.choose(rows, labels, keep) if rank == 0 else None)
+                    self.choose(rows, labels, seen) if rank == 0 else None)
             return dropped, extra | embedded
 
         return self._round(epoch, n, choose)
@@ -193,6 +199,7 @@ class ScheduledDefense(Defense):
         elif self.keep_mask.shape != (n,):
             raise ValueError(f"keep_mask covers {self.keep_mask.numel()} examples, data has {n}")
         dropped, extra = choose(self.keep_mask)
+        dropped = dropped[self.keep_mask[dropped]]  # what was dropped before stays so
         self.keep_mask[dropped] = False
         record = self.record_type(epoch=epoch, dropped=dropped.sort().values,
                                   remaining=int(self.keep_mask.sum()),

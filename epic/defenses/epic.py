@@ -10,7 +10,7 @@ predictions the caller already has.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -116,6 +116,10 @@ class EpicRound(DropRound):
         return cls(**fields)
 
 
+#: Which examples a round clusters: those still kept, or all (see :class:`EPIC`).
+Cluster = Literal["kept", "all"]
+
+
 class EPIC(ScheduledDefense):
     """Effective Poison IdentifiCation (Yang et al., ICML 2022, Alg. 1).
 
@@ -137,6 +141,9 @@ class EPIC(ScheduledDefense):
             first round; otherwise it is None until then (None = keep everything).
         generator: randomness for ``method="stochastic"``.
         logits_fn: ``logits_fn(model, x)`` gives the logits when ``model(x)`` does not.
+        cluster: ``"kept"`` (default): each round clusters the examples still kept;
+            ``"all"``: every example, dropped ones included, as the authors' code does
+            (docs/defenses.md, "EPIC and the authors' code").
 
     Example:
         >>> defense = EPIC(fraction=0.1, warmup=10, every=2)
@@ -162,8 +169,12 @@ class EPIC(ScheduledDefense):
         num_examples: int | None = None,
         generator: torch.Generator | None = None,
         logits_fn: LogitsFn | None = None,
+        cluster: Cluster = "kept",
     ) -> None:
         fraction = as_fraction(fraction)
+        if cluster not in get_args(Cluster):
+            raise ValueError(f"cluster must be one of {get_args(Cluster)}, got {cluster!r}")
+        self.cluster = cluster
         super().__init__(warmup=warmup, every=every, until=until, num_examples=num_examples,
                          batch_size=batch_size)
         self.fraction = fraction
@@ -176,14 +187,20 @@ class EPIC(ScheduledDefense):
 
     record_type = EpicRound
 
+    def looks_at(self, keep: Tensor) -> Tensor:
+        """The kept examples, or with ``cluster="all"`` every example, dropped ones included
+        (they shape the clusters; only kept ones are dropped)."""
+        return torch.ones_like(keep) if self.cluster == "all" else keep
+
     @classmethod
     def for_run(cls, run: RunFacts, *, fraction: float = 0.1, warmup: int | None = None,
                 every: int | None = None, until: int | None = None, max_cluster_size: int = 1,
-                similarity: Similarity = "exp", per_class: PerClass = "proportional") -> EPIC:
+                similarity: Similarity = "exp", per_class: PerClass = "proportional",
+                cluster: Cluster = "kept") -> EPIC:
         """EPIC-``fraction`` on the paper's schedule (:func:`paper_schedule`), warming up for
         :func:`paper_warmup` epochs unless ``warmup`` says otherwise."""
         return cls(fraction, max_cluster_size=max_cluster_size, similarity=similarity,
-                   per_class=per_class, **paper_schedule(
+                   per_class=per_class, cluster=cluster, **paper_schedule(
                        run, warmup=paper_warmup(fraction) if warmup is None else warmup,
                        every=every, until=until))
 
@@ -216,9 +233,10 @@ class EPIC(ScheduledDefense):
                              f"{tuple(embeddings.shape)} and {tuple(labels.shape)}")
 
         def choose(keep: Tensor) -> tuple[Tensor, dict[str, Any]]:
-            rows = keep.to(embeddings.device)
+            seen = self.looks_at(keep)
+            rows = seen.to(embeddings.device)
             return self.choose(embeddings[rows].float(), labels.to(embeddings.device)[rows],
-                               keep)
+                               seen)
 
         return self._round(epoch, embeddings.shape[0], choose)
 
