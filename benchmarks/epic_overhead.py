@@ -8,6 +8,7 @@ it drops from every later epoch.
 
     python benchmarks/epic_overhead.py --json                    # CIFAR-10 subset if found
     python benchmarks/epic_overhead.py --subset 5000 --epochs 40 --json
+    python benchmarks/epic_overhead.py --eval-every 16 --json   # evaluate after the last only
     python benchmarks/epic_overhead.py --dataset digits --json
 
 With ``--json`` the last line is a JSON object: the settings, and per run
@@ -50,6 +51,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeat", type=int, default=3, help="side-by-side repeats")
+    p.add_argument("--eval-every", type=int, default=1,
+                   help="evaluate every N epochs and after the last (the trainer's option)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
 
@@ -73,7 +76,8 @@ def main() -> None:
                 num_examples=len(train_data))
             mode: RoundEmbeddings = (
                 "train-pass" if name == "epic_train_pass" else "eval")
-            config = TrainConfig(epochs=args.epochs, seed=args.seed, round_embeddings=mode)
+            config = TrainConfig(epochs=args.epochs, seed=args.seed, round_embeddings=mode,
+                                 eval_every=args.eval_every)
             start = time.perf_counter()
             result = train(copy.deepcopy(model), train_data, test_data, config, defense=defense)
             seconds = time.perf_counter() - start
@@ -91,6 +95,7 @@ def main() -> None:
     out: dict[str, Any] = {
         "dataset": args.dataset, "train_examples": len(train_data), "model": args.model,
         "epochs": args.epochs, "fraction": args.fraction, "warmup": warmup, "every": every,
+        "eval_every": args.eval_every,
         "repeat": args.repeat, "device": str(args.device), "threads": torch.get_num_threads()}
     for name, reps in runs.items():
         times = [r["seconds"] for r in reps]
