@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.nn import functional as F
 
 from epic.defenses import (
     ActivationClustering,
@@ -60,12 +59,14 @@ def test_activation_clustering_splits_off_the_small_cluster_only() -> None:
 
 def test_confidence_and_loss_rules_match_their_definitions() -> None:
     logits = torch.tensor([[2.0, 0.0], [0.0, 0.0], [-1.0, 3.0]])
-    labels = torch.tensor([0, 0, 0])
-    conf = torch.softmax(logits, 1)[:, 0]
-    assert low_confidence(logits, labels, 0.5).tolist() == (conf < 0.5).tolist()
-    loss = F.cross_entropy(logits, labels, reduction="none")
-    assert high_loss(logits, labels, 1.0).tolist() == (loss > 1.0).tolist() == [False, False,
-                                                                               True]
+    zeros, ones = torch.zeros(3, dtype=torch.long), torch.ones(3, dtype=torch.long)
+    # softmax of class 0: 0.88, 0.5 and 0.018 (class 1: the rest); the losses: -log of those
+    assert low_confidence(logits, zeros, 0.5).tolist() == [False, False, True]  # 0.5 is not < 0.5
+    assert low_confidence(logits, ones, 0.5).tolist() == [True, False, False]
+    assert low_confidence(logits, zeros, 0.9).tolist() == [True, True, True]
+    assert high_loss(logits, zeros, 1.0).tolist() == [False, False, True]  # 0.13, 0.69, 4.0
+    assert high_loss(logits, ones, 1.0).tolist() == [True, False, False]  # 2.1, 0.69, 0.018
+    assert high_loss(logits, zeros, 0.1).tolist() == [True, True, True]
 
 
 def test_random_drop_is_seeded_and_sized(tiny_data) -> None:  # type: ignore[no-untyped-def]
@@ -86,8 +87,9 @@ def test_filter_baselines_run_once_by_default() -> None:
     lambda n: DeepKNN(k=5, warmup=1, until=2, num_examples=n),
     lambda n: SpectralSignatures(budget=0.05, warmup=1, until=2, num_examples=n),
     lambda n: ActivationClustering(components=3, warmup=1, until=2, num_examples=n),
-    lambda n: LowestConfidence(threshold=0.5, warmup=1, every=1, num_examples=n),
-    lambda n: HighestLoss(threshold=1.0, warmup=1, every=1, num_examples=n),
+    # thresholds that some examples still miss after one epoch (at 0.5 and 1.0, none does)
+    lambda n: LowestConfidence(threshold=0.8, warmup=1, every=1, num_examples=n),
+    lambda n: HighestLoss(threshold=0.2, warmup=1, every=1, num_examples=n),
 ])
 def test_every_baseline_plugs_into_the_trainer(make, tiny_data) -> None:  # type: ignore[no-untyped-def]
     train_data, test_data = tiny_data
@@ -95,9 +97,13 @@ def test_every_baseline_plugs_into_the_trainer(make, tiny_data) -> None:  # type
     defense = make(len(train_data))
     result = train(model, train_data, test_data, TrainConfig(epochs=3, batch_size=16),
                    defense=defense)
-    assert len(defense.history) >= 1 and defense.history[0].epoch == 1
-    assert result.summary["examples_dropped"] == int((~defense.keep_mask).sum())
-    assert result.metrics[-1]["trained_on"] == int(defense.keep_mask.sum())
+    # the filters run once, before epoch 1; the logit rules before every epoch from 1 on
+    assert [r.epoch for r in defense.history] == ([1] if defense.until == 2 else [1, 2])
+    dropped = 0
+    for epoch, m in enumerate(result.metrics):  # each epoch trains on what is left by then
+        dropped += sum(len(r.dropped) for r in defense.history if r.epoch == epoch)
+        assert m["trained_on"] == len(train_data) - dropped, epoch
+    assert result.summary["examples_dropped"] == dropped == int((~defense.keep_mask).sum())
 
 
 def test_clip_noise_bounds_the_batch_step_and_its_noise_is_seeded(tiny_data) -> None:  # type: ignore[no-untyped-def]
