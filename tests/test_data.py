@@ -30,8 +30,20 @@ def test_digits_split_is_stratified_and_fixed() -> None:
     train, test = load_digits()
     assert len(train) + len(test) == 1797
     assert train.images.dtype == torch.uint8 and train.shape == (1, 8, 8)
-    counts = torch.bincount(test.labels, minlength=10)
-    assert counts.min() >= 40 and counts.max() <= 50
+    # a quarter of each class's 178, 182, 177, 183, 181, 182, 181, 179, 174 and 180 images
+    per_class = [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+    assert torch.bincount(test.labels).tolist() == [44, 46, 44, 46, 45, 46, 45, 45, 44, 45]
+    assert (torch.bincount(train.labels) + torch.bincount(test.labels)).tolist() == per_class
+    # every image exactly once, in one of the two
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    everything = sorted(tuple(x.flatten().tolist()) + (int(y),) for x, y in zip(
+        torch.cat([train.images, test.images]), torch.cat([train.labels, test.labels]),
+        strict=True))
+    raw = sklearn_digits()
+    pixels = np.round(raw.images * (255 / 16)).astype(np.uint8).reshape(1797, 64)
+    assert everything == sorted(tuple(x.tolist()) + (int(y),) for x, y in zip(
+        pixels, raw.target, strict=True))
     again, _ = load_digits()
     assert torch.equal(train.images, again.images)
     assert test.mean == train.mean
