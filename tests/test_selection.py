@@ -183,13 +183,18 @@ def test_stochastic_reproducible_with_generator() -> None:
     assert facility_location_value(x, y, a.indices) >= 0.97 * exact
 
 
-def test_pinned_selection_on_toy_problem() -> None:
-    # Class 0: groups of 4 and 3 points and a loner; class 1: two groups of 3 (no exact ties).
+def toy_problem() -> tuple[torch.Tensor, torch.Tensor]:
+    """Class 0: groups of 4 and 3 points and a loner; class 1: two groups of 3 (no exact
+    ties)."""
     x = torch.tensor(
         [[0.0, 0.0], [0.4, 0.1], [0.2, 0.7], [1.0, 0.9], [5.0, 5.2], [5.3, 4.6], [4.1, 5.5],
          [9.0, 0.3], [2.0, 2.0], [2.6, 1.7], [3.1, 2.4], [7.5, 8.0], [7.9, 7.2], [8.6, 7.7]]
     )  # fmt: skip
-    y = torch.tensor([0] * 8 + [1] * 6)
+    return x, torch.tensor([0] * 8 + [1] * 6)
+
+
+def test_pinned_selection_on_toy_problem() -> None:
+    x, y = toy_problem()
     med = select_medoids(x, y, 0.3)  # k = 3 and 2
     assert med.indices.tolist() == [1, 4, 7, 9, 12]
     assert med.assignment.tolist() == [1, 1, 1, 1, 4, 4, 4, 7, 9, 9, 9, 12, 12, 12]
@@ -208,13 +213,11 @@ def test_planted_isolated_points_are_found(row_order: None) -> None:
 
 
 def test_find_isolated_threshold() -> None:
-    x, y = blobs(300, 3, 4, seed=5)
-    med = select_medoids(x, y, 0.2)
-    for size in (1, 2, 5):
-        drop = find_isolated(x, y, 0.2, max_cluster_size=size)
-        expected = torch.zeros(300, dtype=torch.bool)
-        expected[med.indices[med.cluster_sizes <= size]] = True
-        assert torch.equal(drop, expected)
+    # the toy problem's medoids 1, 4, 7, 9 and 12 hold clusters of 4, 3, 1, 3 and 3 rows
+    x, y = toy_problem()
+    flagged = {size: find_isolated(x, y, 0.3, max_cluster_size=size).nonzero().flatten()
+               .tolist() for size in (1, 2, 3, 4)}
+    assert flagged == {1: [7], 2: [7], 3: [4, 7, 9, 12], 4: [1, 4, 7, 9, 12]}
 
 
 def test_invariants_and_budgets() -> None:
