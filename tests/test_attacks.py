@@ -24,6 +24,8 @@ from epic.models import Classifier, build_model
 from epic.poisons import PoisonSet, PoisonSetError
 from epic.train import TrainConfig, train
 
+from .conftest import seeded_convnet
+
 
 @pytest.fixture(scope="module")
 def digits() -> tuple[ImageData, ImageData]:
@@ -148,6 +150,20 @@ def test_patch_backdoor(digits, clean_label: bool) -> None:
     diff = (ps.images != tr.images[ps.indices]).any(1)
     assert int(diff.flatten(1).sum(1).max()) <= ps.trigger.shape[1] * ps.trigger.shape[2]
     ps.validate(tr)
+
+
+def test_a_planted_patch_backdoor_works_with_its_patch_only(digits) -> None:
+    """BadNets on digits: 40 training 2s get the patch and the label 6. The victim calls most
+    patched test 2s a 6 and the same 2s without the patch not; a model trained without the
+    poisons calls none of the patched 2s a 6."""
+    tr, te = digits
+    ps = PatchBackdoor(budget=40).craft(None, tr, 2, 6, seed=0)
+    config = TrainConfig(epochs=8, batch_size=64, lr=0.05)
+    poisoned = train(seeded_convnet(tr), tr, te, config, poisons=ps).summary
+    assert poisoned["attack_success"] > 0.7 and poisoned["patch_free_success"] < 0.1  # .84, 0
+    clean = train(seeded_convnet(tr), tr, te, config)
+    assert ps.success(clean.model, te) < 0.1  # 0
+    assert poisoned["test_acc"] > 0.9 and clean.summary["test_acc"] > 0.9
 
 
 def test_make_trigger_is_seeded() -> None:
