@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,14 +64,23 @@ def test_run_trials_resumes_and_reports(tiny_data, tmp_path) -> None:  # type: i
     first = run_trials([tmp_path / "p"], ["none", "epic-0.3"], **kwargs)  # type: ignore[arg-type]
     assert [r["defense"] for r in first] == ["none", "epic-0.3"]
     assert first[0]["attack"] == "copy" and first[0]["examples_dropped"] == 0
-    assert first[1]["examples_dropped"] > 0
+    # the EPIC trial's counts are those of the rounds in its run folder
+    rounds = json.loads((Path(first[1]["run_dir"]) / "defense.json").read_text())
+    assert [r["epoch"] for r in rounds] == [1]  # until the last milestone (2)
+    gone = {i for r in rounds for i in r["dropped"]}
+    assert first[1]["examples_dropped"] == len(gone) > 0
+    assert first[1]["poisons_dropped"] == len(gone & {0, 3, 6})
     assert run_trials([tmp_path / "p"], ["none", "epic-0.3"], **kwargs) == []  # type: ignore[arg-type]
     page = write_report(store.load(), tmp_path / "report")
     assert "<table>" in page.read_text()
     assert {p.name for p in (tmp_path / "report").iterdir()} >= {
         "summary.md", "summary.json", "success_vs_time.png", "cluster_sizes.png",
         "drop_curve.png", "report.html"}
-    assert len(json.loads((tmp_path / "report" / "summary.json").read_text())) == 2
+    rows = {r["defense"]: r for r in json.loads(
+        (tmp_path / "report" / "summary.json").read_text())}
+    assert sorted(rows) == ["epic-0.3", "none"] and rows["none"]["n"] == rows["epic-0.3"]["n"] == 1
+    assert rows["epic-0.3"]["examples_dropped"] == pytest.approx(len(gone) / 60)  # a share
+    assert rows["none"]["test_acc"] == first[0]["test_acc"]
     # zero epochs is another trial, with nothing measured: stored, skipped on a rerun, reported
     zero = run_trials([tmp_path / "p"], ["none", "epic-0.3"],  # type: ignore[arg-type]
                       **kwargs | {"config": TrainConfig(epochs=0, batch_size=16)})
