@@ -103,8 +103,11 @@ def test_epic_train_takes_the_distributed_path_under_torchrun(tmp_path) -> None:
     assert len([line for line in lines if line.startswith("test accuracy")]) == 1  # rank 0 only
     summary = json.loads(lines[-1])
     config = json.loads((tmp_path / "config.json").read_text())
-    assert summary["epochs"] == 3 and summary["examples_dropped"] > 0
     rounds = json.loads((tmp_path / "defense.json").read_text())
+    assert [r["epoch"] for r in rounds] == [1]  # until the last milestone (2)
+    assert summary["epochs"] == 3
+    assert summary["examples_dropped"] == sum(len(r["dropped"]) for r in rounds) > 0
+    assert rounds[-1]["remaining"] == 1347 - summary["examples_dropped"]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     remaining = rounds[-1]["remaining"]
     assert metrics[2]["trained_on"] == remaining - remaining % 2  # both ranks' shares
