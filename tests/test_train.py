@@ -75,10 +75,13 @@ def test_transfer_trains_only_the_new_last_layer(tiny_data) -> None:  # type: ig
     train_data, test_data = tiny_data
     model = seeded_convnet(train_data)
     body = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("classif")}
+    heads: list[torch.Tensor] = []
     result = train(model, train_data, test_data, TrainConfig(epochs=2, scenario="transfer",
-                                                             batch_size=16))
+                                                             batch_size=16),
+                   on_epoch_end=lambda epoch, _: heads.append(model.classifier.weight.clone()))
     after = model.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in body.items())  # BN statistics included
+    assert not torch.equal(heads[0], heads[1])  # while the new head learns
     # the per-epoch accuracy, read off the test features computed once, is the model's
     assert result.metrics[-1]["test_acc"] == evaluate(model, test_data)
 
