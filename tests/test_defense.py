@@ -141,9 +141,12 @@ def test_find_poisons_flags_isolated_gradients_numpy_in_numpy_out() -> None:
     flagged = find_poisons(y.numpy(), probs.numpy(), 0.1)
     assert isinstance(flagged, np.ndarray) and flagged.dtype == bool and flagged.shape == (120,)
     assert flagged[[10, 50]].all() and flagged.sum() < 12
-    # the same as EPIC's own selection on the same embeddings, and torch in gives torch out
-    same = find_isolated(probs - torch.eye(3)[y], y, 0.1)
-    assert torch.equal(find_poisons(y, probs, 0.1), same)
+    # torch in gives torch out, the same flags; and they are what an EPIC round drops
+    from_torch = find_poisons(y, probs, 0.1)
+    assert isinstance(from_torch, torch.Tensor)
+    assert torch.equal(from_torch, torch.from_numpy(flagged))
+    round_ = EPIC(0.1, warmup=0, every=1).update_from_embeddings(probs - torch.eye(3)[y], y, 0)
+    assert round_.dropped.tolist() == np.flatnonzero(flagged).tolist()
     with pytest.raises(ValueError, match="sum to 1"):
         find_poisons(y, logits, 0.1)
     with pytest.raises(ValueError, match=r"labels must lie in 0\.\.2"):
