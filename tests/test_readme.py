@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -60,7 +61,10 @@ def test_readme_ddp_example_runs_under_torchrun() -> None:
          str(README.parent / "examples" / "ddp.py")], capture_output=True, text=True,
         timeout=300, env=os.environ | {"EPOCHS": "8"})
     assert run.returncode == 0, run.stderr[-3000:]
-    assert re.search(r"dropped \d+ of 1797", run.stdout), run.stdout
+    found = re.search(r"dropped (\d+) of 1797: (\[[\d, ]*\])", run.stdout)
+    assert found, run.stdout
+    indices = json.loads(found[2])
+    assert int(found[1]) == len(set(indices)) > 0 and all(0 <= i < 1797 for i in indices)
 
 
 def test_readme_setup_commands_come_first() -> None:
