@@ -8,6 +8,7 @@ selection.
 
     python benchmarks/epoch_profile.py --json                    # CIFAR-10 subset if found
     python benchmarks/epoch_profile.py --model resnet18-small --json
+    python benchmarks/epoch_profile.py --channels-last --json    # the trainer's option
     python benchmarks/epoch_profile.py --embedding-variants --json  # other ways to embed
 
 With ``--json`` the last line is a JSON object with the settings, ``seconds`` per part and
@@ -29,7 +30,13 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from epic.data import augment_batch, iterate_batches, load_dataset
+from epic.data import (
+    augment_batch,
+    channels_last_on_cpu,
+    inference_batch_size,
+    iterate_batches,
+    load_dataset,
+)
 from epic.gradients import gradient_embeddings
 from epic.models import build_model
 from epic.selection import find_isolated
@@ -45,7 +52,8 @@ def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 def embedding_variants(model: torch.nn.Module, data: Any, fraction: float,
                        sync: Callable[[], None]) -> dict[str, Any]:
     """The round's embedding pass done other ways, each against the default (eval mode,
-    ``no_grad``, batches of 512, float32): seconds (best of 2), the largest difference of an
+    ``no_grad``, float32, batches of :func:`epic.data.inference_batch_size`, channels-last
+    input on the CPU): seconds (best of 2), the largest difference of an
     embedding, and the share of the default's dropped examples it drops too."""
     def run(**kw: Any) -> tuple[float, Tensor]:
         def once() -> Tensor:
@@ -62,8 +70,9 @@ def embedding_variants(model: torch.nn.Module, data: Any, fraction: float,
     base_drop = drops(base)
     out: dict[str, Any] = {"default_s": round(base_s, 3), "default_dropped": int(base_drop.sum())}
     variants: dict[str, dict[str, Any]] = {
-        "batch_256": {"batch_size": 256}, "batch_1024": {"batch_size": 1024},
-        "batch_2048": {"batch_size": 2048}, "bfloat16_autocast": {"autocast": torch.bfloat16}}
+        **{f"batch_{b}": {"batch_size": b} for b in (64, 128, 256, 512, 1024)
+           if b != inference_batch_size(next(model.parameters()).device)},
+        "bfloat16_autocast": {"autocast": torch.bfloat16}}
     if next(model.parameters()).is_cuda:
         variants["float16_autocast"] = {"autocast": torch.float16}
     for name, kw in variants.items():
@@ -97,6 +106,8 @@ def main() -> None:
     p.add_argument("--test-subset", type=int, default=10000, help="test examples evaluated")
     p.add_argument("--model", default="convnet")
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--channels-last", action="store_true",
+                   help="training batches in channels-last format (the trainer's option)")
     p.add_argument("--fraction", type=float, default=0.1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -139,6 +150,8 @@ def main() -> None:
         lap("batches")
         x = augment_batch(x, train_data.augment, generator=generator)
         lap("augment")
+        if args.channels_last:
+            x = channels_last_on_cpu(x)
         optimizer.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
         lap("forward_backward")
@@ -153,6 +166,7 @@ def main() -> None:
     out = {
         "dataset": args.dataset, "train_examples": len(train_data),
         "test_examples": len(test_data), "model": args.model, "batch_size": args.batch_size,
+        "channels_last": args.channels_last,
         "device": str(device), "threads": torch.get_num_threads(),
         "epoch_s": round(epoch, 2),
         "seconds": {k: round(v, 3) for k, v in parts.items()},

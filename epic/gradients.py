@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
-from epic.data import ImageData, iterate_batches
+from epic.data import ImageData, channels_last_on_cpu, inference_batch_size, iterate_batches
 from epic.models import eval_mode
 
 __all__ = ["Examples", "LogitsFn", "feature_embeddings", "gradient_embeddings",
@@ -151,7 +151,7 @@ def _batches(data: Examples, *, keep: Tensor | None, batch_size: int, device: to
 
 @torch.no_grad()
 def _embed(model: nn.Module, data: Examples, fn: Callable[[Any, Tensor], Tensor], *,
-           keep: Tensor | None, batch_size: int, device: torch.device | str | None,
+           keep: Tensor | None, batch_size: int | None, device: torch.device | str | None,
            store: torch.device | str | None, autocast: torch.dtype | None = None
            ) -> tuple[Tensor, Tensor, Tensor]:
     """``fn(x, y)`` for every kept example, with labels and dataset indices, in index order;
@@ -160,16 +160,14 @@ def _embed(model: nn.Module, data: Examples, fn: Callable[[Any, Tensor], Tensor]
         device = next(model.parameters()).device
     device = torch.device(device)
     store = device if store is None else torch.device(store)
+    batch_size = batch_size or inference_batch_size(device)
     rows, labels, indices = [], [], []
     mixed = (torch.autocast(device.type, dtype=autocast) if autocast is not None
              else contextlib.nullcontext())
     with eval_mode(model):
         for x, y, idx in _batches(data, keep=keep, batch_size=batch_size, device=device):
-            if device.type == "cpu" and isinstance(x, Tensor) and x.dim() == 4:
-                # Convolutions on the CPU run 1.4-1.7x faster on channels-last input
-                # (benchmarks/epoch_profile.py --embedding-variants); the values agree to
-                # float32 rounding.
-                x = x.contiguous(memory_format=torch.channels_last)
+            if isinstance(x, Tensor):
+                x = channels_last_on_cpu(x)
             with mixed:
                 row = fn(x, y)
             rows.append(row.float().to(store))
@@ -230,7 +228,7 @@ def gradient_embeddings(
     data: Examples,
     *,
     keep: Tensor | None = None,
-    batch_size: int = 512,
+    batch_size: int | None = None,
     device: torch.device | str | None = None,
     features: Tensor | None = None,
     logits_fn: LogitsFn | None = None,
@@ -251,6 +249,8 @@ def gradient_embeddings(
         data: the examples: an ImageData, a map-style Dataset, or an iterable of batches.
         keep: optional bool mask ``(N,)`` over the training set; only those examples are
             embedded.
+        batch_size: examples per batch (default: :func:`epic.data.inference_batch_size` of
+            the device; a DataLoader keeps its own).
         device: where to run (default: the model's device).
         features: optional ``model.features`` of every example of an ImageData, ``(N, F)``,
             computed once for a frozen body (transfer learning); then only
@@ -290,7 +290,7 @@ def feature_embeddings(
     data: Examples,
     *,
     keep: Tensor | None = None,
-    batch_size: int = 512,
+    batch_size: int | None = None,
     device: torch.device | str | None = None,
     features: Tensor | None = None,
     store: torch.device | str | None = None,
@@ -312,7 +312,7 @@ def logit_embeddings(
     data: Examples,
     *,
     keep: Tensor | None = None,
-    batch_size: int = 512,
+    batch_size: int | None = None,
     device: torch.device | str | None = None,
     features: Tensor | None = None,
     logits_fn: LogitsFn | None = None,

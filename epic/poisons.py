@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from epic.data import ImageData, iterate_batches
+from epic.data import ImageData, channels_last_on_cpu, inference_batch_size, iterate_batches
 from epic.files import read_json
 from epic.models import eval_mode
 from epic.npy import array_header, read_array
@@ -218,8 +218,9 @@ class PoisonSet:
         device = next(model.parameters()).device
         hits = 0
         with eval_mode(model):
-            for x, y, _ in iterate_batches(probe, batch_size=500, device=device):
-                hits += int((model(x).argmax(1) == y).sum())
+            for x, y, _ in iterate_batches(probe, batch_size=inference_batch_size(device),
+                                           device=device):
+                hits += int((model(channels_last_on_cpu(x)).argmax(1) == y).sum())
         return hits / len(images)
 
     def save(self, path: str | os.PathLike[str]) -> Path:

@@ -136,7 +136,7 @@ def scan(
     max_cluster_size: int = 1,
     similarity: Similarity = "exp",
     per_class: PerClass = "proportional",
-    batch_size: int = 512,
+    batch_size: int | None = None,
     files: Sequence[str] | None = None,
     skipped: Sequence[Skipped] = (),
 ) -> ScanResult:

@@ -9,7 +9,14 @@ from torch import nn
 from epic.data import ImageData
 from epic.defenses import EPIC, Defense
 from epic.poisons import PoisonSet
-from epic.train import TrainConfig, default_milestones, evaluate, prepare_model, train
+from epic.train import (
+    TrainConfig,
+    config_record,
+    default_milestones,
+    evaluate,
+    prepare_model,
+    train,
+)
 
 from .conftest import check_epic_round, seeded_convnet
 
@@ -267,3 +274,26 @@ def test_evaluating_every_few_epochs_and_after_the_last(tiny_data, tmp_path) -> 
         train(seeded_convnet(train_data), train_data, test_data, cfg, out=tmp_path, resume=True)
     train(seeded_convnet(train_data), train_data, test_data,
           TrainConfig(epochs=5, lr=0.05, batch_size=16, seed=3), out=tmp_path, resume=True)
+
+
+def test_channels_last_training_batches_are_channels_last_and_recorded(tiny_data, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    train_data, test_data = tiny_data
+    layouts: dict[bool, set[tuple[bool, bool]]] = {}
+    for channels_last in (False, True):
+        model = seeded_convnet(train_data)
+        seen = layouts.setdefault(channels_last, set())
+        model.register_forward_pre_hook(lambda m, args, seen=seen: seen.add(
+            (m.training, args[0].is_contiguous(memory_format=torch.channels_last)
+             and not args[0].is_contiguous())))
+        out = tmp_path / str(channels_last)
+        result = train(model, train_data, test_data,
+                       TrainConfig(epochs=2, lr=0.05, batch_size=16, channels_last=channels_last),
+                       out=out)
+        assert result.summary["test_acc"] >= 0.6
+        config = json.loads((out / "config.json").read_text())["config"]
+        assert config["channels_last"] is channels_last
+    # eval passes (test accuracy) are channels-last on the CPU either way; training batches
+    # only with the setting
+    assert layouts == {False: {(True, False), (False, True)}, True: {(True, True), (False, True)}}
+    # a run stored before the setting existed trained without it
+    assert config_record({"epochs": 2})["channels_last"] is False

@@ -114,8 +114,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_fit_args(g: argparse._ArgumentGroup) -> None:
-    """--epochs, --lr, --batch-size, --weight-decay, --milestones, --no-augment, --seed,
-    --device: what :func:`train_config` and :func:`pick_device` read."""
+    """--epochs, --lr, --batch-size, --weight-decay, --channels-last, --milestones,
+    --no-augment, --seed, --device: what :func:`train_config` and :func:`pick_device` read."""
     g.add_argument("--epochs", type=at_least(1), default=40, help="training epochs (default: 40)")
     g.add_argument("--eval-every", type=at_least(1), default=1, metavar="N",
                    help="test accuracy and attack success every N epochs and after the last "
@@ -125,6 +125,9 @@ def add_fit_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--batch-size", type=at_least(1), default=128,
                    help="mini-batch size (default: 128)")
     g.add_argument("--weight-decay", type=number(0), default=5e-4, help="default: 5e-4")
+    g.add_argument("--channels-last", action="store_true",
+                   help="train on channels-last batches: 1.2-1.4x faster convolutional steps "
+                        "on the CPU, with weights that round differently from a run without")
     g.add_argument("--milestones", type=at_least(1), nargs="*", default=None,
                    help="epochs where lr drops by 10 (default: 100 150 for 200 epochs, "
                         "else 25/40 and 35/40 of the epochs)")
@@ -244,4 +247,5 @@ def train_config(args: argparse.Namespace, **settings: Any) -> TrainConfig:
                        batch_size=args.batch_size, weight_decay=args.weight_decay,
                        milestones=tuple(args.milestones) if args.milestones is not None
                        else None, augment=not args.no_augment, seed=args.seed,
-                       eval_every=args.eval_every, **settings)
+                       eval_every=args.eval_every, channels_last=args.channels_last,
+                       **settings)

@@ -17,13 +17,22 @@ from epic.data.datasets import (
     load_dataset,
     load_digits,
 )
-from epic.data.imagedata import Augment, ImageData, augment_batch, iterate_batches
+from epic.data.imagedata import (
+    Augment,
+    ImageData,
+    augment_batch,
+    channels_last_on_cpu,
+    inference_batch_size,
+    iterate_batches,
+)
 
 __all__ = [
     "Augment",
     "ImageData",
     "augment_batch",
+    "channels_last_on_cpu",
     "download_cifar",
+    "inference_batch_size",
     "iterate_batches",
     "load_cifar",
     "load_dataset",

@@ -99,7 +99,7 @@ class ScheduledDefense(Defense):
     record_type: type[DropRound] = DropRound
 
     def __init__(self, *, warmup: int, every: int, until: int | None = None,
-                 num_examples: int | None = None, batch_size: int = 512) -> None:
+                 num_examples: int | None = None, batch_size: int | None = None) -> None:
         if warmup < 0 or every < 1:
             raise ValueError(f"need warmup >= 0 and every >= 1, got {warmup}, {every}")
         if until is not None and warmup >= until:

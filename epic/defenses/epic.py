@@ -165,7 +165,7 @@ class EPIC(ScheduledDefense):
         per_class: PerClass = "proportional",
         similarity: Similarity = "exp",
         method: Method = "lazy",
-        batch_size: int = 512,
+        batch_size: int | None = None,
         num_examples: int | None = None,
         generator: torch.Generator | None = None,
         logits_fn: LogitsFn | None = None,

@@ -18,7 +18,7 @@ class FeatureFilter(ScheduledDefense):
     """
 
     def __init__(self, *, warmup: int = 10, every: int = 1, until: int | None = 11,
-                 num_examples: int | None = None, batch_size: int = 512) -> None:
+                 num_examples: int | None = None, batch_size: int | None = None) -> None:
         super().__init__(warmup=warmup, every=every, until=until, num_examples=num_examples,
                          batch_size=batch_size)
 

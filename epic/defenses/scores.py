@@ -29,7 +29,7 @@ class _LogitRule(ScheduledDefense):
 
     def __init__(self, *, threshold: float, warmup: int = 10, every: int = 2,
                  until: int | None = None, num_examples: int | None = None,
-                 batch_size: int = 512) -> None:
+                 batch_size: int | None = None) -> None:
         super().__init__(warmup=warmup, every=every, until=until, num_examples=num_examples,
                          batch_size=batch_size)
         self.threshold = threshold

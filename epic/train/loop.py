@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from epic.data import ImageData, iterate_batches
+from epic.data import ImageData, channels_last_on_cpu, iterate_batches
 from epic.distributed import world
 from epic.gradients import feature_embeddings
 from epic.models import Classifier
@@ -200,7 +200,7 @@ def _train(model: Classifier, train_data: ImageData, test_data: ImageData, confi
                     feats = model.features(x)
                 logits = net(feats)
             else:
-                logits = net(x)
+                logits = net(channels_last_on_cpu(x) if config.channels_last else x)
             if recording:
                 recorded = _record_gradients(recorded, logits, y, idx, len(train_data))
             loss = F.cross_entropy(logits, y)
