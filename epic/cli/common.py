@@ -126,7 +126,7 @@ def add_fit_args(g: argparse._ArgumentGroup) -> None:
                    help="mini-batch size (default: 128)")
     g.add_argument("--weight-decay", type=number(0), default=5e-4, help="default: 5e-4")
     g.add_argument("--channels-last", action="store_true",
-                   help="train on channels-last batches: 1.2-1.4x faster convolutional steps "
+                   help="train on channels-last batches: 1.1-1.4x faster convolutional steps "
                         "on the CPU, with weights that round differently from a run without")
     g.add_argument("--milestones", type=at_least(1), nargs="*", default=None,
                    help="epochs where lr drops by 10 (default: 100 150 for 200 epochs, "

@@ -157,7 +157,7 @@ def channels_last_on_cpu(x: Tensor) -> Tensor:
     """``x`` in channels-last memory format if it is a 4-D batch on the CPU, else ``x``.
 
     CPU convolutions run faster on channels-last input (eval passes 1.4-1.7x, training steps
-    1.2-1.4x: ``benchmarks/epoch_profile.py``); the results agree with the default format's
+    1.1-1.4x: ``benchmarks/epoch_profile.py``); the results agree with the default format's
     to float32 rounding, which a training run accumulates into other weights.
     """
     if x.device.type == "cpu" and x.dim() == 4:

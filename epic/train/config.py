@@ -50,7 +50,7 @@ class TrainConfig:
     the last; evaluating a full test set can cost as much as a third of an epoch.
 
     ``channels_last``: feed training batches to the model in channels-last memory format on
-    the CPU, where convolutional training steps run 1.2-1.4x faster
+    the CPU, where convolutional training steps run 1.1-1.4x faster
     (``benchmarks/epoch_profile.py``); the weights then round differently, so a run is
     reproducible only against runs with the same setting. Eval-mode passes (test accuracy,
     defense rounds) use that format on the CPU regardless: it changes no weights.
