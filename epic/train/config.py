@@ -47,7 +47,8 @@ class TrainConfig:
     or of a resumed run, or under ``torch.distributed``) takes the eval pass.
 
     ``eval_every``: test accuracy (and attack success) after every this many epochs and after
-    the last; evaluating a full test set can cost as much as a third of an epoch.
+    the last; evaluating a full test set costs about a fifth of a CPU epoch
+    (``benchmarks/epoch_profile.py``).
 
     ``channels_last``: feed training batches to the model in channels-last memory format on
     the CPU, where convolutional training steps run 1.1-1.4x faster
