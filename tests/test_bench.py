@@ -15,7 +15,8 @@ from epic.bench import (
     trial_id,
     write_report,
 )
-from epic.cli import main
+from epic.cli import build_parser, main
+from epic.cli.common import parse_command
 from epic.data import load_digits
 from epic.poisons import PoisonSet
 from epic.train import TrainConfig
@@ -71,6 +72,14 @@ def test_run_trials_resumes_and_reports(tiny_data, tmp_path) -> None:  # type: i
     assert first[1]["examples_dropped"] == len(gone) > 0
     assert first[1]["poisons_dropped"] == len(gone & {0, 3, 6})
     assert run_trials([tmp_path / "p"], ["none", "epic-0.3"], **kwargs) == []  # type: ignore[arg-type]
+    # rounds from the training pass are another trial, reported under their own name
+    passes = parse_command(build_parser(), ["bench", "run", "--poisons", "p", "--defenses",
+                                            "epic-0.3", "--round-embeddings", "train-pass"])
+    config = TrainConfig(epochs=3, batch_size=16, round_embeddings=passes.round_embeddings)
+    other = run_trials([tmp_path / "p"], ["epic-0.3"], **kwargs | {"config": config})  # type: ignore[arg-type]
+    assert len(other) == 1 and other[0]["config"]["round_embeddings"] == "train-pass"
+    assert {r["defense"] for r in summarize(store.load())} == {
+        "none", "epic-0.3", "epic-0.3 (train-pass)"}
     page = write_report(store.load(), tmp_path / "report")
     assert "<table>" in page.read_text()
     assert {p.name for p in (tmp_path / "report").iterdir()} >= {
@@ -78,15 +87,16 @@ def test_run_trials_resumes_and_reports(tiny_data, tmp_path) -> None:  # type: i
         "drop_curve.png", "report.html"}
     rows = {r["defense"]: r for r in json.loads(
         (tmp_path / "report" / "summary.json").read_text())}
-    assert sorted(rows) == ["epic-0.3", "none"] and rows["none"]["n"] == rows["epic-0.3"]["n"] == 1
+    assert sorted(rows) == ["epic-0.3", "epic-0.3 (train-pass)", "none"]
+    assert rows["none"]["n"] == rows["epic-0.3"]["n"] == 1
     assert rows["epic-0.3"]["examples_dropped"] == pytest.approx(len(gone) / 60)  # a share
     assert rows["none"]["test_acc"] == first[0]["test_acc"]
     # zero epochs is another trial, with nothing measured: stored, skipped on a rerun, reported
     zero = run_trials([tmp_path / "p"], ["none", "epic-0.3"],  # type: ignore[arg-type]
                       **kwargs | {"config": TrainConfig(epochs=0, batch_size=16)})
-    assert [r["test_acc"] for r in zero] == [None, None] and len(store.load()) == 4
-    assert len({trial_id(r) for r in store.load()}) == 4
-    assert len({r["run_dir"] for r in store.load()}) == 4
+    assert [r["test_acc"] for r in zero] == [None, None] and len(store.load()) == 5
+    assert len({trial_id(r) for r in store.load()}) == 5
+    assert len({r["run_dir"] for r in store.load()}) == 5
     assert run_trials([tmp_path / "p"], ["none"],  # type: ignore[arg-type]
                       **kwargs | {"config": TrainConfig(epochs=0, batch_size=16)}) == []
     assert "| scratch | copy | none | 2 | 0.0% ± 0.0 |" in to_markdown(summarize(store.load()))

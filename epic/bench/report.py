@@ -37,12 +37,16 @@ def _mean_se(values: list[Any]) -> tuple[float | None, float | None]:
 
 
 def defense_label(record: dict[str, Any]) -> str:
-    """The defense of a benchmark record as the report names it: its spec, except that a
-    record whose training configuration carries a batch-level ``grad_clip`` ran "dp-sgd" when
-    that name meant clipping and noising the mini-batch gradient (what ``clip-noise`` is
-    now), and reads "<spec> (batch clip-noise)"."""
-    if (record.get("config") or {}).get("grad_clip") is not None:
+    """The defense of a benchmark record as the report names it: its spec, with
+    " (train-pass)" when its rounds took their gradients from the training pass
+    (``round_embeddings``), except that a record whose training configuration carries a
+    batch-level ``grad_clip`` ran "dp-sgd" when that name meant clipping and noising the
+    mini-batch gradient (what ``clip-noise`` is now), and reads "<spec> (batch clip-noise)"."""
+    config = record.get("config") or {}
+    if config.get("grad_clip") is not None:
         return f"{record['defense']} (batch clip-noise)"
+    if config.get("round_embeddings") == "train-pass":
+        return f"{record['defense']} (train-pass)"
     return str(record["defense"])
 
 

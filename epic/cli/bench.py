@@ -21,6 +21,7 @@ from epic.bench.store import ResultStore
 from epic.cli.argtypes import at_least, number
 from epic.cli.common import (
     add_data_args,
+    add_round_embeddings_arg,
     add_setup_args,
     add_train_args,
     chosen_setups,
@@ -73,6 +74,7 @@ def add_bench_commands(sub: Any) -> None:
                    help="epochs between rounds (default: epochs/20; 1 in transfer learning)")
     g.add_argument("--until", type=at_least(1), default=None,
                    help="no rounds from this epoch on (default: the last lr milestone)")
+    add_round_embeddings_arg(g)
     g.add_argument("--out", default="bench", help="folder for results.jsonl and trial runs")
     g.add_argument("--progress", action="store_true", help="show a progress bar per trial")
     g.add_argument("--json", action="store_true", help="print the summary rows as JSON last")
@@ -144,7 +146,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, store: ResultStore) -> list[dict[str, Any]]:
     device = pick_device(args.device)
     train_data, test_data = load_data(args)
-    config = train_config(args)
+    config = train_config(args, round_embeddings=args.round_embeddings)
 
     def fresh(seed: int) -> Any:
         return make_model(argparse.Namespace(**(vars(args) | {"seed": seed})), train_data,

@@ -24,7 +24,8 @@ from epic.selection import PerClass, Similarity
 from epic.setups import Setup, load_setups, select_setups
 from epic.train import RoundEmbeddings, Scenario, TrainConfig
 
-__all__ = ["add_data_args", "add_epic_args", "add_fit_args", "add_setup_args", "add_train_args",
+__all__ = ["add_data_args", "add_epic_args", "add_fit_args", "add_round_embeddings_arg",
+           "add_setup_args", "add_train_args",
            "chosen_setups", "first_examples", "load_data", "make_model", "output_folder",
            "parse_command", "pick_device", "run_command", "train_config"]
 
@@ -157,6 +158,11 @@ def add_epic_args(g: argparse._ArgumentGroup) -> None:
                    help="EPIC: gradient similarity (default: exp(-d/D), the authors' code)")
     g.add_argument("--per-class", choices=get_args(PerClass), default="proportional",
                    help="EPIC: medoids per class proportional to class size, or equal")
+    add_round_embeddings_arg(g)
+
+
+def add_round_embeddings_arg(g: argparse._ArgumentGroup) -> None:
+    """--round-embeddings, which :func:`train_config` takes as a setting."""
     g.add_argument("--round-embeddings", choices=get_args(RoundEmbeddings), default="eval",
                    help="EPIC: gradients from an eval pass before each round (default, the "
                         "paper's), or from the training pass of the epoch before (no extra "
