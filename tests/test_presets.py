@@ -24,7 +24,13 @@ def test_every_preset_step_parses_as_an_epic_command(name: str, tmp_path: Path) 
     assert commands[0] == "train" and steps[0].done is not None
     assert commands[1] == "craft"
     build, _, defenses = PRESETS[name]
-    assert commands.count("run") == len(defenses) * commands.count("craft")
+    # a victim per defense and poison set, and EPIC-0.1 once more in transfer learning with
+    # its rounds' gradients from the training pass
+    runs = len(defenses) + (name == "cpu-transfer")
+    assert commands.count("run") == runs * commands.count("craft")
+    passes = [s.argv for s in steps if "train-pass" in s.argv]
+    assert len(passes) == (2 if name == "cpu-transfer" else 0)
+    assert all(a[a.index("--defenses") + 1] == "epic-0.1" for a in passes)
 
 
 def test_transfer_preset_follows_the_benchmark_victim() -> None:

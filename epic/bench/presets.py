@@ -49,6 +49,10 @@ def _transfer(data: Path, out: Path, first: int, defenses: Sequence[str]) -> lis
             extra = ("--every", "1", "--until", "31") if spec.startswith("epic") else ()
             steps.append(Step((*bench, "--poisons", str(poisons / "setup-*"),
                                "--defenses", spec, *extra, "--out", str(out / "bench"))))
+            if spec == "epic-0.1":  # and with its rounds' gradients from the training pass
+                steps.append(Step((*bench, "--poisons", str(poisons / "setup-*"),
+                                   "--defenses", spec, *extra, "--round-embeddings",
+                                   "train-pass", "--out", str(out / "bench"))))
     return steps
 
 
@@ -82,7 +86,7 @@ PRESETS: dict[str, tuple[Callable[[Path, Path, int, Sequence[str]], list[Step]],
                          tuple[str, ...]]] = {
     # name: (steps, default number of setups, default defenses)
     "cpu-transfer": (_transfer, 20, TRANSFER_DEFENSES),
-    "cpu-scratch-sa": (_scratch_sa, 8, ("none", "epic-0.1", "epic-0.2")),
+    "cpu-scratch-sa": (_scratch_sa, 8, ("none", "epic-0.1", "epic-0.2", "epic-0.3")),
 }
 
 
