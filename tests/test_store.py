@@ -67,10 +67,10 @@ def _poison_set(folder: Path, *, attack: str = "sleeper_agent", seed: int = 0) -
 def _ids(argv: list[str]) -> list[str]:
     """The identities ``epic bench run`` with ``argv`` plans, without running anything."""
     args = build_parser().parse_args(argv)
-    config = train_config(args, round_embeddings=args.round_embeddings)
     return [t.id for t in plan_trials(args.poisons, args.defenses, seeds=args.seeds,
-                                      config=config, warmup=args.warmup, every=args.every,
-                                      until=args.until, context={"argv": argv})]
+                                      config=train_config(args), warmup=args.warmup,
+                                      every=args.every, until=args.until,
+                                      context={"argv": argv})]
 
 
 def _with(argv: list[str], option: str, *values: str) -> list[str]:

@@ -47,12 +47,12 @@ def _transfer(data: Path, out: Path, first: int, defenses: Sequence[str]) -> lis
             # EPIC in transfer learning: a round every epoch after its warmup, through the
             # last learning-rate milestone (epoch 30), as in the authors' schedule
             extra = ("--every", "1", "--until", "31") if spec.startswith("epic") else ()
-            steps.append(Step((*bench, "--poisons", str(poisons / "setup-*"),
-                               "--defenses", spec, *extra, "--out", str(out / "bench"))))
-            if spec == "epic-0.1":  # and with its rounds' gradients from the training pass
+            # EPIC-0.1 once more with its rounds' gradients from the training pass
+            modes = ((), ("--round-embeddings", "train-pass")) if spec == "epic-0.1" else ((),)
+            for mode in modes:
                 steps.append(Step((*bench, "--poisons", str(poisons / "setup-*"),
-                                   "--defenses", spec, *extra, "--round-embeddings",
-                                   "train-pass", "--out", str(out / "bench"))))
+                                   "--defenses", spec, *extra, *mode,
+                                   "--out", str(out / "bench"))))
     return steps
 
 

@@ -146,7 +146,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, store: ResultStore) -> list[dict[str, Any]]:
     device = pick_device(args.device)
     train_data, test_data = load_data(args)
-    config = train_config(args, round_embeddings=args.round_embeddings)
+    config = train_config(args)
 
     def fresh(seed: int) -> Any:
         return make_model(argparse.Namespace(**(vars(args) | {"seed": seed})), train_data,

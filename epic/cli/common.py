@@ -247,8 +247,10 @@ def _load_weights(path: str) -> Mapping[str, Any]:
 
 
 def train_config(args: argparse.Namespace, **settings: Any) -> TrainConfig:
-    """The :class:`TrainConfig` of the arguments :func:`add_fit_args` adds and ``--scenario``,
-    plus ``settings``."""
+    """The :class:`TrainConfig` of the arguments :func:`add_fit_args` adds, ``--scenario``
+    and ``--round-embeddings`` where the command has it, plus ``settings``."""
+    if hasattr(args, "round_embeddings"):
+        settings = {"round_embeddings": args.round_embeddings} | settings
     return TrainConfig(epochs=args.epochs, scenario=args.scenario, lr=args.lr,
                        batch_size=args.batch_size, weight_decay=args.weight_decay,
                        milestones=tuple(args.milestones) if args.milestones is not None

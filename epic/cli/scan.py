@@ -107,7 +107,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
         result = scan(model, data, files=files, skipped=skipped, **settings)
         print(f"EPIC round on {args.pretrained}: flagged {len(result.flags)}", flush=True)
     else:
-        config = train_config(args, round_embeddings=args.round_embeddings)
+        config = train_config(args)
         defense = cast(EPIC, build_defense(
             "epic", RunFacts(num_examples=len(data), epochs=args.epochs,
                              milestones=config.resolved_milestones),

@@ -148,7 +148,7 @@ def _train(args: argparse.Namespace, device: torch.device, *, first: bool) -> in
             outside_victims(train_data.labels, load_setups(args.outside_victims)))
     poisons = PoisonSet.load(args.poisons, train_data) if args.poisons else None
     model = make_model(args, train_data, device)
-    config = train_config(args, round_embeddings=args.round_embeddings)
+    config = train_config(args)
     defense = make_defense(args, len(train_data), config.resolved_milestones)
     progress = first and (sys.stderr.isatty() if args.progress is None else args.progress)
     result = train(model, train_data, test_data, config, defense=defense, poisons=poisons,
