@@ -149,3 +149,33 @@ def test_bench_cli_resumes_reruns_and_tells_epochs_apart(tmp_path, capsys) -> No
     with pytest.raises(SystemExit):  # rerun into a folder that holds the trial: told, no crash
         main(["bench", "rerun", str(store.path), "0", "--out", str(out)])
     assert "already holds this trial" in capsys.readouterr().err
+
+
+def test_victim_features_reuse_the_clean_features_and_replace_the_poisons(
+        tiny_data, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from epic.bench import runner
+    from epic.gradients import feature_embeddings
+
+    train_data, test_data = tiny_data
+    model = seeded_convnet(train_data)
+    idx = torch.tensor([3, 7, 11])
+    shifted = (train_data.images[idx].short() + 40).clamp(0, 255).to(torch.uint8)
+    poisons = PoisonSet(idx, shifted, test_data.images[:1], target_class=0,
+                        adversarial_class=1, eps=40 / 255)
+    expected = feature_embeddings(model, poisons.apply(train_data))[0]
+    first = runner.victim_features(model, train_data, poisons, tmp_path / "cache")
+    torch.testing.assert_close(first, expected)
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    passes: list[int] = []
+
+    def counted(m, data, **kw):  # type: ignore[no-untyped-def]
+        passes.append(len(data))
+        return feature_embeddings(m, data, **kw)
+
+    monkeypatch.setattr(runner, "feature_embeddings", counted)
+    again = runner.victim_features(model, train_data, poisons, tmp_path / "cache")
+    assert passes == [3] and torch.equal(again, first)  # only the poisons, the rest cached
+    other = seeded_convnet(train_data, seed=1)  # another body: its own clean features
+    runner.victim_features(other, train_data, poisons, tmp_path / "cache")
+    assert passes == [3, len(train_data), 3]
+    assert len(list((tmp_path / "cache").iterdir())) == 2

@@ -6,7 +6,7 @@ import torch
 from epic.models import MODELS, build_model
 
 
-@pytest.mark.parametrize("name", ["convnet", "resnet18-small", "vgg16-small"])
+@pytest.mark.parametrize("name", ["convnet", "resnet18-small", "vgg16-small", "fastnet"])
 def test_features_feed_the_last_linear_layer(name: str) -> None:
     torch.manual_seed(0)
     m = build_model(name, num_classes=7, in_channels=3, mean=[0.5] * 3, std=[0.25] * 3).eval()
@@ -23,6 +23,14 @@ def test_paper_architectures_have_their_published_sizes() -> None:
              for n in ("resnet18", "vgg16")}
     assert 11.1e6 < sizes["resnet18"] < 11.2e6
     assert 14.7e6 < sizes["vgg16"] < 14.8e6
+
+
+def test_fast_net_has_airbench_layout_and_size() -> None:
+    m = build_model("fastnet", num_classes=10, in_channels=3, mean=[0.5] * 3, std=[0.2] * 3)
+    convs = [x for x in m.body.modules() if isinstance(x, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [24, 64, 64, 128, 128, 128, 128]
+    assert convs[0].kernel_size == (2, 2) and m.feature_dim == 128
+    assert 0.56e6 < sum(p.numel() for p in m.parameters()) < 0.58e6
 
 
 def test_normalization_is_inside_the_model() -> None:

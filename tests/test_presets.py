@@ -46,3 +46,27 @@ def test_transfer_preset_follows_the_benchmark_victim() -> None:
 def test_unknown_preset_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown preset"):
         preset_steps("gpu-everything", data_dir="d", out="o")
+
+
+def test_paper_transfer_preset_follows_the_authors_script() -> None:
+    steps = preset_steps("cpu-paper-transfer", data_dir="d", out="o",
+                         defenses=["none", "epic-0.2", "random", "deep-knn"])
+    parser = build_parser()
+    clean = parser.parse_args(list(steps[0].argv))
+    # a clean model on all 50,000 training images, resumable
+    assert (clean.model, clean.subset, clean.outside_victims, clean.resume) == (
+        "fastnet", None, None, True)
+    assert (clean.schedule, clean.label_smoothing, clean.crop_padding, clean.test_flips) == (
+        "onecycle", 0.2, 2, True)
+    crafts = [parser.parse_args(list(s.argv)) for s in steps if s.argv[0] == "craft"]
+    assert [(c.attack, c.eps, c.iterations) for c in crafts] == [("bp", 8, 250),
+                                                                  ("fc", 255, 250)]
+    assert all(c.setups.endswith("cifar10_from_scratch.pickle") for c in crafts)
+    runs = [parser.parse_args(list(s.argv)) for s in steps if s.argv[:2] == ("bench", "run")]
+    for r in runs:  # a fresh last layer on all 50,000 images, the authors' schedule
+        assert (r.scenario, r.victim_per_class, r.epochs, r.lr, r.milestones, r.no_augment) == (
+            "transfer", 5000, 40, 0.1, [15, 25, 35], True)
+        assert r.pretrained == str(Path("o") / "clean" / "model.pt")
+    schedules = {r.defenses[0]: (r.warmup, r.every, r.until) for r in runs}
+    assert schedules == {"none": (None, None, None), "epic-0.2": (1, 1, 10),
+                         "random": (1, 1, 10), "deep-knn": (None, None, None)}

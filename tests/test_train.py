@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -8,6 +9,7 @@ from torch import nn
 
 from epic.data import ImageData
 from epic.defenses import EPIC, Defense
+from epic.gradients import feature_embeddings
 from epic.poisons import PoisonSet
 from epic.train import (
     TrainConfig,
@@ -76,6 +78,83 @@ def test_resume_after_a_crash_gives_the_uninterrupted_result(tiny_data, tmp_path
     assert len(resumed_defense.history) == 4
     saved = json.loads((tmp_path / "cut" / "defense.json").read_text())
     assert [r["epoch"] for r in saved] == [1, 2, 3, 4]
+
+
+def test_one_cycle_schedule_moves_every_batch_and_resumes_exactly(tiny_data, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    train_data, test_data = tiny_data
+    cfg = TrainConfig(epochs=4, lr=0.1, batch_size=16, schedule="onecycle", seed=1,
+                      label_smoothing=0.2, crop_padding=2)
+    full = train(seeded_convnet(train_data), train_data, test_data, cfg, out=tmp_path / "full")
+    lrs = [m["lr"] for m in full.metrics]  # the rate each epoch starts at
+    assert lrs[0] == pytest.approx(0.1 / 25)  # warming up from lr / 25 ...
+    assert lrs[1] > lrs[0] and lrs[2] > lrs[3]  # ... to lr at 30% of the 16 steps, then down
+
+    def crash(epoch, _):  # type: ignore[no-untyped-def]
+        if epoch == 1:
+            raise _Crash
+
+    with pytest.raises(_Crash):
+        train(seeded_convnet(train_data), train_data, test_data, cfg, out=tmp_path / "cut",
+              on_epoch_end=crash)
+    resumed = train(seeded_convnet(train_data, seed=5), train_data, test_data, cfg,
+                    out=tmp_path / "cut", resume=True)
+    strip = [{k: v for k, v in m.items() if k != "seconds"} for m in full.metrics]
+    assert [{k: v for k, v in m.items() if k != "seconds"} for m in resumed.metrics] == strip
+    stored = json.loads((tmp_path / "full" / "config.json").read_text())["config"]
+    assert (stored["schedule"], stored["label_smoothing"], stored["crop_padding"]) == (
+        "onecycle", 0.2, 2)
+
+
+def test_label_smoothing_is_the_training_loss(tiny_data) -> None:  # type: ignore[no-untyped-def]
+    train_data, test_data = tiny_data
+    x = train_data.images.float() / 255
+    for smoothing in (0.0, 0.5):
+        # one batch of every example: the epoch's loss is the loss of the initial weights
+        cfg = TrainConfig(epochs=1, batch_size=60, label_smoothing=smoothing, augment=False)
+        with torch.no_grad():
+            expected = float(torch.nn.functional.cross_entropy(
+                seeded_convnet(train_data).train()(x), train_data.labels,
+                label_smoothing=smoothing))
+        result = train(seeded_convnet(train_data), train_data, test_data, cfg)
+        assert result.metrics[0]["train_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def _linear(weight: list[list[float]]) -> nn.Module:
+    layer = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor(weight))
+    return nn.Sequential(nn.Flatten(), layer)
+
+
+def test_test_flips_average_each_image_with_its_mirror() -> None:
+    # one 1 x 2 image per example; the model's logits are (left, 2 x right)
+    pixels = torch.tensor([[[200, 10]], [[10, 200]], [[90, 100]], [[100, 95]]],
+                          dtype=torch.uint8)[:, None]
+    data = ImageData.from_arrays(pixels, torch.tensor([0, 1, 0, 1]), ("left", "right"))
+    model = _linear([[1.0, 0.0], [0.0, 2.0]])
+    # plain: 200 vs 20, 10 vs 400, 90 vs 200, 100 vs 190: classes 0, 1, 1, 1
+    assert evaluate(model, data) == 0.75
+    # with the mirror image, (l + r) / 2 against l + r: class 1 for all
+    assert evaluate(model, data, flips=True) == 0.5
+    assert evaluate(_linear([[1.0, 0.0], [0.0, 1.0]]), data, flips=True) == 0.5  # ties: 0
+
+
+def test_precomputed_features_give_the_same_transfer_run(tiny_data) -> None:  # type: ignore[no-untyped-def]
+    train_data, test_data = tiny_data
+    config = TrainConfig(epochs=2, scenario="transfer", batch_size=16, augment=False)
+    given, computed = seeded_convnet(train_data), seeded_convnet(train_data)
+    features = feature_embeddings(given, train_data)[0]
+    torch.manual_seed(0)
+    train(given, train_data, test_data, config, features=features)
+    torch.manual_seed(0)
+    train(computed, train_data, test_data, config)
+    for name, value in given.classifier.state_dict().items():
+        assert torch.equal(value, computed.classifier.state_dict()[name])
+    with pytest.raises(ValueError, match="without augmentation"):
+        train(given, train_data, test_data, dataclasses.replace(config, augment=True),
+              features=features)
+    with pytest.raises(ValueError, match="one row per training example"):
+        train(given, train_data, test_data, config, features=features[1:])
 
 
 def test_transfer_trains_only_the_new_last_layer(tiny_data) -> None:  # type: ignore[no-untyped-def]

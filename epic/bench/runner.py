@@ -19,11 +19,14 @@ import torch
 from epic.bench.store import ResultStore
 from epic.data import ImageData
 from epic.defenses import RunFacts, build_defense, options_for, parse_spec
+from epic.gradients import feature_embeddings
 from epic.models import Classifier
 from epic.poisons import PoisonSet
+from epic.protocol import changes_batches
 from epic.train import TrainConfig, config_record, provenance, train
 
-__all__ = ["SETTING_OPTIONS", "Trial", "parse_defense", "plan_trials", "run_trials", "trial_id"]
+__all__ = ["SETTING_OPTIONS", "Trial", "parse_defense", "plan_trials", "run_trials", "trial_id",
+           "victim_features"]
 
 log = logging.getLogger(__name__)
 
@@ -218,11 +221,15 @@ def run_trials(
             defense = build_defense(spec, run, **options_for(
                 spec, {"warmup": warmup, "every": every, "until": until}))
             model = make_model(seed)
+            features = None
+            if config.scenario == "transfer" and not config.augment and not changes_batches(
+                    defense):
+                features = victim_features(model, data, trial.poisons, Path(out) / "features")
             run_dir = Path(out) / "trials" / f"{key.replace('/', '_')}-{trial.id[:8]}"
             start = time.perf_counter()
             result = train(copy.deepcopy(model), data, test_data, trial.config,
                            defense=defense, poisons=trial.poisons, out=run_dir,
-                           progress=progress)
+                           progress=progress, features=features)
             record = trial.record | {"wall_seconds": round(time.perf_counter() - start, 3),
                                      "run_dir": str(run_dir),
                                      "device": str(_device_of(model)), "run": versions}
@@ -231,6 +238,40 @@ def run_trials(
             written.append(record)
             log.info("%s: success %s, acc %s", key, record["attack_success"], record["test_acc"])
     return written
+
+
+def victim_features(model: Classifier, data: ImageData, poisons: PoisonSet,
+                    cache: str | os.PathLike[str]) -> torch.Tensor:
+    """The frozen body's features ``(N, F)`` of ``data`` with ``poisons`` in place.
+
+    The clean images' features are the same for every poison set of one victim set: they are
+    computed once per (body weights, images) and kept in ``cache`` (a file named by their
+    hash); only the poisons' own are computed per call, so that a transfer victim on 50,000
+    images costs one pass over its 500 poisons instead of all 50,000.
+    """
+    device = _device_of(model)
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if not name.startswith("classifier."):
+            h.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+    h.update(data.images.cpu().contiguous().numpy().tobytes())
+    path = Path(cache) / f"{h.hexdigest()[:16]}.pt"
+    clean = None
+    if path.is_file():
+        clean = torch.load(path, map_location=device, weights_only=True)
+        if not isinstance(clean, torch.Tensor) or clean.shape[0] != len(data):
+            clean = None  # not ours: computed afresh below
+    if clean is None:
+        clean = feature_embeddings(model, data)[0]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        torch.save(clean.cpu(), partial)
+        os.replace(partial, path)
+    rows = poisons.indices.to(clean.device)
+    features = clean.clone()
+    features[rows] = feature_embeddings(model, poisons.apply(data).subset(poisons.indices)
+                                        )[0].to(clean.device)
+    return features
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:

@@ -22,7 +22,7 @@ from epic.data import DATASETS, ImageData, load_dataset
 from epic.models import MODELS, Classifier, build_model
 from epic.selection import PerClass, Similarity
 from epic.setups import Setup, load_setups, select_setups
-from epic.train import RoundEmbeddings, Scenario, TrainConfig
+from epic.train import RoundEmbeddings, Scenario, Schedule, TrainConfig
 
 __all__ = ["add_data_args", "add_epic_args", "add_fit_args", "add_round_embeddings_arg",
            "add_setup_args", "add_train_args",
@@ -116,7 +116,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 def add_fit_args(g: argparse._ArgumentGroup) -> None:
     """--epochs, --lr, --batch-size, --weight-decay, --channels-last, --milestones,
-    --no-augment, --seed, --device: what :func:`train_config` and :func:`pick_device` read."""
+    --no-augment, --crop-padding, --schedule, --label-smoothing, --test-flips, --seed,
+    --device: what :func:`train_config` and :func:`pick_device` read."""
     g.add_argument("--epochs", type=at_least(1), default=40, help="training epochs (default: 40)")
     g.add_argument("--eval-every", type=at_least(1), default=1, metavar="N",
                    help="test accuracy and attack success every N epochs and after the last "
@@ -134,6 +135,16 @@ def add_fit_args(g: argparse._ArgumentGroup) -> None:
                         "else 25/40 and 35/40 of the epochs)")
     g.add_argument("--no-augment", action="store_true",
                    help="train without random crop and flip")
+    g.add_argument("--crop-padding", type=at_least(0), default=None, metavar="PIXELS",
+                   help="the random crop's reflect padding (default: the data set's, 4 on "
+                        "CIFAR; 2 is a 2-pixel translation)")
+    g.add_argument("--schedule", choices=get_args(Schedule), default="step",
+                   help="step: lr / 10 at each milestone (default, the paper's); onecycle: "
+                        "warm up to --lr over 30%% of the steps, then anneal to nearly 0")
+    g.add_argument("--label-smoothing", type=number(0, 0.99), default=0.0,
+                   help="cross-entropy label smoothing (default: 0)")
+    g.add_argument("--test-flips", action="store_true",
+                   help="test accuracy from each test image and its mirror image together")
     g.add_argument("--seed", type=at_least(0), default=0, help="seed for init, order, augmentation")
     g.add_argument("--device", default=None,
                    help="cpu, cuda, cuda:1, ... (default: cuda when available)")
@@ -256,4 +267,5 @@ def train_config(args: argparse.Namespace, **settings: Any) -> TrainConfig:
                        milestones=tuple(args.milestones) if args.milestones is not None
                        else None, augment=not args.no_augment, seed=args.seed,
                        eval_every=args.eval_every, channels_last=args.channels_last,
-                       **settings)
+                       schedule=args.schedule, label_smoothing=args.label_smoothing,
+                       crop_padding=args.crop_padding, test_flips=args.test_flips, **settings)

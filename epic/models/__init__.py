@@ -9,6 +9,8 @@ name               architecture                                         params
 ``vgg16-small``    VGG-16-BN at 1/4 width                               0.9 M
 ``convnet``        3-stage conv net, width 32 (seconds on a CPU)        0.1 M
 ``convnet-512``    ``convnet`` widened to 512 features by a 1x1 conv    0.2 M
+``fastnet``        airbench's layout (Jordan 2024): 92% on CIFAR-10 in  0.57 M
+                   half an hour of a 2-core CPU
 =================  ===================================================  =========
 """
 
@@ -19,6 +21,7 @@ from collections.abc import Callable, Sequence
 from torch import nn
 
 from epic.models.base import Classifier, Normalize, Scenario, eval_mode
+from epic.models.fast import fast_body
 from epic.models.resnet import resnet_body
 from epic.models.small import convnet_body
 from epic.models.vgg import vgg_body
@@ -32,6 +35,7 @@ MODELS: dict[str, Callable[[int], tuple[nn.Module, int]]] = {
     "vgg16-small": lambda c: vgg_body(c, width=16),
     "convnet": lambda c: convnet_body(c, width=32),
     "convnet-512": lambda c: convnet_body(c, width=32, features=512),
+    "fastnet": fast_body,
 }
 
 

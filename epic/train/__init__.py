@@ -16,6 +16,7 @@ from epic.protocol import Defense
 from epic.train.config import (
     RoundEmbeddings,
     Scenario,
+    Schedule,
     TrainConfig,
     TrainResult,
     config_record,
@@ -26,6 +27,6 @@ from epic.train.config import (
 from epic.train.loop import train
 from epic.train.records import defense_records, provenance
 
-__all__ = ["Defense", "RoundEmbeddings", "Scenario", "TrainConfig", "TrainResult",
+__all__ = ["Defense", "RoundEmbeddings", "Scenario", "Schedule", "TrainConfig", "TrainResult",
            "config_record", "default_milestones", "defense_records", "evaluate",
            "prepare_model", "provenance", "train"]

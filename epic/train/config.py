@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from torch import nn
@@ -16,11 +16,13 @@ from epic.data import ImageData
 from epic.gradients import logit_embeddings
 from epic.models import Classifier, Scenario
 
-__all__ = ["RoundEmbeddings", "Scenario", "TrainConfig", "TrainResult", "config_record",
+__all__ = ["RoundEmbeddings", "Scenario", "Schedule", "TrainConfig", "TrainResult", "config_record",
            "default_milestones", "evaluate", "prepare_model"]
 
 # Where an EPIC round gets its gradients (see TrainConfig).
 RoundEmbeddings = Literal["eval", "train-pass"]
+# How the learning rate moves (see TrainConfig).
+Schedule = Literal["step", "onecycle"]
 
 
 def default_milestones(epochs: int) -> tuple[int, ...]:
@@ -55,6 +57,15 @@ class TrainConfig:
     (``benchmarks/epoch_profile.py``); the weights then round differently, so a run is
     reproducible only against runs with the same setting. Eval-mode passes (test accuracy,
     defense rounds) use that format on the CPU regardless: it changes no weights.
+
+    ``schedule``: ``"step"`` divides the learning rate by ``1 / gamma`` at each milestone
+    (the paper's); ``"onecycle"`` ramps it up from ``lr / 25`` to ``lr`` over the first 30% of
+    the steps and anneals it (cosine) to nearly zero by the last step, batch by batch
+    (``torch.optim.lr_scheduler.OneCycleLR``, momentum held); milestones are then unused.
+    ``label_smoothing`` is the cross-entropy's. ``crop_padding``: the random crop's reflect
+    padding in pixels (None: the data set's; 2 is a 2-pixel translation). ``test_flips``:
+    test accuracy from the mean of the logits of each test image and its mirror image (not in
+    transfer learning, whose test features are computed once).
     """
 
     epochs: int = 40
@@ -71,6 +82,10 @@ class TrainConfig:
     round_embeddings: RoundEmbeddings = "eval"
     eval_every: int = 1
     channels_last: bool = False
+    schedule: Schedule = "step"
+    label_smoothing: float = 0.0
+    crop_padding: int | None = None
+    test_flips: bool = False
 
     @property
     def resolved_lr(self) -> float:
@@ -124,10 +139,15 @@ def prepare_model(model: Classifier, scenario: Scenario) -> list[nn.Parameter]:
     return list(model.classifier.parameters())
 
 
-def evaluate(model: nn.Module, data: ImageData, *, batch_size: int | None = None) -> float:
+def evaluate(model: nn.Module, data: ImageData, *, batch_size: int | None = None,
+             flips: bool = False) -> float:
     """Accuracy of ``model`` on ``data`` (an eval-mode pass as
-    :func:`epic.gradients.logit_embeddings` makes it; training mode restored)."""
+    :func:`epic.gradients.logit_embeddings` makes it; training mode restored); with
+    ``flips``, of the mean logits of each image and its mirror image."""
     logits, labels = logit_embeddings(model, data, batch_size=batch_size)
     if not len(labels):
         return 0.0
+    if flips:
+        mirrored = replace(data, images=data.images.flip(3))
+        logits = (logits + logit_embeddings(model, mirrored, batch_size=batch_size)[0]) / 2
     return int((logits.argmax(1) == labels).sum()) / len(labels)

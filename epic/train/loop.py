@@ -55,6 +55,7 @@ def train(
     progress: bool = False,
     run_info: dict[str, Any] | None = None,
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+    features: Tensor | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``train_data`` (poisoned by ``poisons`` if given) under ``defense``.
 
@@ -83,6 +84,10 @@ def train(
         progress: show a progress bar on stderr.
         run_info: extra facts to record in ``config.json`` (dataset, model name, ...).
         on_epoch_end: called with ``(epoch, metrics)`` after each epoch's checkpoint.
+        features: in transfer learning without augmentation, the frozen body's features
+            ``(N, F)`` of ``train_data`` with the poisons in place, computed beforehand
+            (:func:`epic.bench.run_trials` reuses the clean images' across trials); otherwise
+            they are computed here.
 
     Returns:
         :class:`TrainResult` with per-epoch metrics and the summary.
@@ -90,7 +95,7 @@ def train(
     try:
         return _train(model, train_data, test_data, config, defense=defense, poisons=poisons,
                       out=out, resume=resume, progress=progress, run_info=run_info,
-                      on_epoch_end=on_epoch_end)
+                      on_epoch_end=on_epoch_end, features=features)
     finally:
         if defense is not None:
             defense.teardown()
@@ -100,7 +105,8 @@ def _train(model: Classifier, train_data: ImageData, test_data: ImageData, confi
            *, defense: Defense | None, poisons: PoisonSet | None,
            out: str | os.PathLike[str] | None, resume: bool, progress: bool,
            run_info: dict[str, Any] | None,
-           on_epoch_end: Callable[[int, dict[str, Any]], None] | None) -> TrainResult:
+           on_epoch_end: Callable[[int, dict[str, Any]], None] | None,
+           features: Tensor | None) -> TrainResult:
     """:func:`train`, without the defense's teardown."""
     device = next(model.parameters()).device
     rank, size = world()
@@ -113,17 +119,27 @@ def _train(model: Classifier, train_data: ImageData, test_data: ImageData, confi
     frozen_body = config.scenario == "transfer"
     optimizer = torch.optim.SGD(params, lr=config.resolved_lr, momentum=config.momentum,
                                 nesterov=config.nesterov, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(
-        optimizer, milestones=list(config.resolved_milestones), gamma=config.gamma)
+    per_rank = -(-len(train_data) // size)
+    scheduler = _scheduler(optimizer, config, -(-per_rank // config.batch_size))
+    per_batch = config.schedule == "onecycle"
     generator = torch.Generator().manual_seed(config.seed)
     if config.eval_every < 1:
         raise ValueError(f"eval_every must be >= 1, got {config.eval_every}")
-    augment = train_data.augment if config.augment else None
+    augment = None
+    if config.augment:
+        augment = (train_data.augment if config.crop_padding is None else
+                   dataclasses.replace(train_data.augment, crop_padding=config.crop_padding))
     on_batch = defense.on_batch if defense is not None and changes_batches(defense) else None
     # A frozen body sees the same images every epoch unless they are augmented or transformed:
     # their features are computed once.
-    cached = (feature_embeddings(model, train_data, device=device)[0]
-              if frozen_body and augment is None and on_batch is None else None)
+    cacheable = frozen_body and augment is None and on_batch is None
+    if features is not None and not (cacheable and features.shape[0] == len(train_data)):
+        raise ValueError("precomputed features need transfer learning without augmentation "
+                         f"or batch changes, and one row per training example ({len(train_data)})")
+    cached = None
+    if cacheable:
+        cached = (features.to(device) if features is not None
+                  else feature_embeddings(model, train_data, device=device)[0])
     # ... and so does the test set, every epoch: its features too are computed once.
     test_features = feature_embeddings(model, test_data, device=device) if frozen_body else None
     net = _data_parallel(model.classifier if frozen_body else model, device)
@@ -203,16 +219,19 @@ def _train(model: Classifier, train_data: ImageData, test_data: ImageData, confi
                 logits = net(channels_last_on_cpu(x) if config.channels_last else x)
             if recording:
                 recorded = _record_gradients(recorded, logits, y, idx, len(train_data))
-            loss = F.cross_entropy(logits, y)
+            loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
             stepper.zero_grad(set_to_none=True)
             loss.backward()
             if defense is not None:
                 defense.after_backward(params)
             stepper.step()
+            if per_batch:
+                scheduler.step()
             loss_sum += float(loss.detach()) * len(y)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
-        scheduler.step()
+        if not per_batch:
+            scheduler.step()
         if shard is not None:  # the whole epoch's figures, all ranks together
             for buffer in model.buffers():  # rank 0's batch-norm statistics for everyone
                 dist.broadcast(buffer, 0)
@@ -224,7 +243,8 @@ def _train(model: Classifier, train_data: ImageData, test_data: ImageData, confi
         last = epoch == config.epochs - 1
         evaluating = last or (epoch + 1) % config.eval_every == 0
         if evaluating:
-            record["test_acc"] = (evaluate(model, test_data) if test_features is None
+            record["test_acc"] = (evaluate(model, test_data, flips=config.test_flips)
+                                  if test_features is None
                                   else _head_accuracy(model.classifier, *test_features))
         if poisons is not None:
             if evaluating:
@@ -258,6 +278,18 @@ def _train(model: Classifier, train_data: ImageData, test_data: ImageData, confi
         torch.save(model.state_dict(), outp / "model.pt")
         write_json(outp / "summary.json", summary)
     return TrainResult(metrics, summary, model)
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int
+               ) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning-rate schedule of ``config`` (stepped every epoch for ``"step"``, every
+    batch for ``"onecycle"``)."""
+    if config.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=config.resolved_lr, epochs=config.epochs,
+            steps_per_epoch=max(steps_per_epoch, 1), cycle_momentum=False)
+    return torch.optim.lr_scheduler.MultiStepLR(
+        optimizer, milestones=list(config.resolved_milestones), gamma=config.gamma)
 
 
 @torch.no_grad()
