@@ -65,6 +65,11 @@ def test_run_trials_resumes_and_reports(tiny_data, tmp_path) -> None:  # type: i
     first = run_trials([tmp_path / "p"], ["none", "epic-0.3"], **kwargs)  # type: ignore[arg-type]
     assert [r["defense"] for r in first] == ["none", "epic-0.3"]
     assert first[0]["attack"] == "copy" and first[0]["examples_dropped"] == 0
+    # what the defaults resolved to is stored with the row, beside what was specified
+    assert first[1]["config"]["lr"] is None and first[1]["schedule"]["until"] is None
+    assert first[1]["resolved"]["lr"] == 0.1 and first[1]["resolved"]["milestones"] == [2]
+    assert first[1]["resolved"]["defense"]["until"] == 2
+    assert first[1]["resolved"]["defense"]["warmup"] == 1
     # the EPIC trial's counts are those of the rounds in its run folder
     rounds = json.loads((Path(first[1]["run_dir"]) / "defense.json").read_text())
     assert [r["epoch"] for r in rounds] == [1]  # until the last milestone (2)
@@ -179,3 +184,15 @@ def test_victim_features_reuse_the_clean_features_and_replace_the_poisons(
     runner.victim_features(other, train_data, poisons, tmp_path / "cache")
     assert passes == [3, len(train_data), 3]
     assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_rows_of_the_retired_batch_clip_noise_rerun_as_clip_noise() -> None:
+    from epic.bench.runner import rerun_defense
+
+    row = {"defense": "dp-sgd", "config": {"grad_clip": 1.0, "grad_noise": 0.01}}
+    assert rerun_defense(row) == "clip-noise"  # what the row ran, with the same noise stream
+    assert rerun_defense({"defense": "dp-sgd", "config": {"grad_clip": None,
+                                                          "grad_noise": 0.0}}) == "dp-sgd"
+    assert rerun_defense({"defense": "epic-0.1", "config": {}}) == "epic-0.1"
+    with pytest.raises(ValueError, match="clip-noise --dp-clip"):
+        rerun_defense({"defense": "dp-sgd", "config": {"grad_clip": 2.0, "grad_noise": 0.5}})

@@ -24,9 +24,11 @@ from epic.models import Classifier
 from epic.poisons import PoisonSet
 from epic.protocol import changes_batches
 from epic.train import TrainConfig, config_record, provenance, train
+from epic.train.config import RETIRED_SETTINGS
+from epic.train.records import describe
 
-__all__ = ["SETTING_OPTIONS", "Trial", "parse_defense", "plan_trials", "run_trials", "trial_id",
-           "victim_features"]
+__all__ = ["SETTING_OPTIONS", "Trial", "parse_defense", "plan_trials", "rerun_defense",
+           "run_trials", "trial_id", "victim_features"]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,26 @@ def trial_id(record: Mapping[str, Any], digests: dict[str, str | None] | None = 
     facts |= {"poisons": [poisons, digest], "config": config_record(record["config"]),
               "setting": _setting(record.get("argv", []))}
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def rerun_defense(record: Mapping[str, Any]) -> str:
+    """The defense spec that reruns what a stored record ran.
+
+    Rows stored while ``dp-sgd`` meant clipping and noising the mini-batch gradient (a
+    retired ``grad_clip``/``grad_noise`` in their configuration) ran what ``clip-noise`` runs
+    now, with the same noise stream; at its defaults (clip 1, noise 0.01) they rerun as
+    ``clip-noise``. Other retired settings cannot be set by ``bench run``: an error says so.
+    """
+    config = record.get("config") or {}
+    retired = {k: config[k] for k in RETIRED_SETTINGS
+               if k in config and config[k] != RETIRED_SETTINGS[k]}
+    if not retired:
+        return str(record["defense"])
+    if retired == {"grad_clip": 1.0, "grad_noise": 0.01}:
+        return "clip-noise"
+    raise ValueError(f"the row ran batch-level clipping and noise {retired} under "
+                     f"{record['defense']!r}, which bench run cannot set: rerun it with `epic "
+                     "train --defense clip-noise --dp-clip CLIP --dp-noise NOISE`")
 
 
 def _setting(argv: Sequence[str]) -> dict[str, str]:
@@ -230,8 +252,11 @@ def run_trials(
             result = train(copy.deepcopy(model), data, test_data, trial.config,
                            defense=defense, poisons=trial.poisons, out=run_dir,
                            progress=progress, features=features)
+            resolved = {"lr": trial.config.resolved_lr,
+                        "milestones": list(trial.config.resolved_milestones),
+                        "defense": describe(defense)}
             record = trial.record | {"wall_seconds": round(time.perf_counter() - start, 3),
-                                     "run_dir": str(run_dir),
+                                     "resolved": resolved, "run_dir": str(run_dir),
                                      "device": str(_device_of(model)), "run": versions}
             record |= result.summary
             store.append(record)

@@ -54,6 +54,7 @@ FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "setup": ((dict, _NONE), False), "argv": ((list,), False), "poisons": ((int,), False),
     "poisons_dropped": ((int,), False), "examples": ((int,), False),
     "examples_dropped": ((int,), False), "patch_free_success": ((*_NUMBER, _NONE), False),
+    "resolved": ((dict,), False),
 }
 
 

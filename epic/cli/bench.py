@@ -16,7 +16,7 @@ import torch
 from epic.analysis import effective_poisons, gradient_distance_to_target
 from epic.bench.presets import PRESETS, run_preset
 from epic.bench.report import plot_effective, summarize, to_markdown, write_report
-from epic.bench.runner import run_trials
+from epic.bench.runner import rerun_defense, run_trials
 from epic.bench.store import ResultStore
 from epic.cli.argtypes import at_least, number
 from epic.cli.common import (
@@ -241,7 +241,7 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or tmp
         again = parse_command(args.parser, argv)
-        for name, value in {"poisons": [old["poisons_dir"]], "defenses": [old["defense"]],
+        for name, value in {"poisons": [old["poisons_dir"]], "defenses": [rerun_defense(old)],
                             "seeds": [old["seed"]], "out": out, "progress": False}.items():
             setattr(again, name, value)
         written = _run(again, ResultStore(Path(out) / "results.jsonl"))
