@@ -8,6 +8,7 @@ import torch
 
 from epic.bench import (
     ResultStore,
+    cluster_size_rounds,
     parse_defense,
     run_trials,
     summarize,
@@ -86,7 +87,12 @@ def test_run_trials_resumes_and_reports(tiny_data, tmp_path) -> None:  # type: i
     assert {r["defense"] for r in summarize(store.load())} == {
         "none", "epic-0.3", "epic-0.3 (train-pass)"}
     page = write_report(store.load(), tmp_path / "report")
-    assert "<table>" in page.read_text()
+    assert "<table>" in page.read_text() and "± " in page.read_text()  # with standard errors
+    # the cluster-size figure's data: every kept example at the round, poisons apart
+    sizes = cluster_size_rounds(store.load())
+    assert set(sizes) == {("copy", "epic-0.3"), ("copy", "epic-0.3 (train-pass)")}
+    at_round = sizes[("copy", "epic-0.3")][1]
+    assert sum(at_round["clean"].values()) == 57 and sum(at_round["poisons"].values()) == 3
     assert {p.name for p in (tmp_path / "report").iterdir()} >= {
         "summary.md", "summary.json", "success_vs_time.png", "cluster_sizes.png",
         "drop_curve.png", "report.html"}

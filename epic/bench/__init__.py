@@ -7,9 +7,15 @@ Example:
     >>> write_report(store.load(), "bench/report")
 """
 
-from epic.bench.report import drop_curve, summarize, to_markdown, write_report
+from epic.bench.report import (
+    cluster_size_rounds,
+    drop_curve,
+    summarize,
+    to_markdown,
+    write_report,
+)
 from epic.bench.runner import parse_defense, plan_trials, run_trials, trial_id
 from epic.bench.store import ResultStore
 
-__all__ = ["ResultStore", "drop_curve", "parse_defense", "plan_trials", "run_trials",
-           "summarize", "to_markdown", "trial_id", "write_report"]
+__all__ = ["ResultStore", "cluster_size_rounds", "drop_curve", "parse_defense", "plan_trials",
+           "run_trials", "summarize", "to_markdown", "trial_id", "write_report"]

@@ -17,8 +17,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-__all__ = ["defense_label", "drop_curve", "plot_effective", "summarize", "to_markdown",
-           "write_report"]
+__all__ = ["cluster_size_rounds", "defense_label", "drop_curve", "plot_effective", "summarize",
+           "to_markdown", "write_report"]
 
 SIZE_BUCKETS = ((1, 1), (2, 5), (6, 20), (21, 100), (101, math.inf))
 
@@ -168,60 +168,114 @@ def plot_effective(distances: Any, effective: Any, path: str | os.PathLike[str])
     plt.close(fig)
 
 
+def _success_vs_time(rows: list[dict[str, Any]], path: Path) -> None:
+    """Attack success (± standard error) against wall time: a colour per defense, a marker
+    per attack, and a legend for both instead of labels on the points."""
+    plt = _pyplot()
+    shown = [r for r in rows if r["attack_success"] is not None]  # not only zero-epoch runs
+    defenses = sorted({r["defense"] for r in shown})
+    attacks = sorted({(r["scenario"], r["attack"]) for r in shown})
+    colours = plt.get_cmap("tab20" if len(defenses) > 10 else "tab10")
+    markers = "osD^vP*Xhp"
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for r in shown:
+        ax.errorbar(r["seconds"], 100 * r["attack_success"],
+                    yerr=100 * (r["attack_success_se"] or 0), fmt=markers[
+                        attacks.index((r["scenario"], r["attack"])) % len(markers)],
+                    color=colours(defenses.index(r["defense"]) % colours.N), markersize=7,
+                    capsize=2, alpha=0.85)
+    handles = [plt.Line2D([], [], linestyle="", marker="o", color=colours(i % colours.N),
+                          label=d) for i, d in enumerate(defenses)]
+    handles += [plt.Line2D([], [], linestyle="", marker=markers[i % len(markers)],
+                           color="black", label=f"{a} ({sc})")
+                for i, (sc, a) in enumerate(attacks)]
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.set_xlabel("wall time per run (s)")
+    ax.set_ylabel("attack success (%, ± s.e.)")
+    ax.set_title("Attack success vs. time")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def cluster_size_rounds(records: list[dict[str, Any]]
+                        ) -> dict[tuple[str, str], dict[int, dict[str, dict[str, int]]]]:
+    """Per (attack, EPIC defense label) and round epoch, the cluster sizes of the clean
+    examples and of the poisons summed over that defense's trials, from the ``defense.json``
+    of their run folders: ``{"clean": {size: count}, "poisons": {size: count}}``."""
+    out: dict[tuple[str, str], dict[int, dict[str, dict[str, int]]]] = defaultdict(dict)
+    for r in records:
+        if not str(r["defense"]).startswith("epic"):
+            continue
+        path = Path(r["run_dir"], "defense.json")
+        if not path.is_file():
+            continue
+        for rnd in json.loads(path.read_text()):
+            allh = rnd.get("cluster_size_histogram") or {}
+            poih = rnd.get("poison_cluster_size_histogram") or {}
+            sums = out[(str(r["attack"]), defense_label(r))].setdefault(
+                int(rnd["epoch"]), {"clean": defaultdict(int), "poisons": defaultdict(int)})
+            for size, count in allh.items():
+                sums["clean"][size] += int(count) - int(poih.get(size, 0))
+            for size, count in poih.items():
+                sums["poisons"][size] += int(count)
+    return out
+
+
+def _cluster_sizes(records: list[dict[str, Any]], path: Path, *, most: int = 6) -> str | None:
+    """The paper's Figs. 4 and 5 from committed run folders: a row per (attack, EPIC
+    setting), the first, middle and last round as columns; None without EPIC rounds."""
+    plt = _pyplot()
+    found = {k: v for k, v in sorted(cluster_size_rounds(records).items()) if v}
+    if not found:
+        return None
+    shown = list(found.items())[:most]
+    fig, axes = plt.subplots(len(shown), 3, figsize=(12, 2.8 * len(shown)), squeeze=False)
+    labels = [_bucket_label(lo, hi) for lo, hi in SIZE_BUCKETS]
+    xs = range(len(labels))
+    for row, ((attack, defense), rounds) in zip(axes, shown, strict=True):
+        epochs = sorted(rounds)
+        picks = sorted({epochs[0], epochs[len(epochs) // 2], epochs[-1]})
+        for ax in row[len(picks):]:
+            ax.axis("off")
+        for ax, epoch in zip(row, picks, strict=False):
+            sums = rounds[epoch]
+            ax.bar([x - 0.2 for x in xs], _bucket_shares(sums["clean"]), 0.4, label="clean",
+                   color="tab:blue")
+            ax.bar([x + 0.2 for x in xs], _bucket_shares(sums["poisons"]), 0.4,
+                   label="poisons", color="tab:red")
+            ax.set_xticks(list(xs), labels)
+            ax.set_title(f"{attack}, {defense}: round at epoch {epoch}", fontsize=9)
+        row[0].set_ylabel("share of examples")
+    axes[0][0].legend(fontsize=8)
+    for ax in axes[-1]:
+        ax.set_xlabel("gradient cluster size")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    names = ", ".join(f"{a} under {d}" for (a, d), _ in shown)
+    return (f"Share of clean examples and of poisons by gradient cluster size at EPIC's rounds "
+            f"(first, middle, last), summed over the trials of each row: {names} "
+            f"(paper Figs. 4, 5)")
+
+
 def _figures(records: list[dict[str, Any]], rows: list[dict[str, Any]],
              out: Path) -> list[tuple[str, Path]]:
     plt = _pyplot()
     figures = []
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
-        if r["attack_success"] is None:  # only runs of zero epochs
-            continue
-        ax.scatter(r["seconds"], 100 * r["attack_success"], s=40)
-        ax.annotate(f"{r['defense']} ({r['attack']})", (r["seconds"], 100 * r["attack_success"]),
-                    fontsize=7, xytext=(4, 2), textcoords="offset points")
-    ax.set_xlabel("wall time per run (s)")
-    ax.set_ylabel("attack success (%)")
-    ax.set_title("Attack success vs. time")
     path = out / "success_vs_time.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _success_vs_time(rows, path)
     figures.append(("Attack success against wall time, per defense (paper Fig. 6)", path))
 
-    epic_runs = [r for r in records if str(r["defense"]).startswith("epic")
-                 and Path(r["run_dir"], "defense.json").exists()]
-    shown = None  # the first EPIC run with a round (zero epochs, or a warmup past them: none)
-    for r in epic_runs:
-        rounds = json.loads(Path(r["run_dir"], "defense.json").read_text())
-        if rounds:
-            shown = r
-            break
-    if shown is not None:
-        picks = [rounds[i] for i in sorted({0, len(rounds) // 2, len(rounds) - 1})]
-        fig, axes = plt.subplots(1, len(picks), figsize=(4 * len(picks), 3.2), squeeze=False)
-        labels = [_bucket_label(lo, hi) for lo, hi in SIZE_BUCKETS]
-        for ax, rnd in zip(axes[0], picks, strict=True):
-            allh = rnd["cluster_size_histogram"]
-            poih = rnd.get("poison_cluster_size_histogram", {})
-            clean = {s: c - poih.get(s, 0) for s, c in allh.items()}
-            xs = range(len(labels))
-            ax.bar([x - 0.2 for x in xs], _bucket_shares(clean), 0.4, label="clean")
-            ax.bar([x + 0.2 for x in xs], _bucket_shares(poih), 0.4, label="poisons")
-            ax.set_xticks(list(xs), labels)
-            ax.set_xlabel("gradient cluster size")
-            ax.set_title(f"epoch {rnd['epoch']}")
-        axes[0][0].set_ylabel("share of examples")
-        axes[0][0].legend()
-        path = out / "cluster_sizes.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        figures.append((f"Clean vs. poisons by gradient cluster size at EPIC rounds, "
-                        f"{shown['key']} (paper Figs. 4, 5)", path))
+    path = out / "cluster_sizes.png"
+    caption = _cluster_sizes(records, path)
+    if caption is not None:
+        figures.append((caption, path))
 
+    epic_runs = [r for r in records if str(r["defense"]).startswith("epic")
+                 and Path(r["run_dir"], "defense.json").is_file()]
     if epic_runs:
-        fig, ax = plt.subplots(figsize=(5, 4))
+        fig, ax = plt.subplots(figsize=(7, 4.5))
         curves = [(r["key"], drop_curve(r["run_dir"])) for r in epic_runs[:8]]
         for key, curve in curves:
             ax.plot([0] + [c[1] for c in curve], [0] + [c[2] for c in curve], marker="o",
@@ -231,7 +285,7 @@ def _figures(records: list[dict[str, Any]], rows: list[dict[str, Any]],
         ax.set_xlim(0, max(0.05, 1.2 * widest))
         ax.set_xlabel("share of all examples dropped")
         ax.set_ylabel("share of poisons dropped")
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1))
         path = out / "drop_curve.png"
         fig.tight_layout()
         fig.savefig(path, dpi=120)
@@ -257,6 +311,8 @@ def write_report(records: list[dict[str, Any]], out: str | os.PathLike[str]) -> 
              f"<p>{len(records)} trials.</p><table><tr>"]
     cols = ["scenario", "attack", "defense", "n", "attack_success", "test_acc", "seconds",
             "poisons_dropped", "examples_dropped"]
+    if any(r.get("patch_free_success") is not None for r in rows):
+        cols.insert(5, "patch_free_success")
     if any(r.get("dp_epsilon") is not None for r in rows):
         cols.append("dp_epsilon")
     parts.append("".join(f"<th>{c}</th>" for c in cols) + "</tr>")
@@ -266,7 +322,9 @@ def write_report(records: list[dict[str, Any]], out: str | os.PathLike[str]) -> 
             v = r.get(c)
             if v is None:  # no trial of the row measured it
                 text = "–"
-            elif c in ("attack_success", "test_acc", "poisons_dropped", "examples_dropped"):
+            elif c + "_se" in r:  # a mean over trials: with its standard error
+                text = _mean_pm(r, c, 1)
+            elif c in ("poisons_dropped", "examples_dropped"):
                 text = f"{100 * v:.1f}%"
             else:
                 text = f"{v:.1f}" if isinstance(v, float) else str(v)
