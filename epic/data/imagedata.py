@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Augment", "ImageData", "augment_batch", "iterate_batches"]
+__all__ = ["Augment", "ImageData", "augment_batch", "batch_indices", "iterate_batches"]
 
 
 @dataclass(frozen=True)
@@ -165,6 +165,26 @@ def channels_last_on_cpu(x: Tensor) -> Tensor:
     return x
 
 
+def batch_indices(n: int, *, batch_size: int = 128, keep: Tensor | None = None,
+                  shuffle: bool = False, generator: torch.Generator | None = None,
+                  shard: tuple[int, int] | None = None) -> Iterator[Tensor]:
+    """The CPU index batches ``(B,)`` of :func:`iterate_batches` over ``n`` examples, without
+    reading any (the same order for the same generator state; arguments as there)."""
+    if keep is None:
+        index = torch.arange(n)
+    else:
+        if keep.shape != (n,) or keep.dtype != torch.bool:
+            raise ValueError(f"keep must be a bool mask of shape ({n},)")
+        index = keep.cpu().nonzero().squeeze(1)
+    if shuffle:
+        index = index[torch.randperm(len(index), generator=generator)]
+    if shard is not None:
+        rank, world = shard
+        index = index[:len(index) - len(index) % world][rank::world]
+    for start in range(0, len(index), batch_size):
+        yield index[start:start + batch_size]
+
+
 def iterate_batches(
     data: ImageData,
     *,
@@ -189,19 +209,8 @@ def iterate_batches(
             every rank gives each the same order to cut).
     """
     device = torch.device(device) if device is not None else data.images.device
-    if keep is None:
-        index = torch.arange(len(data))
-    else:
-        if keep.shape != (len(data),) or keep.dtype != torch.bool:
-            raise ValueError(f"keep must be a bool mask of shape ({len(data)},)")
-        index = keep.cpu().nonzero().squeeze(1)
-    if shuffle:
-        index = index[torch.randperm(len(index), generator=generator)]
-    if shard is not None:
-        rank, world = shard
-        index = index[:len(index) - len(index) % world][rank::world]
-    for start in range(0, len(index), batch_size):
-        idx = index[start:start + batch_size]
+    for idx in batch_indices(len(data), batch_size=batch_size, keep=keep, shuffle=shuffle,
+                             generator=generator, shard=shard):
         src = idx.to(data.images.device)
         x = data.images[src].to(device, non_blocking=True).float().div_(255)
         y = data.labels[src].to(device, non_blocking=True)

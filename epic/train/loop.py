@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from epic.data import ImageData, channels_last_on_cpu, iterate_batches
+from epic.data import ImageData, batch_indices, channels_last_on_cpu, iterate_batches
 from epic.distributed import world
 from epic.gradients import feature_embeddings
 from epic.models import Classifier
@@ -202,15 +202,24 @@ def _train(model: Classifier, train_data: ImageData, test_data: ImageData, confi
         if frozen_body:
             model.body.eval()
         loss_sum, correct, seen = 0.0, 0, 0
-        for x, y, idx in iterate_batches(train_data, batch_size=config.batch_size, keep=keep,
-                                         shuffle=True, augment=augment, generator=generator,
-                                         device=device, shard=shard):
+        batches: Iterator[tuple[Tensor, Tensor, Tensor]]
+        if cached is not None:  # a batch is its rows of the features: no image is read
+            batches = ((cached[i.to(device)], train_data.labels[i.to(train_data.labels.device)]
+                        .to(device), i)
+                       for i in batch_indices(len(train_data), batch_size=config.batch_size,
+                                              keep=keep, shuffle=True, generator=generator,
+                                              shard=shard))
+        else:
+            batches = iterate_batches(train_data, batch_size=config.batch_size, keep=keep,
+                                      shuffle=True, augment=augment, generator=generator,
+                                      device=device, shard=shard)
+        for x, y, idx in batches:
             if on_batch is not None:
                 x, y = on_batch(model, x, y)
                 if frozen_body:  # the hook may have put the whole model in one mode
                     model.body.eval()
             if cached is not None:
-                logits = net(cached[idx.to(device)])
+                logits = net(x)
             elif frozen_body:
                 with torch.no_grad():
                     feats = model.features(x)
