@@ -70,3 +70,53 @@ def test_paper_transfer_preset_follows_the_authors_script() -> None:
     schedules = {r.defenses[0]: (r.warmup, r.every, r.until) for r in runs}
     assert schedules == {"none": (None, None, None), "epic-0.2": (1, 1, 10),
                          "random": (1, 1, 10), "deep-knn": (None, None, None)}
+
+
+@pytest.mark.slow
+def test_paper_scale_transfer_preset_runs_end_to_end_at_tiny_size(tmp_path: Path) -> None:
+    """The paper-scale preset's every step (ResNet-18 clean model, crafting, victims under
+    EPIC) on a 200-image stand-in for CIFAR-10, with epochs, steps and set sizes cut down."""
+    import json
+    import pickle
+
+    import numpy as np
+
+    from epic.bench.presets import run_preset
+    from epic.cli.common import run_command
+
+    data = tmp_path / "data"
+    folder = data / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    labels = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels[name] = [i % 10 for i in range(40)]
+        batch = {b"data": rng.integers(0, 256, (40, 3072), dtype=np.uint8),
+                 b"labels": labels[name], b"batch_label": name.encode()}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    (folder / "batches.meta").write_bytes(pickle.dumps(
+        {b"label_names": [f"c{i}".encode() for i in range(10)]}, protocol=2))
+    (data / "poisoning-benchmark").mkdir()
+    setup = {"target index": np.int64(3), "target class": 3, "base class": 5,
+             "base indices": np.array([5, 15, 25], dtype=np.int64)}  # class 5 of the first batch
+    (data / "poisoning-benchmark" / "cifar10_from_scratch.pickle").write_bytes(
+        pickle.dumps([setup]))
+    small = {"--epochs": "1", "--iterations": "2", "--victim-per-class": "20"}
+    parser = build_parser()
+
+    def run(argv: list[str]) -> int:
+        argv = [small.get(argv[i - 1], a) if i else a for i, a in enumerate(argv)]
+        return run_command(parser, argv)
+
+    out = tmp_path / "out"
+    run_preset("paper-transfer", data_dir=data, out=out, run=run, first=1,
+               defenses=["none", "epic-0.2"])
+    clean = json.loads((out / "clean" / "config.json").read_text())
+    assert clean["run"]["model"] == "resnet18" and clean["config"]["epochs"] == 1
+    rows = [json.loads(line) for line in (out / "bench" / "results.jsonl").read_text()
+            .splitlines()]
+    assert sorted((r["attack"], r["defense"]) for r in rows) == [
+        ("bullseye_polytope", "epic-0.2"), ("bullseye_polytope", "none"),
+        ("feature_collision", "epic-0.2"), ("feature_collision", "none")]
+    assert all(r["examples"] == 200 and r["poisons"] == 3 for r in rows)
+    assert all(r["device"] == "cpu" for r in rows)
