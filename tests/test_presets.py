@@ -113,6 +113,7 @@ def test_paper_scale_transfer_preset_runs_end_to_end_at_tiny_size(tmp_path: Path
                defenses=["none", "epic-0.2"])
     clean = json.loads((out / "clean" / "config.json").read_text())
     assert clean["run"]["model"] == "resnet18" and clean["config"]["epochs"] == 1
+    assert clean["run"]["argv"][:2] == ["train", "--dataset"]  # the step's own command line
     rows = [json.loads(line) for line in (out / "bench" / "results.jsonl").read_text()
             .splitlines()]
     assert sorted((r["attack"], r["defense"]) for r in rows) == [

@@ -153,7 +153,7 @@ def _train(args: argparse.Namespace, device: torch.device, *, first: bool) -> in
     progress = first and (sys.stderr.isatty() if args.progress is None else args.progress)
     result = train(model, train_data, test_data, config, defense=defense, poisons=poisons,
                    out=out, resume=args.resume, progress=progress,
-                   run_info={"argv": sys.argv[1:], "dataset": args.dataset, "model": args.model,
+                   run_info={"argv": args.argv, "dataset": args.dataset, "model": args.model,
                              "train_examples": len(train_data), "seed": args.seed},
                    on_epoch_end=_report_attack if poisons is not None and first else None)
     if not first:
