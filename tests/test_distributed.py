@@ -4,8 +4,6 @@ process drops, and every rank ends with the same keep-mask."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,7 @@ import torch
 
 from epic import EPIC, DistributedKeepSampler, build_model, load_digits
 
-from .conftest import seeded_convnet
+from .conftest import seeded_convnet, torchrun
 
 SCRIPT = Path(__file__).parent / "scripts" / "distributed_round.py"
 
@@ -23,10 +21,7 @@ def test_two_ranks_drop_what_one_process_drops(tiny_data, tmp_path) -> None:  # 
     model = seeded_convnet(train)
     torch.save({"images": train.images, "labels": train.labels, "model": model.state_dict(),
                 "fraction": 0.5}, tmp_path / "inputs.pt")
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(SCRIPT), str(tmp_path)], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    torchrun(str(SCRIPT), str(tmp_path))
     single = EPIC(0.5, warmup=0, every=1)
     masks = []
     for epoch in range(2):
@@ -71,11 +66,7 @@ def test_training_under_torchrun_keeps_ranks_in_step(tmp_path, scenario) -> None
         body = build_model("convnet", num_classes=10, in_channels=1, mean=train.mean,
                            std=train.std)
         torch.save(body.state_dict(), tmp_path / "pretrained.pt")
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(SCRIPT.parent / "distributed_train.py"), str(tmp_path), scenario],
-        capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    torchrun(str(SCRIPT.parent / "distributed_train.py"), str(tmp_path), scenario)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     for name, value in ranks[0]["model"].items():  # DDP kept the replicas identical
         assert torch.equal(value, ranks[1]["model"][name]), name
@@ -93,12 +84,9 @@ def test_training_under_torchrun_keeps_ranks_in_step(tmp_path, scenario) -> None
 
 
 def test_epic_train_takes_the_distributed_path_under_torchrun(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "epic.cli", "train", "--epochs", "3", "--defense", "epic", "--fraction", "0.2",
-         "--warmup", "1", "--every", "1", "--batch-size", "64", "--out", str(tmp_path),
-         "--json"], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = torchrun("-m", "epic.cli", "train", "--epochs", "3", "--defense", "epic",
+                   "--fraction", "0.2", "--warmup", "1", "--every", "1", "--batch-size", "64",
+                   "--out", str(tmp_path), "--json")
     lines = run.stdout.splitlines()
     assert len([line for line in lines if line.startswith("test accuracy")]) == 1  # rank 0 only
     summary = json.loads(lines[-1])

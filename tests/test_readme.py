@@ -1,17 +1,14 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from .conftest import check_epic_round
+from .conftest import check_epic_round, torchrun
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -56,11 +53,7 @@ def _rounds_keep(history, labels: torch.Tensor, fraction: float) -> torch.Tensor
 
 
 def test_readme_ddp_example_runs_under_torchrun() -> None:
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(README.parent / "examples" / "ddp.py")], capture_output=True, text=True,
-        timeout=300, env=os.environ | {"EPOCHS": "8"})
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = torchrun(str(README.parent / "examples" / "ddp.py"), env={"EPOCHS": "8"})
     found = re.search(r"dropped (\d+) of 1797: (\[[\d, ]*\])", run.stdout)
     assert found, run.stdout
     indices = json.loads(found[2])
