@@ -28,6 +28,7 @@ import html
 import io
 import logging
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,8 +213,8 @@ def write_outputs(result: ScanResult, out: str | os.PathLike[str]) -> dict[str, 
 def write_csv(result: ScanResult, path: str | os.PathLike[str]) -> None:
     """``file,label,cluster_size,round``, one row per flagged example (atomically).
 
-    A name that a spreadsheet would run as a formula (first character ``= + - @`` or a tab or
-    carriage return) gets a leading ``'``.
+    A name that a spreadsheet would run as a formula (first character ``= + - @``, their
+    fullwidth forms, or a tab, carriage return or line feed) gets a leading ``'``.
     """
     _write_rows(path, ("file", "label", "cluster_size", "round"),
                 [(f.file, f.label, f.cluster_size, f.round) for f in result.flags])
@@ -228,15 +229,24 @@ def _write_rows(path: str | os.PathLike[str], header: Sequence[str],
     replace_atomically(path, lambda f: f.write(_encode(text.getvalue())))
 
 
+# what makes a spreadsheet read a cell as a formula: its first character, also in the
+# fullwidth forms some spreadsheets accept, or a line break or tab before it
+_FORMULA_STARTS = frozenset("=+-@\t\r\n\uff1d\uff0b\uff0d\uff20")
+
+
 def _cell(value: object) -> object:
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+    if isinstance(value, str) and value[:1] in _FORMULA_STARTS:
         return "'" + value
     return value
 
 
 def _encode(text: str) -> bytes:
     """UTF-8; a file name's undecodable bytes (surrogate escapes) are written as ``\\xNN``."""
-    return text.encode("utf-8", "backslashreplace")
+    return _SURROGATE_ESCAPE.sub(lambda m: f"\\x{ord(m.group()) - 0xDC00:02x}", text).encode(
+        "utf-8", "backslashreplace")
+
+
+_SURROGATE_ESCAPE = re.compile("[\udc80-\udcff]")
 
 
 def thumbnail_png(image: Tensor, size: int = 96) -> bytes:

@@ -3,6 +3,7 @@ before any work starts; never a traceback, never silent nonsense."""
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 from pathlib import Path
@@ -211,10 +212,51 @@ def _npy_header(shape: tuple[int, ...], descr: str = "|u1") -> bytes:
     return buf.getvalue()
 
 
+@functools.cache
+def _many_scans_jpeg(size: int, repeats: int) -> bytes:
+    """A progressive JPEG of ``size`` x ``size`` whose last scan is repeated ``repeats``
+    times: every copy makes the decoder pass over the whole image again."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), (90, 120, 200)).save(buf, "JPEG", progressive=True)
+    data = buf.getvalue()
+    last = data.rindex(b"\xff\xda")
+    return data[:-2] + data[last:-2] * repeats + b"\xff\xd9"
+
+
+def _inflating_pt(declared: int) -> bytes:
+    """A ``torch.save`` archive whose tensor record claims ``declared`` bytes once
+    inflated (a deflated record of zeros reaches about 1,000:1; here the size is forged)."""
+    import io
+    import struct
+    import zipfile
+
+    buf = io.BytesIO()
+    torch.save({"w": torch.zeros(4)}, buf)
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as src, \
+            zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info))
+    data = bytearray(out.getvalue())
+    at = data.index(b"PK\x01\x02")  # the central directory: the sizes readers trust
+    while at >= 0:
+        name_len = struct.unpack_from("<H", data, at + 28)[0]
+        if data[at + 46:at + 46 + name_len].endswith(b"data/0"):
+            struct.pack_into("<I", data, at + 24, declared)
+        at = data.find(b"PK\x01\x02", at + 46)
+    return bytes(data)
+
+
 def hostile_files(folder: Path, marker: Path) -> list[Path]:
     """Files a stranger may hand over, written into ``folder``: code in pickles, forged
-    dtypes, exponential and deep nesting, small files that ask for gigabytes, broken archives
-    and images, JSON of the wrong shape. Running any of them must not create ``marker``."""
+    dtypes, exponential and deep nesting, shared references that copy into gigabytes, small
+    files that ask for gigabytes, a JPEG that takes minutes to decode, special files (a FIFO,
+    a link to ``/dev/zero``), broken archives and images, JSON of the wrong shape. Running any
+    of them must not create ``marker``."""
     import numpy as np
 
     from tests.test_safe_pickle import _ArrayOf, _Exploit, _ForgedDtype
@@ -224,7 +266,19 @@ def hostile_files(folder: Path, marker: Path) -> list[Path]:
         nest = [nest, nest]
     f8 = b"cnumpy\ndtype\n(X\x02\x00\x00\x00f8tR"
     huge = b"(J\x00\x00\x00\x40t"  # the tuple (2**30,)
+    one_image = np.zeros((100, 100, 3), np.float32)  # 120 KB; copied 200,000 times: 24 GB
+    one_array = np.zeros(1_000_000, np.int64)  # 8 MB; in 1,000 setups: 8 GB
     files = {
+        "special.fifo": b"",
+        "special.devzero": b"",
+        "shared_images.pkl": pickle.dumps([(one_image, 0)] * 200_000, protocol=4),
+        "shared_setups.pkl": pickle.dumps(
+            [{"target class": 0, "base class": 1, "target index": 0, "base indices": one_array}]
+            * 1_000, protocol=4),
+        "many_scans.jpg": _many_scans_jpeg(6000, 3000),
+        "zero_pixel_images.npz": _npz({"images.npy": _npy_header((2**28, 0, 0)),
+                                       "labels.npy": _npy_header((2**28,), "<i8") + b"\0" * 64}),
+        "inflating.pt": _inflating_pt(0xF000_0000),
         "code.pkl": pickle.dumps({"data": _Exploit(str(marker))}, protocol=2),
         "forged_dtype.pkl": pickle.dumps({"data": _ArrayOf(_ForgedDtype())}, protocol=2),
         "shared_dag.pkl": pickle.dumps(nest),
@@ -301,3 +355,138 @@ def test_every_hostile_file_through_every_reader(loader: str, tmp_path: Path) ->
             if not ({"ValueError", "OSError"} & set(r["bases"])) or not named:
                 bad.append(f"{r['file']} as {where}: {r['type']}: {r['message'][:200]}")
     assert not bad, "\n".join(bad)
+
+
+# --- second round: decode time, compressed and shared-reference bombs, special files -----
+
+def _two_class_folder(root: Path) -> Path:
+    from PIL import Image
+
+    for name, colour in (("cat", (200, 30, 30)), ("dog", (30, 30, 200))):
+        (root / name).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (16, 16), colour).save(root / name / f"{i}.png")
+    return root
+
+
+def test_a_jpeg_that_repeats_a_scan_is_skipped_within_its_bound(tmp_path: Path) -> None:
+    """Decoding a progressive JPEG passes over the whole image once per scan: 1,000 copies of
+    a scan in 14 KB make a 2000 x 2000 image cost a thousand decodes. Scans x pixels is
+    bounded (MAX_SCAN_PIXELS), so the file is skipped from its markers, before decoding; an
+    ordinary progressive JPEG (10 scans) of the same size is read."""
+    import time
+
+    from epic.images import MAX_SCAN_PIXELS, read_image_folder
+
+    root = _two_class_folder(tmp_path / "data")
+    (root / "cat" / "scans.jpg").write_bytes(_many_scans_jpeg(2000, 1000))
+    (root / "dog" / "plain.jpg").write_bytes(_many_scans_jpeg(2000, 0))
+    assert 11 * 2000 * 2000 < MAX_SCAN_PIXELS < 1000 * 2000 * 2000
+    start = time.perf_counter()
+    folder = read_image_folder(root, image_size=16)
+    seconds = time.perf_counter() - start
+    assert [(s.file, s.reason.split(" JPEG")[0]) for s in folder.skipped] == [
+        ("cat/scans.jpg", "1,010")]
+    assert "dog/plain.jpg" in folder.files
+    assert seconds < 10  # reading the 2000 x 2000 plain one included
+
+
+def test_weights_whose_records_inflate_to_gigabytes_are_refused_unread(tmp_path: Path) -> None:
+    """torch inflates a deflated record to the size the archive declares, with no limit: the
+    declared sizes are checked against one first (--model, --pretrained)."""
+    from epic.cli.common import _load_weights
+
+    path = tmp_path / "model.pt"
+    path.write_bytes(_inflating_pt(0xF000_0000))
+    with pytest.raises(ValueError, match=f"{path}: its records declare 4,026,532,0.. bytes "
+                                         "once inflated, over the limit of 2,147,483,648"):
+        _load_weights(str(path))
+
+
+def test_every_array_of_an_npz_counts_toward_its_limit(tmp_path: Path) -> None:
+    """Zero-byte images of shape (2**28, 0, 0) pass a check of the images alone, and make
+    the labels 2 GiB; every array is counted, and images need a pixel."""
+    from epic.images import read_npz
+
+    path = tmp_path / "set.npz"
+    path.write_bytes(_npz({"images.npy": _npy_header((2**28, 0, 0)),
+                           "labels.npy": _npy_header((2**28,), "<i8") + b"\0" * 64}))
+    with pytest.raises(ValueError, match=r"set.npz: its arrays \(images \(268435456, 0, 0\), "
+                                         r"labels \(268435456,\)\) declare 2,147,483,648 bytes"):
+        read_npz(path)
+    path.write_bytes(_npz({"images.npy": _npy_header((4, 0, 0)),
+                           "labels.npy": _npy_header((4,), "<i8") + b"\0" * 32}))
+    with pytest.raises(ValueError, match="with at least one pixel"):
+        read_npz(path)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "devzero", "folder"])
+def test_special_files_are_refused_by_every_opener(kind: str, tmp_path: Path) -> None:
+    """A FIFO must not block, /dev/zero must not be read until memory runs out."""
+    from epic.files import UntrustedFileError, read_json
+
+    path = tmp_path / "poisons.json"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "devzero":
+        path.symlink_to("/dev/zero")
+    else:
+        path.mkdir()
+    with pytest.raises(UntrustedFileError, match=f"^{path}: not a regular file"):
+        read_json(path)
+
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from epic.images import read_image_folder
+
+    for name, row in (("a", [0, 32896, 65535]), ("b", [65535, 257, 0])):
+        (tmp_path / name).mkdir()
+        img = Image.fromarray(np.array([row] * 3, dtype=np.uint16))
+        assert img.mode.startswith("I")
+        img.save(tmp_path / name / "wide.png")
+    folder = read_image_folder(tmp_path)
+    assert folder.data.images[:, 0, 0].tolist() == [[0, 128, 255], [255, 1, 0]]
+
+
+def test_outputs_replace_a_planted_link_instead_of_writing_through_it(  # type: ignore[no-untyped-def]
+        tmp_path, tiny_data) -> None:
+    import epic
+    from epic.bench.report import write_report
+    from epic.poisons import PoisonSet
+    from tests.conftest import seeded_convnet
+
+    train, test = tiny_data
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    out = tmp_path / "out"
+    out.mkdir()
+    names = ("model.pt", "poisons.json", "poisons.npz", "report.html", "summary.md")
+    for name in names:
+        (out / name).symlink_to(victim)
+    epic.train(seeded_convnet(train), train, test, epic.TrainConfig(epochs=1), out=out)
+    PoisonSet(indices=torch.tensor([1]), images=train.images[[1]].clone(),
+              target_images=train.images[:1].clone(), target_class=0, adversarial_class=1,
+              eps=8 / 255).save(out)
+    write_report([], out)
+    assert victim.read_text() == "keep me"
+    for name in names:
+        assert not (out / name).is_symlink() and (out / name).stat().st_size > 0, name
+
+
+def test_csv_cells_that_a_spreadsheet_runs_are_neutralized(tmp_path: Path) -> None:
+    import csv
+
+    from epic.scan import _write_rows
+
+    names = ["\n=1+1", "\uff1dcmd()", "\uff0b1", "\uff20x", "=1", "plain",
+             os.fsdecode(b"caf\xe9.png")]
+    _write_rows(tmp_path / "x.csv", ("file",), [(n,) for n in names])
+    raw = (tmp_path / "x.csv").read_bytes()
+    assert b"caf\\xe9.png" in raw and b"\\udce9" not in raw
+    with open(tmp_path / "x.csv", newline="", encoding="utf-8") as f:
+        cells = [row[0] for row in csv.reader(f)][1:]
+    assert cells == ["'\n=1+1", "'\uff1dcmd()", "'\uff0b1", "'\uff20x", "'=1", "plain",
+                     "caf\\xe9.png"]

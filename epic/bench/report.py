@@ -17,6 +17,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from epic.files import replace_atomically, write_atomically
+
 __all__ = ["defense_label", "drop_curve", "plot_effective", "summarize", "to_markdown",
            "write_report"]
 
@@ -164,7 +166,7 @@ def plot_effective(distances: Any, effective: Any, path: str | os.PathLike[str])
     ax.set_ylabel("poisons")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    replace_atomically(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
 
 
@@ -185,7 +187,7 @@ def _figures(records: list[dict[str, Any]], rows: list[dict[str, Any]],
     ax.set_title("Attack success vs. time")
     path = out / "success_vs_time.png"
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    replace_atomically(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
     figures.append(("Attack success against wall time, per defense (paper Fig. 6)", path))
 
@@ -215,7 +217,7 @@ def _figures(records: list[dict[str, Any]], rows: list[dict[str, Any]],
         axes[0][0].legend()
         path = out / "cluster_sizes.png"
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        replace_atomically(path, lambda f: fig.savefig(f, format="png", dpi=120))
         plt.close(fig)
         figures.append((f"Clean vs. poisons by gradient cluster size at EPIC rounds, "
                         f"{shown['key']} (paper Figs. 4, 5)", path))
@@ -234,7 +236,7 @@ def _figures(records: list[dict[str, Any]], rows: list[dict[str, Any]],
         ax.legend(fontsize=6)
         path = out / "drop_curve.png"
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        replace_atomically(path, lambda f: fig.savefig(f, format="png", dpi=120))
         plt.close(fig)
         figures.append(("Cumulative share of poisons dropped vs. all examples dropped "
                         "(paper Figs. 2, 3b)", path))
@@ -246,9 +248,9 @@ def write_report(records: list[dict[str, Any]], out: str | os.PathLike[str]) -> 
     outp = Path(out)
     outp.mkdir(parents=True, exist_ok=True)
     rows = summarize(records)
-    (outp / "summary.json").write_text(json.dumps(rows, indent=2))
+    write_atomically(outp / "summary.json", json.dumps(rows, indent=2))
     table = to_markdown(rows)
-    (outp / "summary.md").write_text(table + "\n")
+    write_atomically(outp / "summary.md", table + "\n")
     figures = _figures(records, rows, outp) if records else []
     parts = ["<!doctype html><meta charset='utf-8'><title>epic benchmark</title>",
              "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
@@ -278,5 +280,5 @@ def write_report(records: list[dict[str, Any]], out: str | os.PathLike[str]) -> 
         parts.append(f"<figure><img src='data:image/png;base64,{data}'>"
                      f"<figcaption>{html.escape(caption)}</figcaption></figure>")
     page = outp / "report.html"
-    page.write_text("\n".join(parts))
+    write_atomically(page, "\n".join(parts))
     return page

@@ -33,6 +33,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from epic.files import read_untrusted
+
 __all__ = ["FIELDS", "ResultStore", "problem"]
 
 log = logging.getLogger(__name__)
@@ -106,7 +108,7 @@ class ResultStore:
             return []
         records: list[dict[str, Any]] = []
         self.skipped = 0
-        lines = self.path.read_bytes().split(b"\n")
+        lines = read_untrusted(self.path).split(b"\n")
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue

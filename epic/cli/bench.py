@@ -32,6 +32,7 @@ from epic.cli.common import (
     run_command,
     train_config,
 )
+from epic.files import write_atomically
 from epic.poisons import PoisonSet
 from epic.setups import SetupError, victim_data
 from epic.train import train
@@ -202,7 +203,7 @@ def cmd_effective(args: argparse.Namespace) -> int:
               "succeeds_alone": found.succeeds_alone, "fails_without": found.fails_without,
               "training_runs": len(found.trials), "trials": found.trials,
               "distances": distances.tolist()}
-    (out / "effective.json").write_text(json.dumps(result, indent=2))
+    write_atomically(out / "effective.json", json.dumps(result, indent=2))
     plot_effective(distances, effective, out / "effective.png")
     print(f"{len(found.effective)} of {len(poisons)} poisons are effective "
           f"({len(found.trials)} training runs); results in {out}")

@@ -19,7 +19,9 @@ import torch
 
 from epic.cli.argtypes import at_least, number
 from epic.data import DATASETS, ImageData, load_dataset
+from epic.files import UntrustedFileError
 from epic.models import MODELS, Classifier, build_model
+from epic.safe_pickle import UnsafePickleError, load_weights
 from epic.selection import PerClass, Similarity
 from epic.setups import Setup, load_setups, select_setups
 from epic.train import RoundEmbeddings, Scenario, Schedule, TrainConfig
@@ -243,10 +245,11 @@ def make_model(args: argparse.Namespace, train_data: ImageData,
 
 
 def _load_weights(path: str) -> Mapping[str, Any]:
-    """The state dict in ``path``, read with ``weights_only=True`` (nothing is executed)."""
+    """The state dict in ``path``, read by :func:`epic.safe_pickle.load_weights` (nothing is
+    executed, sizes are checked first)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
+        state = load_weights(path)
+    except (FileNotFoundError, UnsafePickleError, UntrustedFileError):
         raise
     except Exception as exc:  # torch.load raises many types on a file that is not its own
         detail = (str(exc).splitlines() or [""])[0][:160]

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from epic.files import replace_atomically
+from epic.files import open_untrusted, replace_atomically
 from epic.poisons import PoisonSetError
 from epic.safe_pickle import UnsafePickleError, safe_load
 
@@ -79,7 +79,7 @@ _EXTRA: dict[tuple[str, str], Any] = {
 def read_untrusted_pickle(path: str | os.PathLike[str]) -> Any:
     """Unpickle ``path`` admitting arrays, numbers, strings, containers and PIL images
     (as :class:`PilStandIn`); raises :class:`UnsafePickleError` on anything else."""
-    with open(path, "rb") as f:
+    with open_untrusted(path) as f:
         return safe_load(f, extra=_EXTRA)
 
 

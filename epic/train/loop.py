@@ -22,6 +22,7 @@ from torch.nn import functional as F
 
 from epic.data import ImageData, channels_last_on_cpu, iterate_batches
 from epic.distributed import world
+from epic.files import replace_atomically
 from epic.gradients import feature_embeddings
 from epic.models import Classifier
 from epic.poisons import PoisonSet
@@ -275,7 +276,7 @@ def _train(model: Classifier, train_data: ImageData, test_data: ImageData, confi
 
     summary = summarize(metrics, defense, poisons, len(train_data))
     if outp is not None:
-        torch.save(model.state_dict(), outp / "model.pt")
+        replace_atomically(outp / "model.pt", lambda f: torch.save(model.state_dict(), f))
         write_json(outp / "summary.json", summary)
     return TrainResult(metrics, summary, model)
 
