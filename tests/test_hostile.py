@@ -490,3 +490,50 @@ def test_csv_cells_that_a_spreadsheet_runs_are_neutralized(tmp_path: Path) -> No
         cells = [row[0] for row in csv.reader(f)][1:]
     assert cells == ["'\n=1+1", "'\uff1dcmd()", "'\uff0b1", "'\uff20x", "'=1", "plain",
                      "caf\\xe9.png"]
+
+
+def _record(run_dir: str, **fields: object) -> str:
+    import json
+
+    record = {"key": "bp/transfer", "scenario": "transfer", "attack": "bp",
+              "defense": "epic-0.1", "seed": 0, "poisons_dir": "p", "schedule": {},
+              "config": {}, "run_dir": run_dir, "attack_success": 0.0, "test_acc": 0.5,
+              "seconds": 1.0} | fields
+    return json.dumps(record) + "\n"
+
+
+def test_a_strangers_store_is_reported_from_its_own_folder_or_refused_by_name(  # type: ignore[no-untyped-def]
+        tmp_path, capsys) -> None:
+    store = tmp_path / "bench" / "results.jsonl"
+    store.parent.mkdir()
+    elsewhere = tmp_path / "elsewhere" / "run-1"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "defense.json").write_text('{"not": "rounds"}')
+    store.write_text(_record(str(elsewhere)))
+    report = ["bench", "report", str(store), "--out", str(tmp_path / "report")]
+    assert main(report) == 0  # run_dir only names a folder of bench/trials/: none here
+    capsys.readouterr()
+    run = tmp_path / "bench" / "trials" / "run-1"
+    run.mkdir(parents=True)
+    (run / "defense.json").write_text('[{"epoch": "x", "dropped": []}]')
+    assert fails(report, capsys) == (f"epic: error: {run / 'defense.json'}: round 0 'epoch' is "
+                                     "missing or malformed")
+    (run / "defense.json").unlink()
+    os.mkfifo(run / "defense.json")
+    assert fails(report, capsys) == (f"epic: error: {run / 'defense.json'}: not a regular file "
+                                     "(a FIFO)")
+    store.write_text(_record(str(elsewhere), dp_epsilon=[1]))
+    assert fails(report, capsys) == f"epic: error: no records in {store}"
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["bench"], "'argv' is not an `epic bench run` command line: 'bench'"),
+    (["train", "--epochs", "1"], "'argv' is not an `epic bench run` command line"),
+    (["bench", "run", "--data-dir"], "'argv' ends at --data-dir"),
+])
+def test_a_malformed_stored_command_line_is_refused_by_name(  # type: ignore[no-untyped-def]
+        argv, message, tmp_path, capsys) -> None:
+    store = tmp_path / "results.jsonl"
+    store.write_text(_record("run", argv=argv))
+    err = fails(["bench", "rerun", str(store), "0", "--data-dir", str(tmp_path)], capsys)
+    assert err.startswith(f"epic: error: row 0 of {store}: {message}")

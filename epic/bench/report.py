@@ -17,10 +17,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from epic.files import replace_atomically, write_atomically
+from epic.files import read_json, replace_atomically, write_atomically
 
-__all__ = ["defense_label", "drop_curve", "plot_effective", "summarize", "to_markdown",
-           "write_report"]
+__all__ = ["defense_label", "defense_rounds", "drop_curve", "plot_effective", "summarize",
+           "to_markdown", "write_report"]
 
 SIZE_BUCKETS = ((1, 1), (2, 5), (6, 20), (21, 100), (101, math.inf))
 
@@ -114,13 +114,52 @@ def _mean_pm(row: dict[str, Any], name: str, digits: int) -> str:
     return "–" if mean is None else f"{100 * mean:.{digits}f}% ± {100 * se:.{digits}f}"
 
 
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _histogram(value: Any) -> bool:
+    return isinstance(value, dict) and all(_count(c) for c in value.values())
+
+
+# field of a defense round -> (its check, required)
+_ROUND_FIELDS = {"epoch": (_count, True), "dropped": (lambda v: isinstance(v, list), True),
+                 "cluster_size_histogram": (_histogram, True),
+                 "poisons_dropped": (_count, False),
+                 "poison_cluster_size_histogram": (_histogram, False)}
+
+
+def defense_rounds(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The rounds of ``run_dir/defense.json``, each checked for the fields the report uses.
+
+    Raises:
+        ValueError: not a list of rounds; the message names the file, the round and field.
+    """
+    path = Path(run_dir) / "defense.json"
+    rounds = read_json(path)
+    if not isinstance(rounds, list):
+        raise ValueError(f"{path}: expected a list of defense rounds")
+    for i, r in enumerate(rounds):
+        for name, (valid, required) in _ROUND_FIELDS.items():
+            if not isinstance(r, dict) or (name in r or required) and not valid(r.get(name)):
+                raise ValueError(f"{path}: round {i} '{name}' is missing or malformed")
+    return rounds
+
+
 def drop_curve(run_dir: str | os.PathLike[str]) -> list[tuple[int, float, float]]:
     """``(epoch, share of all examples dropped, share of poisons dropped)``, cumulative, per
-    defense round of a run folder that trained on poisons."""
+    defense round of a run folder that trained on poisons.
+
+    Raises:
+        ValueError: ``defense.json`` or ``summary.json`` is malformed (named with the field).
+    """
     run = Path(run_dir)
-    rounds = json.loads((run / "defense.json").read_text())
-    summary = json.loads((run / "summary.json").read_text())
-    n, p = summary["examples"], max(summary.get("poisons", 0), 1)
+    rounds = defense_rounds(run)
+    summary = read_json(run / "summary.json")
+    if (not isinstance(summary, dict) or not _count(summary.get("examples"))
+            or not _count(summary.get("poisons", 0))):
+        raise ValueError(f"{run / 'summary.json'}: 'examples' and 'poisons' must be counts")
+    n, p = max(summary["examples"], 1), max(summary.get("poisons", 0), 1)
     curve, all_dropped, poisons_dropped = [], 0, 0
     for r in rounds:
         all_dropped += len(r["dropped"])
@@ -170,8 +209,21 @@ def plot_effective(distances: Any, effective: Any, path: str | os.PathLike[str])
     plt.close(fig)
 
 
+def _run_folder(record: dict[str, Any], trials: Path | None) -> Path:
+    """The run folder of ``record``: its ``run_dir``, or with ``trials`` (a store from
+    elsewhere) the folder of that name in ``trials``, so a record cannot point the report at
+    any other folder (``../..``)."""
+    if trials is None:
+        return Path(record["run_dir"])
+    name = Path(record["run_dir"]).name
+    if name in ("", ".", ".."):
+        raise ValueError(f"'run_dir' {record['run_dir']!r} of trial {record['key']!r} names "
+                         f"no run folder")
+    return trials / name
+
+
 def _figures(records: list[dict[str, Any]], rows: list[dict[str, Any]],
-             out: Path) -> list[tuple[str, Path]]:
+             out: Path, trials: Path | None) -> list[tuple[str, Path]]:
     plt = _pyplot()
     figures = []
 
@@ -191,11 +243,12 @@ def _figures(records: list[dict[str, Any]], rows: list[dict[str, Any]],
     plt.close(fig)
     figures.append(("Attack success against wall time, per defense (paper Fig. 6)", path))
 
-    epic_runs = [r for r in records if str(r["defense"]).startswith("epic")
-                 and Path(r["run_dir"], "defense.json").exists()]
+    epic_runs = [(r, _run_folder(r, trials)) for r in records
+                 if str(r["defense"]).startswith("epic")]
+    epic_runs = [(r, run) for r, run in epic_runs if (run / "defense.json").exists()]
     shown = None  # the first EPIC run with a round (zero epochs, or a warmup past them: none)
-    for r in epic_runs:
-        rounds = json.loads(Path(r["run_dir"], "defense.json").read_text())
+    for r, run in epic_runs:
+        rounds = defense_rounds(run)
         if rounds:
             shown = r
             break
@@ -224,7 +277,7 @@ def _figures(records: list[dict[str, Any]], rows: list[dict[str, Any]],
 
     if epic_runs:
         fig, ax = plt.subplots(figsize=(5, 4))
-        curves = [(r["key"], drop_curve(r["run_dir"])) for r in epic_runs[:8]]
+        curves = [(r["key"], drop_curve(run)) for r, run in epic_runs[:8]]
         for key, curve in curves:
             ax.plot([0] + [c[1] for c in curve], [0] + [c[2] for c in curve], marker="o",
                     label=key, alpha=0.8)
@@ -243,15 +296,26 @@ def _figures(records: list[dict[str, Any]], rows: list[dict[str, Any]],
     return figures
 
 
-def write_report(records: list[dict[str, Any]], out: str | os.PathLike[str]) -> Path:
-    """Write ``summary.md``, ``summary.json``, the figures and ``report.html`` to ``out``."""
+def write_report(records: list[dict[str, Any]], out: str | os.PathLike[str], *,
+                 trials: str | os.PathLike[str] | None = None) -> Path:
+    """Write ``summary.md``, ``summary.json``, the figures and ``report.html`` to ``out``.
+
+    ``trials``: the folder holding the run folders (``trials/`` beside a store's
+    ``results.jsonl``); the records' ``run_dir`` then only names a folder in it. By default
+    ``run_dir`` is followed as written (records of your own).
+
+    Raises:
+        ValueError: a run folder's ``defense.json`` or ``summary.json`` is malformed or not a
+            regular file; the message names the file and the field.
+    """
     outp = Path(out)
     outp.mkdir(parents=True, exist_ok=True)
     rows = summarize(records)
     write_atomically(outp / "summary.json", json.dumps(rows, indent=2))
     table = to_markdown(rows)
     write_atomically(outp / "summary.md", table + "\n")
-    figures = _figures(records, rows, outp) if records else []
+    figures = (_figures(records, rows, outp, None if trials is None else Path(trials))
+               if records else [])
     parts = ["<!doctype html><meta charset='utf-8'><title>epic benchmark</title>",
              "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}"

@@ -56,6 +56,7 @@ FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "setup": ((dict, _NONE), False), "argv": ((list,), False), "poisons": ((int,), False),
     "poisons_dropped": ((int,), False), "examples": ((int,), False),
     "examples_dropped": ((int,), False), "patch_free_success": ((*_NUMBER, _NONE), False),
+    "dp_epsilon": ((*_NUMBER, _NONE), False), "dp_delta": ((*_NUMBER, _NONE), False),
 }
 
 

@@ -217,7 +217,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     records = store.load()
     if not records:
         raise ValueError(f"no records in {args.store}")
-    page = write_report(records, args.out or Path(args.store).parent / "report")
+    page = write_report(records, args.out or Path(args.store).parent / "report",
+                        trials=Path(args.store).parent / "trials")
     rows = summarize(records)
     print(to_markdown(rows))
     print(f"report: {page}")
@@ -236,6 +237,11 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     if not isinstance(old.get("argv"), list):
         raise ValueError(f"row {args.row} of {args.store} does not record its command line")
     argv = list(old["argv"])
+    if argv[:2] != ["bench", "run"]:
+        raise ValueError(f"row {args.row} of {args.store}: 'argv' is not an `epic bench run` "
+                         f"command line: {' '.join(argv)[:120]!r}")
+    if "--data-dir" in argv and argv.index("--data-dir") == len(argv) - 1:
+        raise ValueError(f"row {args.row} of {args.store}: 'argv' ends at --data-dir")
     if args.data_dir is not None and "--data-dir" in argv:
         stored = argv[argv.index("--data-dir") + 1]
         argv = [args.data_dir + a[len(stored):] if a.startswith(stored) else a for a in argv]
