@@ -83,16 +83,21 @@ def _rows(x: Any, rows: Tensor) -> Any:
     raise TypeError(f"cannot select rows of a batch of type {type(x).__name__}")
 
 
+def _integral(t: Tensor) -> bool:
+    """Integers, not booleans, floats or complex numbers (which ``.long()`` would convert)."""
+    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
 def _split(batch: Any, where: str) -> tuple[Any, Tensor, Tensor | None]:
     """``(x, y, index or None)`` of one batch or item."""
     if not isinstance(batch, (list, tuple)) or len(batch) < 2:
         raise TypeError(f"{where} must be (x, y) or (x, y, index), got {type(batch).__name__}")
     y = torch.as_tensor(batch[1])
     index = torch.as_tensor(batch[2]) if len(batch) > 2 else None
-    if y.is_floating_point() or y.dim() != 1:
+    if not _integral(y) or y.dim() != 1:
         raise TypeError(f"{where}: labels must be a 1-d integer batch, got {y.dtype} "
                         f"{tuple(y.shape)}")
-    if index is not None and (index.is_floating_point() or index.shape != y.shape):
+    if index is not None and (not _integral(index) or index.shape != y.shape):
         raise TypeError(f"{where}: the third element must be the examples' integer indices, "
                         f"got {index.dtype} {tuple(index.shape)}")
     return batch[0], y.long(), None if index is None else index.long().cpu()

@@ -52,6 +52,19 @@ def _read_arrays(path: Path, train_size: int | None) -> dict[str, Tensor]:
         return {k: torch.from_numpy(read_array(zf, k)) for k in headers}
 
 
+def _metadata_problem(metadata: dict[str, Any]) -> str | None:
+    """What is wrong with the metadata fields that are read back (before any work is done
+    on the set: a benchmark trial stores ``setup``), or None."""
+    setup = metadata.get("setup")
+    if setup is not None and not (
+            isinstance(setup, dict) and isinstance(setup.get("id"), int)
+            and not isinstance(setup.get("id"), bool)):
+        return "'setup' must be an object with an integer 'id'"
+    if not isinstance(metadata.get("clean_label", True), bool):
+        return "'clean_label' must be true or false"
+    return None
+
+
 class PoisonSetError(ValueError):
     """A poison set is malformed or breaks its own constraints."""
 
@@ -251,7 +264,8 @@ class PoisonSet:
         if missing:
             raise PoisonSetError(f"{folder}: poisons.npz lacks {sorted(missing)}")
         for key in ("indices", "labels"):
-            if key in arrays and arrays[key].is_floating_point():
+            if key in arrays and (arrays[key].is_floating_point() or arrays[key].is_complex()
+                                  or arrays[key].dtype == torch.bool):
                 raise PoisonSetError(f"{folder}: poisons.npz '{key}' must be integers, got "
                                      f"{arrays[key].dtype}")
         for key in ("target_class", "adversarial_class"):
@@ -261,6 +275,9 @@ class PoisonSet:
             raise PoisonSetError(f"{folder}: poisons.json 'eps' must be a number")
         if not isinstance(meta.get("metadata", {}), dict):
             raise PoisonSetError(f"{folder}: poisons.json 'metadata' must be an object")
+        problem = _metadata_problem(meta.get("metadata", {}))
+        if problem:
+            raise PoisonSetError(f"{folder}: poisons.json 'metadata' {problem}")
         arrays["indices"] = arrays["indices"].long()
         if "labels" in arrays:
             arrays["labels"] = arrays["labels"].long()

@@ -38,7 +38,9 @@ def fails(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     (["craft", "--attack", "bp", "--out", "x", "--budget", "-1"],
      "argument --budget: must be in (0, inf], got -1"),
     (["craft", "--attack", "bp", "--out", "x", "--eps", "300"],
-     "argument --eps: must be in (0, 255], got 300"),
+     "argument --eps: must be in [1, 255], got 300"),
+    (["craft", "--attack", "bp", "--out", "x", "--eps", "0.001"],  # would change no pixel
+     "argument --eps: must be in [1, 255], got 0.001"),
 ])
 def test_nonsense_values_are_refused_by_name(args, message, capsys) -> None:  # type: ignore[no-untyped-def]
     assert fails(args, capsys).endswith(message)
@@ -537,3 +539,88 @@ def test_a_malformed_stored_command_line_is_refused_by_name(  # type: ignore[no-
     store.write_text(_record("run", argv=argv))
     err = fails(["bench", "rerun", str(store), "0", "--data-dir", str(tmp_path)], capsys)
     assert err.startswith(f"epic: error: row 0 of {store}: {message}")
+
+
+@pytest.mark.parametrize(("dtype", "meta", "message"), [
+    ("bool", {}, "'indices' must be integers, got torch.bool"),
+    ("complex64", {}, "'indices' must be integers, got torch.complex64"),
+    ("int64", {"setup": "x"}, "'metadata' 'setup' must be an object with an integer 'id'"),
+    ("int64", {"setup": {"id": [0]}}, "'metadata' 'setup' must be an object with an integer"),
+    ("int64", {"clean_label": "no"}, "'metadata' 'clean_label' must be true or false"),
+])
+def test_poison_sets_that_would_pass_silently_or_fail_after_training(  # type: ignore[no-untyped-def]
+        dtype, meta, message, tmp_path, tiny_data) -> None:
+    """Boolean or complex indices became integers; a malformed 'setup' trained a whole trial
+    and then failed to store it, or was a TypeError."""
+    import json
+
+    import numpy as np
+
+    from epic.poisons import PoisonSet, PoisonSetError
+
+    train, _ = tiny_data
+    folder = tmp_path / "set"
+    PoisonSet(indices=torch.tensor([1, 2]), images=train.images[[1, 2]].clone(),
+              target_images=train.images[:1].clone(), target_class=0, adversarial_class=1,
+              eps=8 / 255, metadata=meta).save(folder)
+    with np.load(folder / "poisons.npz") as npz:
+        arrays = dict(npz)
+    arrays["indices"] = np.array([1, 2]).astype(dtype)
+    np.savez(folder / "poisons.npz", **arrays)
+    assert json.loads((folder / "poisons.json").read_text())["metadata"] == meta
+    with pytest.raises(PoisonSetError, match=f"{folder}: poisons.(npz|json) {message}"):
+        PoisonSet.load(folder, train)
+
+
+def test_labels_and_pixels_that_would_pass_silently(tiny_data) -> None:  # type: ignore[no-untyped-def]
+    """Boolean labels became 0 and 1; NaN pixels became 0; text pixels were a numpy error."""
+    import numpy as np
+
+    from epic import gradient_embeddings
+    from epic.data import ImageData
+    from epic.formats.untrusted import to_chw
+    from epic.poisons import PoisonSetError
+    from tests.conftest import seeded_convnet
+
+    train, _ = tiny_data
+    with pytest.raises(ValueError, match="labels must be integers, got torch.bool"):
+        ImageData.from_arrays(train.images.numpy(), np.arange(60) % 2 == 0)
+    pairs = [(train.images[i].float() / 255, torch.tensor(True)) for i in range(4)]
+    with pytest.raises(TypeError, match="labels must be a 1-d integer batch, got torch.bool"):
+        gradient_embeddings(seeded_convnet(train), pairs)
+    nan = np.full((8, 8, 3), 0.5, np.float32)
+    nan[0, 0, 0] = np.nan
+    with pytest.raises(PoisonSetError, match="finite numbers, got a float32 array .* with NaN"):
+        to_chw(nan)
+    with pytest.raises(PoisonSetError, match="finite numbers, got a \\|S1 array"):
+        to_chw(np.full((8, 8, 3), b"a", "S1"))
+
+
+def test_a_cluster_size_limit_that_drops_nothing_is_refused() -> None:
+    from epic import EPIC
+    from epic.selection import find_isolated
+
+    x, y = torch.randn(40, 4), torch.arange(40) % 2
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="max_cluster_size must be"):
+            find_isolated(x, y, 0.2, bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="max_cluster_size must be"):
+            EPIC(0.2, max_cluster_size=bad)  # type: ignore[arg-type]
+    assert find_isolated(x, y, 0.2, 2).sum() >= find_isolated(x, y, 0.2, 1).sum()
+
+
+def test_craft_and_defense_options_that_would_do_nothing_or_crash(  # type: ignore[no-untyped-def]
+        tmp_path, capsys) -> None:
+    out = tmp_path / "poisons"
+    assert fails(["craft", "--attack", "patch", "--source-class", "1", "--adversarial-class",
+                  "1", "--out", str(out)], capsys) == (
+        "epic: error: --adversarial-class 1: the same class as --source-class; a backdoor "
+        "moves one class to another")
+    assert fails(["craft", "--attack", "bp", "--target-index", "0", "--adversarial-class",
+                  "1", "--out", str(out)], capsys) == (  # test image 0 is a 1
+        "epic: error: --adversarial-class 1: the target (--target-index 0) is of that class "
+        "already")
+    assert not (out / "clean_model").exists()
+    assert fails(["train", "--defense", "epic", "--defense-option", "warmup=abc", "--out",
+                  str(tmp_path / "run")], capsys) == (
+        "epic: error: defense epic option warmup='abc': expected int or none")

@@ -24,6 +24,7 @@ from epic.selection import (
     Method,
     PerClass,
     Similarity,
+    as_cluster_size,
     as_fraction,
     find_isolated,
     isolated_medoids,
@@ -178,7 +179,7 @@ class EPIC(ScheduledDefense):
         super().__init__(warmup=warmup, every=every, until=until, num_examples=num_examples,
                          batch_size=batch_size)
         self.fraction = fraction
-        self.max_cluster_size = max_cluster_size
+        self.max_cluster_size = as_cluster_size(max_cluster_size)
         self.per_class = per_class
         self.similarity = similarity
         self.method = method

@@ -9,8 +9,10 @@ line here (docs/defenses.md).
 from __future__ import annotations
 
 import inspect
+import types
+import typing
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal, Union, get_args, get_origin
 
 from epic.defenses.adversarial import AdversarialPoisoning
 from epic.defenses.clipnoise import ClipNoise
@@ -109,4 +111,42 @@ def build_defense(spec: str, run: RunFacts, **options: Any) -> Defense | None:
                          f"{takes})")
     if cls is None:
         return None
+    _check_option_types(name, cls, options)
     return cls.for_run(run, **(preset | options))
+
+
+def _check_option_types(name: str, cls: type[Defense], options: Mapping[str, Any]) -> None:
+    """Refuse an option whose value is not of the type ``for_run`` declares (``warmup=abc``),
+    naming it, before anything is built."""
+    try:
+        hints = typing.get_type_hints(cls.for_run)
+    except (NameError, TypeError):  # annotations this module cannot resolve: not checked
+        return
+    for key, value in options.items():
+        if key in hints and not _fits(value, hints[key]):
+            raise ValueError(f"defense {name} option {key}={value!r}: expected "
+                             f"{_hint_name(hints[key])}")
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    origin = get_origin(hint)
+    if origin is Literal:
+        return value in get_args(hint)
+    if origin in (Union, types.UnionType):
+        return any(_fits(value, arg) for arg in get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint in (int, float):  # a bool is not a number here; an int is a float
+        return (isinstance(value, (int, float) if hint is float else int)
+                and not isinstance(value, bool))
+    if isinstance(hint, type) and origin is None:
+        return isinstance(value, hint)
+    return True  # generics and callables: not values a command line gives
+
+
+def _hint_name(hint: Any) -> str:
+    if get_origin(hint) in (Union, types.UnionType):
+        return " or ".join(_hint_name(arg) for arg in get_args(hint))
+    if get_origin(hint) is Literal:
+        return " or ".join(repr(arg) for arg in get_args(hint))
+    return "none" if hint is type(None) else getattr(hint, "__name__", str(hint))
