@@ -2,17 +2,17 @@
 
 A folder holds one sub-folder per class (class names: the sorted sub-folder names, labels
 their positions), with image files at any depth below it, as torchvision's ``ImageFolder``
-expects. Every file is checked before it is decoded: it must be a regular file (links are not
-followed), not empty, at most ``max_file_bytes`` long, one of :data:`FORMATS` (only those
-decoders of Pillow are tried), and its header may declare at most ``max_pixels`` pixels
-(a decompression bomb is refused before any pixel is decoded; Pillow's own
-``DecompressionBombWarning`` and ``DecompressionBombError`` become a skip too). The work of
-decoding is bounded too: a progressive JPEG decodes every scan over the whole image, so its
-scans times its pixels may be at most :data:`MAX_SCAN_PIXELS` (a few bytes repeat a scan). A
-file that
-fails a check or does not decode is skipped with a warning naming it and the reason, and is
-listed in :attr:`ImageFolder.skipped`; only a folder without two classes of readable images
-is an error.
+expects (folders nested over :data:`MAX_DEPTH` deep are skipped). Every file is checked
+before it is decoded: it must be a regular file (links are not followed), not empty, at
+most ``max_file_bytes`` long, one of :data:`FORMATS` (only those decoders of Pillow are
+tried), and its header may declare at most ``max_pixels`` pixels (a decompression bomb is
+refused before any pixel is decoded; Pillow's own ``DecompressionBombWarning`` and
+``DecompressionBombError`` become a skip too). The work of decoding is bounded too: a
+progressive JPEG decodes every scan over the whole image, so its scans times its pixels may
+be at most :data:`MAX_SCAN_PIXELS` (a few bytes repeat a scan). A file that fails a check
+or does not decode is skipped with a warning naming it and the reason, and is listed in
+:attr:`ImageFolder.skipped`; only a folder without two classes of readable images is an
+error.
 
 An ``.npz`` holds ``images`` (uint8 ``(N, H, W)``, ``(N, H, W, C)`` or ``(N, C, H, W)``, C 1
 or 3), ``labels`` (integers ``(N,)``) and optionally ``classes`` (strings ``(K,)``); shapes
@@ -42,8 +42,8 @@ from epic.data import ImageData
 from epic.files import UntrustedFileError, open_untrusted, read_untrusted
 from epic.npy import array_headers, read_array
 
-__all__ = ["FORMATS", "MAX_FILE_BYTES", "MAX_PIXELS", "MAX_SCAN_PIXELS", "MAX_TOTAL_BYTES",
-           "ImageFolder", "Skipped", "read_image_folder", "read_npz"]
+__all__ = ["FORMATS", "MAX_DEPTH", "MAX_FILE_BYTES", "MAX_PIXELS", "MAX_SCAN_PIXELS",
+           "MAX_TOTAL_BYTES", "ImageFolder", "Skipped", "read_image_folder", "read_npz"]
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,9 @@ def read_image_folder(
         if entry.is_dir(follow_symlinks=False):
             label = len(class_dirs)
             class_dirs.append(entry.name)
-            candidates += [(_relative(p, rootp), p, label) for p in _entries(Path(entry.path))]
+            found, too_deep = _entries(Path(entry.path))
+            candidates += [(_relative(p, rootp), p, label) for p in found]
+            skipped += [Skipped(_relative(p, rootp), reason) for p, reason in too_deep]
         else:
             skipped.append(Skipped(entry.name, "not in a class sub-folder"))
     if len(class_dirs) < 2:
@@ -217,15 +219,34 @@ def _relative(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix()
 
 
-def _entries(folder: Path) -> list[Path]:
+MAX_DEPTH = 32
+"""Folders nested deeper than this below a class folder are skipped, not read."""
+
+
+def _entries(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Every entry below ``folder`` that is not a real folder (links are listed, never
-    followed), in path order."""
+    followed), in path order; and the folders not read, with why (nested over
+    :data:`MAX_DEPTH` deep, or unreadable)."""
     found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        base = Path(dirpath)
-        found += [base / n for n in filenames]
-        found += [base / n for n in dirnames if (base / n).is_symlink()]
-    return sorted(found, key=lambda p: p.as_posix())
+    unread: list[tuple[Path, str]] = []
+    stack = [(folder, 0)]
+    while stack:
+        base, depth = stack.pop()
+        try:
+            with os.scandir(base) as it:
+                entries = list(it)
+        except OSError as exc:
+            unread.append((base, f"a folder that cannot be listed ({exc.strerror or exc})"))
+            continue
+        for e in entries:
+            path = Path(e.path)
+            if not e.is_dir(follow_symlinks=False):
+                found.append(path)
+            elif depth == MAX_DEPTH:
+                unread.append((path, f"a folder nested over {MAX_DEPTH} deep: not read"))
+            else:
+                stack.append((path, depth + 1))
+    return sorted(found, key=lambda p: p.as_posix()), unread
 
 
 @contextmanager

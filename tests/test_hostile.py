@@ -624,3 +624,29 @@ def test_craft_and_defense_options_that_would_do_nothing_or_crash(  # type: igno
     assert fails(["train", "--defense", "epic", "--defense-option", "warmup=abc", "--out",
                   str(tmp_path / "run")], capsys) == (
         "epic: error: defense epic option warmup='abc': expected int or none")
+
+
+def test_a_folder_nested_1500_deep_is_skipped_by_name(tmp_path: Path) -> None:
+    """Walking it recursively overflowed the stack and failed the whole scan unnamed."""
+    from epic.images import MAX_DEPTH, read_image_folder
+
+    root = _two_class_folder(tmp_path / "data")
+    deep = root / "cat"
+    for _ in range(1500):
+        deep = deep / "d"
+        deep.mkdir()
+    folder = read_image_folder(root)
+    assert len(folder.files) == 4
+    assert [(s.file, s.reason) for s in folder.skipped] == [
+        ("cat" + "/d" * (MAX_DEPTH + 1), f"a folder nested over {MAX_DEPTH} deep: not read")]
+
+
+def test_bench_run_on_a_poison_folder_holding_a_fifo_is_refused_by_name(  # type: ignore[no-untyped-def]
+        tmp_path, capsys) -> None:
+    (tmp_path / "p").mkdir()
+    os.mkfifo(tmp_path / "p" / "poisons.json")
+    (tmp_path / "p" / "poisons.npz").write_bytes(b"")
+    err = fails(["bench", "run", "--poisons", str(tmp_path / "p"), "--defenses", "none",
+                 "--out", str(tmp_path / "bench")], capsys)
+    assert err.startswith(f"epic: error: cannot read a poison set at {tmp_path / 'p'}: ")
+    assert err.endswith("poisons.json: not a regular file (a FIFO)")

@@ -19,6 +19,7 @@ import torch
 from epic.bench.store import ResultStore
 from epic.data import ImageData
 from epic.defenses import RunFacts, build_defense, options_for, parse_spec
+from epic.files import read_untrusted
 from epic.gradients import feature_embeddings
 from epic.models import Classifier
 from epic.poisons import PoisonSet
@@ -98,9 +99,9 @@ def _poisons_sha256(folder: str | os.PathLike[str]) -> str | None:
     h = hashlib.sha256()
     try:
         for name in _POISON_FILES:
-            data = (Path(folder) / name).read_bytes()
+            data = read_untrusted(Path(folder) / name)
             h.update(f"{name} {len(data)}\n".encode() + data)
-    except OSError:
+    except (OSError, ValueError):  # missing, or not a regular file: the set's reader says so
         return None
     return h.hexdigest()
 
