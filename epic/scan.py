@@ -185,10 +185,7 @@ def train_and_scan(
         >>> result = train_and_scan(model, data, defense, TrainConfig(epochs=40))  # doctest: +SKIP
     """
     config = config if config is not None else TrainConfig()
-    if not any(defense.due(e) for e in range(config.epochs)):
-        raise ValueError(f"no EPIC round runs in {config.epochs} epochs (warmup "
-                         f"{defense.warmup}, until {defense.until}): train longer or warm up "
-                         f"for fewer epochs")
+    defense.check_runs_within(config.epochs, name="EPIC")
     train(model, data, data.subset(torch.arange(0)), config, defense=defense, out=out,
           run_info=run_info, on_epoch_end=on_epoch_end)
     return collect(data, defense, files=files, skipped=skipped)

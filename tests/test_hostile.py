@@ -631,11 +631,15 @@ def test_a_folder_nested_1500_deep_is_skipped_by_name(tmp_path: Path) -> None:
     from epic.images import MAX_DEPTH, read_image_folder
 
     root = _two_class_folder(tmp_path / "data")
-    deep = root / "cat"
+    made = [root / "cat"]
     for _ in range(1500):
-        deep = deep / "d"
-        deep.mkdir()
-    folder = read_image_folder(root)
+        made.append(made[-1] / "d")
+        made[-1].mkdir()
+    try:
+        folder = read_image_folder(root)
+    finally:  # bottom up: removing it recursively (pytest's cleanup) overflows the stack too
+        for path in reversed(made[1:]):
+            path.rmdir()
     assert len(folder.files) == 4
     assert [(s.file, s.reason) for s in folder.skipped] == [
         ("cat" + "/d" * (MAX_DEPTH + 1), f"a folder nested over {MAX_DEPTH} deep: not read")]
@@ -650,3 +654,14 @@ def test_bench_run_on_a_poison_folder_holding_a_fifo_is_refused_by_name(  # type
                  "--out", str(tmp_path / "bench")], capsys)
     assert err.startswith(f"epic: error: cannot read a poison set at {tmp_path / 'p'}: ")
     assert err.endswith("poisons.json: not a regular file (a FIFO)")
+
+
+def test_a_defended_run_that_cannot_defend_is_an_error(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """It trained undefended and exited 0 after a warning (the default until, the last
+    milestone, is epoch 2 of 4 here); scan already made it an error."""
+    assert fails(["train", "--epochs", "4", "--defense", "epic", "--warmup", "2", "--every",
+                  "1", "--out", str(tmp_path / "run")], capsys) == (
+        "epic: error: no epic round runs in 4 epochs: warmup 2, every 1, until 2 (until "
+        "defaults to the last learning-rate milestone); train longer, or pass a smaller "
+        "--warmup or a larger --until")
+    assert not (tmp_path / "run" / "model.pt").exists()

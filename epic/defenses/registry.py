@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any, Literal, Union, get_args, get_origin
 
 from epic.defenses.adversarial import AdversarialPoisoning
+from epic.defenses.base import ScheduledDefense
 from epic.defenses.clipnoise import ClipNoise
 from epic.defenses.clustering import ActivationClustering
 from epic.defenses.dpsgd import DPSGD
@@ -95,7 +96,8 @@ def build_defense(spec: str, run: RunFacts, **options: Any) -> Defense | None:
     clip-and-noise and Adversarial Poisoning have no schedule.
 
     Raises:
-        ValueError: an unknown spec, or an option the defense does not take.
+        ValueError: an unknown spec, an option the defense does not take or of the wrong
+            type, or a schedule that runs no round within ``run.epochs``.
 
     Example:
         >>> build_defense("epic-0.2", RunFacts(num_examples=100, epochs=40, milestones=(25, 35)))
@@ -112,7 +114,10 @@ def build_defense(spec: str, run: RunFacts, **options: Any) -> Defense | None:
     if cls is None:
         return None
     _check_option_types(name, cls, options)
-    return cls.for_run(run, **(preset | options))
+    defense = cls.for_run(run, **(preset | options))
+    if isinstance(defense, ScheduledDefense):
+        defense.check_runs_within(run.epochs, name=spec)
+    return defense
 
 
 def _check_option_types(name: str, cls: type[Defense], options: Mapping[str, Any]) -> None:
