@@ -665,3 +665,14 @@ def test_a_defended_run_that_cannot_defend_is_an_error(tmp_path, capsys) -> None
         "defaults to the last learning-rate milestone); train longer, or pass a smaller "
         "--warmup or a larger --until")
     assert not (tmp_path / "run" / "model.pt").exists()
+
+
+def test_train_reports_every_epoch_where_no_progress_bar_is_drawn(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """Piped or logged (stderr not a terminal), it printed nothing until the end."""
+    assert main(["train", "--epochs", "3", "--eval-every", "2", "--defense", "epic", "--warmup",
+                 "1", "--every", "1", "--until", "3", "--out", str(tmp_path / "run")]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch")]
+    assert [line.split(", ")[0].split(" train loss ")[0] for line in lines] == [
+        "epoch 0:", "epoch 1:", "epoch 2:"]
+    assert "test accuracy" not in lines[0] and "test accuracy" in lines[1]
+    assert "defense round" not in lines[0] and "defense round" in lines[1] + lines[2]
