@@ -676,3 +676,56 @@ def test_train_reports_every_epoch_where_no_progress_bar_is_drawn(tmp_path, caps
         "epoch 0:", "epoch 1:", "epoch 2:"]
     assert "test accuracy" not in lines[0] and "test accuracy" in lines[1]
     assert "defense round" not in lines[0] and "defense round" in lines[1] + lines[2]
+
+
+def test_update_errors_say_what_to_do(tiny_data) -> None:  # type: ignore[no-untyped-def]
+    """String labels, (x, y, file name) items, a model returning a dict, a plain list of
+    pairs and out-of-range labels surfaced torch's own words, or blamed the wrong thing."""
+    import numpy as np
+
+    from epic import EPIC, find_poisons
+    from tests.conftest import seeded_convnet
+
+    train, _ = tiny_data
+    model = seeded_convnet(train)
+    x = [train.images[i].float() / 255 for i in range(6)]
+
+    class Items(torch.utils.data.Dataset):  # type: ignore[type-arg]
+        def __init__(self, item):  # type: ignore[no-untyped-def]
+            self.item = item
+
+        def __len__(self) -> int:
+            return 6
+
+        def __getitem__(self, i):  # type: ignore[no-untyped-def]
+            return self.item(i)
+
+    def update(data, m=model):  # type: ignore[no-untyped-def]
+        EPIC(0.5, warmup=0, every=1, num_examples=6).update(m, data, 0)
+
+    with pytest.raises(TypeError, match="labels must be integer class indices 0..C-1 \\(map "
+                                        "class names to indices first\\); got str 'cat'"):
+        update(Items(lambda i: (x[i], "cat")))
+    with pytest.raises(TypeError, match="the third element must be the examples' integer "
+                                        "indices .* got str 'a.png'"):
+        update(Items(lambda i: (x[i], i % 3, "a.png")))
+    with pytest.raises(TypeError, match="batch 0 is one example \\(x, y\\), not a batch: a list "
+                                        "of examples is not a Dataset"):
+        update([(x[i], i % 3) for i in range(6)])
+    with pytest.raises(ValueError, match="label 7 is outside 0..2: the model gives 3 logits"):
+        update(Items(lambda i: (x[i], 7)))
+
+    class Dict(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = model
+
+        def forward(self, x):  # type: ignore[no-untyped-def]
+            return {"logits": self.net(x)}
+
+    with pytest.raises(TypeError, match="the model returned a dict, not logits \\(B, C\\): pass "
+                                        "logits_fn"):
+        update(Items(lambda i: (x[i], i % 3)), Dict())
+    probs = np.full((199, 2), 0.5)
+    with pytest.raises(ValueError, match="pred_probs has 199 rows and labels 200"):
+        find_poisons(np.arange(200) % 2, probs)
