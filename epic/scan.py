@@ -266,7 +266,7 @@ def thumbnail_png(image: Tensor, size: int = 96) -> bytes:
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
 .grid { display: flex; flex-wrap: wrap; gap: 12px; }
-figure { margin: 0; width: 140px; font-size: 12px; overflow-wrap: anywhere; }
+figure { margin: 0; width: 140px; font-size: 12px; overflow-wrap: break-word; }
 img.thumb { image-rendering: pixelated; border: 1px solid #999; display: block; }
 .failed { color: #b00; font-weight: bold; }
 .count { font-weight: normal; color: #555; font-size: 0.8em; }
@@ -288,6 +288,12 @@ Promise.allSettled(thumbs.map((img) => img.decode().then(
     img.after(note);
   }))).then(() => { document.body.dataset.checked = String(thumbs.length); });
 """
+
+
+def _breakable(name: str) -> str:
+    """``name`` HTML-escaped, with a line-break opportunity after each ``/ _ - .``: a long
+    file name wraps between its parts rather than in the middle of a word."""
+    return re.sub(r"([/_.-])", r"\1<wbr>", html.escape(name))
 
 
 def _csp_hash(source: str) -> str:
@@ -315,14 +321,16 @@ def write_html(result: ScanResult, path: str | os.PathLike[str], *, thumb_size: 
                 thumbnail_png(result.data.images[f.index], thumb_size)).decode()
             figures.append(
                 f'<figure><img class="thumb" src="{uri}" alt="{esc(f.file)}">'
-                f'<figcaption><span class="file">{esc(f.file)}</span><br>cluster size '
+                f'<figcaption><span class="file">{_breakable(f.file)}</span><br>cluster size '
                 f'{f.cluster_size}, round {f.round}</figcaption></figure>')
         sections.append(
             f'<section class="class"><h2><span class="name">{esc(result.data.classes[c])}'
             f'</span> <span class="count">{len(by_class[c])} flagged of {int(counts[c])}'
             f'</span></h2>\n<div class="grid">\n' + "\n".join(figures) + "\n</div></section>")
-    rows = "\n".join(f"<tr><td>{esc(s.file)}</td><td>{esc(s.reason)}</td></tr>"
-                     for s in result.skipped)
+    rows = "\n".join(f"<tr><td>{_breakable(s.file)}</td><td>{esc(s.reason)}</td></tr>"
+                      for s in result.skipped)
+    skipped = ('<table><tr><th>file</th><th>reason</th></tr>\n' + rows + '\n</table>'
+               if result.skipped else "<p>No file was skipped.</p>")
     epochs = ", ".join(str(r.epoch) for r in result.rounds)
     title = f"EPIC scan: {len(result.flags)} of {len(result.data)} examples flagged"
     csp = (f"default-src 'none'; img-src data:; style-src {_csp_hash(_STYLE)}; "
@@ -341,9 +349,7 @@ example of its class joined in gradient space: a suspected poison, or a mislabel
 clean example.</p>
 {chr(10).join(sections) or "<p>No example was flagged.</p>"}
 <section id="skipped"><h2>Skipped files <span class="count">{len(result.skipped)}</span></h2>
-<table><tr><th>file</th><th>reason</th></tr>
-{rows}
-</table></section>
+{skipped}</section>
 <script>{_SCRIPT}</script>
 </body></html>
 """

@@ -729,3 +729,36 @@ def test_update_errors_say_what_to_do(tiny_data) -> None:  # type: ignore[no-unt
     probs = np.full((199, 2), 0.5)
     with pytest.raises(ValueError, match="pred_probs has 199 rows and labels 200"):
         find_poisons(np.arange(200) % 2, probs)
+
+
+def test_scan_offers_only_what_it_does_and_its_page_wraps_names_between_parts(  # type: ignore[no-untyped-def]
+        tmp_path, tiny_data, capsys) -> None:
+    """--eval-every was offered though a scan evaluates no test set; file names broke
+    mid-word; an empty skipped table was drawn."""
+    from epic.scan import Flag, ScanResult, write_html
+
+    with pytest.raises(SystemExit):
+        main(["scan", "--help"])
+    assert "--eval-every" not in capsys.readouterr().out
+    train, _ = tiny_data
+    name = "a_very_long_folder-name/with.parts.png"
+    result = ScanResult(train, tuple(f"f{i}" for i in range(60)),
+                        (Flag(3, name, "r", 1, 1, 0),), ())
+    write_html(result, tmp_path / "scan.html")
+    page = (tmp_path / "scan.html").read_text()
+    assert "a_<wbr>very_<wbr>long_<wbr>folder-<wbr>name/<wbr>with.<wbr>parts.<wbr>png" in page
+    assert "overflow-wrap: anywhere" not in page
+    assert "<p>No file was skipped.</p>" in page and "<th>reason</th>" not in page
+
+
+def test_a_model_file_torch_refuses_is_named_in_a_whole_sentence(tmp_path: Path) -> None:
+    import argparse
+
+    from epic.cli.common import _load_weights
+
+    path = tmp_path / "model.pt"
+    torch.save({"w": argparse.Namespace()}, path)
+    with pytest.raises(ValueError) as refused:
+        _load_weights(str(path))
+    assert str(refused.value) == (f"{path} is not a model file that torch.load reads safely "
+                                  "(UnpicklingError: Weights only load failed.)")
