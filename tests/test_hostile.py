@@ -762,3 +762,17 @@ def test_a_model_file_torch_refuses_is_named_in_a_whole_sentence(tmp_path: Path)
         _load_weights(str(path))
     assert str(refused.value) == (f"{path} is not a model file that torch.load reads safely "
                                   "(UnpicklingError: Weights only load failed.)")
+
+
+def test_the_readme_s_submodule_names_work_after_import_epic() -> None:
+    import subprocess
+    import sys
+
+    code = ("import epic; print(epic.images.read_image_folder.__name__, epic.scan.scan.__name__)"
+            "; epic.nothing")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).parent.parent,
+                         env=os.environ | {"PYTHONPATH": str(Path(__file__).parent.parent)})
+    assert run.stdout.split() == ["read_image_folder", "scan"]
+    assert run.stderr.strip().splitlines()[-1] == (
+        "AttributeError: module 'epic' has no attribute 'nothing'")
