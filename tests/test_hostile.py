@@ -776,3 +776,16 @@ def test_the_readme_s_submodule_names_work_after_import_epic() -> None:
     assert run.stdout.split() == ["read_image_folder", "scan"]
     assert run.stderr.strip().splitlines()[-1] == (
         "AttributeError: module 'epic' has no attribute 'nothing'")
+
+
+def test_resuming_from_a_checkpoint_that_inflates_to_gigabytes_is_refused(  # type: ignore[no-untyped-def]
+        tmp_path, tiny_data) -> None:
+    import epic
+    from epic.safe_pickle import UnsafePickleError
+    from tests.conftest import seeded_convnet
+
+    train, test = tiny_data
+    (tmp_path / "checkpoint.pt").write_bytes(_inflating_pt(0xF000_0000))
+    with pytest.raises(UnsafePickleError, match="checkpoint.pt: its records declare"):
+        epic.train(seeded_convnet(train), train, test, epic.TrainConfig(epochs=1),
+                   out=tmp_path, resume=True)
