@@ -149,6 +149,8 @@ def _check_content(obj: Any, limit: int) -> None:
                 n += size(child, depth + 1)
                 if n > limit:
                     break
+        elif isinstance(getattr(item, "__dict__", None), dict):  # a stand-in (a PIL image)
+            n = 8 + size(vars(item), depth + 1)
         else:
             n = 8
         if n > limit:
@@ -173,8 +175,8 @@ def safe_load(file: IO[bytes], *, extra: dict[tuple[str, str], Any] | None = Non
         UnsafePickleError: the file names any other global (nothing it names is called),
             asks for an array over ``max_array_bytes``, holds more than that many bytes
             of content counting every shared reference as a copy, or is truncated or no
-            pickle at all; the message starts with ``name`` (default: the file object's own name, if
-            it has one).
+            pickle at all; the message starts with ``name`` (default: the file object's own
+            name, if it has one).
 
     Example:
         >>> import io, pickle

@@ -260,6 +260,7 @@ def hostile_files(folder: Path, marker: Path) -> list[Path]:
     a link to ``/dev/zero``), broken archives and images, JSON of the wrong shape. Running any
     of them must not create ``marker``."""
     import numpy as np
+    from PIL import Image
 
     from tests.test_safe_pickle import _ArrayOf, _Exploit, _ForgedDtype
 
@@ -270,10 +271,12 @@ def hostile_files(folder: Path, marker: Path) -> list[Path]:
     huge = b"(J\x00\x00\x00\x40t"  # the tuple (2**30,)
     one_image = np.zeros((100, 100, 3), np.float32)  # 120 KB; copied 200,000 times: 24 GB
     one_array = np.zeros(1_000_000, np.int64)  # 8 MB; in 1,000 setups: 8 GB
+    one_pil = Image.new("RGB", (200, 200))  # 120 KB; copied 30,000 times: 3.6 GB
     files = {
         "special.fifo": b"",
         "special.devzero": b"",
         "shared_images.pkl": pickle.dumps([(one_image, 0)] * 200_000, protocol=4),
+        "shared_pil_images.pkl": pickle.dumps([(one_pil, 0)] * 30_000, protocol=2),
         "shared_setups.pkl": pickle.dumps(
             [{"target class": 0, "base class": 1, "target index": 0, "base indices": one_array}]
             * 1_000, protocol=4),
