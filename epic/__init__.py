@@ -5,6 +5,9 @@ Example:
     >>> defense = epic.EPIC(fraction=0.1, warmup=10, every=2)
 """
 
+import importlib
+from typing import Any
+
 from epic.data import Augment, ImageData, iterate_batches, load_cifar, load_dataset, load_digits
 from epic.defenses import EPIC, EpicRound, find_poisons
 from epic.gradients import gradient_embeddings
@@ -41,3 +44,14 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+# Submodules that `import epic` does not load (they pull in Pillow, matplotlib or the attacks),
+# loaded when first named: `epic.images.read_image_folder(...)` works after `import epic`.
+_SUBMODULES = frozenset({"analysis", "attacks", "bench", "files", "formats", "images",
+                         "integrations", "npy", "safe_pickle", "scan", "setups"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"epic.{name}")
+    raise AttributeError(f"module 'epic' has no attribute {name!r}")

@@ -83,16 +83,38 @@ def _rows(x: Any, rows: Tensor) -> Any:
     raise TypeError(f"cannot select rows of a batch of type {type(x).__name__}")
 
 
+def _integral(t: Tensor) -> bool:
+    """Integers, not booleans, floats or complex numbers (which ``.long()`` would convert)."""
+    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
+def _tensor(value: Any, message: str) -> Tensor:
+    """``torch.as_tensor(value)``, or a TypeError with ``message`` and what ``value`` is
+    (strings, such as class or file names, are not numbers)."""
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        sample = value[0] if isinstance(value, (list, tuple)) and value else value
+        raise TypeError(f"{message}; got {type(sample).__name__} {sample!r:.40}") from None
+
+
 def _split(batch: Any, where: str) -> tuple[Any, Tensor, Tensor | None]:
     """``(x, y, index or None)`` of one batch or item."""
     if not isinstance(batch, (list, tuple)) or len(batch) < 2:
         raise TypeError(f"{where} must be (x, y) or (x, y, index), got {type(batch).__name__}")
-    y = torch.as_tensor(batch[1])
-    index = torch.as_tensor(batch[2]) if len(batch) > 2 else None
-    if y.is_floating_point() or y.dim() != 1:
+    y = _tensor(batch[1], f"{where}: labels must be integer class indices 0..C-1 (map class "
+                          f"names to indices first)")
+    index = (_tensor(batch[2], f"{where}: the third element must be the examples' integer "
+                               f"indices in the training set (items (x, y, file name) are not "
+                               f"read: return (x, y))") if len(batch) > 2 else None)
+    if y.dim() == 0 and _integral(y):
+        raise TypeError(f"{where} is one example (x, y), not a batch: a list of examples is not "
+                        f"a Dataset; pass a map-style Dataset, or batch the list with "
+                        f"torch.utils.data.DataLoader(examples, batch_size=128)")
+    if not _integral(y) or y.dim() != 1:
         raise TypeError(f"{where}: labels must be a 1-d integer batch, got {y.dtype} "
                         f"{tuple(y.shape)}")
-    if index is not None and (index.is_floating_point() or index.shape != y.shape):
+    if index is not None and (not _integral(index) or index.shape != y.shape):
         raise TypeError(f"{where}: the third element must be the examples' integer indices, "
                         f"got {index.dtype} {tuple(index.shape)}")
     return batch[0], y.long(), None if index is None else index.long().cpu()
@@ -214,13 +236,26 @@ def _from_features(model: nn.Module, data: Examples, features: Tensor,
 
 
 def _logit_gradients(logits: Tensor, y: Tensor) -> Tensor:
-    return torch.softmax(logits, dim=1) - F.one_hot(y, logits.shape[1]).to(logits.dtype)
+    classes = logits.shape[1]
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
+        bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
+        raise ValueError(f"label {bad} is outside 0..{classes - 1}: the model gives {classes} "
+                         f"logits")
+    return torch.softmax(logits, dim=1) - F.one_hot(y, classes).to(logits.dtype)
 
 
 def _logits(model: nn.Module, logits_fn: LogitsFn | None) -> Callable[[Any], Tensor]:
-    if logits_fn is None:
-        return lambda x: model(x).float()
-    return lambda x: logits_fn(model, x).float()
+    def run(x: Any) -> Tensor:
+        out = model(x) if logits_fn is None else logits_fn(model, x)
+        if not isinstance(out, Tensor) or out.dim() != 2:
+            what = (f"a {type(out).__name__}" if not isinstance(out, Tensor)
+                    else f"a tensor of shape {tuple(out.shape)}")
+            raise TypeError(f"{'logits_fn' if logits_fn else 'the model'} returned {what}, not "
+                            f"logits (B, C)" + ("" if logits_fn else ": pass logits_fn, e.g. "
+                                                "logits_fn=lambda m, x: m(x)['logits']"))
+        return out.float()
+
+    return run
 
 
 def gradient_embeddings(

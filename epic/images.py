@@ -2,14 +2,17 @@
 
 A folder holds one sub-folder per class (class names: the sorted sub-folder names, labels
 their positions), with image files at any depth below it, as torchvision's ``ImageFolder``
-expects. Every file is checked before it is decoded: it must be a regular file (links are not
-followed), not empty, at most ``max_file_bytes`` long, one of :data:`FORMATS` (only those
-decoders of Pillow are tried), and its header may declare at most ``max_pixels`` pixels
-(a decompression bomb is refused before any pixel is decoded; Pillow's own
-``DecompressionBombWarning`` and ``DecompressionBombError`` become a skip too). A file that
-fails a check or does not decode is skipped with a warning naming it and the reason, and is
-listed in :attr:`ImageFolder.skipped`; only a folder without two classes of readable images
-is an error.
+expects (folders nested over :data:`MAX_DEPTH` deep are skipped). Every file is checked
+before it is decoded: it must be a regular file (links are not followed), not empty, at
+most ``max_file_bytes`` long, one of :data:`FORMATS` (only those decoders of Pillow are
+tried), and its header may declare at most ``max_pixels`` pixels (a decompression bomb is
+refused before any pixel is decoded; Pillow's own ``DecompressionBombWarning`` and
+``DecompressionBombError`` become a skip too). The work of decoding is bounded too: a
+progressive JPEG decodes every scan over the whole image, so its scans times its pixels may
+be at most :data:`MAX_SCAN_PIXELS` (a few bytes repeat a scan). A file that fails a check
+or does not decode is skipped with a warning naming it and the reason, and is listed in
+:attr:`ImageFolder.skipped`; only a folder without two classes of readable images is an
+error.
 
 An ``.npz`` holds ``images`` (uint8 ``(N, H, W)``, ``(N, H, W, C)`` or ``(N, C, H, W)``, C 1
 or 3), ``labels`` (integers ``(N,)``) and optionally ``classes`` (strings ``(K,)``); shapes
@@ -19,9 +22,9 @@ nothing is unpickled.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
-import stat
 import warnings
 import zipfile
 import zlib
@@ -36,10 +39,11 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from epic.data import ImageData
-from epic.npy import array_header, read_array
+from epic.files import UntrustedFileError, open_untrusted, read_untrusted
+from epic.npy import array_headers, read_array
 
-__all__ = ["FORMATS", "MAX_FILE_BYTES", "MAX_PIXELS", "MAX_TOTAL_BYTES", "ImageFolder",
-           "Skipped", "read_image_folder", "read_npz"]
+__all__ = ["FORMATS", "MAX_DEPTH", "MAX_FILE_BYTES", "MAX_PIXELS", "MAX_SCAN_PIXELS",
+           "MAX_TOTAL_BYTES", "ImageFolder", "Skipped", "read_image_folder", "read_npz"]
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +56,17 @@ MAX_FILE_BYTES = 20 * 2**20
 MAX_PIXELS = 40_000_000
 """Default largest image read, in pixels as its header declares them (e.g. 8000 x 5000)."""
 
+MAX_SCAN_PIXELS = 20 * MAX_PIXELS
+"""Largest decoding work accepted for one JPEG, in scans times pixels (the scan markers in
+the file, so an embedded thumbnail counts too): a progressive JPEG has about 10 scans; one
+that repeats a scan 3,000 times costs minutes. At about 2 ns per pixel and scan, decoding
+one image is bounded to about 2 s."""
+
 MAX_TOTAL_BYTES = 2**30
 """Default largest set held in memory, uint8 ``N * C * H * W`` bytes (1 GiB)."""
 
-_GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+_WIDE_GRAY_MODES = ("I", "I;16", "I;16B", "I;16L")  # 16-bit grayscale PNGs open as these
+_GRAY_MODES = ("1", "L", "LA", "F", *_WIDE_GRAY_MODES)
 
 
 @dataclass(frozen=True)
@@ -148,7 +159,9 @@ def read_image_folder(
         if entry.is_dir(follow_symlinks=False):
             label = len(class_dirs)
             class_dirs.append(entry.name)
-            candidates += [(_relative(p, rootp), p, label) for p in _entries(Path(entry.path))]
+            found, too_deep = _entries(Path(entry.path))
+            candidates += [(_relative(p, rootp), p, label) for p in found]
+            skipped += [Skipped(_relative(p, rootp), reason) for p, reason in too_deep]
         else:
             skipped.append(Skipped(entry.name, "not in a class sub-folder"))
     if len(class_dirs) < 2:
@@ -206,15 +219,34 @@ def _relative(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix()
 
 
-def _entries(folder: Path) -> list[Path]:
+MAX_DEPTH = 32
+"""Folders nested deeper than this below a class folder are skipped, not read."""
+
+
+def _entries(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Every entry below ``folder`` that is not a real folder (links are listed, never
-    followed), in path order."""
+    followed), in path order; and the folders not read, with why (nested over
+    :data:`MAX_DEPTH` deep, or unreadable)."""
     found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        base = Path(dirpath)
-        found += [base / n for n in filenames]
-        found += [base / n for n in dirnames if (base / n).is_symlink()]
-    return sorted(found, key=lambda p: p.as_posix())
+    unread: list[tuple[Path, str]] = []
+    stack = [(folder, 0)]
+    while stack:
+        base, depth = stack.pop()
+        try:
+            with os.scandir(base) as it:
+                entries = list(it)
+        except OSError as exc:
+            unread.append((base, f"a folder that cannot be listed ({exc.strerror or exc})"))
+            continue
+        for e in entries:
+            path = Path(e.path)
+            if not e.is_dir(follow_symlinks=False):
+                found.append(path)
+            elif depth == MAX_DEPTH:
+                unread.append((path, f"a folder nested over {MAX_DEPTH} deep: not read"))
+            else:
+                stack.append((path, depth + 1))
+    return sorted(found, key=lambda p: p.as_posix()), unread
 
 
 @contextmanager
@@ -224,20 +256,21 @@ def _open(path: Path, limits: _Limits) -> Iterator[Image.Image]:
     Raises:
         _Unreadable: the reason the file is skipped.
     """
-    st = path.lstat()
-    if stat.S_ISLNK(st.st_mode):
+    if path.is_symlink():
         raise _Unreadable("a symbolic link (links are not followed)")
-    if not stat.S_ISREG(st.st_mode):
-        raise _Unreadable("not a regular file")
-    if st.st_size == 0:
+    try:
+        data = read_untrusted(path, max_bytes=limits.max_file_bytes)
+    except UntrustedFileError as exc:
+        raise _Unreadable(exc.reason) from exc
+    except OSError as exc:
+        raise _Unreadable(f"cannot be read ({exc.strerror or exc})") from exc
+    if not data:
         raise _Unreadable("an empty file")
-    if st.st_size > limits.max_file_bytes:
-        raise _Unreadable(f"{st.st_size:,} bytes, over the limit of {limits.max_file_bytes:,}")
     formats = limits.formats
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path, formats=formats)
+            img = Image.open(io.BytesIO(data), formats=formats)
     except UnidentifiedImageError as exc:
         raise _Unreadable(f"not a {', '.join(formats[:-1])} or {formats[-1]} image") from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -251,6 +284,11 @@ def _open(path: Path, limits: _Limits) -> Iterator[Image.Image]:
                               f"of {limits.max_pixels:,}")
         if width < 1 or height < 1:
             raise _Unreadable(f"{width} x {height} pixels")
+        if img.format == "JPEG":
+            scans = data.count(b"\xff\xda")  # a start-of-scan marker: never in coded data
+            if scans * width * height > MAX_SCAN_PIXELS:
+                raise _Unreadable(f"{scans:,} JPEG scans of {width} x {height} pixels, over "
+                                  f"the limit of {MAX_SCAN_PIXELS:,} scans x pixels")
         yield img
 
 
@@ -264,7 +302,7 @@ def _decode(path: Path, mode: str, size: tuple[int, int], limits: _Limits) -> np
     with _open(path, limits) as img:
         try:
             img.load()
-            pixels = img.convert(mode)
+            pixels = _eight_bit(img).convert(mode)
             if pixels.size != size:
                 pixels = pixels.resize(size, Image.Resampling.BILINEAR)
             array = np.asarray(pixels, dtype=np.uint8)
@@ -272,6 +310,15 @@ def _decode(path: Path, mode: str, size: tuple[int, int], limits: _Limits) -> np
             raise _Unreadable(f"corrupt or truncated pixel data ({type(exc).__name__}: "
                               f"{exc})") from exc
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def _eight_bit(img: Image.Image) -> Image.Image:
+    """``img``, with 16-bit grayscale scaled to 8 bits (Pillow's conversion would clip
+    every value over 255 to white)."""
+    if img.mode not in _WIDE_GRAY_MODES:
+        return img
+    wide = np.asarray(img).astype(np.float64)
+    return Image.fromarray(np.clip(np.round(wide / 257), 0, 255).astype(np.uint8), "L")
 
 
 # ----------------------------------------------------------------------------- npz
@@ -289,8 +336,9 @@ def read_npz(path: str | os.PathLike[str], *, max_total_bytes: int = MAX_TOTAL_B
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not an ``.npz``, a missing or malformed array, or a set under two classes;
-            the message names the file.
+        ValueError: not a regular file, not an ``.npz``, a missing or malformed array, arrays
+            (all of them together) over ``max_total_bytes``, or a set under two classes; the
+            message names the file.
 
     Example:
         >>> data = read_npz("poisoned.npz")  # doctest: +SKIP
@@ -298,38 +346,36 @@ def read_npz(path: str | os.PathLike[str], *, max_total_bytes: int = MAX_TOTAL_B
         torch.Size([5000, 3, 32, 32])
     """
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p} does not exist")
-    if not zipfile.is_zipfile(p):
-        raise ValueError(f"{p} is not an .npz (zip) file")
-    try:
-        with zipfile.ZipFile(p) as zf:
-            members = set(zf.namelist())
-            missing = [k for k in ("images", "labels") if f"{k}.npy" not in members]
-            if missing:
-                raise ValueError(f"lacks {' and '.join(missing)}")
-            shape, dtype = array_header(zf, "images")
-            if dtype != np.uint8 or len(shape) not in (3, 4):
-                raise ValueError(f"images must be uint8 (N, H, W[, C]) or (N, C, H, W), got "
-                                 f"{dtype} {shape}")
-            if int(np.prod(shape, dtype=np.float64)) > max_total_bytes:
-                raise ValueError(f"images {shape} are over the limit of {max_total_bytes:,} "
-                                 f"bytes")
-            n = shape[0]
-            lshape, ldtype = array_header(zf, "labels")
-            if lshape != (n,) or ldtype.kind not in "iu":
-                raise ValueError(f"labels must be integers ({n},), got {ldtype} {lshape}")
-            classes = None
-            if "classes.npy" in members:
-                cshape, cdtype = array_header(zf, "classes")
-                if (len(cshape) != 1 or cdtype.kind != "U" or cshape[0] > n
-                        or cdtype.itemsize > 4 * 1024):
-                    raise ValueError(f"classes must be at most {n} strings (K,) of at most 1024 "
-                                     f"characters, got {cdtype} {cshape}")
-                classes = tuple(str(c) for c in read_array(zf, "classes"))
-            images, labels = read_array(zf, "images"), read_array(zf, "labels").astype(np.int64)
-    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as exc:
-        raise ValueError(f"{p}: {exc}") from exc
+    with open_untrusted(p, max_bytes=max_total_bytes) as f:
+        if not zipfile.is_zipfile(f):
+            raise ValueError(f"{p} is not an .npz (zip) file")
+        f.seek(0)
+        try:
+            with zipfile.ZipFile(f) as zf:
+                headers = array_headers(zf, ("images", "labels", "classes"), max_total_bytes)
+                missing = [k for k in ("images", "labels") if k not in headers]
+                if missing:
+                    raise ValueError(f"lacks {' and '.join(missing)}")
+                shape, dtype = headers["images"]
+                if dtype != np.uint8 or len(shape) not in (3, 4) or 0 in shape[1:]:
+                    raise ValueError(f"images must be uint8 (N, H, W[, C]) or (N, C, H, W) "
+                                     f"with at least one pixel, got {dtype} {shape}")
+                n = shape[0]
+                lshape, ldtype = headers["labels"]
+                if lshape != (n,) or ldtype.kind not in "iu":
+                    raise ValueError(f"labels must be integers ({n},), got {ldtype} {lshape}")
+                classes = None
+                if "classes" in headers:
+                    cshape, cdtype = headers["classes"]
+                    if (len(cshape) != 1 or cdtype.kind != "U" or cshape[0] > n
+                            or cdtype.itemsize > 4 * 1024):
+                        raise ValueError(f"classes must be at most {n} strings (K,) of at most "
+                                         f"1024 characters, got {cdtype} {cshape}")
+                    classes = tuple(str(c) for c in read_array(zf, "classes"))
+                images = read_array(zf, "images")
+                labels = read_array(zf, "labels").astype(np.int64)
+        except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as exc:
+            raise ValueError(f"{p}: {exc}") from exc
     if images.ndim == 3:
         images = images[:, None]
     elif images.shape[3] in (1, 3):

@@ -25,9 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from epic.data import ImageData, channels_last_on_cpu, inference_batch_size, iterate_batches
-from epic.files import read_json
+from epic.files import open_untrusted, read_json, replace_atomically, write_atomically
 from epic.models import eval_mode
-from epic.npy import array_header, read_array
+from epic.npy import array_headers, read_array
 
 __all__ = ["PoisonSet", "PoisonSetError", "apply_trigger"]
 
@@ -42,19 +42,27 @@ MAX_NPZ_BYTES = 1 << 30
 def _read_arrays(path: Path, train_size: int | None) -> dict[str, Tensor]:
     """The known arrays of ``poisons.npz``; sizes checked from the headers before reading:
     at most :data:`MAX_NPZ_BYTES` in all, and no more poisons than training examples."""
-    with zipfile.ZipFile(path) as zf:
-        keys = [k for k in _ARRAYS if f"{k}.npy" in zf.namelist()]
-        headers = {k: array_header(zf, k) for k in keys}
-        total = sum(math.prod(shape) * dtype.itemsize for shape, dtype in headers.values())
-        if total > MAX_NPZ_BYTES:
-            raise ValueError(f"its arrays hold {total:,} bytes, over the limit of "
-                             f"{MAX_NPZ_BYTES:,}")
+    with open_untrusted(path) as f, zipfile.ZipFile(f) as zf:
+        headers = array_headers(zf, _ARRAYS, MAX_NPZ_BYTES)
         for key in ("indices", "images", "labels"):
             shape = headers.get(key, ((0,), None))[0]
             if train_size is not None and shape and shape[0] > train_size:
                 raise ValueError(f"'{key}' has {shape[0]} rows, the training set "
                                  f"{train_size} examples")
-        return {k: torch.from_numpy(read_array(zf, k)) for k in keys}
+        return {k: torch.from_numpy(read_array(zf, k)) for k in headers}
+
+
+def _metadata_problem(metadata: dict[str, Any]) -> str | None:
+    """What is wrong with the metadata fields that are read back (before any work is done
+    on the set: a benchmark trial stores ``setup``), or None."""
+    setup = metadata.get("setup")
+    if setup is not None and not (
+            isinstance(setup, dict) and isinstance(setup.get("id"), int)
+            and not isinstance(setup.get("id"), bool)):
+        return "'setup' must be an object with an integer 'id'"
+    if not isinstance(metadata.get("clean_label", True), bool):
+        return "'clean_label' must be true or false"
+    return None
 
 
 class PoisonSetError(ValueError):
@@ -229,11 +237,11 @@ class PoisonSet:
         folder.mkdir(parents=True, exist_ok=True)
         arrays = {k: getattr(self, k).cpu().numpy() for k in _ARRAYS
                   if getattr(self, k) is not None}
-        np.savez_compressed(folder / "poisons.npz", **arrays)
+        replace_atomically(folder / "poisons.npz", lambda f: np.savez_compressed(f, **arrays))
         meta = {"format": "epic-poisons", "version": FORMAT_VERSION,
                 "target_class": self.target_class, "adversarial_class": self.adversarial_class,
                 "eps": self.eps, "metadata": self.metadata}
-        (folder / "poisons.json").write_text(json.dumps(meta, indent=2))
+        write_atomically(folder / "poisons.json", json.dumps(meta, indent=2))
         return folder
 
     @classmethod
@@ -256,7 +264,8 @@ class PoisonSet:
         if missing:
             raise PoisonSetError(f"{folder}: poisons.npz lacks {sorted(missing)}")
         for key in ("indices", "labels"):
-            if key in arrays and arrays[key].is_floating_point():
+            if key in arrays and (arrays[key].is_floating_point() or arrays[key].is_complex()
+                                  or arrays[key].dtype == torch.bool):
                 raise PoisonSetError(f"{folder}: poisons.npz '{key}' must be integers, got "
                                      f"{arrays[key].dtype}")
         for key in ("target_class", "adversarial_class"):
@@ -266,6 +275,9 @@ class PoisonSet:
             raise PoisonSetError(f"{folder}: poisons.json 'eps' must be a number")
         if not isinstance(meta.get("metadata", {}), dict):
             raise PoisonSetError(f"{folder}: poisons.json 'metadata' must be an object")
+        problem = _metadata_problem(meta.get("metadata", {}))
+        if problem:
+            raise PoisonSetError(f"{folder}: poisons.json 'metadata' {problem}")
         arrays["indices"] = arrays["indices"].long()
         if "labels" in arrays:
             arrays["labels"] = arrays["labels"].long()

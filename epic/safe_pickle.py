@@ -10,12 +10,18 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import pickle
+import zipfile
 from typing import IO, Any
 
 import numpy as np
+import torch
 
-__all__ = ["MAX_ARRAY_BYTES", "UnsafePickleError", "safe_load", "safe_loads"]
+from epic.files import MAX_UNTRUSTED_BYTES, open_untrusted
+
+__all__ = ["MAX_ARRAY_BYTES", "MAX_WEIGHTS_BYTES", "UnsafePickleError", "load_weights",
+           "safe_load", "safe_loads"]
 
 # numpy moved its internals from numpy.core to numpy._core in 2.0; files from both eras exist.
 _NUMPY_GLOBALS = {
@@ -44,7 +50,8 @@ class UnsafePickleError(pickle.UnpicklingError, ValueError):
 
 
 #: Largest array an untrusted pickle may make numpy allocate (a few bytes of pickle can ask
-#: for any shape); CIFAR-100's training batch is 150 MB.
+#: for any shape), and largest content it may hold with every shared reference counted as a
+#: copy; CIFAR-100's training batch is 150 MB.
 MAX_ARRAY_BYTES = 1 << 30
 
 
@@ -114,26 +121,46 @@ def _check_dtype(dtype: np.dtype) -> None:
                                 "(only plain numbers, booleans, bytes and text)")
 
 
-def _check_no_objects(obj: Any) -> None:
-    """Walk what was unpickled once per object (shared references are not re-walked: a small
-    file of nested shared lists must not cost exponential time) and check every array."""
-    seen: set[int] = set()
-    stack = [(obj, 0)]
-    while stack:
-        item, depth = stack.pop()
+def _check_content(obj: Any, limit: int) -> None:
+    """Check every array's dtype, and that what was unpickled stays within ``limit`` bytes
+    once each shared reference counts as the copy a reader would make of it (a few bytes of
+    pickle can list one array a million times). Each object is walked once (sizes are
+    memoized: a small file of nested shared lists must not cost exponential time)."""
+    sizes: dict[int, int] = {}
+
+    def size(item: Any, depth: int) -> int:
         if depth > 64:
             raise UnsafePickleError("pickle nests containers too deeply")
-        if id(item) in seen:
-            continue
-        seen.add(id(item))
+        known = sizes.get(id(item))
+        if known is not None:
+            return known
         if isinstance(item, (np.ndarray, np.generic)):
             _check_dtype(item.dtype)
+            n = item.nbytes
         elif isinstance(item, np.dtype):
             _check_dtype(item)
-        elif isinstance(item, dict):
-            stack.extend((v, depth + 1) for pair in item.items() for v in pair)
-        elif isinstance(item, (list, tuple, set, frozenset)):
-            stack.extend((v, depth + 1) for v in item)
+            n = 0
+        elif isinstance(item, (bytes, bytearray, str)):
+            n = len(item)
+        elif isinstance(item, (dict, list, tuple, set, frozenset)):
+            n = 8 * len(item)
+            for child in (v for pair in item.items() for v in pair) if isinstance(item, dict) \
+                    else item:
+                n += size(child, depth + 1)
+                if n > limit:
+                    break
+        elif isinstance(getattr(item, "__dict__", None), dict):  # a stand-in (a PIL image)
+            n = 8 + size(vars(item), depth + 1)
+        else:
+            n = 8
+        if n > limit:
+            raise UnsafePickleError(f"its content takes over {limit:,} bytes once every shared "
+                                    "reference is counted as a copy (the limit for untrusted "
+                                    "pickles)")
+        sizes[id(item)] = n
+        return n
+
+    size(obj, 0)
 
 
 def safe_load(file: IO[bytes], *, extra: dict[tuple[str, str], Any] | None = None,
@@ -146,9 +173,10 @@ def safe_load(file: IO[bytes], *, extra: dict[tuple[str, str], Any] | None = Non
 
     Raises:
         UnsafePickleError: the file names any other global (nothing it names is called),
-            asks for an array over ``max_array_bytes``, or is truncated or no pickle at
-            all; the message starts with ``name`` (default: the file object's own name, if
-            it has one).
+            asks for an array over ``max_array_bytes``, holds more than that many bytes
+            of content counting every shared reference as a copy, or is truncated or no
+            pickle at all; the message starts with ``name`` (default: the file object's own
+            name, if it has one).
 
     Example:
         >>> import io, pickle
@@ -158,7 +186,7 @@ def safe_load(file: IO[bytes], *, extra: dict[tuple[str, str], Any] | None = Non
     where = name or getattr(file, "name", None) or "pickle"
     try:
         obj = _RestrictedUnpickler(file, extra or {}, max_array_bytes).load()
-        _check_no_objects(obj)
+        _check_content(obj, max_array_bytes)
     except UnsafePickleError as exc:
         raise UnsafePickleError(f"{where}: {exc}") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError,
@@ -171,3 +199,37 @@ def safe_load(file: IO[bytes], *, extra: dict[tuple[str, str], Any] | None = Non
 def safe_loads(data: bytes, *, extra: dict[tuple[str, str], Any] | None = None) -> Any:
     """:func:`safe_load` on bytes."""
     return safe_load(io.BytesIO(data), extra=extra)
+
+
+#: Largest model file read, and largest total its archive may declare once inflated.
+MAX_WEIGHTS_BYTES = MAX_UNTRUSTED_BYTES
+
+
+def load_weights(path: str | os.PathLike[str], *, max_bytes: int = MAX_WEIGHTS_BYTES,
+                 map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` of a stranger's file, checked first.
+
+    The file is opened by :func:`epic.files.open_untrusted` (a regular file of at most
+    ``max_bytes``) and must be the zip archive ``torch.save`` writes (the format since torch
+    1.6; the older one declares its sizes inside the pickle). torch inflates a compressed
+    record with no limit of its own, so the sizes the archive declares, all records
+    together, must be at most ``max_bytes`` too: a small file cannot ask for gigabytes.
+
+    Raises:
+        UnsafePickleError: not such an archive, or one declaring more than ``max_bytes``.
+        OSError: as ``open`` raises it.
+        Exception: whatever ``torch.load`` raises on a malformed archive.
+    """
+    with open_untrusted(path, max_bytes=max_bytes) as f:
+        try:
+            with zipfile.ZipFile(f) as zf:
+                declared = sum(info.file_size for info in zf.infolist())
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError) as exc:
+            raise UnsafePickleError(f"{path} is not a model file that torch.load reads "
+                                    f"safely (not the zip archive torch.save writes: {exc})"
+                                    ) from None
+        if declared > max_bytes:
+            raise UnsafePickleError(f"{path}: its records declare {declared:,} bytes once "
+                                    f"inflated, over the limit of {max_bytes:,}")
+        f.seek(0)
+        return torch.load(f, map_location=map_location, weights_only=True)

@@ -28,6 +28,7 @@ import html
 import io
 import logging
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,10 +185,7 @@ def train_and_scan(
         >>> result = train_and_scan(model, data, defense, TrainConfig(epochs=40))  # doctest: +SKIP
     """
     config = config if config is not None else TrainConfig()
-    if not any(defense.due(e) for e in range(config.epochs)):
-        raise ValueError(f"no EPIC round runs in {config.epochs} epochs (warmup "
-                         f"{defense.warmup}, until {defense.until}): train longer or warm up "
-                         f"for fewer epochs")
+    defense.check_runs_within(config.epochs, name="EPIC")
     train(model, data, data.subset(torch.arange(0)), config, defense=defense, out=out,
           run_info=run_info, on_epoch_end=on_epoch_end)
     return collect(data, defense, files=files, skipped=skipped)
@@ -212,8 +210,8 @@ def write_outputs(result: ScanResult, out: str | os.PathLike[str]) -> dict[str, 
 def write_csv(result: ScanResult, path: str | os.PathLike[str]) -> None:
     """``file,label,cluster_size,round``, one row per flagged example (atomically).
 
-    A name that a spreadsheet would run as a formula (first character ``= + - @`` or a tab or
-    carriage return) gets a leading ``'``.
+    A name that a spreadsheet would run as a formula (first character ``= + - @``, their
+    fullwidth forms, or a tab, carriage return or line feed) gets a leading ``'``.
     """
     _write_rows(path, ("file", "label", "cluster_size", "round"),
                 [(f.file, f.label, f.cluster_size, f.round) for f in result.flags])
@@ -228,15 +226,24 @@ def _write_rows(path: str | os.PathLike[str], header: Sequence[str],
     replace_atomically(path, lambda f: f.write(_encode(text.getvalue())))
 
 
+# what makes a spreadsheet read a cell as a formula: its first character, also in the
+# fullwidth forms some spreadsheets accept, or a line break or tab before it
+_FORMULA_STARTS = frozenset("=+-@\t\r\n\uff1d\uff0b\uff0d\uff20")
+
+
 def _cell(value: object) -> object:
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+    if isinstance(value, str) and value[:1] in _FORMULA_STARTS:
         return "'" + value
     return value
 
 
 def _encode(text: str) -> bytes:
     """UTF-8; a file name's undecodable bytes (surrogate escapes) are written as ``\\xNN``."""
-    return text.encode("utf-8", "backslashreplace")
+    return _SURROGATE_ESCAPE.sub(lambda m: f"\\x{ord(m.group()) - 0xDC00:02x}", text).encode(
+        "utf-8", "backslashreplace")
+
+
+_SURROGATE_ESCAPE = re.compile("[\udc80-\udcff]")
 
 
 def thumbnail_png(image: Tensor, size: int = 96) -> bytes:
@@ -259,7 +266,7 @@ def thumbnail_png(image: Tensor, size: int = 96) -> bytes:
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
 .grid { display: flex; flex-wrap: wrap; gap: 12px; }
-figure { margin: 0; width: 140px; font-size: 12px; overflow-wrap: anywhere; }
+figure { margin: 0; width: 140px; font-size: 12px; overflow-wrap: break-word; }
 img.thumb { image-rendering: pixelated; border: 1px solid #999; display: block; }
 .failed { color: #b00; font-weight: bold; }
 .count { font-weight: normal; color: #555; font-size: 0.8em; }
@@ -281,6 +288,12 @@ Promise.allSettled(thumbs.map((img) => img.decode().then(
     img.after(note);
   }))).then(() => { document.body.dataset.checked = String(thumbs.length); });
 """
+
+
+def _breakable(name: str) -> str:
+    """``name`` HTML-escaped, with a line-break opportunity after each ``/ _ - .``: a long
+    file name wraps between its parts rather than in the middle of a word."""
+    return re.sub(r"([/_.-])", r"\1<wbr>", html.escape(name))
 
 
 def _csp_hash(source: str) -> str:
@@ -308,14 +321,16 @@ def write_html(result: ScanResult, path: str | os.PathLike[str], *, thumb_size: 
                 thumbnail_png(result.data.images[f.index], thumb_size)).decode()
             figures.append(
                 f'<figure><img class="thumb" src="{uri}" alt="{esc(f.file)}">'
-                f'<figcaption><span class="file">{esc(f.file)}</span><br>cluster size '
+                f'<figcaption><span class="file">{_breakable(f.file)}</span><br>cluster size '
                 f'{f.cluster_size}, round {f.round}</figcaption></figure>')
         sections.append(
             f'<section class="class"><h2><span class="name">{esc(result.data.classes[c])}'
             f'</span> <span class="count">{len(by_class[c])} flagged of {int(counts[c])}'
             f'</span></h2>\n<div class="grid">\n' + "\n".join(figures) + "\n</div></section>")
-    rows = "\n".join(f"<tr><td>{esc(s.file)}</td><td>{esc(s.reason)}</td></tr>"
-                     for s in result.skipped)
+    rows = "\n".join(f"<tr><td>{_breakable(s.file)}</td><td>{esc(s.reason)}</td></tr>"
+                      for s in result.skipped)
+    skipped = ('<table><tr><th>file</th><th>reason</th></tr>\n' + rows + '\n</table>'
+               if result.skipped else "<p>No file was skipped.</p>")
     epochs = ", ".join(str(r.epoch) for r in result.rounds)
     title = f"EPIC scan: {len(result.flags)} of {len(result.data)} examples flagged"
     csp = (f"default-src 'none'; img-src data:; style-src {_csp_hash(_STYLE)}; "
@@ -334,9 +349,7 @@ example of its class joined in gradient space: a suspected poison, or a mislabel
 clean example.</p>
 {chr(10).join(sections) or "<p>No example was flagged.</p>"}
 <section id="skipped"><h2>Skipped files <span class="count">{len(result.skipped)}</span></h2>
-<table><tr><th>file</th><th>reason</th></tr>
-{rows}
-</table></section>
+{skipped}</section>
 <script>{_SCRIPT}</script>
 </body></html>
 """

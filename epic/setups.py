@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from epic.data import ImageData
+from epic.files import read_untrusted
 from epic.safe_pickle import safe_load
 
 __all__ = ["Setup", "SetupError", "load_setups", "outside_victims", "resolve_target",
@@ -74,7 +75,7 @@ def load_setups(path: str | os.PathLike[str], *, num_classes: int = 10) -> list[
             is out of range; the message names the file, the setup and the field.
     """
     p = Path(path)
-    data = p.read_bytes()
+    data = read_untrusted(p)
     obj = safe_load(io.BytesIO(data), name=str(p))
     tag = f"{p.name} (sha256 {hashlib.sha256(data).hexdigest()[:12]})"
     if not isinstance(obj, list) or not obj:

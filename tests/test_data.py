@@ -49,14 +49,23 @@ def test_digits_split_is_stratified_and_fixed() -> None:
     assert test.mean == train.mean
 
 
-def test_cifar_folder_and_archive_read_alike(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_cifar_folder_and_archive_read_alike(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import dataclasses
+
+    from epic.data import datasets
+
     _fake_cifar(tmp_path / "cifar-10-batches-py")
     train, test = load_cifar("cifar10", tmp_path)
     assert train.images.shape == (100, 3, 32, 32) and len(test) == 20
     assert train.classes[0] == "c0"
     (tmp_path / "arch").mkdir()
-    with tarfile.open(tmp_path / "arch" / "cifar-10-python.tar.gz", "w:gz") as tar:
+    archive = tmp_path / "arch" / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
         tar.add(tmp_path / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    with pytest.raises(ValueError, match="not the published cifar-10-python.tar.gz"):
+        load_cifar("cifar10", tmp_path / "arch")  # an archive that is not the published one
+    spec = dataclasses.replace(datasets._CIFAR["cifar10"], md5=datasets._md5(archive))
+    monkeypatch.setitem(datasets._CIFAR, "cifar10", spec)  # as if this one were published
     train2, _ = load_cifar("cifar10", tmp_path / "arch")
     assert torch.equal(train.images, train2.images)
     assert torch.equal(train.labels, train2.labels)

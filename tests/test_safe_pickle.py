@@ -83,11 +83,22 @@ def test_structured_and_object_arrays_are_refused_plain_ones_pass() -> None:
     assert safe_loads(pickle.dumps(np.float32(1.5))) == np.float32(1.5)
 
 
-def test_shared_references_nested_deep_load_in_linear_time() -> None:
+def test_shared_references_nested_deep_are_counted_in_linear_time() -> None:
+    """2**60 paths through 60 shared lists: a small file that a reader copying each
+    reference would need exabytes for. Sizing it walks each list once; it is refused."""
+    import time
+
     nest: list[object] = []
-    for _ in range(60):  # 2**60 paths through 60 shared lists: a small file
+    for _ in range(60):
         nest = [nest, nest]
     data = pickle.dumps(nest)
     assert len(data) < 1000
-    loaded = safe_loads(data)
+    start = time.perf_counter()
+    with pytest.raises(UnsafePickleError, match="once every shared reference is counted"):
+        safe_loads(data)
+    assert time.perf_counter() - start < 1
+    few: list[object] = []
+    for _ in range(10):  # 2**10 paths: well within the limit, and loaded as shared
+        few = [few, few]
+    loaded = safe_loads(pickle.dumps(few))
     assert loaded[0] is loaded[1]

@@ -245,7 +245,7 @@ def test_cli_scans_an_npz_with_index_names(tmp_path, capsys) -> None:  # type: i
 
 
 @pytest.mark.parametrize(("content", "message"), [
-    (b"", "model.pt is not a model file that torch.load reads safely (EOFError"),
+    (b"", "model.pt is not a model file that torch.load reads safely (not the zip archive"),
     (b"garbage", "model.pt is not a model file that torch.load reads safely"),
     ("list", "model.pt holds a list, not a model state dict"),
     ("vgg", "model.pt is not a convnet for 3 classes of 3-channel images"),

@@ -278,5 +278,5 @@ def _bench(out: Path, dirs: list[str], data: tuple[ImageData, ImageData], start:
                          test_data=test_data,
                          make_model=functools.partial(seeded_convnet, train_data),
                          config=TrainConfig(epochs=1, batch_size=16),
-                         store=ResultStore(out / "results.jsonl"), out=out, warmup=1, every=1)
+                         store=ResultStore(out / "results.jsonl"), out=out, warmup=0, every=1)
     results.put([r["key"] for r in written])

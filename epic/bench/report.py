@@ -17,7 +17,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-__all__ = ["cluster_size_rounds", "defense_label", "drop_curve", "plot_effective", "summarize",
+from epic.files import read_json, replace_atomically, write_atomically
+
+__all__ = ["cluster_size_rounds", "defense_label", "defense_rounds", "drop_curve",
+           "plot_effective", "summarize",
            "to_markdown", "write_report"]
 
 SIZE_BUCKETS = ((1, 1), (2, 5), (6, 20), (21, 100), (101, math.inf))
@@ -112,13 +115,52 @@ def _mean_pm(row: dict[str, Any], name: str, digits: int) -> str:
     return "–" if mean is None else f"{100 * mean:.{digits}f}% ± {100 * se:.{digits}f}"
 
 
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _histogram(value: Any) -> bool:
+    return isinstance(value, dict) and all(_count(c) for c in value.values())
+
+
+# field of a defense round -> (its check, required)
+_ROUND_FIELDS = {"epoch": (_count, True), "dropped": (lambda v: isinstance(v, list), True),
+                 "cluster_size_histogram": (_histogram, True),
+                 "poisons_dropped": (_count, False),
+                 "poison_cluster_size_histogram": (_histogram, False)}
+
+
+def defense_rounds(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The rounds of ``run_dir/defense.json``, each checked for the fields the report uses.
+
+    Raises:
+        ValueError: not a list of rounds; the message names the file, the round and field.
+    """
+    path = Path(run_dir) / "defense.json"
+    rounds = read_json(path)
+    if not isinstance(rounds, list):
+        raise ValueError(f"{path}: expected a list of defense rounds")
+    for i, r in enumerate(rounds):
+        for name, (valid, required) in _ROUND_FIELDS.items():
+            if not isinstance(r, dict) or (name in r or required) and not valid(r.get(name)):
+                raise ValueError(f"{path}: round {i} '{name}' is missing or malformed")
+    return rounds
+
+
 def drop_curve(run_dir: str | os.PathLike[str]) -> list[tuple[int, float, float]]:
     """``(epoch, share of all examples dropped, share of poisons dropped)``, cumulative, per
-    defense round of a run folder that trained on poisons."""
+    defense round of a run folder that trained on poisons.
+
+    Raises:
+        ValueError: ``defense.json`` or ``summary.json`` is malformed (named with the field).
+    """
     run = Path(run_dir)
-    rounds = json.loads((run / "defense.json").read_text())
-    summary = json.loads((run / "summary.json").read_text())
-    n, p = summary["examples"], max(summary.get("poisons", 0), 1)
+    rounds = defense_rounds(run)
+    summary = read_json(run / "summary.json")
+    if (not isinstance(summary, dict) or not _count(summary.get("examples"))
+            or not _count(summary.get("poisons", 0))):
+        raise ValueError(f"{run / 'summary.json'}: 'examples' and 'poisons' must be counts")
+    n, p = max(summary["examples"], 1), max(summary.get("poisons", 0), 1)
     curve, all_dropped, poisons_dropped = [], 0, 0
     for r in rounds:
         all_dropped += len(r["dropped"])
@@ -164,7 +206,7 @@ def plot_effective(distances: Any, effective: Any, path: str | os.PathLike[str])
     ax.set_ylabel("poisons")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    replace_atomically(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
 
 
@@ -194,23 +236,27 @@ def _success_vs_time(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("attack success (%, ± s.e.)")
     ax.set_title("Attack success vs. time")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    replace_atomically(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
 
 
-def cluster_size_rounds(records: list[dict[str, Any]]
+def _epic_runs(records: list[dict[str, Any]], trials: Path | None
+               ) -> list[tuple[dict[str, Any], Path]]:
+    """The EPIC trials of ``records`` whose run folder has a ``defense.json`` (read, or refused
+    by name, later), with that folder."""
+    runs = [(r, _run_folder(r, trials)) for r in records if str(r["defense"]).startswith("epic")]
+    return [(r, run) for r, run in runs if (run / "defense.json").exists()]
+
+
+def cluster_size_rounds(records: list[dict[str, Any]], trials: Path | None = None
                         ) -> dict[tuple[str, str], dict[int, dict[str, dict[str, int]]]]:
     """Per (attack, EPIC defense label) and round epoch, the cluster sizes of the clean
     examples and of the poisons summed over that defense's trials, from the ``defense.json``
-    of their run folders: ``{"clean": {size: count}, "poisons": {size: count}}``."""
+    of their run folders (in ``trials`` for a store from elsewhere, see :func:`write_report`):
+    ``{"clean": {size: count}, "poisons": {size: count}}``."""
     out: dict[tuple[str, str], dict[int, dict[str, dict[str, int]]]] = defaultdict(dict)
-    for r in records:
-        if not str(r["defense"]).startswith("epic"):
-            continue
-        path = Path(r["run_dir"], "defense.json")
-        if not path.is_file():
-            continue
-        for rnd in json.loads(path.read_text()):
+    for r, run in _epic_runs(records, trials):
+        for rnd in defense_rounds(run):
             allh = rnd.get("cluster_size_histogram") or {}
             poih = rnd.get("poison_cluster_size_histogram") or {}
             sums = out[(str(r["attack"]), defense_label(r))].setdefault(
@@ -222,11 +268,12 @@ def cluster_size_rounds(records: list[dict[str, Any]]
     return out
 
 
-def _cluster_sizes(records: list[dict[str, Any]], path: Path, *, most: int = 6) -> str | None:
+def _cluster_sizes(records: list[dict[str, Any]], path: Path, trials: Path | None, *,
+                   most: int = 6) -> str | None:
     """The paper's Figs. 4 and 5 from committed run folders: a row per (attack, EPIC
     setting), the first, middle and last round as columns; None without EPIC rounds."""
     plt = _pyplot()
-    found = {k: v for k, v in sorted(cluster_size_rounds(records).items()) if v}
+    found = {k: v for k, v in sorted(cluster_size_rounds(records, trials).items()) if v}
     if not found:
         return None
     shown = list(found.items())[:most]
@@ -251,7 +298,7 @@ def _cluster_sizes(records: list[dict[str, Any]], path: Path, *, most: int = 6) 
     for ax in axes[-1]:
         ax.set_xlabel("gradient cluster size")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    replace_atomically(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
     names = ", ".join(f"{a} under {d}" for (a, d), _ in shown)
     return (f"Share of clean examples and of poisons by gradient cluster size at EPIC's rounds "
@@ -259,8 +306,21 @@ def _cluster_sizes(records: list[dict[str, Any]], path: Path, *, most: int = 6) 
             f"(paper Figs. 4, 5)")
 
 
+def _run_folder(record: dict[str, Any], trials: Path | None) -> Path:
+    """The run folder of ``record``: its ``run_dir``, or with ``trials`` (a store from
+    elsewhere) the folder of that name in ``trials``, so a record cannot point the report at
+    any other folder (``../..``)."""
+    if trials is None:
+        return Path(record["run_dir"])
+    name = Path(record["run_dir"]).name
+    if name in ("", ".", ".."):
+        raise ValueError(f"'run_dir' {record['run_dir']!r} of trial {record['key']!r} names "
+                         f"no run folder")
+    return trials / name
+
+
 def _figures(records: list[dict[str, Any]], rows: list[dict[str, Any]],
-             out: Path) -> list[tuple[str, Path]]:
+             out: Path, trials: Path | None) -> list[tuple[str, Path]]:
     plt = _pyplot()
     figures = []
     path = out / "success_vs_time.png"
@@ -268,15 +328,14 @@ def _figures(records: list[dict[str, Any]], rows: list[dict[str, Any]],
     figures.append(("Attack success against wall time, per defense (paper Fig. 6)", path))
 
     path = out / "cluster_sizes.png"
-    caption = _cluster_sizes(records, path)
+    caption = _cluster_sizes(records, path, trials)
     if caption is not None:
         figures.append((caption, path))
 
-    epic_runs = [r for r in records if str(r["defense"]).startswith("epic")
-                 and Path(r["run_dir"], "defense.json").is_file()]
+    epic_runs = _epic_runs(records, trials)
     if epic_runs:
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        curves = [(r["key"], drop_curve(r["run_dir"])) for r in epic_runs[:8]]
+        curves = [(r["key"], drop_curve(run)) for r, run in epic_runs[:8]]
         for key, curve in curves:
             ax.plot([0] + [c[1] for c in curve], [0] + [c[2] for c in curve], marker="o",
                     label=key, alpha=0.8)
@@ -288,22 +347,33 @@ def _figures(records: list[dict[str, Any]], rows: list[dict[str, Any]],
         ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1))
         path = out / "drop_curve.png"
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        replace_atomically(path, lambda f: fig.savefig(f, format="png", dpi=120))
         plt.close(fig)
         figures.append(("Cumulative share of poisons dropped vs. all examples dropped "
                         "(paper Figs. 2, 3b)", path))
     return figures
 
 
-def write_report(records: list[dict[str, Any]], out: str | os.PathLike[str]) -> Path:
-    """Write ``summary.md``, ``summary.json``, the figures and ``report.html`` to ``out``."""
+def write_report(records: list[dict[str, Any]], out: str | os.PathLike[str], *,
+                 trials: str | os.PathLike[str] | None = None) -> Path:
+    """Write ``summary.md``, ``summary.json``, the figures and ``report.html`` to ``out``.
+
+    ``trials``: the folder holding the run folders (``trials/`` beside a store's
+    ``results.jsonl``); the records' ``run_dir`` then only names a folder in it. By default
+    ``run_dir`` is followed as written (records of your own).
+
+    Raises:
+        ValueError: a run folder's ``defense.json`` or ``summary.json`` is malformed or not a
+            regular file; the message names the file and the field.
+    """
     outp = Path(out)
     outp.mkdir(parents=True, exist_ok=True)
     rows = summarize(records)
-    (outp / "summary.json").write_text(json.dumps(rows, indent=2))
+    write_atomically(outp / "summary.json", json.dumps(rows, indent=2))
     table = to_markdown(rows)
-    (outp / "summary.md").write_text(table + "\n")
-    figures = _figures(records, rows, outp) if records else []
+    write_atomically(outp / "summary.md", table + "\n")
+    figures = (_figures(records, rows, outp, None if trials is None else Path(trials))
+               if records else [])
     parts = ["<!doctype html><meta charset='utf-8'><title>epic benchmark</title>",
              "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}"
@@ -336,5 +406,5 @@ def write_report(records: list[dict[str, Any]], out: str | os.PathLike[str]) -> 
         parts.append(f"<figure><img src='data:image/png;base64,{data}'>"
                      f"<figcaption>{html.escape(caption)}</figcaption></figure>")
     page = outp / "report.html"
-    page.write_text("\n".join(parts))
+    write_atomically(page, "\n".join(parts))
     return page

@@ -19,10 +19,12 @@ import torch
 from epic.bench.store import ResultStore
 from epic.data import ImageData
 from epic.defenses import RunFacts, build_defense, options_for, parse_spec
+from epic.files import read_untrusted, replace_atomically
 from epic.gradients import feature_embeddings
 from epic.models import Classifier
 from epic.poisons import PoisonSet
 from epic.protocol import changes_batches
+from epic.safe_pickle import load_weights
 from epic.train import TrainConfig, config_record, provenance, train
 from epic.train.config import RETIRED_SETTINGS
 from epic.train.records import describe
@@ -120,9 +122,9 @@ def _poisons_sha256(folder: str | os.PathLike[str]) -> str | None:
     h = hashlib.sha256()
     try:
         for name in _POISON_FILES:
-            data = (Path(folder) / name).read_bytes()
+            data = read_untrusted(Path(folder) / name)
             h.update(f"{name} {len(data)}\n".encode() + data)
-    except OSError:
+    except (OSError, ValueError):  # missing, or not a regular file: the set's reader says so
         return None
     return h.hexdigest()
 
@@ -281,17 +283,11 @@ def victim_features(model: Classifier, data: ImageData, poisons: PoisonSet,
             h.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
     h.update(data.images.cpu().contiguous().numpy().tobytes())
     path = Path(cache) / f"{h.hexdigest()[:16]}.pt"
-    clean = None
-    if path.is_file():
-        clean = torch.load(path, map_location=device, weights_only=True)
-        if not isinstance(clean, torch.Tensor) or clean.shape[0] != len(data):
-            clean = None  # not ours: computed afresh below
-    if clean is None:
-        clean = feature_embeddings(model, data)[0]
+    clean = load_weights(path, map_location=device) if path.is_file() else None
+    if not isinstance(clean, torch.Tensor) or clean.shape[0] != len(data):
+        clean = feature_embeddings(model, data)[0]  # none yet, or not ours: computed afresh
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial")
-        torch.save(clean.cpu(), partial)
-        os.replace(partial, path)
+        replace_atomically(path, lambda f: torch.save(clean.cpu(), f))
     rows = poisons.indices.to(clean.device)
     features = clean.clone()
     features[rows] = feature_embeddings(model, poisons.apply(data).subset(poisons.indices)

@@ -33,6 +33,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from epic.files import read_untrusted
+
 __all__ = ["FIELDS", "ResultStore", "problem"]
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,7 @@ FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "poisons_dropped": ((int,), False), "examples": ((int,), False),
     "examples_dropped": ((int,), False), "patch_free_success": ((*_NUMBER, _NONE), False),
     "resolved": ((dict,), False),
+    "dp_epsilon": ((*_NUMBER, _NONE), False), "dp_delta": ((*_NUMBER, _NONE), False),
 }
 
 
@@ -107,7 +110,7 @@ class ResultStore:
             return []
         records: list[dict[str, Any]] = []
         self.skipped = 0
-        lines = self.path.read_bytes().split(b"\n")
+        lines = read_untrusted(self.path).split(b"\n")
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue

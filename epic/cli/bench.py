@@ -32,6 +32,7 @@ from epic.cli.common import (
     run_command,
     train_config,
 )
+from epic.files import write_atomically
 from epic.poisons import PoisonSet
 from epic.setups import SetupError, victim_data
 from epic.train import train
@@ -202,7 +203,7 @@ def cmd_effective(args: argparse.Namespace) -> int:
               "succeeds_alone": found.succeeds_alone, "fails_without": found.fails_without,
               "training_runs": len(found.trials), "trials": found.trials,
               "distances": distances.tolist()}
-    (out / "effective.json").write_text(json.dumps(result, indent=2))
+    write_atomically(out / "effective.json", json.dumps(result, indent=2))
     plot_effective(distances, effective, out / "effective.png")
     print(f"{len(found.effective)} of {len(poisons)} poisons are effective "
           f"({len(found.trials)} training runs); results in {out}")
@@ -216,7 +217,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     records = store.load()
     if not records:
         raise ValueError(f"no records in {args.store}")
-    page = write_report(records, args.out or Path(args.store).parent / "report")
+    page = write_report(records, args.out or Path(args.store).parent / "report",
+                        trials=Path(args.store).parent / "trials")
     rows = summarize(records)
     print(to_markdown(rows))
     print(f"report: {page}")
@@ -235,6 +237,11 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     if not isinstance(old.get("argv"), list):
         raise ValueError(f"row {args.row} of {args.store} does not record its command line")
     argv = list(old["argv"])
+    if argv[:2] != ["bench", "run"]:
+        raise ValueError(f"row {args.row} of {args.store}: 'argv' is not an `epic bench run` "
+                         f"command line: {' '.join(argv)[:120]!r}")
+    if "--data-dir" in argv and argv.index("--data-dir") == len(argv) - 1:
+        raise ValueError(f"row {args.row} of {args.store}: 'argv' ends at --data-dir")
     if args.data_dir is not None and "--data-dir" in argv:
         stored = argv[argv.index("--data-dir") + 1]
         argv = [args.data_dir + a[len(stored):] if a.startswith(stored) else a for a in argv]

@@ -19,7 +19,9 @@ import torch
 
 from epic.cli.argtypes import at_least, number
 from epic.data import DATASETS, ImageData, load_dataset
+from epic.files import UntrustedFileError
 from epic.models import MODELS, Classifier, build_model
+from epic.safe_pickle import UnsafePickleError, load_weights
 from epic.selection import PerClass, Similarity
 from epic.setups import Setup, load_setups, select_setups
 from epic.train import RoundEmbeddings, Scenario, Schedule, TrainConfig
@@ -114,14 +116,16 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     add_fit_args(g)
 
 
-def add_fit_args(g: argparse._ArgumentGroup) -> None:
-    """--epochs, --lr, --batch-size, --weight-decay, --channels-last, --milestones,
-    --no-augment, --crop-padding, --schedule, --label-smoothing, --test-flips, --seed,
-    --device: what :func:`train_config` and :func:`pick_device` read."""
+def add_fit_args(g: argparse._ArgumentGroup, *, evaluates: bool = True) -> None:
+    """--epochs, --eval-every (where the command ``evaluates`` a test set), --lr,
+    --batch-size, --weight-decay, --channels-last, --milestones, --no-augment,
+    --crop-padding, --schedule, --label-smoothing, --test-flips, --seed, --device: what
+    :func:`train_config` and :func:`pick_device` read."""
     g.add_argument("--epochs", type=at_least(1), default=40, help="training epochs (default: 40)")
-    g.add_argument("--eval-every", type=at_least(1), default=1, metavar="N",
-                   help="test accuracy and attack success every N epochs and after the last "
-                        "(default: 1)")
+    if evaluates:
+        g.add_argument("--eval-every", type=at_least(1), default=1, metavar="N",
+                       help="test accuracy and attack success every N epochs and after the "
+                            "last (default: 1)")
     g.add_argument("--lr", type=number(0, low_open=True), default=None,
                    help="learning rate (default: 0.1; 1e-4 when fine-tuning)")
     g.add_argument("--batch-size", type=at_least(1), default=128,
@@ -243,18 +247,27 @@ def make_model(args: argparse.Namespace, train_data: ImageData,
 
 
 def _load_weights(path: str) -> Mapping[str, Any]:
-    """The state dict in ``path``, read with ``weights_only=True`` (nothing is executed)."""
+    """The state dict in ``path``, read by :func:`epic.safe_pickle.load_weights` (nothing is
+    executed, sizes are checked first)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
+        state = load_weights(path)
+    except (FileNotFoundError, UnsafePickleError, UntrustedFileError):
         raise
     except Exception as exc:  # torch.load raises many types on a file that is not its own
-        detail = (str(exc).splitlines() or [""])[0][:160]
+        detail = _first_sentence(str(exc))
         raise ValueError(f"{path} is not a model file that torch.load reads safely "
                          f"({type(exc).__name__}: {detail})") from exc
     if not isinstance(state, Mapping):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a model state dict")
     return state
+
+
+def _first_sentence(text: str, limit: int = 160) -> str:
+    """The first sentence of ``text`` (of its first line), cut at a word within ``limit``."""
+    first = (text.strip().splitlines() or [""])[0]
+    end = first.find(". ")
+    first = first if end < 0 else first[:end + 1]
+    return first if len(first) <= limit else first[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 def train_config(args: argparse.Namespace, **settings: Any) -> TrainConfig:
@@ -266,6 +279,7 @@ def train_config(args: argparse.Namespace, **settings: Any) -> TrainConfig:
                        batch_size=args.batch_size, weight_decay=args.weight_decay,
                        milestones=tuple(args.milestones) if args.milestones is not None
                        else None, augment=not args.no_augment, seed=args.seed,
-                       eval_every=args.eval_every, channels_last=args.channels_last,
+                       eval_every=getattr(args, "eval_every", 1),
+                       channels_last=args.channels_last,
                        schedule=args.schedule, label_smoothing=args.label_smoothing,
                        crop_padding=args.crop_padding, test_flips=args.test_flips, **settings)

@@ -66,9 +66,9 @@ def add_craft_command(sub: Any) -> None:
                         "next class after the target's / source's)")
     g.add_argument("--source-class", type=at_least(0), default=0,
                    help="backdoors: class whose patched images should flip (default: 0)")
-    g.add_argument("--eps", type=number(0, 255, low_open=True), default=None,
-                   help="l-infinity budget in pixel steps of 255 (default: 16 for gm and sa, "
-                        "8 for bp and fc)")
+    g.add_argument("--eps", type=number(1, 255), default=None,
+                   help="l-infinity budget in pixel steps of 255, at least 1: a smaller one "
+                        "changes no pixel (default: 16 for gm and sa, 8 for bp and fc)")
     g.add_argument("--budget", type=number(0, low_open=True), default=0.01,
                    help="poisons as a share of the training set (< 1) or a count "
                         "(default: 0.01)")
@@ -150,6 +150,14 @@ def _check_classes(args: argparse.Namespace, train_data: ImageData, test_data: I
                         ("--source-class", args.source_class)):
         if value is not None and value >= classes:
             raise ValueError(f"{flag} {value}: the data has classes 0..{classes - 1}")
+    if args.attack in BACKDOORS and args.adversarial_class == args.source_class:
+        raise ValueError(f"--adversarial-class {args.adversarial_class}: the same class as "
+                         f"--source-class; a backdoor moves one class to another")
+    if args.attack not in BACKDOORS and args.adversarial_class is not None and (
+            args.target_index < len(test_data)
+            and int(test_data.labels[args.target_index]) == args.adversarial_class):
+        raise ValueError(f"--adversarial-class {args.adversarial_class}: the target "
+                         f"(--target-index {args.target_index}) is of that class already")
     if args.attack not in BACKDOORS and args.target_index >= len(test_data):
         raise ValueError(f"--target-index {args.target_index}: the test set has "
                          f"{len(test_data)} images")

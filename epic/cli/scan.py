@@ -63,7 +63,7 @@ def add_scan_command(sub: Any) -> None:
                         "train, or by an earlier scan in --out/train/)")
     m.add_argument("--arch", dest="model", choices=list(MODELS), default="convnet",
                    help="architecture of --model, or to train (default: convnet)")
-    add_fit_args(m)
+    add_fit_args(m, evaluates=False)  # a scan holds out no test set
     add_epic_args(p.add_argument_group("EPIC"))
     o = p.add_argument_group("output")
     o.add_argument("--out", default="scan",

@@ -121,12 +121,25 @@ def make_defense(args: argparse.Namespace, n: int,
 
 
 def _report_attack(epoch: int, record: dict[str, object]) -> None:
+    """A line for an evaluated epoch of a run on poisons (the progress bar shows the rest)."""
     if "attack_success" not in record:  # not an evaluated epoch (--eval-every)
         return
-    dropped = record.get("poisons_dropped")
-    print(f"epoch {epoch}: attack success {record['attack_success']:.3f}, test accuracy "
-          f"{record['test_acc']:.4f}" + ("" if dropped is None else f", poisons dropped {dropped}"),
-          flush=True)
+    _report_epoch(epoch, record)
+
+
+def _report_epoch(epoch: int, record: dict[str, Any]) -> None:
+    """A line for every epoch, for logs where no progress bar is drawn (piped, under
+    torchrun): attack success first on poisons, else the training loss; then test accuracy
+    when evaluated, and the defense round when one ran."""
+    parts = ([f"attack success {record['attack_success']:.3f}"] if "attack_success" in record
+             else [f"train loss {record['train_loss']:.4f}"])
+    if "test_acc" in record:
+        parts.append(f"test accuracy {record['test_acc']:.4f}")
+    if record.get("poisons_dropped") is not None:
+        parts.append(f"poisons dropped {record['poisons_dropped']}")
+    if record.get("defense_seconds") is not None:
+        parts.append(f"defense round {record['defense_seconds']:.1f}s")
+    print(f"epoch {epoch}: " + ", ".join(parts), flush=True)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -155,7 +168,8 @@ def _train(args: argparse.Namespace, device: torch.device, *, first: bool) -> in
                    out=out, resume=args.resume, progress=progress,
                    run_info={"argv": args.argv, "dataset": args.dataset, "model": args.model,
                              "train_examples": len(train_data), "seed": args.seed},
-                   on_epoch_end=_report_attack if poisons is not None and first else None)
+                   on_epoch_end=None if not first else _report_epoch if not progress
+                   else _report_attack if poisons is not None else None)
     if not first:
         return 0
     s = result.summary

@@ -13,15 +13,15 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import IO, Literal, get_args
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from epic.data.imagedata import Augment, ImageData
-from epic.files import temporary_beside
-from epic.safe_pickle import safe_load
+from epic.files import open_untrusted, temporary_beside
+from epic.safe_pickle import MAX_ARRAY_BYTES, safe_load
 
 __all__ = ["DATASETS", "Cifar", "download_cifar", "load_cifar", "load_dataset", "load_digits"]
 
@@ -89,6 +89,9 @@ _CIFAR = {
         ("train",), ("test",), "meta", "fine_labels", "fine_label_names"),
 }
 
+# The published archives hold 9 (CIFAR-10) and 5 (CIFAR-100) members.
+_MAX_ARCHIVE_MEMBERS = 64
+
 # Statistics of the CIFAR training sets, as commonly published; used so that a subset trains
 # with the same normalization as the full set.
 _CIFAR_STATS = {
@@ -98,10 +101,14 @@ _CIFAR_STATS = {
 
 
 def _md5(path: Path) -> str:
+    with open_untrusted(path) as f:
+        return _md5_of(f)
+
+
+def _md5_of(f: IO[bytes]) -> str:
     h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        h.update(chunk)
     return h.hexdigest()
 
 
@@ -154,18 +161,31 @@ def _read_cifar_members(source: Path, spec: _CifarSpec) -> dict[str, dict[str, o
     out: dict[str, dict[str, object]] = {}
     if source.is_dir():
         for name in wanted:
-            with open(source / name, "rb") as f:
+            with open_untrusted(source / name, max_bytes=MAX_ARRAY_BYTES) as f:
                 where = str(source / name)
                 out[name] = _checked(safe_load(f, name=where), where, spec, name)
         return out
-    with tarfile.open(source, "r:gz") as tar:
-        for member in tar.getmembers():
-            base = member.name.rsplit("/", 1)[-1]
-            if base in wanted and member.isfile():
+    with open_untrusted(source) as f:
+        digest = _md5_of(f)
+        if digest != spec.md5:
+            raise ValueError(f"{source}: not the published {spec.archive} (MD5 {digest}, not "
+                             f"{spec.md5}); delete it and pass --download, or put the unpacked "
+                             f"'{spec.folder}' folder there instead")
+        f.seek(0)
+        with tarfile.open(fileobj=f, mode="r:gz") as tar:
+            for count, member in enumerate(tar, 1):  # lazily: the members are never all listed
+                if count > _MAX_ARCHIVE_MEMBERS:
+                    raise ValueError(f"{source}: over {_MAX_ARCHIVE_MEMBERS} members")
+                base = member.name.rsplit("/", 1)[-1]
+                if base not in wanted or not member.isfile():
+                    continue
+                where = f"{source}:{member.name}"
+                if member.size > MAX_ARRAY_BYTES:
+                    raise ValueError(f"{where}: {member.size:,} bytes, over the limit of "
+                                     f"{MAX_ARRAY_BYTES:,}")
                 member_file = tar.extractfile(member)
                 if member_file is None:
                     raise ValueError(f"{source}: cannot read {member.name}")
-                where = f"{source}:{member.name}"
                 out[base] = _checked(safe_load(member_file, name=where), where, spec, base)
     missing = set(wanted) - set(out)
     if missing:

@@ -99,6 +99,8 @@ class ImageData:
         """Build a training set from uint8 images ``(N, C, H, W)``; statistics from the images."""
         imgs = torch.as_tensor(np.asarray(images) if not isinstance(images, Tensor) else images)
         labs = torch.as_tensor(np.asarray(labels) if not isinstance(labels, Tensor) else labels)
+        if labs.is_floating_point() or labs.is_complex() or labs.dtype == torch.bool:
+            raise ValueError(f"labels must be integers, got {labs.dtype}")
         labs = labs.long()
         if classes is None:
             classes = tuple(str(c) for c in range(int(labs.max()) + 1))

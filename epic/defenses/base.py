@@ -114,6 +114,22 @@ class ScheduledDefense(Defense):
             None if num_examples is None else torch.ones(num_examples, dtype=torch.bool))
         self.history: list[DropRound] = []
 
+    def check_runs_within(self, epochs: int, *, name: str | None = None) -> None:
+        """Refuse a schedule that runs no round in ``epochs`` epochs: a defended run that
+        cannot defend is an error, not an undefended run that exits 0.
+
+        Raises:
+            ValueError: no round is due in ``range(epochs)``; the message says how to fix it.
+        """
+        if epochs <= 0 or any(self.due(e) for e in range(epochs)):
+            return
+        who = name or type(self).__name__
+        until = ("" if self.until is None else f", until {self.until} (until defaults to the "
+                                                f"last learning-rate milestone)")
+        raise ValueError(f"no {who} round runs in {epochs} epochs: warmup {self.warmup}, every "
+                         f"{self.every}{until}; train longer, or pass a smaller --warmup or a "
+                         f"larger --until")
+
     def due(self, epoch: int) -> bool:
         """Whether a round runs before training epoch ``epoch`` (0-based)."""
         if epoch < self.warmup or (self.until is not None and epoch >= self.until):

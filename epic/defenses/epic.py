@@ -24,6 +24,7 @@ from epic.selection import (
     Method,
     PerClass,
     Similarity,
+    as_cluster_size,
     as_fraction,
     find_isolated,
     isolated_medoids,
@@ -63,9 +64,11 @@ def find_poisons(labels: np.ndarray | Tensor, pred_probs: np.ndarray | Tensor,
     if probs.dim() != 2:
         raise ValueError(f"pred_probs must be (N, C), got shape {tuple(probs.shape)}")
     y = torch.as_tensor(labels, device=probs.device)
-    if y.shape != (probs.shape[0],) or y.is_floating_point() or y.dtype == torch.bool:
-        raise ValueError(f"labels must be ({probs.shape[0]},) integers, got {y.dtype} "
-                         f"{tuple(y.shape)}")
+    if y.dim() != 1 or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise ValueError(f"labels must be (N,) integers, got {y.dtype} {tuple(y.shape)}")
+    if len(y) != probs.shape[0]:
+        raise ValueError(f"pred_probs has {probs.shape[0]} rows and labels {len(y)}: one row "
+                         f"of probabilities per label")
     y = y.long()
     if len(y) and (int(y.min()) < 0 or int(y.max()) >= probs.shape[1]):
         raise ValueError(f"labels must lie in 0..{probs.shape[1] - 1}")
@@ -178,7 +181,7 @@ class EPIC(ScheduledDefense):
         super().__init__(warmup=warmup, every=every, until=until, num_examples=num_examples,
                          batch_size=batch_size)
         self.fraction = fraction
-        self.max_cluster_size = max_cluster_size
+        self.max_cluster_size = as_cluster_size(max_cluster_size)
         self.per_class = per_class
         self.similarity = similarity
         self.method = method

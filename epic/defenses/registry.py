@@ -9,10 +9,13 @@ line here (docs/defenses.md).
 from __future__ import annotations
 
 import inspect
+import types
+import typing
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal, Union, get_args, get_origin
 
 from epic.defenses.adversarial import AdversarialPoisoning
+from epic.defenses.base import ScheduledDefense
 from epic.defenses.clipnoise import ClipNoise
 from epic.defenses.clustering import ActivationClustering
 from epic.defenses.dpsgd import DPSGD
@@ -93,7 +96,8 @@ def build_defense(spec: str, run: RunFacts, **options: Any) -> Defense | None:
     clip-and-noise and Adversarial Poisoning have no schedule.
 
     Raises:
-        ValueError: an unknown spec, or an option the defense does not take.
+        ValueError: an unknown spec, an option the defense does not take or of the wrong
+            type, or a schedule that runs no round within ``run.epochs``.
 
     Example:
         >>> build_defense("epic-0.2", RunFacts(num_examples=100, epochs=40, milestones=(25, 35)))
@@ -109,4 +113,45 @@ def build_defense(spec: str, run: RunFacts, **options: Any) -> Defense | None:
                          f"{takes})")
     if cls is None:
         return None
-    return cls.for_run(run, **(preset | options))
+    _check_option_types(name, cls, options)
+    defense = cls.for_run(run, **(preset | options))
+    if isinstance(defense, ScheduledDefense):
+        defense.check_runs_within(run.epochs, name=spec)
+    return defense
+
+
+def _check_option_types(name: str, cls: type[Defense], options: Mapping[str, Any]) -> None:
+    """Refuse an option whose value is not of the type ``for_run`` declares (``warmup=abc``),
+    naming it, before anything is built."""
+    try:
+        hints = typing.get_type_hints(cls.for_run)
+    except (NameError, TypeError):  # annotations this module cannot resolve: not checked
+        return
+    for key, value in options.items():
+        if key in hints and not _fits(value, hints[key]):
+            raise ValueError(f"defense {name} option {key}={value!r}: expected "
+                             f"{_hint_name(hints[key])}")
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    origin = get_origin(hint)
+    if origin is Literal:
+        return value in get_args(hint)
+    if origin in (Union, types.UnionType):
+        return any(_fits(value, arg) for arg in get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint in (int, float):  # a bool is not a number here; an int is a float
+        return (isinstance(value, (int, float) if hint is float else int)
+                and not isinstance(value, bool))
+    if isinstance(hint, type) and origin is None:
+        return isinstance(value, hint)
+    return True  # generics and callables: not values a command line gives
+
+
+def _hint_name(hint: Any) -> str:
+    if get_origin(hint) in (Union, types.UnionType):
+        return " or ".join(_hint_name(arg) for arg in get_args(hint))
+    if get_origin(hint) is Literal:
+        return " or ".join(repr(arg) for arg in get_args(hint))
+    return "none" if hint is type(None) else getattr(hint, "__name__", str(hint))

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from epic.data import ImageData
-from epic.files import read_json
+from epic.files import read_json, write_atomically
 from epic.formats.untrusted import (
     dump,
     eps_value,
@@ -77,7 +77,7 @@ def export_benchmark(poisons: PoisonSet, folder: str | os.PathLike[str], *,
                "target_class": poisons.target_class,
                "adversarial_class": poisons.adversarial_class,
                "relabelled": poisons.labels is not None, "metadata": poisons.metadata}
-    (out / "epic.json").write_text(json.dumps(sidecar, indent=2))
+    write_atomically(out / "epic.json", json.dumps(sidecar, indent=2))
     return out
 
 
@@ -128,10 +128,15 @@ def _benchmark_set(raw: Any, idx: Any, target: Any, source: Any, side: Any,
                    train: ImageData | None, eps: float | None) -> PoisonSet:
     """The checked content of a benchmark folder as a :class:`PoisonSet`."""
     pairs = _pairs(raw, "poisons.pickle")
+    indices = integers(idx, "base_indices.pickle")
+    if len(indices) != len(pairs):  # before any image is copied
+        raise PoisonSetError(f"{len(pairs)} poisons but {len(indices)} base indices")
+    if train is not None and len(pairs) > len(train):
+        raise PoisonSetError(f"{len(pairs)} poisons, more than the {len(train)} training "
+                             f"images")
     images = stack_images([p[0] for p in pairs], "poisons.pickle")
     labels = torch.tensor([integer(p[1], "a poisons.pickle label") for p in pairs],
                           dtype=torch.long)
-    indices = integers(idx, "base_indices.pickle")
     bare = (isinstance(target, (list, tuple)) and len(target) == 2
             and not isinstance(target[0], (list, tuple)))
     targets = [] if target is None else _pairs([target] if bare else target, "target.pickle")
@@ -166,8 +171,6 @@ def _benchmark_set(raw: Any, idx: Any, target: Any, source: Any, side: Any,
         adversarial = Counter(labels.tolist()).most_common(1)[0][0] if len(labels) else -1
     if target_class is None:
         raise PoisonSetError("no target.pickle or source.pickle: the attack's goal is unknown")
-    if len(indices) != len(images):
-        raise PoisonSetError(f"{len(images)} poisons but {len(indices)} base indices")
     if train is not None and len(indices) and not (
             int(indices.min()) >= 0 and int(indices.max()) < len(train)):
         raise PoisonSetError(f"base_indices.pickle holds indices outside the training set "

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from epic.files import replace_atomically
+from epic.files import open_untrusted, replace_atomically
 from epic.poisons import PoisonSetError
 from epic.safe_pickle import UnsafePickleError, safe_load
 
@@ -79,7 +79,7 @@ _EXTRA: dict[tuple[str, str], Any] = {
 def read_untrusted_pickle(path: str | os.PathLike[str]) -> Any:
     """Unpickle ``path`` admitting arrays, numbers, strings, containers and PIL images
     (as :class:`PilStandIn`); raises :class:`UnsafePickleError` on anything else."""
-    with open(path, "rb") as f:
+    with open_untrusted(path) as f:
         return safe_load(f, extra=_EXTRA)
 
 
@@ -98,6 +98,10 @@ def to_chw(image: Any) -> Tensor:
         if arr.ndim != 3 or arr.shape[2] not in (1, 3):
             raise PoisonSetError(f"image arrays must be (H, W[, C]), got {arr.shape}")
         if arr.dtype != np.uint8:
+            if arr.dtype.kind not in "iuf" or arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                raise PoisonSetError(f"image arrays must hold finite numbers, got "
+                                     f"{kind(arr)}" + (" with NaN or infinity"
+                                                       if arr.dtype.kind == "f" else ""))
             if arr.dtype.kind == "f" and arr.size and float(arr.max()) <= 1.0:
                 arr = np.round(arr * 255)
             arr = np.clip(arr, 0, 255).astype(np.uint8)

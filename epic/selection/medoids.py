@@ -56,6 +56,21 @@ def as_fraction(value: object, name: str = "fraction") -> float:
         raise ValueError(f"{name} must be in (0, 1], got {value!r}")
     return float(value)
 
+
+def as_cluster_size(value: object, name: str = "max_cluster_size") -> int:
+    """``value`` as a cluster size of at least 1 (an integer: Python, numpy or a 0-d tensor),
+    or a ValueError naming ``name``. Every cluster holds its medoid, so a limit below 1 would
+    flag nothing: a defense that silently does nothing."""
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.dtype.is_floating_point:
+        value = value.detach().cpu().numpy().reshape(())[()]
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if int(value) < 1:
+        raise ValueError(f"{name} must be >= 1 (every cluster holds its medoid: a smaller "
+                         f"limit drops nothing), got {value!r}")
+    return int(value)
+
+
 Similarity = Literal["exp", "linear", "cosine"]
 Method = Literal["lazy", "stochastic", "naive"]
 PerClass = Literal["proportional", "equal"]
@@ -218,6 +233,7 @@ def find_isolated(
     Returns:
         (N,) bool tensor, True for rows to drop.
     """
+    max_cluster_size = as_cluster_size(max_cluster_size)  # before any work
     med = select_medoids(
         x,
         labels,
@@ -241,7 +257,7 @@ def isolated_medoids(x: Tensor, labels: Tensor, medoids: Medoids, max_cluster_si
     those with an exact copy in their class: a row that another row of its class duplicates
     is not isolated, even where greedy picked both copies (a zero-gain pick, once a class
     has fewer distinct rows than medoids) and the copy's cluster holds only itself."""
-    small = medoids.indices[medoids.cluster_sizes <= max_cluster_size]
+    small = medoids.indices[medoids.cluster_sizes <= as_cluster_size(max_cluster_size)]
     if small.numel() == 0:
         return small
     keyed = torch.cat([labels.to(x.dtype)[:, None], x], dim=1)

@@ -22,10 +22,12 @@ from torch.nn import functional as F
 
 from epic.data import ImageData, batch_indices, channels_last_on_cpu, iterate_batches
 from epic.distributed import world
+from epic.files import replace_atomically
 from epic.gradients import feature_embeddings
 from epic.models import Classifier
 from epic.poisons import PoisonSet
 from epic.protocol import Defense, changes_batches
+from epic.safe_pickle import load_weights
 from epic.train.config import TrainConfig, TrainResult, evaluate, prepare_model
 from epic.train.records import (
     check_same_run,
@@ -157,7 +159,7 @@ def _train(model: Classifier, train_data: ImageData, test_data: ImageData, confi
                 "defense": describe(defense), "model": type(model).__name__,
                 "examples": len(train_data), "poisons": None if poisons is None else len(poisons)}
     if resume and checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        state = load_weights(checkpoint, map_location=device)  # sizes checked first
         check_same_run(checkpoint, json.loads(state.get("identity", "null")), identity)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -284,7 +286,7 @@ def _train(model: Classifier, train_data: ImageData, test_data: ImageData, confi
 
     summary = summarize(metrics, defense, poisons, len(train_data))
     if outp is not None:
-        torch.save(model.state_dict(), outp / "model.pt")
+        replace_atomically(outp / "model.pt", lambda f: torch.save(model.state_dict(), f))
         write_json(outp / "summary.json", summary)
     return TrainResult(metrics, summary, model)
 

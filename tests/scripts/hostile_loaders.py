@@ -7,11 +7,15 @@ valid content), prints a JSON line ``{"file", "slot", "target", "outcome", "type
 ``outcome`` is ``"ok"`` (read, or skipped by the reader), ``"error"`` (an exception), or
 ``"timeout"``. A ``{"start": ...}`` line is printed and flushed before each attempt, so that
 a crash names the file that caused it.
+
+A file named ``*.fifo`` is placed as a FIFO with no writer, one named ``*.devzero`` as a link
+to ``/dev/zero``: the special files a stranger's folder may hold where a file is expected.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import resource
 import shutil
@@ -107,9 +111,10 @@ def image_folder_layout(folder: Path) -> None:
 
 
 def _safe_load(path: Path) -> object:
+    from epic.files import open_untrusted
     from epic.safe_pickle import safe_load
 
-    with open(path, "rb") as f:
+    with open_untrusted(path) as f:
         return safe_load(f, name=str(path))
 
 
@@ -161,6 +166,17 @@ LOADERS: dict[str, tuple[Callable[[Path], None] | None, list[str], Callable[[Pat
 }
 
 
+def place(file: Path, dest: Path) -> None:
+    """``file`` at ``dest``: a copy, or the special file its name asks for."""
+    dest.unlink(missing_ok=True)
+    if file.suffix == ".fifo":
+        os.mkfifo(dest)
+    elif file.suffix == ".devzero":
+        dest.symlink_to("/dev/zero")
+    else:
+        shutil.copyfile(file, dest)
+
+
 def attempt(read: Callable[[Path], object], target: Path) -> dict[str, str]:
     signal.alarm(SECONDS)
     try:
@@ -198,10 +214,10 @@ def main() -> None:
             if layout is None:
                 folder.mkdir(parents=True)
                 target = folder / file.name
-                shutil.copyfile(file, target)
+                place(file, target)
             else:
                 layout(folder)
-                shutil.copyfile(file, folder / slot)
+                place(file, folder / slot)
                 target = folder
             print(json.dumps({"file": file.name, "slot": slot, "target": str(target)}
                              | attempt(read, target)), flush=True)
