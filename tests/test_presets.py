@@ -25,8 +25,9 @@ def test_every_preset_step_parses_as_an_epic_command(name: str, tmp_path: Path) 
     assert commands[1] == "craft"
     build, _, defenses = PRESETS[name]
     # a victim per defense and poison set, and EPIC-0.1 once more in transfer learning with
-    # its rounds' gradients from the training pass
-    runs = len(defenses) + (name == "cpu-transfer")
+    # its rounds' gradients from the training pass; the paper's transfer protocol runs its
+    # undefended and EPIC-0.2 victims once more with crop and flip
+    runs = len(defenses) + (name == "cpu-transfer") + 2 * ("paper-transfer" in name)
     assert commands.count("run") == runs * commands.count("craft")
     passes = [s.argv for s in steps if "train-pass" in s.argv]
     assert len(passes) == (2 if name == "cpu-transfer" else 0)
@@ -64,12 +65,20 @@ def test_paper_transfer_preset_follows_the_authors_script() -> None:
     assert all(c.setups.endswith("cifar10_from_scratch.pickle") for c in crafts)
     runs = [parser.parse_args(list(s.argv)) for s in steps if s.argv[:2] == ("bench", "run")]
     for r in runs:  # a fresh last layer on all 50,000 images, the authors' schedule
-        assert (r.scenario, r.victim_per_class, r.epochs, r.lr, r.milestones, r.no_augment) == (
-            "transfer", 5000, 40, 0.1, [15, 25, 35], True)
+        assert (r.scenario, r.victim_per_class, r.epochs, r.lr, r.milestones) == (
+            "transfer", 5000, 40, 0.1, [15, 25, 35])
         assert r.pretrained == str(Path("o") / "clean" / "model.pt")
-    schedules = {r.defenses[0]: (r.warmup, r.every, r.until) for r in runs}
-    assert schedules == {"none": (None, None, None), "epic-0.2": (1, 1, 10),
-                         "random": (1, 1, 10), "deep-knn": (None, None, None)}
+    schedules = {(r.defenses[0], r.no_augment): (r.warmup, r.every, r.until) for r in runs}
+    assert schedules == {("none", True): (None, None, None), ("epic-0.2", True): (1, 1, 10),
+                         ("random", True): (1, 1, 10), ("deep-knn", True): (None, None, None),
+                         ("none", False): (None, None, None), ("epic-0.2", False): (1, 1, 10)}
+    # by default without crop and flip, on every setup's poisons; with them, on the first three
+    augmented = [r for r in runs if not r.no_augment]
+    assert len(augmented) == 4 and all(
+        [Path(p).name for p in r.poisons] == ["setup-000", "setup-001", "setup-002"]
+        for r in augmented)
+    assert {(Path(r.poisons[0]).parent.name, Path(r.poisons[0]).name, len(r.poisons))
+            for r in runs if r.no_augment} == {("bp", "setup-*", 1), ("fc", "setup-*", 1)}
 
 
 @pytest.mark.slow

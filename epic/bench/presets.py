@@ -90,14 +90,26 @@ def _paper_transfer(data: Path, out: Path, first: int, defenses: Sequence[str], 
         steps.append(Step(("craft", *common, *picked, *victim, "--attack", attack, "--eps", eps,
                            "--iterations", "250", "--out", str(out / "poisons" / attack))))
     bench = ("bench", "run", *common, *picked, *victim, "--epochs", "40", "--lr", "0.1",
-             "--milestones", "15", "25", "35", "--no-augment")
+             "--milestones", "15", "25", "35")
     for spec in defenses:
-        extra = (("--warmup", "1", "--every", "1", "--until", "10")
-                 if spec.startswith(SCHEDULED) else ())
         for attack in ("bp", "fc"):
-            steps.append(Step((*bench, "--poisons", str(out / "poisons" / attack / "setup-*"),
-                               "--defenses", spec, *extra, "--out", str(out / "bench"))))
+            steps.append(Step((*bench, "--no-augment", "--poisons",
+                               str(out / "poisons" / attack / "setup-*"), "--defenses", spec,
+                               *_schedule(spec), "--out", str(out / "bench"))))
+    # The authors' victims crop and flip, which cached features cannot: on the first three
+    # setups, undefended and EPIC-0.2 victims that do (every epoch a pass of the body)
+    for spec in ("none", "epic-0.2"):
+        for attack in ("bp", "fc"):
+            sets = [str(out / "poisons" / attack / f"setup-{i:03d}") for i in range(min(3, first))]
+            steps.append(Step((*bench, "--poisons", *sets, "--defenses", spec, *_schedule(spec),
+                               "--out", str(out / "bench"))))
     return steps
+
+
+def _schedule(spec: str) -> tuple[str, ...]:
+    """The authors' transfer schedule for the defenses that follow EPIC's: a round every epoch
+    from epoch 1, the last at epoch 9 (their script stops dropping after epoch 10)."""
+    return ("--warmup", "1", "--every", "1", "--until", "10") if spec.startswith(SCHEDULED) else ()
 
 
 def _scratch_sa(data: Path, out: Path, first: int, defenses: Sequence[str]) -> list[Step]:
