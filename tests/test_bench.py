@@ -29,6 +29,7 @@ def test_parse_defense() -> None:
     assert parse_defense("epic-0.3") == ("epic", {"fraction": 0.3})
     assert parse_defense("deep-knn") == ("deep-knn", {})
     assert parse_defense("ap-0.25") == ("adversarial-poisoning", {"share": 0.25})
+    assert parse_defense("random-0.1") == ("random", {"drop_fraction": 0.1})
     with pytest.raises(ValueError, match="unknown defense"):
         parse_defense("magic")
 

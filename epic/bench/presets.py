@@ -143,9 +143,11 @@ PRESETS: dict[str, tuple[Callable[[Path, Path, int, Sequence[str]], list[Step]],
     # name: (steps, default number of setups, default defenses)
     "cpu-transfer": (_transfer, 20, TRANSFER_DEFENSES),
     "cpu-scratch-sa": (_scratch_sa, 8, ("none", "epic-0.1", "epic-0.2", "epic-0.3")),
+    # random-0.1: 10% of the kept examples a round on EPIC's schedule, 61% in all, about as
+    # many as EPIC-0.2 drops: whether EPIC finds poisons or only removes data
     "cpu-paper-transfer": (_paper_transfer, 10, ("none", "epic-0.2", "epic-0.1", "epic-0.3",
                                                  "random", *TRANSFER_DEFENSES[4:9],
-                                                 "dp-sgd")),
+                                                 "dp-sgd", "random-0.1")),
     "paper-transfer": (partial(_paper_transfer, recipe=PAPER_RECIPE), 10, ("none", "epic-0.2",
                                                                           "epic-0.1",
                                                                           "epic-0.3")),

@@ -47,13 +47,15 @@ DEFENSES: dict[str, type[Defense] | None] = {
 SHORT_SPECS: dict[str, tuple[str, str]] = {
     "epic": ("epic", "fraction"),
     "ap": ("adversarial-poisoning", "share"),
+    "random": ("random", "drop_fraction"),
 }
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """The defense a spec names and the options it sets: ``"epic-0.2"`` -> ``("epic",
-    {"fraction": 0.2})``, ``"ap-0.25"`` -> ``("adversarial-poisoning", {"share": 0.25})``, a
-    name of :data:`DEFENSES` -> ``(name, {})``."""
+    {"fraction": 0.2})``, ``"ap-0.25"`` -> ``("adversarial-poisoning", {"share": 0.25})``,
+    ``"random-0.1"`` -> ``("random", {"drop_fraction": 0.1})``, a name of :data:`DEFENSES` ->
+    ``(name, {})``."""
     if spec in DEFENSES:
         return spec, {}
     prefix, _, number = spec.rpartition("-")
