@@ -16,6 +16,7 @@ from epic.bench import (
     trial_id,
     write_report,
 )
+from epic.bench.report import defense_label
 from epic.cli import build_parser, main
 from epic.cli.common import parse_command
 from epic.data import load_digits
@@ -32,6 +33,18 @@ def test_parse_defense() -> None:
     assert parse_defense("random-0.1") == ("random", {"drop_fraction": 0.1})
     with pytest.raises(ValueError, match="unknown defense"):
         parse_defense("magic")
+
+
+def test_the_report_names_rows_by_what_sets_their_victims_apart() -> None:
+    def label(scenario: str, **config: object) -> str:
+        return defense_label({"defense": "epic-0.2", "scenario": scenario, "config": config})
+
+    assert label("transfer", augment=False) == "epic-0.2"
+    assert label("transfer", augment=True) == "epic-0.2 (crop+flip)"
+    assert label("scratch", augment=True) == "epic-0.2"  # augmenting is the norm there
+    assert label("transfer", augment=True, round_embeddings="train-pass") == (
+        "epic-0.2 (train-pass, crop+flip)")
+    assert label("transfer", augment=False, grad_clip=1.0) == "epic-0.2 (batch clip-noise)"
 
 
 def test_summarize_averages_per_group() -> None:

@@ -42,15 +42,19 @@ def _mean_se(values: list[Any]) -> tuple[float | None, float | None]:
 def defense_label(record: dict[str, Any]) -> str:
     """The defense of a benchmark record as the report names it: its spec, with
     " (train-pass)" when its rounds took their gradients from the training pass
-    (``round_embeddings``), except that a record whose training configuration carries a
-    batch-level ``grad_clip`` ran "dp-sgd" when that name meant clipping and noising the
-    mini-batch gradient (what ``clip-noise`` is now), and reads "<spec> (batch clip-noise)"."""
+    (``round_embeddings``) and " (crop+flip)" for a transfer-learning victim trained on
+    augmented images (transfer victims train on cached features, without augmentation, unless
+    asked), except that a record whose training configuration carries a batch-level
+    ``grad_clip`` ran "dp-sgd" when that name meant clipping and noising the mini-batch
+    gradient (what ``clip-noise`` is now), and reads "<spec> (batch clip-noise)"."""
     config = record.get("config") or {}
     if config.get("grad_clip") is not None:
         return f"{record['defense']} (batch clip-noise)"
-    if config.get("round_embeddings") == "train-pass":
-        return f"{record['defense']} (train-pass)"
-    return str(record["defense"])
+    notes = [note for note, applies in (
+        ("train-pass", config.get("round_embeddings") == "train-pass"),
+        ("crop+flip", record.get("scenario") == "transfer" and config.get("augment") is True))
+        if applies]
+    return f"{record['defense']} ({', '.join(notes)})" if notes else str(record["defense"])
 
 
 def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
