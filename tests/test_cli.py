@@ -32,6 +32,17 @@ def test_help_explains_every_train_option() -> None:
             assert action.help, f"{action.option_strings} has no help"
 
 
+@pytest.mark.parametrize("argv", [["train", "--ep", "1"], ["bench", "run", "--epo", "1"],
+                                  ["scan", "--frac", "0.2"]])
+def test_flags_are_taken_only_as_spelled(argv: list[str], capsys) -> None:  # type: ignore[no-untyped-def]
+    """A prefix of a flag is not that flag: a stored command line must not change meaning when
+    another flag with the same prefix is added."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert f"unrecognized arguments: {argv[-2]}" in capsys.readouterr().err
+
+
 def test_train_on_embedded_digits_with_epic(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "run"
     assert main(["train", "--epochs", "6", "--defense", "epic", "--warmup", "2", "--every", "2",

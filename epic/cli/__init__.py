@@ -13,6 +13,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from epic.cli.bench import add_bench_commands
 from epic.cli.common import parse_command
@@ -24,9 +25,19 @@ from epic.cli.train import add_train_command
 __all__ = ["build_parser", "main"]
 
 
+class _ExactParser(argparse.ArgumentParser):
+    """A parser that takes flags only as spelled: ``--ep 3`` is an error, not ``--epochs 3``,
+    so a stored command line means the same whatever flags are added later. Subcommands'
+    parsers are of the class of their parent, so the rule holds for every command."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every ``epic`` command; each sets ``handler`` to the function running it."""
-    parser = argparse.ArgumentParser(
+    parser = _ExactParser(
         prog="epic",
         description="Train image classifiers that resist data poisoning (EPIC, ICML 2022).")
     parser.add_argument("-v", "--verbose", action="count", default=0,
