@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import base64
 import csv
-import hashlib
 import html
 import io
 import logging
@@ -43,6 +42,7 @@ from epic.defenses import EPIC, EpicRound
 from epic.files import replace_atomically
 from epic.images import Skipped
 from epic.models import Classifier
+from epic.pages import encode_text, write_page
 from epic.selection import PerClass, Similarity
 from epic.train import TrainConfig, train
 
@@ -223,7 +223,7 @@ def _write_rows(path: str | os.PathLike[str], header: Sequence[str],
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(header)
     writer.writerows([[_cell(v) for v in row] for row in rows])
-    replace_atomically(path, lambda f: f.write(_encode(text.getvalue())))
+    replace_atomically(path, lambda f: f.write(encode_text(text.getvalue())))
 
 
 # what makes a spreadsheet read a cell as a formula: its first character, also in the
@@ -235,15 +235,6 @@ def _cell(value: object) -> object:
     if isinstance(value, str) and value[:1] in _FORMULA_STARTS:
         return "'" + value
     return value
-
-
-def _encode(text: str) -> bytes:
-    """UTF-8; a file name's undecodable bytes (surrogate escapes) are written as ``\\xNN``."""
-    return _SURROGATE_ESCAPE.sub(lambda m: f"\\x{ord(m.group()) - 0xDC00:02x}", text).encode(
-        "utf-8", "backslashreplace")
-
-
-_SURROGATE_ESCAPE = re.compile("[\udc80-\udcff]")
 
 
 def thumbnail_png(image: Tensor, size: int = 96) -> bytes:
@@ -296,10 +287,6 @@ def _breakable(name: str) -> str:
     return re.sub(r"([/_.-])", r"\1<wbr>", html.escape(name))
 
 
-def _csp_hash(source: str) -> str:
-    return "'sha256-" + base64.b64encode(hashlib.sha256(source.encode()).digest()).decode() + "'"
-
-
 def write_html(result: ScanResult, path: str | os.PathLike[str], *, thumb_size: int = 96
                ) -> None:
     """A self-contained page of the flagged images, grouped by class (atomically).
@@ -333,15 +320,7 @@ def write_html(result: ScanResult, path: str | os.PathLike[str], *, thumb_size: 
                if result.skipped else "<p>No file was skipped.</p>")
     epochs = ", ".join(str(r.epoch) for r in result.rounds)
     title = f"EPIC scan: {len(result.flags)} of {len(result.data)} examples flagged"
-    csp = (f"default-src 'none'; img-src data:; style-src {_csp_hash(_STYLE)}; "
-           f"script-src {_csp_hash(_SCRIPT)}")
-    page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="{csp}">
-<title>{title}</title>
-<style>{_STYLE}</style></head>
-<body>
-<h1>{title}</h1>
+    body = f"""<h1>{title}</h1>
 <p id="summary">{len(result.flags)} of {len(result.data)} examples flagged in
 {len(result.rounds)} EPIC round{"" if len(result.rounds) == 1 else "s"} (before epochs
 {epochs or "-"}); {len(result.skipped)} files skipped. A flagged example is one that no other
@@ -349,8 +328,5 @@ example of its class joined in gradient space: a suspected poison, or a mislabel
 clean example.</p>
 {chr(10).join(sections) or "<p>No example was flagged.</p>"}
 <section id="skipped"><h2>Skipped files <span class="count">{len(result.skipped)}</span></h2>
-{skipped}</section>
-<script>{_SCRIPT}</script>
-</body></html>
-"""
-    replace_atomically(path, lambda f: f.write(_encode(page)))
+{skipped}</section>"""
+    write_page(path, title, body, style=_STYLE, script=_SCRIPT)

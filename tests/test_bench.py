@@ -102,6 +102,9 @@ def test_run_trials_resumes_and_reports(tiny_data, tmp_path) -> None:  # type: i
         "none", "epic-0.3", "epic-0.3 (train-pass)"}
     page = write_report(store.load(), tmp_path / "report")
     assert "<table>" in page.read_text() and "± " in page.read_text()  # with standard errors
+    # the scan page's policy: data: images and its own style, nothing else, no script
+    assert "default-src 'none'; img-src data:; style-src 'sha256-" in page.read_text()
+    assert "<script" not in page.read_text()
     # the cluster-size figure's data: every kept example at the round, poisons apart
     sizes = cluster_size_rounds(store.load())
     assert set(sizes) == {("copy", "epic-0.3"), ("copy", "epic-0.3 (train-pass)")}

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from epic.files import read_json, replace_atomically, write_atomically
+from epic.pages import write_page
 
 __all__ = ["cluster_size_rounds", "defense_label", "defense_rounds", "drop_curve",
            "plot_effective", "summarize",
@@ -378,11 +379,7 @@ def write_report(records: list[dict[str, Any]], out: str | os.PathLike[str], *,
     write_atomically(outp / "summary.md", table + "\n")
     figures = (_figures(records, rows, outp, None if trials is None else Path(trials))
                if records else [])
-    parts = ["<!doctype html><meta charset='utf-8'><title>epic benchmark</title>",
-             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}"
-             "td{text-align:right}</style>", "<h1>Benchmark report</h1>",
-             f"<p>{len(records)} trials.</p><table><tr>"]
+    parts = ["<h1>Benchmark report</h1>", f"<p>{len(records)} trials.</p><table><tr>"]
     cols = ["scenario", "attack", "defense", "n", "attack_success", "test_acc", "seconds",
             "poisons_dropped", "examples_dropped"]
     if any(r.get("patch_free_success") is not None for r in rows):
@@ -410,5 +407,10 @@ def write_report(records: list[dict[str, Any]], out: str | os.PathLike[str], *,
         parts.append(f"<figure><img src='data:image/png;base64,{data}'>"
                      f"<figcaption>{html.escape(caption)}</figcaption></figure>")
     page = outp / "report.html"
-    write_atomically(page, "\n".join(parts))
+    write_page(page, "epic benchmark", "\n".join(parts), style=_STYLE)
     return page
+
+
+_STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:auto}"
+          "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}"
+          "td{text-align:right}")
