@@ -9,7 +9,6 @@ import torch
 from epic.bench import (
     ResultStore,
     cluster_size_rounds,
-    parse_defense,
     run_trials,
     summarize,
     to_markdown,
@@ -20,19 +19,20 @@ from epic.bench.report import defense_label
 from epic.cli import build_parser, main
 from epic.cli.common import parse_command
 from epic.data import load_digits
+from epic.defenses import parse_spec
 from epic.poisons import PoisonSet
 from epic.train import TrainConfig
 
 from .conftest import seeded_convnet
 
 
-def test_parse_defense() -> None:
-    assert parse_defense("epic-0.3") == ("epic", {"fraction": 0.3})
-    assert parse_defense("deep-knn") == ("deep-knn", {})
-    assert parse_defense("ap-0.25") == ("adversarial-poisoning", {"share": 0.25})
-    assert parse_defense("random-0.1") == ("random", {"drop_fraction": 0.1})
+def test_defense_specs_name_a_defense_and_its_option() -> None:
+    assert parse_spec("epic-0.3") == ("epic", {"fraction": 0.3})
+    assert parse_spec("deep-knn") == ("deep-knn", {})
+    assert parse_spec("ap-0.25") == ("adversarial-poisoning", {"share": 0.25})
+    assert parse_spec("random-0.1") == ("random", {"drop_fraction": 0.1})
     with pytest.raises(ValueError, match="unknown defense"):
-        parse_defense("magic")
+        parse_spec("magic")
 
 
 def test_the_report_names_rows_by_what_sets_their_victims_apart() -> None:

@@ -14,8 +14,8 @@ from epic.bench.report import (
     to_markdown,
     write_report,
 )
-from epic.bench.runner import parse_defense, plan_trials, run_trials, trial_id
+from epic.bench.runner import plan_trials, run_trials, trial_id
 from epic.bench.store import ResultStore
 
-__all__ = ["ResultStore", "cluster_size_rounds", "drop_curve", "parse_defense", "plan_trials",
+__all__ = ["ResultStore", "cluster_size_rounds", "drop_curve", "plan_trials",
            "run_trials", "summarize", "to_markdown", "trial_id", "write_report"]

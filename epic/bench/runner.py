@@ -29,15 +29,10 @@ from epic.train import TrainConfig, config_record, provenance, train
 from epic.train.config import RETIRED_SETTINGS
 from epic.train.records import describe
 
-__all__ = ["SETTING_OPTIONS", "Trial", "parse_defense", "plan_trials", "rerun_defense",
+__all__ = ["SETTING_OPTIONS", "Trial", "plan_trials", "rerun_defense",
            "run_trials", "trial_id", "victim_features"]
 
 log = logging.getLogger(__name__)
-
-
-# A defense spec of --defenses: the defense and the options it sets ("epic-0.2" -> ("epic",
-# {"fraction": 0.2})), as the registry reads it.
-parse_defense = parse_spec
 
 
 # Command-line options that choose the model and the data a trial trains on: with the fields of
