@@ -34,8 +34,8 @@ from epic.train.records import (
     defense_records,
     describe,
     provenance,
+    run_summary,
     save_checkpoint,
-    summarize,
     write_json,
 )
 
@@ -284,7 +284,7 @@ def _train(model: Classifier, train_data: ImageData, test_data: ImageData, confi
     if bar is not None:
         bar.close()
 
-    summary = summarize(metrics, defense, poisons, len(train_data))
+    summary = run_summary(metrics, defense, poisons, len(train_data))
     if outp is not None:
         replace_atomically(outp / "model.pt", lambda f: torch.save(model.state_dict(), f))
         write_json(outp / "summary.json", summary)

@@ -22,8 +22,8 @@ from epic.poisons import PoisonSet
 from epic.protocol import Defense
 from epic.train.config import config_record
 
-__all__ = ["check_same_run", "defense_records", "describe", "provenance", "save_checkpoint",
-           "summarize", "write_json"]
+__all__ = ["check_same_run", "defense_records", "describe", "provenance", "run_summary",
+           "save_checkpoint", "write_json"]
 
 log = logging.getLogger("epic.train")
 
@@ -105,8 +105,10 @@ def save_checkpoint(outp: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     replace_atomically(outp / "checkpoint.pt", lambda f: torch.save(state, f))
 
 
-def summarize(metrics: list[dict[str, Any]], defense: Defense | None,
-               poisons: PoisonSet | None, n: int) -> dict[str, Any]:
+def run_summary(metrics: list[dict[str, Any]], defense: Defense | None,
+                poisons: PoisonSet | None, n: int) -> dict[str, Any]:
+    """What a run's ``summary.json`` holds: the last epoch's figures, how many of the ``n``
+    examples (and of the poisons) the defense dropped, and the defense's own facts."""
     last = metrics[-1] if metrics else {}
     keep = defense.keep_mask if defense is not None else None
     summary: dict[str, Any] = {
