@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from epic.data import ImageData
-from epic.defenses import EPIC, Defense
+from epic.defenses import EPIC, Defense, RandomDrop
 from epic.gradients import feature_embeddings
 from epic.poisons import PoisonSet
 from epic.train import (
@@ -332,6 +332,20 @@ def test_rounds_from_the_training_pass_skip_the_eval_pass(tiny_data, monkeypatch
         check_epic_round(r, train_data.labels, kept, fraction=0.5)
         kept[r.dropped] = False
     assert torch.equal(defense.keep_mask, kept) and not kept.all()
+
+
+def test_rounds_from_the_training_pass_are_refused_where_they_cannot_be(tiny_data) -> None:  # type: ignore[no-untyped-def]
+    """A defense without the training-pass hook would silently take eval-pass rounds while
+    its row says "train-pass": refused before any training."""
+    train_data, test_data = tiny_data
+    cfg = TrainConfig(epochs=3, lr=0.05, batch_size=16, round_embeddings="train-pass")
+    model = seeded_convnet(train_data)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="use round_embeddings='eval' for RandomDrop"):
+        train(model, train_data, test_data, cfg,
+              defense=RandomDrop(fraction=0.1, warmup=1, every=1))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    train(seeded_convnet(train_data), train_data, test_data, cfg)  # no defense: nothing to do
 
 
 def test_evaluating_every_few_epochs_and_after_the_last(tiny_data, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -181,7 +181,7 @@ def add_round_embeddings_arg(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--round-embeddings", choices=get_args(RoundEmbeddings), default="eval",
                    help="EPIC: gradients from an eval pass before each round (default, the "
                         "paper's), or from the training pass of the epoch before (no extra "
-                        "pass; augmented, train-mode inputs)")
+                        "pass; augmented, train-mode inputs; EPIC in one process only)")
 
 
 def add_setup_args(p: argparse.ArgumentParser) -> None:

@@ -46,7 +46,9 @@ class TrainConfig:
     ``"train-pass"`` from the logits the training pass of the epoch before computed anyway
     (augmented inputs, train-mode batch norm, weights moving during the epoch), so a round
     costs only its selection. A round with no such epoch before it (the first epoch of a run
-    or of a resumed run, or under ``torch.distributed``) takes the eval pass.
+    or of a resumed run) takes the eval pass. Only EPIC in one process can take the training
+    pass's gradients: ``"train-pass"`` with another defense, or under ``torch.distributed``,
+    is an error before training starts.
 
     ``eval_every``: test accuracy (and attack success) after every this many epochs and after
     the last; evaluating a full test set costs about a fifth of a CPU epoch

@@ -151,8 +151,12 @@ def _train(model: Classifier, train_data: ImageData, test_data: ImageData, confi
                                      batch_size=config.batch_size)
     metrics: list[dict[str, Any]] = []
     start_epoch, elapsed = 0, 0.0
-    from_training = (config.round_embeddings == "train-pass" and shard is None
-                     and hasattr(defense, "update_from_embeddings"))
+    from_training = config.round_embeddings == "train-pass" and defense is not None
+    if from_training and (shard is not None or not hasattr(defense, "update_from_embeddings")):
+        raise ValueError(
+            f"round_embeddings='train-pass' takes a round's gradients from the training pass, "
+            f"which only EPIC in one process can: use round_embeddings='eval' for "
+            f"{type(defense).__name__}" + (f" under {size} ranks" if shard is not None else ""))
     recorded: tuple[Tensor, Tensor] | None = None  # the last epoch's (gradients, labels)
 
     identity = {"config": dataclasses.asdict(config) | {"milestones": config.resolved_milestones},
