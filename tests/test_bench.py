@@ -15,7 +15,7 @@ from epic.bench import (
     trial_id,
     write_report,
 )
-from epic.bench.report import defense_label
+from epic.bench.report import _time_scale, defense_label
 from epic.cli import build_parser, main
 from epic.cli.common import parse_command
 from epic.data import load_digits
@@ -45,6 +45,13 @@ def test_the_report_names_rows_by_what_sets_their_victims_apart() -> None:
     assert label("transfer", augment=True, round_embeddings="train-pass") == (
         "epic-0.2 (train-pass, crop+flip)")
     assert label("transfer", augment=False, grad_clip=1.0) == "epic-0.2 (batch clip-noise)"
+
+
+def test_the_time_axis_is_logarithmic_only_where_run_times_span_orders_of_magnitude() -> None:
+    assert _time_scale([3.0, 9.5, 1721.0]) == "log"  # cached-feature and crop+flip victims
+    assert _time_scale([3.0, 9.5, 38.9]) == "linear"
+    assert _time_scale([0.0, 5.0]) == "linear"  # zero-time rows do not force a log axis
+    assert _time_scale([]) == "linear"
 
 
 def test_summarize_averages_per_group() -> None:

@@ -215,6 +215,14 @@ def plot_effective(distances: Any, effective: Any, path: str | os.PathLike[str])
     plt.close(fig)
 
 
+def _time_scale(seconds: list[float]) -> str:
+    """A logarithmic time axis where the runs span more than two orders of magnitude (victims
+    of seconds on cached features beside ones of half an hour), so that neither end is a
+    single pile of points; a linear one otherwise."""
+    positive = [s for s in seconds if s > 0]
+    return "log" if positive and max(positive) > 100 * min(positive) else "linear"
+
+
 def _success_vs_time(rows: list[dict[str, Any]], path: Path) -> None:
     """Attack success (± standard error) against wall time: a colour per defense, a marker
     per attack, and a legend for both instead of labels on the points."""
@@ -237,6 +245,7 @@ def _success_vs_time(rows: list[dict[str, Any]], path: Path) -> None:
                            color="black", label=f"{a} ({sc})")
                 for i, (sc, a) in enumerate(attacks)]
     ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.set_xscale(_time_scale([r["seconds"] for r in shown]))
     ax.set_xlabel("wall time per run (s)")
     ax.set_ylabel("attack success (%, ± s.e.)")
     ax.set_title("Attack success vs. time")
