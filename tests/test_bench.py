@@ -19,7 +19,7 @@ from epic.bench.report import _time_scale, defense_label
 from epic.cli import build_parser, main
 from epic.cli.common import parse_command
 from epic.data import load_digits
-from epic.defenses import parse_spec
+from epic.defenses import RandomDrop, RunFacts, build_defense, parse_spec
 from epic.poisons import PoisonSet
 from epic.train import TrainConfig
 
@@ -33,6 +33,31 @@ def test_defense_specs_name_a_defense_and_its_option() -> None:
     assert parse_spec("random-0.1") == ("random", {"drop_fraction": 0.1})
     with pytest.raises(ValueError, match="unknown defense"):
         parse_spec("magic")
+    assert parse_spec("random-as-epic-0.1") == ("random", {"replay_of": "epic-0.1"})
+    assert parse_spec("random-as-highest-loss") == ("random", {"replay_of": "highest-loss"})
+    for unscheduled in ("none", "dp-sgd", "random", "random-0.1"):
+        with pytest.raises(ValueError, match="on a schedule"):
+            parse_spec(f"random-as-{unscheduled}")
+    with pytest.raises(ValueError, match="unknown defense 'magic'"):
+        parse_spec("random-as-magic")
+    # the drop counts come from the replayed trial's record: without them, an error, not a
+    # 1% random drop under the control's name
+    with pytest.raises(ValueError, match="replays the drops of a epic-0.1 trial"):
+        build_defense("random-as-epic-0.1", RunFacts(num_examples=10, epochs=4))
+
+
+def test_a_replaying_random_drop_drops_as_many_at_the_same_epochs() -> None:
+    drop = RandomDrop(counts={3: 4, 1: 2, 6: 0}, num_examples=10,
+                      generator=torch.Generator().manual_seed(0))
+    assert [e for e in range(9) if drop.due(e)] == [1, 3, 6]
+    data = torch.zeros(10, 1)
+    sizes = []
+    for epoch in (1, 3, 6):
+        sizes.append(len(drop.update(torch.nn.Identity(), data, epoch).dropped))
+    assert sizes == [2, 4, 0]
+    assert drop.keep_mask is not None and int((~drop.keep_mask).sum()) == 6
+    with pytest.raises(ValueError, match="counts must map"):
+        RandomDrop(counts={2: -1})
 
 
 def test_the_report_names_rows_by_what_sets_their_victims_apart() -> None:
@@ -127,11 +152,19 @@ def test_run_trials_resumes_and_reports(tiny_data, tmp_path) -> None:  # type: i
     assert rows["epic-0.3"]["examples_dropped"] == pytest.approx(len(gone) / 60)  # a share
     assert rows["none"]["test_acc"] == first[0]["test_acc"]
     # zero epochs is another trial, with nothing measured: stored, skipped on a rerun, reported
+    # the random control replays the EPIC trial's rounds: as many drops, at the same epochs
+    with pytest.raises(ValueError, match="run `--defenses epic-0.2` first"):
+        run_trials([tmp_path / "p"], ["random-as-epic-0.2"], **kwargs)  # type: ignore[arg-type]
+    control = run_trials([tmp_path / "p"], ["random-as-epic-0.3"], **kwargs)  # type: ignore[arg-type]
+    replayed = json.loads((Path(control[0]["run_dir"]) / "defense.json").read_text())
+    assert [(r["epoch"], len(r["dropped"])) for r in replayed] == [
+        (r["epoch"], len(r["dropped"])) for r in rounds]
+    assert control[0]["examples_dropped"] == first[1]["examples_dropped"]
     zero = run_trials([tmp_path / "p"], ["none", "epic-0.3"],  # type: ignore[arg-type]
                       **kwargs | {"config": TrainConfig(epochs=0, batch_size=16)})
-    assert [r["test_acc"] for r in zero] == [None, None] and len(store.load()) == 5
-    assert len({trial_id(r) for r in store.load()}) == 5
-    assert len({r["run_dir"] for r in store.load()}) == 5
+    assert [r["test_acc"] for r in zero] == [None, None] and len(store.load()) == 6
+    assert len({trial_id(r) for r in store.load()}) == 6
+    assert len({r["run_dir"] for r in store.load()}) == 6
     assert run_trials([tmp_path / "p"], ["none"],  # type: ignore[arg-type]
                       **kwargs | {"config": TrainConfig(epochs=0, batch_size=16)}) == []
     assert "| scratch | copy | none | 2 | 0.0% ± 0.0 |" in to_markdown(summarize(store.load()))

@@ -130,7 +130,7 @@ def _histogram(value: Any) -> bool:
 
 # field of a defense round -> (its check, required)
 _ROUND_FIELDS = {"epoch": (_count, True), "dropped": (lambda v: isinstance(v, list), True),
-                 "cluster_size_histogram": (_histogram, True),
+                 "cluster_size_histogram": (_histogram, False),
                  "poisons_dropped": (_count, False),
                  "poison_cluster_size_histogram": (_histogram, False)}
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from epic.bench.report import defense_rounds
 from epic.bench.store import ResultStore
 from epic.data import ImageData
 from epic.defenses import RunFacts, build_defense, options_for, parse_spec
@@ -212,8 +213,8 @@ def run_trials(
     """
     digests: dict[str, str | None] = {}
 
-    def stored() -> set[str]:
-        return {trial_id(r, digests) for r in store.load()}
+    def stored() -> dict[str, dict[str, Any]]:
+        return {trial_id(r, digests): r for r in store.load()}
 
     done = stored()
     written = []
@@ -237,8 +238,11 @@ def run_trials(
             run = RunFacts(num_examples=len(data), epochs=config.epochs,
                            milestones=trial.config.resolved_milestones,
                            scenario=config.scenario, seed=seed, poison_eps=trial.poisons.eps)
-            defense = build_defense(spec, run, **options_for(
-                spec, {"warmup": warmup, "every": every, "until": until}))
+            options = options_for(spec, {"warmup": warmup, "every": every, "until": until})
+            replayed = parse_spec(spec)[1].get("replay_of")
+            if replayed is not None:
+                options["counts"] = replayed_counts(stored(), trial.record, replayed)
+            defense = build_defense(spec, run, **options)
             model = make_model(seed)
             features = None
             if config.scenario == "transfer" and not config.augment and not changes_batches(
@@ -260,6 +264,27 @@ def run_trials(
             written.append(record)
             log.info("%s: success %s, acc %s", key, record["attack_success"], record["test_acc"])
     return written
+
+
+def replayed_counts(records: Mapping[str, Mapping[str, Any]], record: Mapping[str, Any],
+                    spec: str) -> dict[int, int]:
+    """Per epoch, how many examples the ``spec`` trial that is ``record``'s twin (the same
+    poison set, seed, settings and schedule flags; :func:`trial_id`) dropped, from its run
+    folder's ``defense.json``: what ``random-as-<spec>`` replays.
+
+    Args:
+        records: the store's records by trial identity.
+
+    Raises:
+        ValueError: the twin is not in ``records`` (it must run first), or its rounds cannot
+            be read (named by file and field).
+    """
+    twin = records.get(trial_id(dict(record) | {"defense": spec}))
+    if twin is None:
+        raise ValueError(f"{record['key']}: {record['defense']} replays the {spec} trial of "
+                         f"the same poison set, seed and settings (schedule flags included), "
+                         f"which this store does not hold: run `--defenses {spec}` first")
+    return {int(r["epoch"]): len(r["dropped"]) for r in defense_rounds(twin["run_dir"])}
 
 
 def victim_features(model: Classifier, data: ImageData, poisons: PoisonSet,

@@ -25,8 +25,8 @@ from epic.defenses.scores import HighestLoss, LowestConfidence, RandomDrop
 from epic.defenses.spectral import SpectralSignatures
 from epic.protocol import Defense, RunFacts
 
-__all__ = ["DEFENSES", "SHORT_SPECS", "build_defense", "defense_options", "options_for",
-           "parse_spec"]
+__all__ = ["DEFENSES", "REPLAY_PREFIX", "SHORT_SPECS", "build_defense", "defense_options",
+           "options_for", "parse_spec"]
 
 DEFENSES: dict[str, type[Defense] | None] = {
     "none": None,
@@ -49,15 +49,28 @@ SHORT_SPECS: dict[str, tuple[str, str]] = {
     "ap": ("adversarial-poisoning", "share"),
     "random": ("random", "drop_fraction"),
 }
+# "random-as-<spec>": as many random drops, at the same epochs, as a <spec> trial made
+REPLAY_PREFIX = "random-as-"
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """The defense a spec names and the options it sets: ``"epic-0.2"`` -> ``("epic",
     {"fraction": 0.2})``, ``"ap-0.25"`` -> ``("adversarial-poisoning", {"share": 0.25})``,
-    ``"random-0.1"`` -> ``("random", {"drop_fraction": 0.1})``, a name of :data:`DEFENSES` ->
-    ``(name, {})``."""
+    ``"random-0.1"`` -> ``("random", {"drop_fraction": 0.1})``, ``"random-as-epic-0.1"`` ->
+    ``("random", {"replay_of": "epic-0.1"})`` (as many random drops, at the same epochs, as
+    an EPIC-0.1 trial made: the control of whether a defense finds poisons or only removes
+    data), a name of :data:`DEFENSES` -> ``(name, {})``."""
     if spec in DEFENSES:
         return spec, {}
+    if spec.startswith(REPLAY_PREFIX):
+        replayed = spec[len(REPLAY_PREFIX):]
+        name, _ = parse_spec(replayed)
+        cls = DEFENSES[name]
+        if cls is None or not issubclass(cls, ScheduledDefense) or name == "random":
+            raise ValueError(f"{spec}: {REPLAY_PREFIX}<defense> replays the rounds of a "
+                             f"defense that drops examples on a schedule (epic-0.1, "
+                             f"highest-loss, deep-knn, ...), not of {replayed!r}")
+        return "random", {"replay_of": replayed}
     prefix, _, number = spec.rpartition("-")
     if prefix in SHORT_SPECS:
         name, option = SHORT_SPECS[prefix]
@@ -67,7 +80,7 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
             pass
     short = ", ".join(f"{p}-<{o}>" for p, (_, o) in SHORT_SPECS.items())
     raise ValueError(f"unknown defense {spec!r}; choose from {', '.join(DEFENSES)} (or "
-                     f"{short}: epic-0.1, ap-0.5, ...)")
+                     f"{short}: epic-0.1, ap-0.5, ...; or {REPLAY_PREFIX}<defense>)")
 
 
 def defense_options(name: str) -> tuple[str, ...]:

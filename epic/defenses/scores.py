@@ -3,6 +3,7 @@ loss, and random examples, applied during training on a schedule."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -71,24 +72,50 @@ class HighestLoss(_LogitRule):
 
 
 class RandomDrop(ScheduledDefense):
-    """Drop a random ``fraction`` of the kept examples each round (a control)."""
+    """Drop random kept examples each round (a control): a ``fraction`` of them, or, replaying
+    another defense's rounds, ``counts[epoch]`` of them before each epoch of ``counts`` and no
+    round at other epochs: as many examples, at the same times, drawn blindly."""
 
     def __init__(self, *, fraction: float = 0.01, warmup: int = 10, every: int = 2,
                  until: int | None = None, num_examples: int | None = None,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None,
+                 counts: Mapping[int, int] | None = None) -> None:
+        if counts is not None:
+            if not counts or any(not isinstance(e, int) or not isinstance(c, int) or e < 0
+                                 or c < 0 for e, c in counts.items()):
+                raise ValueError(f"counts must map epochs >= 0 to counts >= 0, got {counts!r}")
+            warmup, every, until = min(counts), 1, max(counts) + 1
         super().__init__(warmup=warmup, every=every, until=until, num_examples=num_examples)
         if not 0 <= fraction <= 1:
             raise ValueError(f"fraction must be in [0, 1], got {fraction}")
         self.fraction = fraction
+        self.counts = None if counts is None else dict(sorted(counts.items()))
         self.generator = generator
 
     @classmethod
     def for_run(cls, run: RunFacts, *, drop_fraction: float = 0.01, warmup: int | None = None,
-                every: int | None = None, until: int | None = None) -> RandomDrop:
+                every: int | None = None, until: int | None = None,
+                replay_of: str | None = None, counts: Mapping[int, int] | None = None
+                ) -> RandomDrop:
         """``drop_fraction`` of the kept examples a round on EPIC's schedule
-        (:func:`paper_schedule`), drawn from the run's seed."""
-        return cls(fraction=drop_fraction, generator=torch.Generator().manual_seed(run.seed),
+        (:func:`paper_schedule`), drawn from the run's seed; or, for the spec
+        ``random-as-<defense>`` (``replay_of``), the drop ``counts`` per epoch of that
+        defense's trial on the same data, which the caller reads from its record
+        (``epic bench run`` does, from its store)."""
+        generator = torch.Generator().manual_seed(run.seed)
+        if replay_of is not None and counts is None:
+            raise ValueError(f"random-as-{replay_of} replays the drops of a {replay_of} trial: "
+                             f"run it with `epic bench run` into the store that holds that "
+                             f"trial")
+        if counts is not None:
+            return cls(counts=counts, num_examples=run.num_examples, generator=generator)
+        return cls(fraction=drop_fraction, generator=generator,
                    **paper_schedule(run, warmup=warmup, every=every, until=until))
+
+    def due(self, epoch: int) -> bool:
+        if self.counts is not None:
+            return epoch in self.counts
+        return super().due(epoch)
 
     def embed(self, model: nn.Module, data: Examples, keep: Tensor,
               features: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -98,5 +125,8 @@ class RandomDrop(ScheduledDefense):
 
     def drop_rows(self, embeddings: Tensor, labels: Tensor, keep: Tensor
                   ) -> tuple[Tensor, dict[str, Any]]:
-        m = round(self.fraction * len(embeddings))
+        if self.counts is None:
+            m = round(self.fraction * len(embeddings))
+        else:  # this round is the next of counts': the history holds the earlier ones
+            m = min(list(self.counts.values())[len(self.history)], len(embeddings))
         return torch.randperm(len(embeddings), generator=self.generator)[:m], {}
