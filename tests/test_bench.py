@@ -112,6 +112,10 @@ def test_run_trials_resumes_and_reports(tiny_data, tmp_path) -> None:  # type: i
     first = run_trials([tmp_path / "p"], ["none", "epic-0.3"], **kwargs)  # type: ignore[arg-type]
     assert [r["defense"] for r in first] == ["none", "epic-0.3"]
     assert first[0]["attack"] == "copy" and first[0]["examples_dropped"] == 0
+    # schedule flags mean nothing to a defense without rounds: not part of its trial
+    assert first[0]["schedule"] == {"warmup": None, "every": None, "until": None}
+    assert run_trials([tmp_path / "p"], ["none"],  # type: ignore[arg-type]
+                      **kwargs | {"warmup": None, "every": None}) == []
     # what the defaults resolved to is stored with the row, beside what was specified
     assert first[1]["config"]["lr"] is None and first[1]["schedule"]["until"] is None
     assert first[1]["resolved"]["lr"] == 0.1 and first[1]["resolved"]["milestones"] == [2]

@@ -23,6 +23,8 @@ def test_every_preset_step_parses_as_an_epic_command(name: str, tmp_path: Path) 
     # the attacker's model first, then crafting, then one bench run per defense
     assert commands[0] == "train" and steps[0].done is not None
     assert commands[1] == "craft"
+    if name == "cpu-scratch":  # two poison sets, defenses grouped: its own test below
+        return
     build, _, defenses = PRESETS[name]
     # a victim per defense and poison set, and EPIC-0.1 once more in transfer learning with
     # its rounds' gradients from the training pass; the paper's transfer protocol runs its
@@ -42,6 +44,29 @@ def test_transfer_preset_follows_the_benchmark_victim() -> None:
         "transfer", 0.01, 2e-4, [30], 40)
     assert args.defenses == ["epic-0.3"] and args.until == 31  # one round, at the milestone
     assert "--outside-victims" in steps[0].argv  # the extractor never sees a victim image
+
+
+def test_scratch_preset_scales_the_papers_proxy_schedule_to_the_fast_net() -> None:
+    steps = preset_steps("cpu-scratch", data_dir="d", out="o")
+    parser = build_parser()
+    clean = parser.parse_args(list(steps[0].argv))
+    assert (clean.model, clean.subset, clean.epochs, clean.schedule, clean.milestones) == (
+        "fastnet", None, 16, "step", [10, 14])  # lr x0.1 at 5/8 and 7/8 of the epochs
+    crafts = [parser.parse_args(list(s.argv)) for s in steps if s.argv[0] == "craft"]
+    assert [(c.attack, c.eps, c.restarts, c.first, c.victim_per_class) for c in crafts] == [
+        ("gm", 16, 1, 10, 5000), ("gm", 8, 1, 3, 5000)]
+    runs = [parser.parse_args(list(s.argv)) for s in steps if s.argv[:2] == ("bench", "run")]
+    for r in runs:  # the victim is trained exactly as the attacker's clean model was
+        assert all(getattr(r, k) == getattr(clean, k) for k in (
+            "model", "epochs", "batch_size", "lr", "schedule", "milestones", "label_smoothing",
+            "crop_padding", "channels_last"))
+    # EPIC-f's first round at f x 100 of 40 epochs scaled to 16, every 2nd epoch; the random
+    # control beside the EPIC-0.1 it replays, setup by setup; filters as EPIC-0.1
+    assert [(r.defenses, r.warmup, r.every) for r in runs] == [
+        (["none", "epic-0.1", "random-as-epic-0.1"], 4, 2), (["epic-0.2"], 8, 2),
+        (["epic-0.3"], 12, 2), (["deep-knn", "spectral-signatures", "activation-clustering"],
+                                4, 2), (["none"], None, None)]
+    assert [Path(r.poisons[0]).parent.name for r in runs] == ["gm-eps16"] * 4 + ["gm-eps8"]
 
 
 def test_unknown_preset_is_refused() -> None:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from epic.defenses import paper_warmup, parse_spec, scheduled
+
 __all__ = ["PRESETS", "Step", "preset_steps", "run_preset"]
 
 
@@ -134,6 +136,66 @@ def _scratch_sa(data: Path, out: Path, first: int, defenses: Sequence[str]) -> l
     return steps
 
 
+# The from-scratch victim: the fast net on all 50,000 training images (the setup's 500 bases,
+# 1%, as poisons) for 16 epochs, the paper's 40-epoch proxy schedule scaled to them: lr x0.1 at
+# 10 and 14 (5/8 and 7/8 of the epochs); the attacker's clean model is trained the same way
+SCRATCH_RECIPE = ("--model", "fastnet", "--epochs", "16", "--batch-size", "512", "--lr", "0.2",
+                  "--schedule", "step", "--milestones", "10", "14", "--label-smoothing", "0.2",
+                  "--crop-padding", "2", "--channels-last")
+
+
+def _scratch(data: Path, out: Path, first: int, defenses: Sequence[str]) -> list[Step]:
+    """Gradient Matching from scratch at CPU scale: the from-scratch setup file's target and
+    500 bases per setup, eps 16/255, crafted once (one restart) against a clean fast net, then
+    a fresh fast net per setup and defense trained from scratch on the poisoned 50,000; last,
+    eps 8/255 (the paper's proxy budget) undefended on the first three setups."""
+    setups = str(data / "poisoning-benchmark" / "cifar10_from_scratch.pickle")
+    common = ("--dataset", "cifar10", "--data-dir", str(data), "--test-subset", "1000")
+    clean = out / "clean"
+    epochs = int(SCRATCH_RECIPE[SCRATCH_RECIPE.index("--epochs") + 1])
+    steps = [Step(("train", *common, *SCRATCH_RECIPE, "--out", str(clean), "--resume"),
+                  clean / "model.pt")]
+    for eps, specs, count in (("16", defenses, first), ("8", ("none",), min(3, first))):
+        picked = ("--setups", setups, "--first", str(count), "--exact-test", "1000",
+                  "--victim-per-class", "5000")
+        poisons = out / "poisons" / f"gm-eps{eps}"
+        steps.append(Step(("craft", *common, *picked, *SCRATCH_RECIPE[:2], "--pretrained",
+                           str(clean / "model.pt"), "--attack", "gm", "--eps", eps,
+                           "--restarts", "1", "--out", str(poisons))))
+        for group, flags in _grouped(specs, epochs):
+            steps.append(Step(("bench", "run", *common, *picked, *SCRATCH_RECIPE, "--poisons",
+                               str(poisons / "setup-*"), "--defenses", *group, *flags,
+                               "--out", str(out / "bench"))))
+    return steps
+
+
+def _grouped(specs: Sequence[str], epochs: int) -> list[tuple[list[str], tuple[str, ...]]]:
+    """Consecutive defenses that share their schedule flags (or take none) as one bench run,
+    with those flags: its trials go setup by setup, so the first setups have every defense of
+    a group before later setups have any."""
+    groups: list[tuple[list[str], tuple[str, ...]]] = []
+    for spec in specs:
+        flags = _scaled_schedule(spec, epochs)
+        if groups and (not flags or not groups[-1][1] or flags == groups[-1][1]):
+            groups[-1] = (groups[-1][0] + [spec], groups[-1][1] or flags)
+        else:
+            groups.append(([spec], flags))
+    return groups
+
+
+def _scaled_schedule(spec: str, epochs: int) -> tuple[str, ...]:
+    """The paper's 40-epoch schedule scaled to ``epochs``: EPIC-f's first round at f x 100 of
+    40 epochs (10, 20, 30 for 0.1, 0.2, 0.3), a round every 2nd epoch until the last
+    milestone; a replayed control as the trial it replays; the other drop rules and filters
+    as EPIC-0.1."""
+    if not scheduled(spec):
+        return ()
+    options = parse_spec(spec)[1]
+    replayed = parse_spec(options.get("replay_of", spec))[1]
+    warmup = round(paper_warmup(replayed.get("fraction", 0.1)) * epochs / 40)
+    return ("--warmup", str(warmup), "--every", "2")
+
+
 TRANSFER_DEFENSES = ("none", "epic-0.1", "epic-0.2", "epic-0.3", "deep-knn",
                      "spectral-signatures", "activation-clustering", "lowest-confidence",
                      "highest-loss", "random", "dp-sgd")
@@ -143,6 +205,10 @@ PRESETS: dict[str, tuple[Callable[[Path, Path, int, Sequence[str]], list[Step]],
     # name: (steps, default number of setups, default defenses)
     "cpu-transfer": (_transfer, 20, TRANSFER_DEFENSES),
     "cpu-scratch-sa": (_scratch_sa, 8, ("none", "epic-0.1", "epic-0.2", "epic-0.3")),
+    # random-as-epic-0.1: as many random drops as EPIC-0.1's, at its epochs, per setup
+    "cpu-scratch": (_scratch, 10, ("none", "epic-0.1", "random-as-epic-0.1", "epic-0.2",
+                                   "epic-0.3", "deep-knn", "spectral-signatures",
+                                   "activation-clustering")),
     # random-0.1: 10% of the kept examples a round on EPIC's schedule, 61% in all, about as
     # many as EPIC-0.2 drops: whether EPIC finds poisons or only removes data
     "cpu-paper-transfer": (_paper_transfer, 10, ("none", "epic-0.2", "epic-0.1", "epic-0.3",

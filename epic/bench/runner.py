@@ -19,7 +19,7 @@ import torch
 from epic.bench.report import defense_rounds
 from epic.bench.store import ResultStore
 from epic.data import ImageData
-from epic.defenses import RunFacts, build_defense, options_for, parse_spec
+from epic.defenses import RunFacts, build_defense, options_for, parse_spec, scheduled
 from epic.files import read_untrusted, replace_atomically
 from epic.gradients import feature_embeddings
 from epic.models import Classifier
@@ -151,6 +151,7 @@ def plan_trials(
     poison set is read (and hashed) when its first trial is planned. Arguments as in
     :func:`run_trials`."""
     schedule = {"warmup": warmup, "every": every, "until": until}
+    unscheduled = dict.fromkeys(schedule)  # what the flags mean to a defense without rounds
     for poison_dir in poison_dirs:
         digest = _poisons_sha256(poison_dir)
         poisons = PoisonSet.load(poison_dir)
@@ -164,7 +165,8 @@ def plan_trials(
                           "scenario": config.scenario, "defense": spec, "seed": seed,
                           "eps": poisons.eps, "target_class": poisons.target_class,
                           "adversarial_class": poisons.adversarial_class,
-                          "setup": poisons.metadata.get("setup"), "schedule": schedule,
+                          "setup": poisons.metadata.get("setup"),
+                          "schedule": schedule if scheduled(spec) else unscheduled,
                           "config": dataclasses.asdict(trial_config)}
                 record |= context or {}
                 yield Trial(trial_id(record), record, poisons, trial_config)

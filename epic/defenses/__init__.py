@@ -24,6 +24,7 @@ from epic.defenses.registry import (
     defense_options,
     options_for,
     parse_spec,
+    scheduled,
 )
 from epic.defenses.scores import (
     HighestLoss,
@@ -56,6 +57,7 @@ __all__ = [
     "options_for",
     "paper_schedule",
     "parse_spec",
+    "scheduled",
     "ActivationClustering",
     "DeepKNN",
     "HighestLoss",

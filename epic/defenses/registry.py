@@ -26,7 +26,7 @@ from epic.defenses.spectral import SpectralSignatures
 from epic.protocol import Defense, RunFacts
 
 __all__ = ["DEFENSES", "REPLAY_PREFIX", "SHORT_SPECS", "build_defense", "defense_options",
-           "options_for", "parse_spec"]
+           "options_for", "parse_spec", "scheduled"]
 
 DEFENSES: dict[str, type[Defense] | None] = {
     "none": None,
@@ -64,9 +64,7 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
         return spec, {}
     if spec.startswith(REPLAY_PREFIX):
         replayed = spec[len(REPLAY_PREFIX):]
-        name, _ = parse_spec(replayed)
-        cls = DEFENSES[name]
-        if cls is None or not issubclass(cls, ScheduledDefense) or name == "random":
+        if not scheduled(replayed) or parse_spec(replayed)[0] == "random":
             raise ValueError(f"{spec}: {REPLAY_PREFIX}<defense> replays the rounds of a "
                              f"defense that drops examples on a schedule (epic-0.1, "
                              f"highest-loss, deep-knn, ...), not of {replayed!r}")
@@ -81,6 +79,13 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     short = ", ".join(f"{p}-<{o}>" for p, (_, o) in SHORT_SPECS.items())
     raise ValueError(f"unknown defense {spec!r}; choose from {', '.join(DEFENSES)} (or "
                      f"{short}: epic-0.1, ap-0.5, ...; or {REPLAY_PREFIX}<defense>)")
+
+
+def scheduled(spec: str) -> bool:
+    """Whether defense ``spec`` drops examples in rounds on a schedule (``warmup``, ``every``,
+    ``until`` apply to it)."""
+    cls = DEFENSES[parse_spec(spec)[0]]
+    return cls is not None and issubclass(cls, ScheduledDefense)
 
 
 def defense_options(name: str) -> tuple[str, ...]:
