@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 
@@ -49,6 +50,19 @@ def cifar_root() -> Path | None:
 
 requires_cifar = pytest.mark.skipif(cifar_root() is None,
                                     reason="real CIFAR-10 not found under $EPIC_DATA_DIR")
+
+
+@pytest.fixture
+def registries() -> Iterator[None]:
+    """Whatever a test registers (an attack, a defense) is gone after it."""
+    from epic.attacks import ATTACKS
+    from epic.defenses import DEFENSES
+
+    saved = [(r, dict(r)) for r in (ATTACKS, DEFENSES)]
+    yield
+    for registry, before in saved:
+        registry.clear()
+        registry.update(before)
 
 
 @pytest.fixture

@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import copy
 import json
+import re
+import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
 
 from epic.attacks import (
+    ATTACKS,
     BullseyePolytope,
     FeatureCollision,
     GradientMatching,
     PatchBackdoor,
     SleeperAgent,
+    build_attack,
+    is_backdoor,
     make_trigger,
+    register_attack,
 )
 from epic.attacks.gradient import gradient_norms
 from epic.cli import main
@@ -244,3 +251,37 @@ def test_demo_attack_works_and_epic_stops_it(capsys) -> None:
     assert r["undefended"]["attack_success"] > 0.4
     assert r["epic"]["attack_success"] < r["undefended"]["attack_success"] / 2
     assert r["epic"]["poisons_dropped"] == r["epic"]["poisons"]
+
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "attacks.md"
+
+
+@pytest.mark.usefixtures("registries")
+def test_the_worked_example_attack_needs_nothing_but_its_file(tmp_path: Path, capsys,  # type: ignore[no-untyped-def]
+                                                              monkeypatch) -> None:
+    # the RandomNoise file of docs/attacks.md, imported as a module: its decorator registers it
+    source = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)[1]
+    module = types.ModuleType("noise")
+    monkeypatch.setitem(sys.modules, "noise", module)
+    exec(compile(source, str(DOC), "exec"), module.__dict__)  # noqa: S102
+    assert ATTACKS["noise"] is module.RandomNoise and not is_backdoor("noise")
+    assert main(["craft", "--attack", "noise", "--eps", "4", "--budget", "7", "--epochs", "1",
+                 "--target-index", "2", "--out", str(tmp_path / "n"), "--device", "cpu"]) == 0
+    tr, te = load_digits()
+    ps = PoisonSet.load(tmp_path / "n", tr)
+    assert ps.metadata["attack"] == "noise" and len(ps) == 7 and ps.eps == 4 / 255
+    assert ps.adversarial_class == (int(te.labels[2]) + 1) % 10
+    moved = (ps.images.short() - tr.images[ps.indices].short()).abs()
+    assert 0 < int(moved.max()) <= 4
+    # a flag whose option the attack lacks is refused, in the command line's words
+    with pytest.raises(SystemExit):
+        main(["craft", "--attack", "noise", "--restarts", "2", "--epochs", "1",
+              "--out", str(tmp_path / "m"), "--device", "cpu"])
+    assert "--attack noise takes no --restarts" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="attack noise takes no option iterations"):
+        build_attack("noise", iterations=3)
+    with pytest.raises(ValueError, match="unknown attack 'magic'"):
+        build_attack("magic")
+    with pytest.raises(TypeError, match="a dataclass with a str 'name'"):
+        register_attack(type("Bare", (), {"name": "bare"}))
+

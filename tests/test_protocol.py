@@ -25,6 +25,7 @@ from epic.defenses import (
     defense_options,
     options_for,
     parse_spec,
+    register_defense,
 )
 from epic.train import TrainConfig, train
 from epic.train.records import check_same_run
@@ -118,18 +119,15 @@ def test_the_registry_builds_by_name_with_the_options_each_defense_takes() -> No
         parse_spec("magic")
 
 
-def _cutout_class() -> type[Defense]:
-    """The Cutout class of the worked example in docs/defenses.md, as its file defines it."""
+@pytest.mark.usefixtures("registries")
+def test_the_worked_example_needs_nothing_but_its_file(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    # the Cutout file of docs/defenses.md, imported: registered by its decorator
     source = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)[0]
     namespace: dict[str, Any] = {"__name__": "cutout"}
     exec(compile(source, str(DOC), "exec"), namespace)  # noqa: S102
-    return namespace["Cutout"]  # type: ignore[no-any-return]
-
-
-def test_the_worked_example_needs_nothing_but_its_file_and_a_registry_line(
-        tmp_path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
-    cutout = _cutout_class()
-    monkeypatch.setitem(DEFENSES, "cutout", cutout)
+    assert DEFENSES["cutout"] is namespace["Cutout"]
+    with pytest.raises(ValueError, match="'cutout' is taken"):
+        register_defense("cutout")
     argv = ["train", "--defense", "cutout", "--defense-option", "size=3", "--subset", "200",
             "--test-subset", "50", "--epochs", "2", "--no-progress", "--json"]
     assert main([*argv, "--out", str(tmp_path / "a")]) == 0

@@ -112,9 +112,12 @@ def test_what_defines_a_trial_changes_its_identity(tmp_path: Path,
     others = [_with(argv, "--poisons", "y/set"), _with(argv, "--epochs", "30"),
               _with(argv, "--model", "convnet-512"), _with(argv, "--test-subset", "500"),
               _with(argv, "--seeds", "1"), _with(argv, "--defenses", "epic-0.1"),
-              _with(argv, "--warmup", "5"), _with(argv, "--lr", "0.01")]
+              _with(_with(argv, "--defenses", "epic-0.1"), "--warmup", "5"),
+              _with(argv, "--lr", "0.01")]
     ids = [_ids(a)[0] for a in others]
     assert first[0] not in ids and len(set(ids)) == len(ids)
+    # a schedule means nothing to a defense without rounds: the undefended trial is the same
+    assert _ids(_with(argv, "--warmup", "5")) == first
     # a stored record keeps the poisons' hash: new images in the folder make a new trial
     trial = next(plan_trials(["x/set"], ["none"], seeds=[0], config=TrainConfig()))
     _poison_set(Path("x/set"), seed=1)

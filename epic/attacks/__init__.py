@@ -13,16 +13,26 @@ class                        scenario                craft(model, train, ...)
 :class:`SleeperAgent`        from scratch, backdoor  source_class, adversarial
 :class:`PatchBackdoor`       any, backdoor           source_class, adversarial
 ===========================  ======================  ===================================
+
+:data:`ATTACKS` holds them by ``name`` (gm, bp, fc, sa, patch); :func:`build_attack` makes one
+from options and :func:`register_attack` adds another (docs/attacks.md, "Adding an attack").
 """
 
 from epic.attacks.base import AttackError, budget_count, choose_bases
 from epic.attacks.feature import BullseyePolytope, FeatureCollision
 from epic.attacks.gradient import GradientMatching, SleeperAgent, gradient_norms
 from epic.attacks.patch import PatchBackdoor, make_trigger
+from epic.attacks.registry import (
+    ATTACKS,
+    BackdoorAttack,
+    TargetedAttack,
+    attack_options,
+    build_attack,
+    is_backdoor,
+    register_attack,
+)
 
-ATTACKS = {"gm": GradientMatching, "bp": BullseyePolytope, "fc": FeatureCollision,
-           "sa": SleeperAgent, "patch": PatchBackdoor}
-
-__all__ = ["ATTACKS", "AttackError", "BullseyePolytope", "FeatureCollision", "GradientMatching",
-           "PatchBackdoor", "SleeperAgent", "budget_count", "choose_bases", "gradient_norms",
-           "make_trigger"]
+__all__ = ["ATTACKS", "AttackError", "BackdoorAttack", "BullseyePolytope", "FeatureCollision",
+           "GradientMatching", "PatchBackdoor", "SleeperAgent", "TargetedAttack",
+           "attack_options", "budget_count", "build_attack", "choose_bases", "gradient_norms",
+           "is_backdoor", "make_trigger", "register_attack"]

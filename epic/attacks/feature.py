@@ -23,6 +23,7 @@ from epic.attacks.base import (
     project,
     to_float,
 )
+from epic.attacks.registry import register_attack
 from epic.data import ImageData
 from epic.models import Classifier
 from epic.poisons import PoisonSet
@@ -57,6 +58,7 @@ def _start(model: Classifier, train: ImageData, target: Tensor, adversarial_clas
     return target, bases, to_float(train.images[bases], next(model.parameters()).device)
 
 
+@register_attack
 @dataclass(frozen=True, kw_only=True)
 class BullseyePolytope:
     """Bullseye Polytope (Aghakhani et al., EuroS&P 2021), single target.
@@ -132,6 +134,7 @@ class BullseyePolytope:
                         model=model, started=started, extra={"final_loss": final})
 
 
+@register_attack
 @dataclass(frozen=True, kw_only=True)
 class FeatureCollision:
     """Feature Collision, "Poison Frogs" (Shafahi et al., NeurIPS 2018).

@@ -37,6 +37,7 @@ from epic.attacks.base import (
     to_float,
 )
 from epic.attacks.patch import default_patch_size, make_trigger
+from epic.attacks.registry import register_attack
 from epic.data import ImageData, augment_batch
 from epic.models import Classifier, eval_mode
 from epic.poisons import PoisonSet, apply_trigger
@@ -131,6 +132,7 @@ def _craft_alignment(settings: _AlignmentSettings, model: Classifier, train: Ima
     return best
 
 
+@register_attack
 @dataclass(frozen=True, kw_only=True)
 class GradientMatching(_AlignmentSettings):
     """Gradient Matching, "Witches' Brew" (Geiping et al., ICLR 2021).
@@ -193,6 +195,7 @@ def _reinitialize(model: nn.Module) -> None:
             m.reset_running_stats()
 
 
+@register_attack
 @dataclass(frozen=True, kw_only=True)
 class SleeperAgent(_AlignmentSettings):
     """Sleeper Agent (Souri et al., NeurIPS 2022), a hidden-trigger clean-label backdoor.
@@ -225,6 +228,7 @@ class SleeperAgent(_AlignmentSettings):
     select: str = "gradient_norm"
 
     name = "sa"
+    backdoor = True
 
     def craft(self, model: Classifier, train: ImageData, source_class: int,
               adversarial_class: int, *, seed: int = 0, trigger: Tensor | None = None,

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from epic.attacks.base import budget_count, choose_bases, finalize
+from epic.attacks.registry import register_attack
 from epic.data import ImageData
 from epic.poisons import PoisonSet, apply_trigger
 
@@ -27,6 +28,7 @@ def default_patch_size(train: ImageData) -> int:
     return max(2, min(train.shape[1], train.shape[2]) // 4)
 
 
+@register_attack
 @dataclass(frozen=True, kw_only=True)
 class PatchBackdoor:
     """A visible patch trigger pasted at a random place on some training images.
@@ -49,6 +51,7 @@ class PatchBackdoor:
     clean_label: bool = False
 
     name = "patch"
+    backdoor = True
 
     def craft(self, model: nn.Module | None, train: ImageData, source_class: int,
               adversarial_class: int, *, seed: int = 0, trigger: Tensor | None = None,

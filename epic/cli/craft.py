@@ -7,16 +7,17 @@ import json
 import logging
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from epic.attacks import (
-    BullseyePolytope,
-    FeatureCollision,
-    GradientMatching,
-    PatchBackdoor,
-    SleeperAgent,
+    ATTACKS,
+    BackdoorAttack,
+    TargetedAttack,
+    attack_options,
+    build_attack,
+    is_backdoor,
 )
 from epic.cli.argtypes import at_least, number
 from epic.cli.common import (
@@ -41,7 +42,18 @@ __all__ = ["add_craft_command", "craft_from_args"]
 
 log = logging.getLogger("epic")
 
-BACKDOORS = ("sa", "patch")
+# flag -> the attack option it sets (when given); an attack that takes no such option refuses it
+ATTACK_FLAGS = {"eps": "eps", "iterations": "iterations", "restarts": "restarts",
+                "retrain_epochs": "retrain_epochs", "clean_label": "clean_label"}
+
+
+def _default_eps() -> str:
+    steps: dict[float, list[str]] = {}
+    for name in sorted(ATTACKS):
+        eps = attack_options(name).get("eps")
+        if eps is not None:
+            steps.setdefault(round(eps * 255), []).append(name)
+    return ", ".join(f"{e} for {' and '.join(names)}" for e, names in sorted(steps.items()))
 
 
 def add_craft_command(sub: Any) -> None:
@@ -55,7 +67,7 @@ def add_craft_command(sub: Any) -> None:
     add_data_args(p)
     add_train_args(p)
     g = p.add_argument_group("attack")
-    g.add_argument("--attack", choices=["gm", "bp", "fc", "sa", "patch"], required=True,
+    g.add_argument("--attack", choices=sorted(ATTACKS), required=True,
                    help="gm: Gradient Matching (from scratch); bp: Bullseye Polytope and fc: "
                         "Feature Collision (transfer); sa: Sleeper Agent (hidden-trigger "
                         "backdoor); patch: BadNets patch backdoor")
@@ -68,7 +80,7 @@ def add_craft_command(sub: Any) -> None:
                    help="backdoors: class whose patched images should flip (default: 0)")
     g.add_argument("--eps", type=number(1, 255), default=None,
                    help="l-infinity budget in pixel steps of 255, at least 1: a smaller one "
-                        "changes no pixel (default: 16 for gm and sa, 8 for bp and fc)")
+                        f"changes no pixel (default: {_default_eps()})")
     g.add_argument("--budget", type=number(0, low_open=True), default=0.01,
                    help="poisons as a share of the training set (< 1) or a count "
                         "(default: 0.01)")
@@ -108,37 +120,31 @@ def craft_from_args(args: argparse.Namespace, model: Classifier, train_data: Ima
                     test_data: ImageData, *, bases: torch.Tensor | None = None) -> PoisonSet:
     """Build the attack the arguments name and run it (on ``bases`` rows when given)."""
     budget: float | int = args.budget if args.budget < 1 else int(args.budget)
-    eps_steps = args.eps if args.eps is not None else (16 if args.attack in ("gm", "sa") else 8)
-    eps = eps_steps / 255
-    extra: dict[str, Any] = {}
-    if args.iterations is not None:
-        extra["iterations"] = args.iterations
-    if args.restarts is not None and args.attack in ("gm", "sa"):
-        extra["restarts"] = args.restarts
-    if args.attack in BACKDOORS:
+    options: dict[str, Any] = {"budget": budget}
+    for flag, option in ATTACK_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None and value is not False:
+            options[option] = value / 255 if option == "eps" else value
+    try:
+        attack = build_attack(args.attack, **options)
+    except ValueError as exc:  # in the command line's words
+        flags = {o: "--" + f.replace("_", "-") for f, o in ATTACK_FLAGS.items()}
+        unknown = [flags[o] for o in options if o in flags and o not in attack_options(
+            args.attack)]
+        raise ValueError(f"--attack {args.attack} takes no {', '.join(unknown)}") from exc
+    if is_backdoor(args.attack):
         source = args.source_class
         adversarial = (args.adversarial_class if args.adversarial_class is not None
                        else (source + 1) % train_data.num_classes)
-        if args.attack == "patch":
-            return PatchBackdoor(budget=budget, clean_label=args.clean_label).craft(
-                model, train_data, source, adversarial, seed=args.seed)
-        if args.retrain_epochs is not None:
-            extra["retrain_epochs"] = args.retrain_epochs
-        return SleeperAgent(eps=eps, budget=budget, **extra).craft(
-            model, train_data, source, adversarial, seed=args.seed, progress=args.progress)
+        return cast(BackdoorAttack, attack).craft(model, train_data, source, adversarial,
+                                                  seed=args.seed, progress=args.progress)
     target = test_data.images[args.target_index]
     target_class = int(test_data.labels[args.target_index])
     adversarial = (args.adversarial_class if args.adversarial_class is not None
                    else (target_class + 1) % train_data.num_classes)
-    attack: BullseyePolytope | FeatureCollision | GradientMatching
-    if args.attack == "bp":
-        attack = BullseyePolytope(eps=eps, budget=budget, **extra)
-    elif args.attack == "fc":
-        attack = FeatureCollision(eps=eps, budget=budget, **extra)
-    else:
-        attack = GradientMatching(eps=eps, budget=budget, **extra)
-    poisons = attack.craft(model, train_data, target, target_class, adversarial,
-                           seed=args.seed, bases=bases, progress=args.progress)
+    poisons = cast(TargetedAttack, attack).craft(model, train_data, target, target_class,
+                                                 adversarial, seed=args.seed, bases=bases,
+                                                 progress=args.progress)
     return replace(poisons, metadata=poisons.metadata | {"target_index": args.target_index})
 
 
@@ -150,15 +156,15 @@ def _check_classes(args: argparse.Namespace, train_data: ImageData, test_data: I
                         ("--source-class", args.source_class)):
         if value is not None and value >= classes:
             raise ValueError(f"{flag} {value}: the data has classes 0..{classes - 1}")
-    if args.attack in BACKDOORS and args.adversarial_class == args.source_class:
+    if is_backdoor(args.attack) and args.adversarial_class == args.source_class:
         raise ValueError(f"--adversarial-class {args.adversarial_class}: the same class as "
                          f"--source-class; a backdoor moves one class to another")
-    if args.attack not in BACKDOORS and args.adversarial_class is not None and (
+    if not is_backdoor(args.attack) and args.adversarial_class is not None and (
             args.target_index < len(test_data)
             and int(test_data.labels[args.target_index]) == args.adversarial_class):
         raise ValueError(f"--adversarial-class {args.adversarial_class}: the target "
                          f"(--target-index {args.target_index}) is of that class already")
-    if args.attack not in BACKDOORS and args.target_index >= len(test_data):
+    if not is_backdoor(args.attack) and args.target_index >= len(test_data):
         raise ValueError(f"--target-index {args.target_index}: the test set has "
                          f"{len(test_data)} images")
 
@@ -184,7 +190,7 @@ def cmd_craft(args: argparse.Namespace) -> int:
         if attacker is None:  # one attacker's model for every setup
             attacker = _attacker_model(args, victim, test_data, device)
         # a backdoor attacks the setup's target class as its source class, not one image
-        target, stand_in = (-1, False) if args.attack in BACKDOORS else resolve_target(
+        target, stand_in = (-1, False) if is_backdoor(args.attack) else resolve_target(
             test_data.labels, setup, exact_below=args.exact_test)
         one = argparse.Namespace(**(vars(args) | {
             "target_index": target, "source_class": setup.target_class,
@@ -196,7 +202,7 @@ def cmd_craft(args: argparse.Namespace) -> int:
             log.warning("setup %d: target %d is not stored exactly; attacking test image %d "
                         "of the same class instead", setup.id, setup.target_index, target)
         _craft_one(one, attacker, victim, test_data, folder, facts,
-                   bases=None if args.attack in BACKDOORS else rows.to(device))
+                   bases=None if is_backdoor(args.attack) else rows.to(device))
     return 0
 
 

@@ -24,6 +24,7 @@ from epic.defenses.registry import (
     defense_options,
     options_for,
     parse_spec,
+    register_defense,
     scheduled,
 )
 from epic.defenses.scores import (
@@ -57,6 +58,7 @@ __all__ = [
     "options_for",
     "paper_schedule",
     "parse_spec",
+    "register_defense",
     "scheduled",
     "ActivationClustering",
     "DeepKNN",

@@ -11,8 +11,8 @@ from __future__ import annotations
 import inspect
 import types
 import typing
-from collections.abc import Mapping
-from typing import Any, Literal, Union, get_args, get_origin
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 from epic.defenses.adversarial import AdversarialPoisoning
 from epic.defenses.base import ScheduledDefense
@@ -26,7 +26,7 @@ from epic.defenses.spectral import SpectralSignatures
 from epic.protocol import Defense, RunFacts
 
 __all__ = ["DEFENSES", "REPLAY_PREFIX", "SHORT_SPECS", "build_defense", "defense_options",
-           "options_for", "parse_spec", "scheduled"]
+           "options_for", "parse_spec", "register_defense", "scheduled"]
 
 DEFENSES: dict[str, type[Defense] | None] = {
     "none": None,
@@ -41,6 +41,25 @@ DEFENSES: dict[str, type[Defense] | None] = {
     "clip-noise": ClipNoise,
     "adversarial-poisoning": AdversarialPoisoning,
 }
+
+D = TypeVar("D", bound=type[Defense])
+
+
+def register_defense(name: str) -> Callable[[D], D]:
+    """Class decorator: make a :class:`~epic.protocol.Defense` buildable as ``name`` (by
+    ``epic train --defense``, ``epic bench run --defenses`` and :func:`build_defense`), once
+    the module that defines it is imported (docs/defenses.md, "Adding a defense")."""
+    if name in DEFENSES:
+        raise ValueError(f"defense name {name!r} is taken")
+
+    def register(cls: D) -> D:
+        if not callable(getattr(cls, "for_run", None)):
+            raise TypeError(f"{cls.__name__}: a defense needs a for_run(run, **options) "
+                            f"classmethod")
+        DEFENSES[name] = cls
+        return cls
+    return register
+
 
 # Specs "<prefix>-<number>" (the benchmark's epic-0.2, ap-0.25): the defense and the option
 # the number sets.
