@@ -12,8 +12,10 @@ the logits (or give the defense a ``logits_fn``). Rounds and dropped counts are 
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
+import lightning
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler
@@ -23,6 +25,46 @@ from epic.gradients import Examples, count_examples
 from epic.sampler import DistributedKeepSampler, KeepSampler
 
 __all__ = ["EPICCallback"]
+
+# Lightning has no public way to give the fit loop other training loaders between epochs, nor
+# to tell it that an epoch has fewer batches: the adapter below reaches the fit loop's combined
+# loader and batch count, here and nowhere else, for the Lightning versions it was tested with
+# (tests/test_lightning.py runs it against the installed one, one process and DDP)
+TESTED_LIGHTNING = ((2, 2), (3, 0))  # from, inclusive, to, exclusive
+
+
+def _version(text: str) -> tuple[int, int]:
+    major, minor = (text.split(".") + ["0"])[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+class _FitLoopAdapter:
+    """The fit loop's training loaders and batch count, reached through Lightning's private
+    attributes, with an error that names the Lightning version where they are missing."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        loop = trainer.fit_loop
+        if not (hasattr(loop, "_combined_loader") and hasattr(loop, "max_batches")):
+            raise RuntimeError(
+                f"EPICCallback cannot reach the training loaders of Lightning "
+                f"{lightning.__version__} (tested with {TESTED_LIGHTNING[0][0]}."
+                f"{TESTED_LIGHTNING[0][1]} to before {TESTED_LIGHTNING[1][0]}.0): pin "
+                f"lightning<{TESTED_LIGHTNING[1][0]}")
+        self.loop = loop
+
+    @property
+    def loaders(self) -> list[Any] | None:
+        combined = self.loop._combined_loader
+        return None if combined is None else list(combined.flattened)
+
+    def replace_loaders(self, loaders: list[Any]) -> None:
+        combined = self.loop._combined_loader
+        if combined is not None:
+            combined.flattened = loaders
+
+    def limit_batches(self, batches: int) -> None:
+        """Tell the loop that this epoch has at most ``batches`` batches."""
+        self.loop.max_batches = min(self.loop.max_batches, batches)
 
 
 class EPICCallback(Callback):
@@ -55,6 +97,15 @@ class EPICCallback(Callback):
         elif n is not None and len(defense.keep_mask) != n:
             raise ValueError(f"the defense's keep_mask covers {len(defense.keep_mask)} "
                              f"examples, data has {n}")
+        if not TESTED_LIGHTNING[0] <= _version(lightning.__version__) < TESTED_LIGHTNING[1]:
+            warnings.warn(f"EPICCallback was tested with Lightning {TESTED_LIGHTNING[0][0]}."
+                          f"{TESTED_LIGHTNING[0][1]} to before {TESTED_LIGHTNING[1][0]}.0, not "
+                          f"{lightning.__version__}", stacklevel=2)
+
+    @property
+    def state_key(self) -> str:
+        """Its key in a checkpoint: two callbacks with other defenses or seeds keep apart."""
+        return self._generate_state_key(defense=type(self.defense).__name__, seed=self.seed)
 
     def _sampler(self, old: object) -> Sampler[int]:
         if isinstance(old, (KeepSampler, DistributedKeepSampler)):
@@ -65,13 +116,13 @@ class EPICCallback(Callback):
         return KeepSampler(self.defense, shuffle=isinstance(old, RandomSampler),
                            generator=torch.Generator().manual_seed(self.seed))
 
-    def _swap_samplers(self, trainer: Trainer) -> None:
+    def _swap_samplers(self, fit: _FitLoopAdapter) -> None:
         """Give every training loader a sampler over the kept examples (once per loader)."""
-        combined = trainer.fit_loop._combined_loader
-        if combined is None:
+        current = fit.loaders
+        if current is None:
             return
         loaders = []
-        for dl in combined.flattened:
+        for dl in current:
             if not isinstance(dl, DataLoader) or isinstance(
                     dl.sampler, (KeepSampler, DistributedKeepSampler)):
                 loaders.append(dl)
@@ -89,33 +140,32 @@ class EPICCallback(Callback):
                 drop_last=dl.drop_last, timeout=dl.timeout, worker_init_fn=dl.worker_init_fn,
                 multiprocessing_context=dl.multiprocessing_context,
                 persistent_workers=dl.persistent_workers))
-        combined.flattened = loaders
+        fit.replace_loaders(loaders)
 
     @staticmethod
-    def _count_batches(trainer: Trainer) -> None:
+    def _count_batches(fit: _FitLoopAdapter) -> None:
         """Tell the loop that an epoch over the kept examples has fewer batches."""
-        combined = trainer.fit_loop._combined_loader
-        if combined is None:
-            return
-        lengths = [len(dl) for dl in combined.flattened if isinstance(dl, DataLoader)]
+        lengths = [len(dl) for dl in fit.loaders or [] if isinstance(dl, DataLoader)]
         if lengths:
-            trainer.fit_loop.max_batches = min(trainer.fit_loop.max_batches, max(lengths))
+            fit.limit_batches(max(lengths))
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._swap_samplers(trainer)
+        fit = _FitLoopAdapter(trainer)
+        self._swap_samplers(fit)
         epoch = trainer.current_epoch
-        if not self.defense.due(epoch):
-            self._count_batches(trainer)
-            return
-        record = self.defense.update(pl_module, self.data, epoch)
-        assert self.defense.keep_mask is not None
-        self._count_batches(trainer)
-        pl_module.log_dict({"epic/dropped": float(len(record.dropped)),
-                            "epic/dropped_total": float((~self.defense.keep_mask).sum()),
-                            "epic/remaining": float(record.remaining)},
-                           on_step=False, on_epoch=True, sync_dist=False)
+        if self.defense.due(epoch):
+            record = self.defense.update(pl_module, self.data, epoch)
+            kept = self.defense.keep_mask
+            if kept is None:  # update() always sets it; a subclass that does not is a bug
+                raise RuntimeError(f"{type(self.defense).__name__}.update left no keep_mask")
+            pl_module.log_dict({"epic/dropped": float(len(record.dropped)),
+                                "epic/dropped_total": float((~kept).sum()),
+                                "epic/remaining": float(record.remaining)},
+                               on_step=False, on_epoch=True, sync_dist=False)
+        self._count_batches(fit)
 
     def state_dict(self) -> dict[str, Any]:
+        """The defense's state (keep-mask, rounds, generator): a resumed fit goes on from it."""
         return self.defense.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
