@@ -45,7 +45,7 @@ import torch
 from epic.attacks import BullseyePolytope, FeatureCollision, GradientMatching, SleeperAgent
 from epic.data import ImageData, load_cifar
 from epic.models import Classifier, build_model
-from epic.train import TrainConfig, evaluate, train
+from epic.training import TrainConfig, evaluate, train
 
 
 def _subset(train: ImageData, size: int) -> ImageData:

@@ -34,7 +34,7 @@ import torch
 from epic.data import load_dataset
 from epic.defenses import EPIC, paper_warmup
 from epic.models import build_model
-from epic.train import RoundEmbeddings, TrainConfig, train
+from epic.training import RoundEmbeddings, TrainConfig, train
 
 
 def main() -> None:

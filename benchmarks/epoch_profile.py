@@ -40,7 +40,7 @@ from epic.data import (
 from epic.gradients import gradient_embeddings
 from epic.models import build_model
 from epic.selection import find_isolated
-from epic.train import evaluate
+from epic.training import evaluate
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:

@@ -15,7 +15,7 @@ from epic.models import Classifier, build_model
 from epic.poisons import PoisonSet, PoisonSetError
 from epic.sampler import DistributedKeepSampler, KeepSampler
 from epic.selection import Medoids, find_isolated, select_medoids
-from epic.train import TrainConfig, TrainResult, evaluate, train
+from epic.training import TrainConfig, TrainResult, evaluate, train
 
 __all__ = [
     "EPIC",

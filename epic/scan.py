@@ -44,7 +44,7 @@ from epic.images import Skipped
 from epic.models import Classifier
 from epic.pages import encode_text, write_page
 from epic.selection import PerClass, Similarity
-from epic.train import TrainConfig, train
+from epic.training import TrainConfig, train
 
 __all__ = ["Flag", "ScanResult", "collect", "index_names", "scan", "thumbnail_png",
            "train_and_scan", "write_csv", "write_html", "write_outputs"]

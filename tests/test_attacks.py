@@ -29,7 +29,7 @@ from epic.cli import main
 from epic.data import ImageData, load_digits
 from epic.models import Classifier, build_model
 from epic.poisons import PoisonSet, PoisonSetError
-from epic.train import TrainConfig, train
+from epic.training import TrainConfig, train
 
 from .conftest import seeded_convnet
 

@@ -21,7 +21,7 @@ from epic.cli.common import parse_command
 from epic.data import load_digits
 from epic.defenses import RandomDrop, RunFacts, build_defense, parse_spec
 from epic.poisons import PoisonSet
-from epic.train import TrainConfig
+from epic.training import TrainConfig
 
 from .conftest import seeded_convnet
 

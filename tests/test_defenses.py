@@ -18,7 +18,7 @@ from epic.defenses import (
     low_confidence,
     spectral_signature_outliers,
 )
-from epic.train import TrainConfig, train
+from epic.training import TrainConfig, train
 
 from .conftest import seeded_convnet
 

@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from epic.defenses import DPSGD, ClipNoise, Defense
-from epic.train import TrainConfig, train
+from epic.training import TrainConfig, train
 
 from .conftest import seeded_convnet
 

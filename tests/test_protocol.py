@@ -27,8 +27,8 @@ from epic.defenses import (
     parse_spec,
     register_defense,
 )
-from epic.train import TrainConfig, train
-from epic.train.records import check_same_run
+from epic.training import TrainConfig, train
+from epic.training.records import check_same_run
 
 from .conftest import seeded_convnet
 

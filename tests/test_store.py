@@ -21,7 +21,7 @@ from epic.cli import build_parser, main
 from epic.cli.common import train_config
 from epic.data import ImageData
 from epic.poisons import PoisonSet
-from epic.train import TrainConfig
+from epic.training import TrainConfig
 
 from .conftest import seeded_convnet
 

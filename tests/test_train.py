@@ -11,7 +11,7 @@ from epic.data import ImageData
 from epic.defenses import EPIC, Defense, RandomDrop
 from epic.gradients import feature_embeddings
 from epic.poisons import PoisonSet
-from epic.train import (
+from epic.training import (
     TrainConfig,
     config_record,
     default_milestones,

@@ -41,8 +41,8 @@ from epic.attacks.registry import register_attack
 from epic.data import ImageData, augment_batch
 from epic.models import Classifier, eval_mode
 from epic.poisons import PoisonSet, apply_trigger
-from epic.train import TrainConfig
-from epic.train import train as train_model
+from epic.training import TrainConfig
+from epic.training import train as train_model
 
 __all__ = ["GradientMatching", "SleeperAgent", "gradient_norms"]
 

@@ -26,9 +26,9 @@ from epic.models import Classifier
 from epic.poisons import PoisonSet
 from epic.protocol import changes_batches
 from epic.safe_pickle import load_weights
-from epic.train import TrainConfig, config_record, provenance, train
-from epic.train.config import RETIRED_SETTINGS
-from epic.train.records import describe
+from epic.training import TrainConfig, config_record, provenance, train
+from epic.training.config import RETIRED_SETTINGS
+from epic.training.records import describe
 
 __all__ = ["SETTING_OPTIONS", "Trial", "plan_trials", "rerun_defense",
            "run_trials", "trial_id", "victim_features"]
@@ -60,7 +60,7 @@ def trial_id(record: Mapping[str, Any], digests: dict[str, str | None] | None = 
 
     Records written before poison sets were hashed lack ``poisons_sha256``: they are taken to
     have run on what their folder holds now. Configuration fields a record lacks (added to
-    :class:`~epic.train.TrainConfig` later) take their defaults. Relative paths resolve against
+    :class:`~epic.training.TrainConfig` later) take their defaults. Relative paths resolve against
     the current directory, as they did for the command that wrote them: resume from there.
 
     Args:

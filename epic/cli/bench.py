@@ -35,7 +35,7 @@ from epic.cli.common import (
 from epic.files import write_atomically
 from epic.poisons import PoisonSet
 from epic.setups import SetupError, victim_data
-from epic.train import train
+from epic.training import train
 
 __all__ = ["add_bench_commands"]
 

@@ -24,7 +24,7 @@ from epic.models import MODELS, Classifier, build_model
 from epic.safe_pickle import UnsafePickleError, load_weights
 from epic.selection import PerClass, Similarity
 from epic.setups import Setup, load_setups, select_setups
-from epic.train import RoundEmbeddings, Scenario, Schedule, TrainConfig
+from epic.training import RoundEmbeddings, Scenario, Schedule, TrainConfig
 
 __all__ = ["add_data_args", "add_epic_args", "add_fit_args", "add_round_embeddings_arg",
            "add_setup_args", "add_train_args",

@@ -36,7 +36,7 @@ from epic.formats import export_benchmark, export_metapoison
 from epic.models import Classifier
 from epic.poisons import PoisonSet
 from epic.setups import resolve_target, victim_data
-from epic.train import train
+from epic.training import train
 
 __all__ = ["add_craft_command", "craft_from_args"]
 

@@ -20,7 +20,7 @@ from epic.cli.common import pick_device
 from epic.data import load_digits
 from epic.defenses import RunFacts, build_defense
 from epic.models import build_model
-from epic.train import TrainConfig, train
+from epic.training import TrainConfig, train
 
 __all__ = ["add_demo_command", "run_demo"]
 

@@ -24,7 +24,7 @@ from epic.defenses import DEFENSES, Defense, RunFacts, build_defense, options_fo
 from epic.distributed import init_from_env, world
 from epic.poisons import PoisonSet
 from epic.setups import load_setups, outside_victims
-from epic.train import train
+from epic.training import train
 
 __all__ = ["add_train_command", "defense_settings", "make_defense"]
 

@@ -13,7 +13,7 @@ __all__ = ["Classifier", "Normalize", "Scenario", "eval_mode"]
 
 # How a run starts from a model's weights: train everything from them (scratch), retrain a
 # fresh last layer on the frozen feature extractor (transfer), or train everything from a
-# fresh last layer (finetune); see epic.train.prepare_model.
+# fresh last layer (finetune); see epic.training.prepare_model.
 Scenario = Literal["scratch", "transfer", "finetune"]
 
 

@@ -3,8 +3,8 @@
 A 2x2 convolution without padding, then three conv groups (3x3 conv, 2x2 max-pool, batch
 norm, GELU, 3x3 conv, batch norm, GELU) of widths 64, 128, 128, and a global max-pool:
 0.57 M parameters. airbench's whitened first layer and lookahead are left out; trained with
-:data:`epic.train.FAST_RECIPE` it reaches 92% on CIFAR-10 in about half an hour of two CPU
-cores (docs/results.md).
+:data:`epic.bench.presets.FAST_RECIPE` it reaches 92% on CIFAR-10 in about half an hour of
+two CPU cores (docs/results.md).
 """
 
 from __future__ import annotations

@@ -20,12 +20,12 @@ from torch import nn
 from epic.files import replace_atomically
 from epic.poisons import PoisonSet
 from epic.protocol import Defense
-from epic.train.config import config_record
+from epic.training.config import config_record
 
 __all__ = ["check_same_run", "defense_records", "describe", "provenance", "run_summary",
            "save_checkpoint", "write_json"]
 
-log = logging.getLogger("epic.train")
+log = logging.getLogger("epic.training")
 
 
 def provenance() -> dict[str, Any]:

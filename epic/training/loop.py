@@ -1,7 +1,7 @@
 """The training loop: :func:`train` runs SGD epoch by epoch under a defense, calling its hooks
 (:class:`epic.protocol.Defense`: rounds before the epochs they are due for, batches,
 gradients), with attack success measured every epoch and the run's files written
-(:mod:`epic.train.records`) when it has a folder.
+(:mod:`epic.training.records`) when it has a folder.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from epic.models import Classifier
 from epic.poisons import PoisonSet
 from epic.protocol import Defense, changes_batches
 from epic.safe_pickle import load_weights
-from epic.train.config import TrainConfig, TrainResult, evaluate, prepare_model
-from epic.train.records import (
+from epic.training.config import TrainConfig, TrainResult, evaluate, prepare_model
+from epic.training.records import (
     check_same_run,
     defense_records,
     describe,
@@ -41,7 +41,7 @@ from epic.train.records import (
 
 __all__ = ["train"]
 
-log = logging.getLogger("epic.train")
+log = logging.getLogger("epic.training")
 
 
 def train(

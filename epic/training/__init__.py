@@ -13,7 +13,7 @@ checkpoints and the resume check, summary).
 """
 
 from epic.protocol import Defense
-from epic.train.config import (
+from epic.training.config import (
     RoundEmbeddings,
     Scenario,
     Schedule,
@@ -24,8 +24,8 @@ from epic.train.config import (
     evaluate,
     prepare_model,
 )
-from epic.train.loop import train
-from epic.train.records import defense_records, provenance
+from epic.training.loop import train
+from epic.training.records import defense_records, provenance
 
 __all__ = ["Defense", "RoundEmbeddings", "Scenario", "Schedule", "TrainConfig", "TrainResult",
            "config_record", "default_milestones", "defense_records", "evaluate",
