@@ -24,7 +24,7 @@ from epic.attacks import (
     make_trigger,
     register_attack,
 )
-from epic.attacks.gradient import gradient_norms
+from epic.attacks.gradient import gradient_norms, surrogate_config
 from epic.cli import main
 from epic.data import ImageData, load_digits
 from epic.models import Classifier, build_model
@@ -138,6 +138,23 @@ def test_sleeper_agent_backdoor_set(digits, model) -> None:
     norms = gradient_norms(model, tr, members)
     top = members[norms.argsort(descending=True)[:6]].sort().values
     assert torch.equal(ps.indices, top)
+
+
+def test_sleeper_agents_surrogate_is_retrained_as_the_clean_model_was(tmp_path: Path) -> None:
+    config = surrogate_config(TrainConfig(epochs=16, milestones=(10, 14), batch_size=512,
+                                          schedule="step"), 8, seed=3)
+    assert (config.epochs, config.milestones, config.seed, config.batch_size) == (
+        8, (5, 7), 3, 512)  # the decays at the same share of the shorter run
+    assert surrogate_config(TrainConfig(epochs=40), 5, seed=0).milestones is None  # defaults
+    # epic craft hands the surrogate its own training options
+    assert main(["craft", "--attack", "sa", "--epochs", "2", "--batch-size", "32",
+                 "--milestones", "1", "--iterations", "2", "--retrain-epochs", "1",
+                 "--budget", "5", "--out", str(tmp_path / "sa"), "--device", "cpu"]) == 0
+    tr, _ = load_digits()
+    recorded = PoisonSet.load(tmp_path / "sa", tr).metadata["hyperparameters"]
+    assert recorded["retrain_epochs"] == 1
+    assert (recorded["retrain_config"]["batch_size"], recorded["retrain_config"]["epochs"],
+            recorded["retrain_config"]["milestones"]) == (32, 2, [1])
 
 
 @pytest.mark.parametrize("clean_label", [False, True])

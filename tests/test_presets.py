@@ -52,21 +52,27 @@ def test_scratch_preset_scales_the_papers_proxy_schedule_to_the_fast_net() -> No
     clean = parser.parse_args(list(steps[0].argv))
     assert (clean.model, clean.subset, clean.epochs, clean.schedule, clean.milestones) == (
         "fastnet", None, 16, "step", [10, 14])  # lr x0.1 at 5/8 and 7/8 of the epochs
+    recipe = ("model", "epochs", "batch_size", "lr", "schedule", "milestones",
+              "label_smoothing", "crop_padding", "channels_last")
     crafts = [parser.parse_args(list(s.argv)) for s in steps if s.argv[0] == "craft"]
-    assert [(c.attack, c.eps, c.restarts, c.first, c.victim_per_class) for c in crafts] == [
-        ("gm", 16, 1, 10, 5000), ("gm", 8, 1, 3, 5000)]
+    assert [(c.attack, c.eps, c.restarts, c.retrain_epochs, c.first, c.victim_per_class)
+            for c in crafts] == [("gm", 16, 1, None, 10, 5000), ("gm", 8, 1, None, 3, 5000),
+                                 ("sa", 16, None, 8, 5, 5000)]
+    for c in crafts:  # Sleeper Agent's surrogate is retrained as the clean model was trained
+        assert all(getattr(c, k) == getattr(clean, k) for k in recipe)
+        assert c.pretrained == str(Path("o") / "clean" / "model.pt")
     runs = [parser.parse_args(list(s.argv)) for s in steps if s.argv[:2] == ("bench", "run")]
     for r in runs:  # the victim is trained exactly as the attacker's clean model was
-        assert all(getattr(r, k) == getattr(clean, k) for k in (
-            "model", "epochs", "batch_size", "lr", "schedule", "milestones", "label_smoothing",
-            "crop_padding", "channels_last"))
+        assert all(getattr(r, k) == getattr(clean, k) for k in recipe)
     # EPIC-f's first round at f x 100 of 40 epochs scaled to 16, every 2nd epoch; the random
     # control beside the EPIC-0.1 it replays, setup by setup; filters as EPIC-0.1
+    epic_rows = [(["none", "epic-0.1", "random-as-epic-0.1"], 4, 2), (["epic-0.2"], 8, 2),
+                 (["epic-0.3"], 12, 2)]
     assert [(r.defenses, r.warmup, r.every) for r in runs] == [
-        (["none", "epic-0.1", "random-as-epic-0.1"], 4, 2), (["epic-0.2"], 8, 2),
-        (["epic-0.3"], 12, 2), (["deep-knn", "spectral-signatures", "activation-clustering"],
-                                4, 2), (["none"], None, None)]
-    assert [Path(r.poisons[0]).parent.name for r in runs] == ["gm-eps16"] * 4 + ["gm-eps8"]
+        *epic_rows, (["deep-knn", "spectral-signatures", "activation-clustering"], 4, 2),
+        (["none"], None, None), *epic_rows]
+    assert [Path(r.poisons[0]).parent.name for r in runs] == (
+        ["gm-eps16"] * 4 + ["gm-eps8"] + ["sa-eps16"] * 3)
 
 
 def test_unknown_preset_is_refused() -> None:

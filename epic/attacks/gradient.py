@@ -13,6 +13,7 @@ poisons are optimized at once, in chunks (one batched forward/double-backward pe
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -186,6 +187,16 @@ class GradientMatching(_AlignmentSettings):
                         model=model, started=started, extra={"final_loss": loss})
 
 
+def surrogate_config(config: TrainConfig, epochs: int, *, seed: int) -> TrainConfig:
+    """``config`` for a retraining of ``epochs`` epochs from scratch: explicit milestones
+    scaled by ``epochs / config.epochs`` (10 and 14 of 16 become 5 and 7 of 8)."""
+    milestones = config.milestones
+    if milestones is not None and config.epochs > 0:
+        milestones = tuple(max(1, round(m * epochs / config.epochs)) for m in milestones)
+    return dataclasses.replace(config, epochs=epochs, milestones=milestones, seed=seed,
+                               scenario="scratch")
+
+
 def _reinitialize(model: nn.Module) -> None:
     for m in model.modules():
         reset = getattr(m, "reset_parameters", None)
@@ -217,6 +228,10 @@ class SleeperAgent(_AlignmentSettings):
         patch_size: trigger side (None: 8 on 32x32 images, a quarter side else).
         retrain_every: steps between surrogate retrainings (0: never).
         retrain_epochs: epochs of each retraining.
+        retrain_config: how the surrogate is trained (its ``epochs`` become
+            ``retrain_epochs``, explicit milestones scaled with them); None: the defaults of
+            :class:`~epic.training.TrainConfig`. ``epic craft`` passes its training options,
+            those the attacker's clean model was (or would be) trained with.
         select: ``"gradient_norm"`` (Souri et al.) or ``"random"`` bases.
     """
 
@@ -225,6 +240,7 @@ class SleeperAgent(_AlignmentSettings):
     patch_size: int | None = None
     retrain_every: int = 50
     retrain_epochs: int = 10
+    retrain_config: TrainConfig | None = None
     select: str = "gradient_norm"
 
     name = "sa"
@@ -262,8 +278,8 @@ class SleeperAgent(_AlignmentSettings):
                 images.device)
             data = type(train)(images, train.labels, train.classes, train.mean, train.std,
                                train.augment)
-            config = TrainConfig(epochs=self.retrain_epochs,
-                                 seed=int(torch.randint(0, 2**31, (1,), generator=gen)))
+            config = surrogate_config(self.retrain_config or TrainConfig(), self.retrain_epochs,
+                                      seed=int(torch.randint(0, 2**31, (1,), generator=gen)))
             train_model(net, data, data.subset(torch.arange(min(len(data), 500))), config)
             log.info("sleeper agent: surrogate retrained for %d epochs", self.retrain_epochs)
             return net

@@ -145,23 +145,31 @@ SCRATCH_RECIPE = ("--model", "fastnet", "--epochs", "16", "--batch-size", "512",
 
 
 def _scratch(data: Path, out: Path, first: int, defenses: Sequence[str]) -> list[Step]:
-    """Gradient Matching from scratch at CPU scale: the from-scratch setup file's target and
-    500 bases per setup, eps 16/255, crafted once (one restart) against a clean fast net, then
-    a fresh fast net per setup and defense trained from scratch on the poisoned 50,000; last,
-    eps 8/255 (the paper's proxy budget) undefended on the first three setups."""
+    """Gradient Matching and Sleeper Agent from scratch at CPU scale, on the from-scratch
+    setup file's setups (target or source class, adversarial class, 500 bases): crafted
+    against a clean fast net (one restart), then a fresh fast net per setup and defense
+    trained from scratch on the poisoned 50,000. Gradient Matching at eps 16/255 on every
+    setup, then at 8/255 (the paper's proxy budget) undefended on the first three; last,
+    Sleeper Agent (eps 16/255, the surrogate retrained 4 times for 8 epochs as the clean
+    model was trained) under the EPIC rows on the first five."""
     setups = str(data / "poisoning-benchmark" / "cifar10_from_scratch.pickle")
     common = ("--dataset", "cifar10", "--data-dir", str(data), "--test-subset", "1000")
     clean = out / "clean"
     epochs = int(SCRATCH_RECIPE[SCRATCH_RECIPE.index("--epochs") + 1])
     steps = [Step(("train", *common, *SCRATCH_RECIPE, "--out", str(clean), "--resume"),
                   clean / "model.pt")]
-    for eps, specs, count in (("16", defenses, first), ("8", ("none",), min(3, first))):
+    sleeper = [spec for spec in defenses if spec == "none" or "epic" in spec]
+    for attack, eps, specs, count, extra in (
+            ("gm", "16", defenses, first, ("--restarts", "1")),
+            ("gm", "8", ("none",), min(3, first), ("--restarts", "1")),
+            ("sa", "16", sleeper, min(5, first), ("--retrain-epochs", "8"))):
         picked = ("--setups", setups, "--first", str(count), "--exact-test", "1000",
                   "--victim-per-class", "5000")
-        poisons = out / "poisons" / f"gm-eps{eps}"
-        steps.append(Step(("craft", *common, *picked, *SCRATCH_RECIPE[:2], "--pretrained",
-                           str(clean / "model.pt"), "--attack", "gm", "--eps", eps,
-                           "--restarts", "1", "--out", str(poisons))))
+        poisons = out / "poisons" / f"{attack}-eps{eps}"
+        # the recipe's training options: the attacker's surrogate is retrained with them
+        steps.append(Step(("craft", *common, *picked, *SCRATCH_RECIPE, "--pretrained",
+                           str(clean / "model.pt"), "--attack", attack, "--eps", eps, *extra,
+                           "--out", str(poisons))))
         for group, flags in _grouped(specs, epochs):
             steps.append(Step(("bench", "run", *common, *picked, *SCRATCH_RECIPE, "--poisons",
                                str(poisons / "setup-*"), "--defenses", *group, *flags,

@@ -125,6 +125,9 @@ def craft_from_args(args: argparse.Namespace, model: Classifier, train_data: Ima
         value = getattr(args, flag)
         if value is not None and value is not False:
             options[option] = value / 255 if option == "eps" else value
+    if "retrain_config" in attack_options(args.attack):  # the surrogate, as the clean model
+        options["retrain_config"] = train_config(
+            argparse.Namespace(**(vars(args) | {"scenario": "scratch"})))
     try:
         attack = build_attack(args.attack, **options)
     except ValueError as exc:  # in the command line's words
