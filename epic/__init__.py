@@ -9,7 +9,7 @@ import importlib
 from typing import Any
 
 from epic.data import Augment, ImageData, iterate_batches, load_cifar, load_dataset, load_digits
-from epic.defenses import EPIC, EpicRound, find_poisons
+from epic.defenses import EPIC, EpicRound, EpicSettings, find_poisons
 from epic.gradients import gradient_embeddings
 from epic.models import Classifier, build_model
 from epic.poisons import PoisonSet, PoisonSetError
@@ -23,6 +23,7 @@ __all__ = [
     "Classifier",
     "DistributedKeepSampler",
     "EpicRound",
+    "EpicSettings",
     "ImageData",
     "KeepSampler",
     "Medoids",

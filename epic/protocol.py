@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -65,6 +65,17 @@ class Defense:
     """
 
     keep_mask: Tensor | None = None
+    # the attributes that are its settings (None: every public attribute of a plain type)
+    SETTINGS: ClassVar[tuple[str, ...] | None] = None
+
+    def recorded_settings(self) -> dict[str, Any]:
+        """What a run records as this defense's settings (``config.json``, the check that
+        ``--resume`` continues the same run, benchmark rows): the attributes :attr:`SETTINGS`
+        names, or where it is None every public attribute of a plain type."""
+        if self.SETTINGS is not None:
+            return {name: getattr(self, name) for name in self.SETTINGS}
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")
+                and isinstance(v, (int, float, str, bool, type(None)))}
 
     @classmethod
     def for_run(cls, run: RunFacts) -> Defense:

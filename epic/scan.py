@@ -38,12 +38,11 @@ from PIL import Image
 from torch import Tensor, nn
 
 from epic.data import ImageData
-from epic.defenses import EPIC, EpicRound
+from epic.defenses import EPIC, EpicRound, EpicSettings
 from epic.files import replace_atomically
 from epic.images import Skipped
 from epic.models import Classifier
 from epic.pages import encode_text, write_page
-from epic.selection import PerClass, Similarity
 from epic.training import TrainConfig, train
 
 __all__ = ["Flag", "ScanResult", "collect", "index_names", "scan", "thumbnail_png",
@@ -133,27 +132,24 @@ def scan(
     model: nn.Module,
     data: ImageData,
     *,
-    fraction: float = 0.1,
-    max_cluster_size: int = 1,
-    similarity: Similarity = "exp",
-    per_class: PerClass = "proportional",
+    settings: EpicSettings | None = None,
     batch_size: int | None = None,
     files: Sequence[str] | None = None,
     skipped: Sequence[Skipped] = (),
 ) -> ScanResult:
-    """One EPIC round on a trained ``model``: flags the isolated examples of ``data``.
+    """One EPIC round with ``settings`` (default: :class:`epic.EpicSettings`'s) on a trained
+    ``model``: flags the isolated examples of ``data``.
 
-    The model runs in eval mode on the un-augmented images, on its own device. The settings
-    are :class:`epic.EPIC`'s; ``files`` and ``skipped`` as in :func:`collect`.
+    The model runs in eval mode on the un-augmented images, on its own device; ``files`` and
+    ``skipped`` as in :func:`collect`.
 
     Example:
         >>> result = scan(model, folder.data, files=folder.files)  # doctest: +SKIP
         >>> [(f.file, f.label) for f in result.flags]
         [('cat/0042.png', 'cat'), ...]
     """
-    defense = EPIC(fraction, warmup=0, every=1, max_cluster_size=max_cluster_size,
-                   similarity=similarity, per_class=per_class, batch_size=batch_size,
-                   num_examples=len(data))
+    defense = EPIC.from_settings(settings or EpicSettings(), warmup=0, every=1,
+                                 batch_size=batch_size, num_examples=len(data))
     defense.update(model, data, 0)
     return collect(data, defense, files=files, skipped=skipped)
 

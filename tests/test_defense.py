@@ -1,15 +1,18 @@
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from epic.data import ImageData
-from epic.defenses import EPIC, paper_warmup
+from epic.defenses import EPIC, EpicSettings, find_poisons, paper_warmup
 from epic.gradients import feature_embeddings, gradient_embeddings, logit_embeddings
 from epic.models import build_model
 from epic.selection import find_isolated
+from epic.training.records import describe
 
 from .conftest import seeded_convnet
 
@@ -211,3 +214,26 @@ def test_cluster_all_clusters_the_dropped_too_and_drops_only_kept_ones() -> None
                  == 0).all())
     with pytest.raises(ValueError, match="cluster must be one of"):
         EPIC(0.1, cluster="some")  # type: ignore[arg-type]
+
+
+def test_epics_settings_are_one_checked_object_everywhere() -> None:
+    with pytest.raises(ValueError, match="fraction must be"):
+        EpicSettings(fraction=0)
+    with pytest.raises(ValueError, match="method must be one of"):
+        EpicSettings(method="fastest")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_cluster_size must be >= 1"):
+        EPIC(0.1, max_cluster_size=0)
+    settings = EpicSettings(fraction=0.2, similarity="cosine", cluster="all")
+    defense = EPIC.from_settings(settings, warmup=3, every=1)
+    assert defense.settings == settings and (defense.fraction, defense.warmup) == (0.2, 3)
+    assert EPIC(0.2, similarity="cosine", cluster="all").settings == settings
+    # what a run records: the settings and the schedule, not the running state
+    assert describe(defense) == {"name": "EPIC", "warmup": 3, "every": 1, "until": None,
+                                 "batch_size": None} | dataclasses.asdict(settings)
+    # find_poisons takes every setting (per_class and method too), checked before any work
+    y = np.arange(60) % 3
+    probs = np.full((60, 3), 0.1)
+    probs[np.arange(60), y] = 0.8
+    assert find_poisons(y, probs, 0.1, per_class="equal", method="naive").shape == (60,)
+    with pytest.raises(ValueError, match="per_class must be one of"):
+        find_poisons(y, probs, 0.1, per_class="most")

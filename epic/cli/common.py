@@ -19,6 +19,7 @@ import torch
 
 from epic.cli.argtypes import at_least, number
 from epic.data import DATASETS, ImageData, load_dataset
+from epic.defenses import EpicSettings
 from epic.files import UntrustedFileError
 from epic.models import MODELS, Classifier, build_model
 from epic.safe_pickle import UnsafePickleError, load_weights
@@ -27,6 +28,7 @@ from epic.setups import Setup, load_setups, select_setups
 from epic.training import RoundEmbeddings, Scenario, Schedule, TrainConfig
 
 __all__ = ["add_data_args", "add_epic_args", "add_fit_args", "add_round_embeddings_arg",
+           "epic_settings",
            "add_setup_args", "add_train_args",
            "chosen_setups", "first_examples", "load_data", "make_model", "output_folder",
            "parse_command", "pick_device", "run_command", "train_config"]
@@ -174,6 +176,12 @@ def add_epic_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--per-class", choices=get_args(PerClass), default="proportional",
                    help="EPIC: medoids per class proportional to class size, or equal")
     add_round_embeddings_arg(g)
+
+
+def epic_settings(args: argparse.Namespace) -> EpicSettings:
+    """EPIC's settings from the flags of :func:`add_epic_args`: the one place they are read."""
+    return EpicSettings(fraction=args.fraction, max_cluster_size=args.max_cluster_size,
+                        similarity=args.similarity, per_class=args.per_class)
 
 
 def add_round_embeddings_arg(g: argparse._ArgumentGroup) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ from epic.cli.common import (
     add_data_args,
     add_epic_args,
     add_fit_args,
+    epic_settings,
     first_examples,
     load_data,
     make_model,
@@ -101,17 +103,17 @@ def cmd_scan(args: argparse.Namespace) -> int:
     print(f"read {len(data)} images of {data.num_classes} classes ({c} x {h} x {w}) from "
           f"{source}; files skipped: {len(skipped)}", flush=True)
     model = make_model(args, data, device)
-    settings = {"fraction": args.fraction, "max_cluster_size": args.max_cluster_size,
-                "similarity": args.similarity, "per_class": args.per_class}
+    settings = epic_settings(args)
     if args.pretrained is not None:
-        result = scan(model, data, files=files, skipped=skipped, **settings)
+        result = scan(model, data, settings=settings, files=files, skipped=skipped)
         print(f"EPIC round on {args.pretrained}: flagged {len(result.flags)}", flush=True)
     else:
         config = train_config(args)
         defense = cast(EPIC, build_defense(
             "epic", RunFacts(num_examples=len(data), epochs=args.epochs,
                              milestones=config.resolved_milestones),
-            warmup=args.warmup, every=args.every, until=args.until, **settings))
+            warmup=args.warmup, every=args.every, until=args.until,
+            **dataclasses.asdict(settings)))
         rounds = [e for e in range(args.epochs) if defense.due(e)]
         print(f"training {args.model} for {args.epochs} epochs with EPIC-{args.fraction}, "
               f"rounds before epochs {rounds}", flush=True)

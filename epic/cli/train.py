@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from typing import Any
@@ -14,6 +15,7 @@ from epic.cli.common import (
     add_data_args,
     add_epic_args,
     add_train_args,
+    epic_settings,
     load_data,
     make_model,
     output_folder,
@@ -102,10 +104,9 @@ def _add_defense_args(p: argparse.ArgumentParser) -> None:
 def defense_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The defense options the flags above set, by the names the defenses take them under
     (each defense takes those it knows; None: not given, the defense's default)."""
-    return {"fraction": args.fraction, "warmup": args.warmup, "every": args.every,
-            "until": args.until, "max_cluster_size": args.max_cluster_size,
-            "similarity": args.similarity, "per_class": args.per_class, "budget": args.budget,
-            "threshold": args.threshold, "drop_fraction": args.drop_fraction,
+    return dataclasses.asdict(epic_settings(args)) | {
+            "warmup": args.warmup, "every": args.every, "until": args.until,
+            "budget": args.budget, "threshold": args.threshold, "drop_fraction": args.drop_fraction,
             "clip": args.dp_clip, "noise": args.dp_noise, "delta": args.dp_delta,
             "share": args.ap_share, "eps": args.ap_eps / 255}
 

@@ -16,7 +16,7 @@ from epic.defenses.base import DropRound, ScheduledDefense, paper_schedule
 from epic.defenses.clipnoise import ClipNoise
 from epic.defenses.clustering import ActivationClustering, activation_clusters
 from epic.defenses.dpsgd import DPSGD, group_norms
-from epic.defenses.epic import EPIC, EpicRound, find_poisons, paper_warmup
+from epic.defenses.epic import EPIC, EpicRound, EpicSettings, find_poisons, paper_warmup
 from epic.defenses.knn import DeepKNN, deep_knn_outliers
 from epic.defenses.registry import (
     DEFENSES,
@@ -50,6 +50,7 @@ __all__ = [
     "Defense",
     "DropRound",
     "EpicRound",
+    "EpicSettings",
     "RunFacts",
     "ScheduledDefense",
     "build_defense",

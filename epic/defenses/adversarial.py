@@ -38,6 +38,8 @@ class AdversarialPoisoning(Defense):
         generator: randomness for the adversarial labels (CPU).
     """
 
+    SETTINGS = ("share", "eps", "steps", "step_size", "targets")
+
     share: float = 0.5
     eps: float = 16 / 255
     steps: int = 5

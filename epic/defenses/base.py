@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -95,6 +95,9 @@ class ScheduledDefense(Defense):
     ``until`` (None = no end). ``keep_mask`` is a bool ``(N,)`` over the training set, True =
     train on the example; it is None before the first round unless ``num_examples`` is given.
     """
+
+    SCHEDULE: ClassVar[tuple[str, ...]] = ("warmup", "every", "until", "batch_size")
+    SETTINGS: ClassVar[tuple[str, ...] | None] = SCHEDULE
 
     record_type: type[DropRound] = DropRound
 

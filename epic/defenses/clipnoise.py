@@ -33,6 +33,8 @@ class ClipNoise(Defense):
         >>> # epic.train(model, train_data, test_data, defense=defense)
     """
 
+    SETTINGS = ("clip", "noise", "seed")
+
     def __init__(self, *, clip: float = 1.0, noise: float = 0.01, seed: int = 0) -> None:
         if not clip > 0 or noise < 0:
             raise ValueError(f"need clip > 0 and noise >= 0, got {clip}, {noise}")

@@ -46,6 +46,8 @@ def activation_clusters(features: Tensor, labels: Tensor, *, components: int = 1
 class ActivationClustering(FeatureFilter):
     """Activation clustering in the model's feature space, on a schedule."""
 
+    SETTINGS = (*FeatureFilter.SCHEDULE, "components", "size_threshold", "seed")
+
     def __init__(self, *, components: int = 10, size_threshold: float = 0.35, seed: int = 0,
                  **schedule: Any) -> None:
         super().__init__(**schedule)

@@ -103,6 +103,8 @@ class DPSGD(Defense):
         >>> # result.summary["dp_epsilon"]
     """
 
+    SETTINGS = ("clip", "noise", "delta", "seed")
+
     def __init__(self, *, clip: float = 1.0, noise: float = 1.0, delta: float = 1e-5,
                  seed: int = 0) -> None:
         if not clip > 0 or noise < 0 or not 0 < delta < 1:

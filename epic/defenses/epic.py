@@ -9,6 +9,7 @@ predictions the caller already has.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -31,12 +32,50 @@ from epic.selection import (
     select_medoids,
 )
 
-__all__ = ["EPIC", "EpicRound", "find_poisons", "paper_warmup"]
+__all__ = ["EPIC", "EpicRound", "EpicSettings", "find_poisons", "paper_warmup"]
+
+
+Cluster = Literal["kept", "all"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class EpicSettings:
+    """What an EPIC round does, apart from when rounds run: the one place where its options
+    are named, defaulted and checked. :class:`EPIC` holds one (:attr:`EPIC.settings`);
+    :func:`find_poisons`, :func:`epic.scan.scan` and the command line (one function,
+    ``epic.cli.common.epic_settings``) build one.
+
+    Attributes:
+        fraction: share of each class selected as medoids (EPIC-0.1, -0.2, -0.3 in the paper).
+        max_cluster_size: medoids of clusters this small or smaller are dropped.
+        per_class, similarity, method: passed to :func:`epic.select_medoids`.
+        cluster: ``"kept"`` (default): each round clusters the examples still kept;
+            ``"all"``: every example, dropped ones included, as the authors' code does
+            (docs/defenses.md, "EPIC and the authors' code"); one round alone is the same.
+
+    Raises:
+        ValueError: a setting out of its range or not one of its choices, named.
+    """
+
+    fraction: float = 0.1
+    max_cluster_size: int = 1
+    per_class: PerClass = "proportional"
+    similarity: Similarity = "exp"
+    method: Method = "lazy"
+    cluster: Cluster = "kept"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fraction", as_fraction(self.fraction))
+        object.__setattr__(self, "max_cluster_size", as_cluster_size(self.max_cluster_size))
+        for name, kind in (("per_class", PerClass), ("similarity", Similarity),
+                           ("method", Method), ("cluster", Cluster)):
+            if getattr(self, name) not in get_args(kind):
+                raise ValueError(f"{name} must be one of {get_args(kind)}, got "
+                                 f"{getattr(self, name)!r}")
 
 
 def find_poisons(labels: np.ndarray | Tensor, pred_probs: np.ndarray | Tensor,
-                 fraction: float = 0.1, *, max_cluster_size: int = 1,
-                 similarity: Similarity = "exp") -> np.ndarray | Tensor:
+                 fraction: float = 0.1, **options: Any) -> np.ndarray | Tensor:
     """EPIC on predictions you already have: a bool mask, True = suspected effective poison.
 
     EPIC's embedding of an example is its last-layer loss gradient, ``pred_probs - onehot``;
@@ -48,7 +87,8 @@ def find_poisons(labels: np.ndarray | Tensor, pred_probs: np.ndarray | Tensor,
     Args:
         labels: ``(N,)`` integer labels in ``0..C-1``.
         pred_probs: ``(N, C)`` predicted class probabilities (rows sum to 1).
-        fraction, max_cluster_size, similarity: as in :class:`EPIC`.
+        fraction, options: the fields of :class:`EpicSettings` (``max_cluster_size``,
+            ``similarity``, ``per_class``, ``method``).
 
     Example:
         >>> rng = np.random.default_rng(0)
@@ -59,6 +99,7 @@ def find_poisons(labels: np.ndarray | Tensor, pred_probs: np.ndarray | Tensor,
         >>> find_poisons(y, probs, 0.1).nonzero()[0]
         array([ 7, 86])
     """
+    settings = EpicSettings(fraction=fraction, **options)  # checked before any work
     as_numpy = isinstance(pred_probs, np.ndarray)
     probs = torch.as_tensor(pred_probs).float()
     if probs.dim() != 2:
@@ -75,7 +116,9 @@ def find_poisons(labels: np.ndarray | Tensor, pred_probs: np.ndarray | Tensor,
     if not torch.allclose(probs.sum(1), torch.ones(len(probs), device=probs.device), atol=1e-3):
         raise ValueError("pred_probs rows must sum to 1 (pass probabilities, not logits)")
     grads = probs - F.one_hot(y, probs.shape[1]).float()
-    mask = find_isolated(grads, y, fraction, max_cluster_size, similarity=similarity)
+    mask = find_isolated(grads, y, settings.fraction, settings.max_cluster_size,
+                         per_class=settings.per_class, similarity=settings.similarity,
+                         method=settings.method)
     return mask.cpu().numpy() if as_numpy else mask
 
 
@@ -120,7 +163,6 @@ class EpicRound(DropRound):
 
 
 #: Which examples a round clusters: those still kept, or all (see :class:`EPIC`).
-Cluster = Literal["kept", "all"]
 
 
 class EPIC(ScheduledDefense):
@@ -157,6 +199,9 @@ class EPIC(ScheduledDefense):
         ...         ...
     """
 
+    SETTINGS = (*ScheduledDefense.SCHEDULE, "fraction", "max_cluster_size", "per_class",
+                "similarity", "method", "cluster")
+
     def __init__(
         self,
         fraction: float = 0.1,
@@ -174,19 +219,43 @@ class EPIC(ScheduledDefense):
         logits_fn: LogitsFn | None = None,
         cluster: Cluster = "kept",
     ) -> None:
-        fraction = as_fraction(fraction)
-        if cluster not in get_args(Cluster):
-            raise ValueError(f"cluster must be one of {get_args(Cluster)}, got {cluster!r}")
-        self.cluster = cluster
+        self.settings = EpicSettings(fraction=fraction, max_cluster_size=max_cluster_size,
+                                     per_class=per_class, similarity=similarity, method=method,
+                                     cluster=cluster)
         super().__init__(warmup=warmup, every=every, until=until, num_examples=num_examples,
                          batch_size=batch_size)
-        self.fraction = fraction
-        self.max_cluster_size = as_cluster_size(max_cluster_size)
-        self.per_class = per_class
-        self.similarity = similarity
-        self.method = method
         self.generator = generator
         self.logits_fn = logits_fn
+
+    @classmethod
+    def from_settings(cls, settings: EpicSettings, **schedule: Any) -> EPIC:
+        """EPIC with ``settings`` and ``schedule`` (``warmup``, ``every``, ``until``,
+        ``num_examples``, ``batch_size``, ``generator``, ``logits_fn``)."""
+        return cls(**dataclasses.asdict(settings), **schedule)
+
+    @property
+    def fraction(self) -> float:
+        return self.settings.fraction
+
+    @property
+    def max_cluster_size(self) -> int:
+        return self.settings.max_cluster_size
+
+    @property
+    def per_class(self) -> PerClass:
+        return self.settings.per_class
+
+    @property
+    def similarity(self) -> Similarity:
+        return self.settings.similarity
+
+    @property
+    def method(self) -> Method:
+        return self.settings.method
+
+    @property
+    def cluster(self) -> Cluster:
+        return self.settings.cluster
 
     record_type = EpicRound
 
@@ -199,13 +268,15 @@ class EPIC(ScheduledDefense):
     def for_run(cls, run: RunFacts, *, fraction: float = 0.1, warmup: int | None = None,
                 every: int | None = None, until: int | None = None, max_cluster_size: int = 1,
                 similarity: Similarity = "exp", per_class: PerClass = "proportional",
-                cluster: Cluster = "kept") -> EPIC:
+                method: Method = "lazy", cluster: Cluster = "kept") -> EPIC:
         """EPIC-``fraction`` on the paper's schedule (:func:`paper_schedule`), warming up for
         :func:`paper_warmup` epochs unless ``warmup`` says otherwise."""
-        return cls(fraction, max_cluster_size=max_cluster_size, similarity=similarity,
-                   per_class=per_class, cluster=cluster, **paper_schedule(
-                       run, warmup=paper_warmup(fraction) if warmup is None else warmup,
-                       every=every, until=until))
+        settings = EpicSettings(fraction=fraction, max_cluster_size=max_cluster_size,
+                                similarity=similarity, per_class=per_class, method=method,
+                                cluster=cluster)
+        return cls.from_settings(settings, **paper_schedule(
+            run, warmup=paper_warmup(settings.fraction) if warmup is None else warmup,
+            every=every, until=until))
 
     def embed(self, model: nn.Module, data: Examples, keep: Tensor,
               features: Tensor | None = None) -> tuple[Tensor, Tensor]:

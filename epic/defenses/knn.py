@@ -51,6 +51,8 @@ class DeepKNN(FeatureFilter):
     the choice Peri et al. motivate and the public poisoning benchmarks use.
     """
 
+    SETTINGS = (*FeatureFilter.SCHEDULE, "k", "budget", "overestimation")
+
     def __init__(self, *, k: int | None = None, budget: float = 0.01, overestimation: float = 2.0,
                  **schedule: Any) -> None:
         super().__init__(**schedule)

@@ -27,6 +27,7 @@ def high_loss(logits: Tensor, labels: Tensor, threshold: float) -> Tensor:
 
 class _LogitRule(ScheduledDefense):
     default_threshold: float  # when built by name
+    SETTINGS = (*ScheduledDefense.SCHEDULE, "threshold")
 
     def __init__(self, *, threshold: float, warmup: int = 10, every: int = 2,
                  until: int | None = None, num_examples: int | None = None,
@@ -75,6 +76,8 @@ class RandomDrop(ScheduledDefense):
     """Drop random kept examples each round (a control): a ``fraction`` of them, or, replaying
     another defense's rounds, ``counts[epoch]`` of them before each epoch of ``counts`` and no
     round at other epochs: as many examples, at the same times, drawn blindly."""
+
+    SETTINGS = (*ScheduledDefense.SCHEDULE, "fraction", "counts")
 
     def __init__(self, *, fraction: float = 0.01, warmup: int = 10, every: int = 2,
                  until: int | None = None, num_examples: int | None = None,

@@ -49,6 +49,8 @@ class SpectralSignatures(FeatureFilter):
     poisons), capped at half the class.
     """
 
+    SETTINGS = (*FeatureFilter.SCHEDULE, "budget", "overestimation")
+
     def __init__(self, *, budget: float = 0.01, overestimation: float = 1.5,
                  **schedule: Any) -> None:
         super().__init__(**schedule)

@@ -72,14 +72,12 @@ def check_same_run(checkpoint: Path, saved: dict[str, Any] | None,
                          f"{'; '.join(differences[:4])}): use another --out or drop --resume")
 
 
-def describe(obj: object | None) -> dict[str, Any] | None:
-    """The class name and the plain settings (numbers, strings, None) of ``obj``; attributes
-    named with a leading underscore are its running state, not settings."""
-    if obj is None:
+def describe(defense: Defense | None) -> dict[str, Any] | None:
+    """The class name and the settings (:meth:`~epic.protocol.Defense.recorded_settings`) of
+    ``defense``."""
+    if defense is None:
         return None
-    settings = {k: v for k, v in vars(obj).items() if not k.startswith("_")
-                and isinstance(v, (int, float, str, bool, type(None)))}
-    return {"name": type(obj).__name__} | settings
+    return {"name": type(defense).__name__} | defense.recorded_settings()
 
 
 def defense_records(defense: Defense, poisons: PoisonSet | None = None
