@@ -10,6 +10,7 @@ from typing import Any
 
 from epic.data import Augment, ImageData, iterate_batches, load_cifar, load_dataset, load_digits
 from epic.defenses import EPIC, EpicRound, EpicSettings, find_poisons
+from epic.errors import EpicError
 from epic.gradients import gradient_embeddings
 from epic.models import Classifier, build_model
 from epic.poisons import PoisonSet, PoisonSetError
@@ -19,6 +20,7 @@ from epic.training import TrainConfig, TrainResult, evaluate, train
 
 __all__ = [
     "EPIC",
+    "EpicError",
     "Augment",
     "Classifier",
     "DistributedKeepSampler",

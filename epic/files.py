@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from epic.errors import EpicError
+
 __all__ = ["MAX_JSON_BYTES", "MAX_UNTRUSTED_BYTES", "UntrustedFileError", "open_untrusted",
            "read_json", "read_untrusted", "replace_atomically", "temporary_beside",
            "write_atomically"]
@@ -24,7 +26,7 @@ MAX_JSON_BYTES = 64 << 20
 """Largest JSON document read from a stranger (64 MiB)."""
 
 
-class UntrustedFileError(ValueError):
+class UntrustedFileError(EpicError):
     """A stranger's file refused before reading: not a regular file (a FIFO, a device, a
     folder), or over the size limit. The message is ``"<path>: <reason>"``."""
 

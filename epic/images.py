@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from epic.data import ImageData
+from epic.errors import EpicError
 from epic.files import UntrustedFileError, open_untrusted, read_untrusted
 from epic.npy import array_headers, read_array
 
@@ -192,9 +193,9 @@ def read_image_folder(
     channels = 1 if mode == "L" else 3
     need = len(headers) * channels * height * width
     if need > max_total_bytes:
-        raise ValueError(f"{rootp}: {len(headers):,} images of {width} x {height} {mode} need "
-                         f"{need:,} bytes in memory, over the limit of {max_total_bytes:,}; "
-                         f"choose a smaller image size (--image-size)")
+        raise EpicError(f"{rootp}: {len(headers):,} images of {width} x {height} {mode} need "
+                        f"{need:,} bytes in memory, over the limit of {max_total_bytes:,}; "
+                        f"choose a smaller image_size", options=("image_size",))
     images = np.empty((len(headers), channels, height, width), dtype=np.uint8)
     read: list[int] = []
     for i, h in enumerate(headers):

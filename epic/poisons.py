@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from epic.data import ImageData, channels_last_on_cpu, inference_batch_size, iterate_batches
+from epic.errors import EpicError
 from epic.files import open_untrusted, read_json, replace_atomically, write_atomically
 from epic.models import eval_mode
 from epic.npy import array_headers, read_array
@@ -65,7 +66,7 @@ def _metadata_problem(metadata: dict[str, Any]) -> str | None:
     return None
 
 
-class PoisonSetError(ValueError):
+class PoisonSetError(EpicError):
     """A poison set is malformed or breaks its own constraints."""
 
 

@@ -18,6 +18,7 @@ from typing import IO, Any
 import numpy as np
 import torch
 
+from epic.errors import EpicError
 from epic.files import MAX_UNTRUSTED_BYTES, open_untrusted
 
 __all__ = ["MAX_ARRAY_BYTES", "MAX_WEIGHTS_BYTES", "UnsafePickleError", "load_weights",
@@ -44,7 +45,7 @@ def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
     return text.encode("latin1")
 
 
-class UnsafePickleError(pickle.UnpicklingError, ValueError):
+class UnsafePickleError(pickle.UnpicklingError, EpicError):
     """A pickle asked for a global outside the allowlist, or is not a readable pickle; nothing
     from it was executed. The message names the file when the reader knows it."""
 

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from epic.data import ImageData
+from epic.errors import EpicError
 from epic.files import read_untrusted
 from epic.safe_pickle import safe_load
 
@@ -35,7 +36,7 @@ __all__ = ["Setup", "SetupError", "load_setups", "outside_victims", "resolve_tar
 _KEYS = ("target index", "target class", "base class", "base indices")
 
 
-class SetupError(ValueError):
+class SetupError(EpicError):
     """A setup file that is not a list of benchmark setups, or a setup that does not fit."""
 
 
@@ -117,7 +118,7 @@ def select_setups(setups: list[Setup], *, first: int | None = None,
         return [setups[i] for i in ids]
     if first is not None:
         if first < 1:
-            raise SetupError(f"--first must be at least 1, got {first}")
+            raise SetupError(f"first must be at least 1, got {first}", options=("first",))
         return setups[:first]
     return list(setups)
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from epic.cli import build_parser, main
-from epic.data import load_digits
+from epic.data import load_dataset, load_digits
+from epic.errors import EpicError
 from epic.models import Classifier, build_model
 from epic.poisons import PoisonSet
 
@@ -137,3 +138,14 @@ def test_pretrained_weights_of_another_model_are_a_clear_error(tmp_path, capsys)
               "--out", str(tmp_path / "r")])
     assert exc.value.code == 2
     assert "is not a convnet" in capsys.readouterr().err
+
+
+def test_the_librarys_words_become_flags_on_the_command_line(monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.delenv("EPIC_DATA_DIR", raising=False)
+    with pytest.raises(EpicError, match="cifar10 needs a data_dir") as caught:
+        load_dataset("cifar10")
+    assert caught.value.options == ("data_dir",)
+    with pytest.raises(SystemExit):
+        main(["train", "--dataset", "cifar10", "--out", "unused"])
+    assert capsys.readouterr().err.strip().endswith(
+        "epic: error: cifar10 needs a --data-dir (or EPIC_DATA_DIR)")

@@ -664,9 +664,9 @@ def test_a_defended_run_that_cannot_defend_is_an_error(tmp_path, capsys) -> None
     milestone, is epoch 2 of 4 here); scan already made it an error."""
     assert fails(["train", "--epochs", "4", "--defense", "epic", "--warmup", "2", "--every",
                   "1", "--out", str(tmp_path / "run")], capsys) == (
-        "epic: error: no epic round runs in 4 epochs: warmup 2, every 1, until 2 (until "
-        "defaults to the last learning-rate milestone); train longer, or pass a smaller "
-        "--warmup or a larger --until")
+        "epic: error: no epic round runs in 4 epochs: --warmup 2, --every 1, --until 2 "
+        "(--until defaults to the last learning-rate milestone); train longer, or pass a "
+        "smaller --warmup or a larger --until")
     assert not (tmp_path / "run" / "model.pt").exists()
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from epic import EPIC, TrainConfig, train
+from epic import EPIC, EpicError, TrainConfig, train
 from epic.cli import main
 from epic.data import ImageData
 from epic.images import ImageFolder, Skipped, read_image_folder
@@ -62,9 +62,14 @@ def test_scan_with_a_trained_model_flags_exactly_the_planted_images(planted) -> 
 
 
 def test_a_schedule_without_rounds_is_an_error(planted) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(ValueError, match="no EPIC round runs in 3 epochs"):
+    # in the library's words: its parameters, which the command line spells as flags
+    with pytest.raises(EpicError, match="no EPIC round runs in 3 epochs.*pass a smaller "
+                       "warmup or a larger until") as caught:
         train_and_scan(seeded_convnet(planted.data), planted.data, EPIC(0.1, warmup=10),
                        TrainConfig(epochs=3))
+    assert caught.value.worded(lambda o: f"<{o}>").endswith(
+        "pass a smaller <warmup> or a larger <until>")
+    assert "<every> 2" in caught.value.worded(lambda o: f"<{o}>")
 
 
 def test_csv_rows_are_the_flags(trained_scan, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from epic.data import ImageData
+from epic.errors import EpicError
 from epic.models import eval_mode
 from epic.poisons import PoisonSet
 
@@ -29,7 +30,7 @@ __all__ = ["AttackError", "budget_count", "choose_bases", "finalize", "frozen", 
 log = logging.getLogger("epic.attacks")
 
 
-class AttackError(ValueError):
+class AttackError(EpicError):
     """An attack was asked for something it cannot do (e.g. a budget larger than the class)."""
 
 

@@ -21,6 +21,7 @@ from epic.cli.craft import add_craft_command
 from epic.cli.demo import add_demo_command
 from epic.cli.scan import add_scan_command
 from epic.cli.train import add_train_command
+from epic.errors import EpicError
 
 __all__ = ["build_parser", "main"]
 
@@ -59,5 +60,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.handler(args))
+    except EpicError as exc:  # the library's words for its parameters, as flags here
+        parser.exit(2, f"epic: error: {exc.worded(_as_flag)}\n")
     except (ValueError, OSError, RuntimeError) as exc:
         parser.exit(2, f"epic: error: {exc}\n")
+
+
+def _as_flag(option: str) -> str:
+    """The command-line flag of a library parameter: ``data_dir`` -> ``--data-dir``."""
+    return "--" + option.replace("_", "-")

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from epic.data.imagedata import Augment, ImageData
+from epic.errors import EpicError
 from epic.files import open_untrusted, temporary_beside
 from epic.safe_pickle import MAX_ARRAY_BYTES, safe_load
 
@@ -168,9 +169,9 @@ def _read_cifar_members(source: Path, spec: _CifarSpec) -> dict[str, dict[str, o
     with open_untrusted(source) as f:
         digest = _md5_of(f)
         if digest != spec.md5:
-            raise ValueError(f"{source}: not the published {spec.archive} (MD5 {digest}, not "
-                             f"{spec.md5}); delete it and pass --download, or put the unpacked "
-                             f"'{spec.folder}' folder there instead")
+            raise EpicError(f"{source}: not the published {spec.archive} (MD5 {digest}, not "
+                            f"{spec.md5}); delete it and set download, or put the unpacked "
+                            f"'{spec.folder}' folder there instead", options=("download",))
         f.seek(0)
         with tarfile.open(fileobj=f, mode="r:gz") as tar:
             for count, member in enumerate(tar, 1):  # lazily: the members are never all listed
@@ -268,6 +269,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike[str] | None = None, *,
     if name in _CIFAR:
         root = data_dir if data_dir is not None else os.environ.get("EPIC_DATA_DIR")
         if root is None:
-            raise ValueError(f"{name} needs --data-dir (or EPIC_DATA_DIR)")
+            raise EpicError(f"{name} needs a data_dir (or EPIC_DATA_DIR)",
+                            options=("data_dir",))
         return load_cifar(name, root, download=download)  # type: ignore[arg-type]
     raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from epic.distributed import broadcast_from_first, gather_shares, share_of, world
+from epic.errors import EpicError
 from epic.gradients import Examples, count_examples
 from epic.protocol import Defense, RunFacts
 
@@ -129,9 +130,9 @@ class ScheduledDefense(Defense):
         who = name or type(self).__name__
         until = ("" if self.until is None else f", until {self.until} (until defaults to the "
                                                 f"last learning-rate milestone)")
-        raise ValueError(f"no {who} round runs in {epochs} epochs: warmup {self.warmup}, every "
-                         f"{self.every}{until}; train longer, or pass a smaller --warmup or a "
-                         f"larger --until")
+        raise EpicError(f"no {who} round runs in {epochs} epochs: warmup {self.warmup}, every "
+                        f"{self.every}{until}; train longer, or pass a smaller warmup or a "
+                        f"larger until", options=("warmup", "every", "until"))
 
     def due(self, epoch: int) -> bool:
         """Whether a round runs before training epoch ``epoch`` (0-based)."""

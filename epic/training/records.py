@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from epic.errors import EpicError
 from epic.files import replace_atomically
 from epic.poisons import PoisonSet
 from epic.protocol import Defense
@@ -68,8 +69,9 @@ def check_same_run(checkpoint: Path, saved: dict[str, Any] | None,
         elif there != here:
             differences.append(f"{group}: {there!r} there, {here!r} here")
     if differences:
-        raise ValueError(f"{checkpoint} belongs to a run with other settings ("
-                         f"{'; '.join(differences[:4])}): use another --out or drop --resume")
+        raise EpicError(f"{checkpoint} belongs to a run with other settings ("
+                        f"{'; '.join(differences[:4])}): use another out folder or do not resume",
+                        options=("out", "resume"))
 
 
 def describe(defense: Defense | None) -> dict[str, Any] | None:
