@@ -103,6 +103,17 @@ class Defense:
         them); it may change :attr:`keep_mask`. Returns a record of the round."""
         raise NotImplementedError(f"{type(self).__name__} is due but has no update()")
 
+    # whether a round can take the last-layer gradients of the training pass before it
+    # (TrainConfig.round_embeddings="train-pass") through update_from_embeddings
+    TAKES_TRAINING_GRADIENTS: ClassVar[bool] = False
+
+    def update_from_embeddings(self, embeddings: Tensor, labels: Tensor, epoch: int) -> Any:
+        """A round before epoch ``epoch`` on the training pass's gradients ``embeddings``
+        ``(N, C)`` (``softmax(z) - onehot(y)`` of every example) and ``labels`` ``(N,)``,
+        instead of :meth:`update`'s own pass; only where :attr:`TAKES_TRAINING_GRADIENTS`."""
+        raise NotImplementedError(f"{type(self).__name__} cannot take the training pass's "
+                                  f"gradients")
+
     def on_batch(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """The training batch to train on instead of ``x`` ``(B, C, H, W)``, ``y`` ``(B,)``.
         A defense that overrides this makes the trainer compute a frozen body's features per

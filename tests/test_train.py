@@ -346,6 +346,11 @@ def test_rounds_from_the_training_pass_are_refused_where_they_cannot_be(tiny_dat
               defense=RandomDrop(fraction=0.1, warmup=1, every=1))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     train(seeded_convnet(train_data), train_data, test_data, cfg)  # no defense: nothing to do
+    # the hook is the protocol's: a defense says it takes the gradients, or it refuses them
+    assert EPIC.TAKES_TRAINING_GRADIENTS and not RandomDrop.TAKES_TRAINING_GRADIENTS
+    with pytest.raises(NotImplementedError, match="RandomDrop cannot take"):
+        RandomDrop(fraction=0.1).update_from_embeddings(torch.zeros(4, 3),
+                                                       torch.zeros(4, dtype=torch.long), 0)
 
 
 def test_evaluating_every_few_epochs_and_after_the_last(tiny_data, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -201,6 +201,7 @@ class EPIC(ScheduledDefense):
 
     SETTINGS = (*ScheduledDefense.SCHEDULE, "fraction", "max_cluster_size", "per_class",
                 "similarity", "method", "cluster")
+    TAKES_TRAINING_GRADIENTS = True
 
     def __init__(
         self,

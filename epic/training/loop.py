@@ -233,7 +233,8 @@ class _Run:
             net, stepper = defense.setup(model, net, optimizer, num_examples=len(train_data),
                                          batch_size=config.batch_size)
         from_training = config.round_embeddings == "train-pass" and defense is not None
-        if from_training and (size > 1 or not hasattr(defense, "update_from_embeddings")):
+        if from_training and (size > 1 or not (defense is not None
+                                               and defense.TAKES_TRAINING_GRADIENTS)):
             raise ValueError(
                 f"round_embeddings='train-pass' takes a round's gradients from the training "
                 f"pass, which only EPIC in one process can: use round_embeddings='eval' for "
@@ -290,8 +291,7 @@ class _Run:
         record: dict[str, Any] = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"]}
         if defense is not None and defense.due(epoch):
             if self.recorded is not None:
-                round_ = defense.update_from_embeddings(  # type: ignore[attr-defined]
-                    *self.recorded, epoch)
+                round_ = defense.update_from_embeddings(*self.recorded, epoch)
             else:
                 round_ = defense.update(model, self.train_data, epoch, features=self.cached)
             record["defense_seconds"] = round(getattr(round_, "seconds", 0.0), 4)
