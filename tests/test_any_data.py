@@ -89,7 +89,7 @@ def test_baselines_take_a_dataset_too(reference) -> None:  # type: ignore[no-unt
     train, model, _, _ = reference
     def make() -> list[ScheduledDefense]:
         return [SpectralSignatures(warmup=0), LowestConfidence(threshold=0.34, warmup=0),
-                RandomDrop(fraction=0.1, warmup=0, generator=torch.Generator().manual_seed(0))]
+                RandomDrop(drop_fraction=0.1, warmup=0, generator=torch.Generator().manual_seed(0))]
 
     # confidence in its own label of each example, one at a time (an untrained model: ~1/3)
     confidence = []

@@ -73,7 +73,7 @@ def test_random_drop_is_seeded_and_sized(tiny_data) -> None:  # type: ignore[no-
     train_data, _ = tiny_data
     runs = []
     for _ in range(2):
-        d = RandomDrop(fraction=0.1, warmup=0, generator=torch.Generator().manual_seed(4))
+        d = RandomDrop(drop_fraction=0.1, warmup=0, generator=torch.Generator().manual_seed(4))
         runs.append(d.update(torch.nn.Linear(1, 1), train_data, 0).dropped)
     assert torch.equal(runs[0], runs[1]) and len(runs[0]) == 6
 

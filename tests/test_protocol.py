@@ -106,7 +106,7 @@ def test_the_registry_builds_by_name_with_the_options_each_defense_takes() -> No
     assert isinstance(ap, AdversarialPoisoning) and (ap.share, ap.eps) == (0.25, 8 / 255)
     assert build_defense("none", run) is None
     random = build_defense("random-0.1", run)  # a control as large as EPIC's drops
-    assert isinstance(random, RandomDrop) and random.fraction == 0.1 and random.warmup == 10
+    assert isinstance(random, RandomDrop) and random.drop_fraction == 0.1 and random.warmup == 10
     assert parse_spec("dp-sgd") == ("dp-sgd", {})
     assert set(defense_options("dp-sgd")) == {"clip", "noise", "delta"}
     # shared settings: each defense takes its own, not-given (None) ones are left out

@@ -343,13 +343,13 @@ def test_rounds_from_the_training_pass_are_refused_where_they_cannot_be(tiny_dat
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="use round_embeddings='eval' for RandomDrop"):
         train(model, train_data, test_data, cfg,
-              defense=RandomDrop(fraction=0.1, warmup=1, every=1))
+              defense=RandomDrop(drop_fraction=0.1, warmup=1, every=1))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     train(seeded_convnet(train_data), train_data, test_data, cfg)  # no defense: nothing to do
     # the hook is the protocol's: a defense says it takes the gradients, or it refuses them
     assert EPIC.TAKES_TRAINING_GRADIENTS and not RandomDrop.TAKES_TRAINING_GRADIENTS
     with pytest.raises(NotImplementedError, match="RandomDrop cannot take"):
-        RandomDrop(fraction=0.1).update_from_embeddings(torch.zeros(4, 3),
+        RandomDrop(drop_fraction=0.1).update_from_embeddings(torch.zeros(4, 3),
                                                        torch.zeros(4, dtype=torch.long), 0)
 
 

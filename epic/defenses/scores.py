@@ -73,13 +73,13 @@ class HighestLoss(_LogitRule):
 
 
 class RandomDrop(ScheduledDefense):
-    """Drop random kept examples each round (a control): a ``fraction`` of them, or, replaying
+    """Drop random kept examples each round (a control): a ``drop_fraction`` of them, or, replaying
     another defense's rounds, ``counts[epoch]`` of them before each epoch of ``counts`` and no
     round at other epochs: as many examples, at the same times, drawn blindly."""
 
-    SETTINGS = (*ScheduledDefense.SCHEDULE, "fraction", "counts")
+    SETTINGS = (*ScheduledDefense.SCHEDULE, "drop_fraction", "counts")
 
-    def __init__(self, *, fraction: float = 0.01, warmup: int = 10, every: int = 2,
+    def __init__(self, *, drop_fraction: float = 0.01, warmup: int = 10, every: int = 2,
                  until: int | None = None, num_examples: int | None = None,
                  generator: torch.Generator | None = None,
                  counts: Mapping[int, int] | None = None) -> None:
@@ -89,9 +89,9 @@ class RandomDrop(ScheduledDefense):
                 raise ValueError(f"counts must map epochs >= 0 to counts >= 0, got {counts!r}")
             warmup, every, until = min(counts), 1, max(counts) + 1
         super().__init__(warmup=warmup, every=every, until=until, num_examples=num_examples)
-        if not 0 <= fraction <= 1:
-            raise ValueError(f"fraction must be in [0, 1], got {fraction}")
-        self.fraction = fraction
+        if not 0 <= drop_fraction <= 1:
+            raise ValueError(f"drop_fraction must be in [0, 1], got {drop_fraction}")
+        self.drop_fraction = drop_fraction
         self.counts = None if counts is None else dict(sorted(counts.items()))
         self.generator = generator
 
@@ -112,7 +112,7 @@ class RandomDrop(ScheduledDefense):
                              f"trial")
         if counts is not None:
             return cls(counts=counts, num_examples=run.num_examples, generator=generator)
-        return cls(fraction=drop_fraction, generator=generator,
+        return cls(drop_fraction=drop_fraction, generator=generator,
                    **paper_schedule(run, warmup=warmup, every=every, until=until))
 
     def due(self, epoch: int) -> bool:
@@ -129,7 +129,7 @@ class RandomDrop(ScheduledDefense):
     def drop_rows(self, embeddings: Tensor, labels: Tensor, keep: Tensor
                   ) -> tuple[Tensor, dict[str, Any]]:
         if self.counts is None:
-            m = round(self.fraction * len(embeddings))
+            m = round(self.drop_fraction * len(embeddings))
         else:  # this round is the next of counts': the history holds the earlier ones
             m = min(list(self.counts.values())[len(self.history)], len(embeddings))
         return torch.randperm(len(embeddings), generator=self.generator)[:m], {}
