@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -112,17 +113,12 @@ def test_paper_transfer_preset_follows_the_authors_script() -> None:
             for r in runs if r.no_augment} == {("bp", "setup-*", 1), ("fc", "setup-*", 1)}
 
 
-@pytest.mark.slow
-def test_paper_scale_transfer_preset_runs_end_to_end_at_tiny_size(tmp_path: Path) -> None:
-    """The paper-scale preset's every step (ResNet-18 clean model, crafting, victims under
-    EPIC) on a 200-image stand-in for CIFAR-10, with epochs, steps and set sizes cut down."""
-    import json
+def _tiny_cifar(tmp_path: Path) -> Path:
+    """A 200-image stand-in for CIFAR-10 (40 a batch, random pixels) with one from-scratch
+    setup whose three bases are class-5 images of the first batch."""
     import pickle
 
     import numpy as np
-
-    from epic.bench.presets import run_preset
-    from epic.cli.common import run_command
 
     data = tmp_path / "data"
     folder = data / "cifar-10-batches-py"
@@ -141,23 +137,72 @@ def test_paper_scale_transfer_preset_runs_end_to_end_at_tiny_size(tmp_path: Path
              "base indices": np.array([5, 15, 25], dtype=np.int64)}  # class 5 of the first batch
     (data / "poisoning-benchmark" / "cifar10_from_scratch.pickle").write_bytes(
         pickle.dumps([setup]))
-    small = {"--epochs": "1", "--iterations": "2", "--victim-per-class": "20"}
+    return data
+
+
+def _cut_down(**small: str) -> Callable[[list[str]], int]:
+    """Run a preset's command lines with the values of the flags ``small`` names replaced."""
+    from epic.cli.common import run_command
+
     parser = build_parser()
+    flags = {f"--{k.replace('_', '-')}": v for k, v in small.items()}
 
     def run(argv: list[str]) -> int:
-        argv = [small.get(argv[i - 1], a) if i else a for i, a in enumerate(argv)]
-        return run_command(parser, argv)
+        return run_command(parser, [flags.get(argv[i - 1], a) if i else a
+                                    for i, a in enumerate(argv)])
+    return run
 
+
+@pytest.mark.slow
+def test_paper_scale_transfer_preset_runs_end_to_end_at_tiny_size(tmp_path: Path) -> None:
+    """The paper-scale preset's every step (ResNet-18 clean model, crafting, victims under
+    EPIC) on a 200-image stand-in for CIFAR-10, with epochs, steps and set sizes cut down."""
+    import json
+
+    from epic.bench.presets import run_preset
+
+    data = _tiny_cifar(tmp_path)
     out = tmp_path / "out"
-    run_preset("paper-transfer", data_dir=data, out=out, run=run, first=1,
-               defenses=["none", "epic-0.2"])
+    run_preset("paper-transfer", data_dir=data, out=out, first=1, defenses=["none", "epic-0.2"],
+               run=_cut_down(epochs="2", iterations="2", victim_per_class="20"))
     clean = json.loads((out / "clean" / "config.json").read_text())
-    assert clean["run"]["model"] == "resnet18" and clean["config"]["epochs"] == 1
+    assert clean["run"]["model"] == "resnet18" and clean["config"]["epochs"] == 2
     assert clean["run"]["argv"][:2] == ["train", "--dataset"]  # the step's own command line
     rows = [json.loads(line) for line in (out / "bench" / "results.jsonl").read_text()
             .splitlines()]
-    assert sorted((r["attack"], r["defense"]) for r in rows) == [
-        ("bullseye_polytope", "epic-0.2"), ("bullseye_polytope", "none"),
-        ("feature_collision", "epic-0.2"), ("feature_collision", "none")]
+    # each defense on cached features, then once more with crop and flip
+    assert sorted((r["attack"], r["defense"], r["config"]["augment"]) for r in rows) == [
+        (attack, defense, augment) for attack in ("bullseye_polytope", "feature_collision")
+        for defense in ("epic-0.2", "none") for augment in (False, True)]
     assert all(r["examples"] == 200 and r["poisons"] == 3 for r in rows)
     assert all(r["device"] == "cpu" for r in rows)
+
+
+@pytest.mark.slow
+def test_scratch_preset_runs_end_to_end_at_tiny_size(tmp_path: Path) -> None:
+    """The from-scratch preset's every step (clean fast net, Gradient Matching at both
+    budgets, Sleeper Agent with its surrogate retrained by the recipe, victims under EPIC-0.1
+    and its replayed random control) on the 200-image stand-in, cut down."""
+    import json
+
+    from epic.bench.presets import run_preset
+
+    out = tmp_path / "out"
+    run_preset("cpu-scratch", data_dir=_tiny_cifar(tmp_path), out=out, first=1,
+               defenses=["none", "epic-0.1", "random-as-epic-0.1"],
+               run=_cut_down(epochs="5", iterations="2", retrain_epochs="1",
+                             victim_per_class="20"))
+    rows = [json.loads(line) for line in (out / "bench" / "results.jsonl").read_text()
+            .splitlines()]
+    assert sorted((Path(r["poisons_dir"]).parent.name, r["defense"]) for r in rows) == [
+        ("gm-eps16", "epic-0.1"), ("gm-eps16", "none"), ("gm-eps16", "random-as-epic-0.1"),
+        ("gm-eps8", "none"), ("sa-eps16", "epic-0.1"), ("sa-eps16", "none"),
+        ("sa-eps16", "random-as-epic-0.1")]
+    for attack in ("gm-eps16", "sa-eps16"):  # the control drops as many, at the same epochs
+        by = {r["defense"]: r for r in rows if Path(r["poisons_dir"]).parent.name == attack}
+        assert by["random-as-epic-0.1"]["examples_dropped"] == by["epic-0.1"][
+            "examples_dropped"]
+    sleeper = json.loads((out / "poisons" / "sa-eps16" / "setup-000" / "poisons.json")
+                         .read_text())
+    assert sleeper["metadata"]["hyperparameters"]["retrain_config"]["batch_size"] == 512
+
