@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from epic.errors import EpicError
 from epic.images import read_image_folder, read_npz
 
 from .imagefiles import png_header_only, save
@@ -130,8 +131,10 @@ def test_missing_folder_and_oversized_set_are_clear_errors(tmp_path) -> None:  #
         read_image_folder(tmp_path / "nowhere")
     save(tmp_path / "a/1.png", _rgb(0))
     save(tmp_path / "b/1.png", _rgb(1))
-    with pytest.raises(ValueError, match=r"need 864 bytes .*\(--image-size\)"):
+    with pytest.raises(EpicError, match=r"need 864 bytes .*choose a smaller image_size") as err:
         read_image_folder(tmp_path, max_total_bytes=800)
+    assert err.value.worded(lambda o: "--" + o.replace("_", "-")).endswith(
+        "choose a smaller --image-size")  # as the command line says it
 
 
 # ----------------------------------------------------------------------------- npz
