@@ -228,7 +228,8 @@ def run_trials(
             continue
         key = trial.record["key"]
         with store.claim(trial.id) as mine:
-            if not mine or trial.id in stored():
+            current = stored()
+            if not mine or trial.id in current:
                 log.info("%s: %s in another run", key, "running" if not mine else "finished")
                 continue
             if victim is None or victim[0] is not trial.poisons:
@@ -243,7 +244,7 @@ def run_trials(
             options = options_for(spec, {"warmup": warmup, "every": every, "until": until})
             replayed = parse_spec(spec)[1].get("replay_of")
             if replayed is not None:
-                options["counts"] = replayed_counts(stored(), trial.record, replayed)
+                options["counts"] = replayed_counts(current, trial.record, replayed)
             defense = build_defense(spec, run, **options)
             model = make_model(seed)
             features = None

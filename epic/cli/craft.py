@@ -42,9 +42,9 @@ __all__ = ["add_craft_command", "craft_from_args"]
 
 log = logging.getLogger("epic")
 
-# flag -> the attack option it sets (when given); an attack that takes no such option refuses it
-ATTACK_FLAGS = {"eps": "eps", "iterations": "iterations", "restarts": "restarts",
-                "retrain_epochs": "retrain_epochs", "clean_label": "clean_label"}
+# the attack options that flags of the same name set (when given); an attack that takes no
+# such option refuses the flag
+ATTACK_FLAGS = ("eps", "iterations", "restarts", "retrain_epochs", "clean_label")
 
 
 def _default_eps() -> str:
@@ -121,8 +121,8 @@ def craft_from_args(args: argparse.Namespace, model: Classifier, train_data: Ima
     """Build the attack the arguments name and run it (on ``bases`` rows when given)."""
     budget: float | int = args.budget if args.budget < 1 else int(args.budget)
     options: dict[str, Any] = {"budget": budget}
-    for flag, option in ATTACK_FLAGS.items():
-        value = getattr(args, flag)
+    for option in ATTACK_FLAGS:
+        value = getattr(args, option)
         if value is not None and value is not False:
             options[option] = value / 255 if option == "eps" else value
     if "retrain_config" in attack_options(args.attack):  # the surrogate, as the clean model
@@ -131,9 +131,8 @@ def craft_from_args(args: argparse.Namespace, model: Classifier, train_data: Ima
     try:
         attack = build_attack(args.attack, **options)
     except ValueError as exc:  # in the command line's words
-        flags = {o: "--" + f.replace("_", "-") for f, o in ATTACK_FLAGS.items()}
-        unknown = [flags[o] for o in options if o in flags and o not in attack_options(
-            args.attack)]
+        unknown = ["--" + o.replace("_", "-") for o in options
+                   if o in ATTACK_FLAGS and o not in attack_options(args.attack)]
         raise ValueError(f"--attack {args.attack} takes no {', '.join(unknown)}") from exc
     if is_backdoor(args.attack):
         source = args.source_class
