@@ -28,7 +28,7 @@ from epic.protocol import changes_batches
 from epic.safe_pickle import load_weights
 from epic.training import TrainConfig, config_record, provenance, train
 from epic.training.config import RETIRED_SETTINGS
-from epic.training.records import describe
+from epic.training.records import describe, describe_device
 
 __all__ = ["SETTING_OPTIONS", "Trial", "plan_trials", "rerun_defense",
            "run_trials", "trial_id", "victim_features"]
@@ -261,7 +261,7 @@ def run_trials(
                         "defense": describe(defense)}
             record = trial.record | {"wall_seconds": round(time.perf_counter() - start, 3),
                                      "resolved": resolved, "run_dir": str(run_dir),
-                                     "device": str(_device_of(model)), "run": versions}
+                                     "device": describe_device(_device_of(model)), "run": versions}
             record |= result.summary
             store.append(record)
             written.append(record)

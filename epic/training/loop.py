@@ -39,6 +39,7 @@ from epic.training.records import (
     check_same_run,
     defense_records,
     describe,
+    describe_device,
     provenance,
     run_summary,
     save_checkpoint,
@@ -282,7 +283,7 @@ class _Run:
             "defense": describe(self.defense),
             "poisons": None if self.poisons is None else {
                 "count": len(self.poisons), "metadata": self.poisons.metadata},
-            "device": str(self.device), "run": (run_info or {}) | provenance()})
+            "device": describe_device(self.device), "run": (run_info or {}) | provenance()})
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         """The defense's round if one is due, then one pass over the kept examples: the

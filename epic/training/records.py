@@ -23,8 +23,8 @@ from epic.poisons import PoisonSet
 from epic.protocol import Defense
 from epic.training.config import config_record
 
-__all__ = ["check_same_run", "defense_records", "describe", "provenance", "run_summary",
-           "save_checkpoint", "write_json"]
+__all__ = ["check_same_run", "defense_records", "describe", "describe_device", "provenance",
+           "run_summary", "save_checkpoint", "write_json"]
 
 log = logging.getLogger("epic.training")
 
@@ -38,6 +38,14 @@ def provenance() -> dict[str, Any]:
         rev = None
     return {"torch": torch.__version__, "numpy": np.__version__,
             "python": platform.python_version(), "git_revision": rev}
+
+
+def describe_device(device: torch.device) -> str:
+    """The device a run trained on, for its record: ``cpu``, or ``cuda:0 (NVIDIA H200)`` with
+    the card's name, so that wall times are read against the hardware that made them."""
+    if device.type != "cuda":
+        return str(device)
+    return f"{device} ({torch.cuda.get_device_name(device)})"
 
 
 def write_json(path: Path, obj: Any) -> None:
