@@ -40,8 +40,8 @@ from PIL import Image, UnidentifiedImageError
 
 from epic.data import ImageData
 from epic.errors import EpicError
-from epic.files import UntrustedFileError, open_untrusted, read_untrusted
-from epic.npy import array_headers, read_array
+from epic.io.files import UntrustedFileError, open_untrusted, read_untrusted
+from epic.io.npy import array_headers, read_array
 
 __all__ = ["FORMATS", "MAX_DEPTH", "MAX_FILE_BYTES", "MAX_PIXELS", "MAX_SCAN_PIXELS",
            "MAX_TOTAL_BYTES", "ImageFolder", "Skipped", "read_image_folder", "read_npz"]

@@ -13,7 +13,7 @@ import hashlib
 import os
 import re
 
-from epic.files import replace_atomically
+from epic.io.files import replace_atomically
 
 __all__ = ["encode_text", "write_page"]
 

@@ -26,9 +26,9 @@ from torch import Tensor, nn
 
 from epic.data import ImageData, channels_last_on_cpu, inference_batch_size, iterate_batches
 from epic.errors import EpicError
-from epic.files import open_untrusted, read_json, replace_atomically, write_atomically
+from epic.io.files import open_untrusted, read_json, replace_atomically, write_atomically
+from epic.io.npy import array_headers, read_array
 from epic.models import eval_mode
-from epic.npy import array_headers, read_array
 
 __all__ = ["PoisonSet", "PoisonSetError", "apply_trigger"]
 

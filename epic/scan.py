@@ -39,8 +39,8 @@ from torch import Tensor, nn
 
 from epic.data import ImageData
 from epic.defenses import EPIC, EpicRound, EpicSettings
-from epic.files import replace_atomically
 from epic.images import Skipped
+from epic.io.files import replace_atomically
 from epic.models import Classifier
 from epic.pages import encode_text, write_page
 from epic.training import TrainConfig, train

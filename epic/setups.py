@@ -27,8 +27,8 @@ from torch import Tensor
 
 from epic.data import ImageData
 from epic.errors import EpicError
-from epic.files import read_untrusted
-from epic.safe_pickle import safe_load
+from epic.io.files import read_untrusted
+from epic.io.safe_pickle import safe_load
 
 __all__ = ["Setup", "SetupError", "load_setups", "outside_victims", "resolve_target",
            "scratch_victim_indices", "select_setups", "transfer_victim_indices", "victim_data"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from epic.data import Augment, ImageData, augment_batch, iterate_batches, load_cifar, load_digits
-from epic.safe_pickle import UnsafePickleError
+from epic.io.safe_pickle import UnsafePickleError
 
 from .conftest import cifar_root, requires_cifar
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from epic.files import replace_atomically
+from epic.io.files import replace_atomically
 
 
 def test_replace_atomically_writes_and_leaves_nothing_behind(tmp_path: Path) -> None:

@@ -20,8 +20,8 @@ from epic.formats import (
     import_metapoison,
     read_untrusted_pickle,
 )
+from epic.io.safe_pickle import UnsafePickleError
 from epic.poisons import PoisonSet, PoisonSetError
-from epic.safe_pickle import UnsafePickleError
 
 
 def _train(channels: int = 3, n: int = 40, side: int = 8) -> ImageData:

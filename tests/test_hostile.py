@@ -90,7 +90,7 @@ def test_a_hostile_cifar_batch_is_named(tmp_path, capsys) -> None:  # type: igno
 
 
 def test_a_truncated_pickle_is_named(tmp_path: Path) -> None:
-    from epic.safe_pickle import UnsafePickleError, safe_load
+    from epic.io.safe_pickle import UnsafePickleError, safe_load
 
     path = tmp_path / "cut.pkl"
     path.write_bytes(pickle.dumps({"labels": list(range(100))})[:-20])
@@ -104,7 +104,7 @@ def test_arrays_of_every_pickle_protocol_load(protocol: int) -> None:
 
     import numpy as np
 
-    from epic.safe_pickle import safe_load
+    from epic.io.safe_pickle import safe_load
 
     a = np.arange(12, dtype=np.float32).reshape(3, 4)
     back = safe_load(io.BytesIO(pickle.dumps({"x": a, "n": np.int64(3)}, protocol=protocol)))
@@ -115,7 +115,7 @@ def test_arrays_of_every_pickle_protocol_load(protocol: int) -> None:
 def test_a_tiny_pickle_cannot_ask_for_a_huge_array(call: str) -> None:
     import io
 
-    from epic.safe_pickle import UnsafePickleError, safe_load
+    from epic.io.safe_pickle import UnsafePickleError, safe_load
 
     shape = b"(J\x00\x00\x00\x40t"  # the tuple (2**30,); as 8-byte floats, 8 GiB
     f8 = b"cnumpy\ndtype\n(X\x02\x00\x00\x00f8tR"  # numpy.dtype("f8")
@@ -428,7 +428,7 @@ def test_every_array_of_an_npz_counts_toward_its_limit(tmp_path: Path) -> None:
 @pytest.mark.parametrize("kind", ["fifo", "devzero", "folder"])
 def test_special_files_are_refused_by_every_opener(kind: str, tmp_path: Path) -> None:
     """A FIFO must not block, /dev/zero must not be read until memory runs out."""
-    from epic.files import UntrustedFileError, read_json
+    from epic.io.files import UntrustedFileError, read_json
 
     path = tmp_path / "poisons.json"
     if kind == "fifo":
@@ -784,7 +784,7 @@ def test_the_readme_s_submodule_names_work_after_import_epic() -> None:
 def test_resuming_from_a_checkpoint_that_inflates_to_gigabytes_is_refused(  # type: ignore[no-untyped-def]
         tmp_path, tiny_data) -> None:
     import epic
-    from epic.safe_pickle import UnsafePickleError
+    from epic.io.safe_pickle import UnsafePickleError
     from tests.conftest import seeded_convnet
 
     train, test = tiny_data

@@ -7,7 +7,7 @@ import pickle
 import numpy as np
 import pytest
 
-from epic.safe_pickle import UnsafePickleError, safe_load, safe_loads
+from epic.io.safe_pickle import UnsafePickleError, safe_load, safe_loads
 
 
 class _Exploit:

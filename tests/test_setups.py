@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from epic.safe_pickle import UnsafePickleError
+from epic.io.safe_pickle import UnsafePickleError
 from epic.setups import (
     SetupError,
     load_setups,

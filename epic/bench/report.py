@@ -17,7 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from epic.files import read_json, replace_atomically, write_atomically
+from epic.io.files import read_json, replace_atomically, write_atomically
 from epic.pages import write_page
 
 __all__ = ["cluster_size_rounds", "defense_label", "defense_rounds", "drop_curve",

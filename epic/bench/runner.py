@@ -20,12 +20,12 @@ from epic.bench.report import defense_rounds
 from epic.bench.store import ResultStore
 from epic.data import ImageData
 from epic.defenses import RunFacts, build_defense, options_for, parse_spec, scheduled
-from epic.files import read_untrusted, replace_atomically
 from epic.gradients import feature_embeddings
+from epic.io.files import read_untrusted, replace_atomically
+from epic.io.safe_pickle import load_weights
 from epic.models import Classifier
 from epic.poisons import PoisonSet
 from epic.protocol import changes_batches
-from epic.safe_pickle import load_weights
 from epic.training import TrainConfig, config_record, provenance, train
 from epic.training.config import RETIRED_SETTINGS
 from epic.training.records import describe, describe_device

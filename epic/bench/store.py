@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from epic.files import read_untrusted
+from epic.io.files import read_untrusted
 
 __all__ = ["FIELDS", "ResultStore", "problem"]
 

@@ -32,7 +32,7 @@ from epic.cli.common import (
     run_command,
     train_config,
 )
-from epic.files import write_atomically
+from epic.io.files import write_atomically
 from epic.poisons import PoisonSet
 from epic.setups import SetupError, victim_data
 from epic.training import train

@@ -20,9 +20,9 @@ import torch
 from epic.cli.argtypes import at_least, number
 from epic.data import DATASETS, ImageData, load_dataset
 from epic.defenses import EpicSettings
-from epic.files import UntrustedFileError
+from epic.io.files import UntrustedFileError
+from epic.io.safe_pickle import UnsafePickleError, load_weights
 from epic.models import MODELS, Classifier, build_model
-from epic.safe_pickle import UnsafePickleError, load_weights
 from epic.selection import PerClass, Similarity
 from epic.setups import Setup, load_setups, select_setups
 from epic.training import RoundEmbeddings, Scenario, Schedule, TrainConfig
@@ -255,7 +255,7 @@ def make_model(args: argparse.Namespace, train_data: ImageData,
 
 
 def _load_weights(path: str) -> Mapping[str, Any]:
-    """The state dict in ``path``, read by :func:`epic.safe_pickle.load_weights` (nothing is
+    """The state dict in ``path``, read by :func:`epic.io.safe_pickle.load_weights` (nothing is
     executed, sizes are checked first)."""
     try:
         state = load_weights(path)

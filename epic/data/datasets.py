@@ -21,8 +21,8 @@ from torch import Tensor
 
 from epic.data.imagedata import Augment, ImageData
 from epic.errors import EpicError
-from epic.files import open_untrusted, temporary_beside
-from epic.safe_pickle import MAX_ARRAY_BYTES, safe_load
+from epic.io.files import open_untrusted, temporary_beside
+from epic.io.safe_pickle import MAX_ARRAY_BYTES, safe_load
 
 __all__ = ["DATASETS", "Cifar", "download_cifar", "load_cifar", "load_dataset", "load_digits"]
 
@@ -232,8 +232,8 @@ def load_cifar(
 ) -> tuple[ImageData, ImageData]:
     """Read CIFAR-10/100 from ``root``: the python folder, a parent of it, or the ``.tar.gz``.
 
-    The batches are unpickled with :func:`epic.safe_pickle.safe_load`: a file that asks to run
-    code raises :class:`~epic.safe_pickle.UnsafePickleError` and nothing is executed.
+    The batches are unpickled with :func:`epic.io.safe_pickle.safe_load`: a file that asks to run
+    code raises :class:`~epic.io.safe_pickle.UnsafePickleError` and nothing is executed.
 
     Example:
         >>> train, test = load_cifar("cifar10", "data/")  # doctest: +SKIP

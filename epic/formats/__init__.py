@@ -17,10 +17,10 @@
   ``ytarget`` and adversarial labels ``ytargetadv``, plus ``poison_indices``, ``eps`` and,
   for backdoors, ``trigger`` ``(h, w, C)``.
 
-Every pickle here is read with :func:`epic.safe_pickle.safe_load`: only arrays, numbers,
+Every pickle here is read with :func:`epic.io.safe_pickle.safe_load`: only arrays, numbers,
 strings, containers and a stand-in for ``PIL.Image.Image`` that copies mode, size and bytes
 (no PIL code runs, no callable named by the file is ever called). A crafted pickle raises
-:class:`~epic.safe_pickle.UnsafePickleError`.
+:class:`~epic.io.safe_pickle.UnsafePickleError`.
 """
 
 from epic.formats.benchmark import export_benchmark, import_benchmark

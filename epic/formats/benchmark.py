@@ -13,7 +13,6 @@ import torch
 from torch import Tensor
 
 from epic.data import ImageData
-from epic.files import read_json, write_atomically
 from epic.formats.untrusted import (
     dump,
     eps_value,
@@ -23,8 +22,9 @@ from epic.formats.untrusted import (
     read_untrusted_pickle,
     stack_images,
 )
+from epic.io.files import read_json, write_atomically
+from epic.io.safe_pickle import UnsafePickleError
 from epic.poisons import PoisonSet, PoisonSetError
-from epic.safe_pickle import UnsafePickleError
 
 __all__ = ["export_benchmark", "import_benchmark"]
 

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from epic.files import open_untrusted, replace_atomically
+from epic.io.files import open_untrusted, replace_atomically
+from epic.io.safe_pickle import UnsafePickleError, safe_load
 from epic.poisons import PoisonSetError
-from epic.safe_pickle import UnsafePickleError, safe_load
 
 __all__ = ["PilStandIn", "dump", "eps_value", "images_hwc", "integer", "integers", "kind",
            "read_untrusted_pickle", "stack_images", "to_chw"]

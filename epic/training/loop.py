@@ -28,12 +28,12 @@ from epic.data import (
     iterate_batches,
 )
 from epic.distributed import world
-from epic.files import replace_atomically
 from epic.gradients import feature_embeddings
+from epic.io.files import replace_atomically
+from epic.io.safe_pickle import load_weights
 from epic.models import Classifier
 from epic.poisons import PoisonSet
 from epic.protocol import Defense, changes_batches
-from epic.safe_pickle import load_weights
 from epic.training.config import TrainConfig, TrainResult, evaluate, prepare_model
 from epic.training.records import (
     check_same_run,

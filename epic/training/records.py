@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from epic.errors import EpicError
-from epic.files import replace_atomically
+from epic.io.files import replace_atomically
 from epic.poisons import PoisonSet
 from epic.protocol import Defense
 from epic.training.config import config_record

@@ -111,8 +111,8 @@ def image_folder_layout(folder: Path) -> None:
 
 
 def _safe_load(path: Path) -> object:
-    from epic.files import open_untrusted
-    from epic.safe_pickle import safe_load
+    from epic.io.files import open_untrusted
+    from epic.io.safe_pickle import safe_load
 
     with open_untrusted(path) as f:
         return safe_load(f, name=str(path))

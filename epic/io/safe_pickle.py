@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from epic.errors import EpicError
-from epic.files import MAX_UNTRUSTED_BYTES, open_untrusted
+from epic.io.files import MAX_UNTRUSTED_BYTES, open_untrusted
 
 __all__ = ["MAX_ARRAY_BYTES", "MAX_WEIGHTS_BYTES", "UnsafePickleError", "load_weights",
            "safe_load", "safe_loads"]
@@ -210,7 +210,7 @@ def load_weights(path: str | os.PathLike[str], *, max_bytes: int = MAX_WEIGHTS_B
                  map_location: Any = "cpu") -> Any:
     """``torch.load(path, weights_only=True)`` of a stranger's file, checked first.
 
-    The file is opened by :func:`epic.files.open_untrusted` (a regular file of at most
+    The file is opened by :func:`epic.io.files.open_untrusted` (a regular file of at most
     ``max_bytes``) and must be the zip archive ``torch.save`` writes (the format since torch
     1.6; the older one declares its sizes inside the pickle). torch inflates a compressed
     record with no limit of its own, so the sizes the archive declares, all records
