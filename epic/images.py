@@ -114,6 +114,53 @@ class _Header(NamedTuple):
     mode: str
 
 
+def _walk(rootp: Path) -> tuple[list[str], list[tuple[str, Path, int]], list[Skipped]]:
+    """The class sub-folders of ``rootp`` in name order, the files under them as (name
+    relative to ``rootp``, path, label), and what was passed over (files outside a class
+    sub-folder, folders nested too deep)."""
+    class_dirs: list[str] = []
+    candidates: list[tuple[str, Path, int]] = []
+    skipped: list[Skipped] = []
+    for entry in sorted(os.scandir(rootp), key=lambda e: e.name):
+        if entry.is_dir(follow_symlinks=False):
+            label = len(class_dirs)
+            class_dirs.append(entry.name)
+            found, too_deep = _entries(Path(entry.path))
+            candidates += [(_relative(p, rootp), p, label) for p in found]
+            skipped += [Skipped(_relative(p, rootp), reason) for p, reason in too_deep]
+        else:
+            skipped.append(Skipped(entry.name, "not in a class sub-folder"))
+    return class_dirs, candidates, skipped
+
+
+def _read_headers(candidates: Sequence[tuple[str, Path, int]], limits: _Limits,
+                  skipped: list[Skipped]) -> list[_Header]:
+    """The headers of the files that open within ``limits``; the others join ``skipped``."""
+    headers: list[_Header] = []
+    for name, path, label in candidates:
+        try:
+            with _open(path, limits) as img:
+                headers.append(_Header(name, path, label, img.size, img.mode))
+        except _Unreadable as exc:
+            skipped.append(Skipped(name, str(exc)))
+    return headers
+
+
+def _target_size(image_size: int | tuple[int, int] | None,
+                 headers: Sequence[_Header]) -> tuple[int, int]:
+    """(height, width) to resize to: ``image_size``, or the most common size of ``headers``
+    (the first in path order on a tie)."""
+    if image_size is None:
+        width, height = Counter(h.size for h in headers).most_common(1)[0][0]
+    elif isinstance(image_size, int):
+        height = width = image_size
+    else:
+        height, width = image_size
+    if height < 1 or width < 1:
+        raise ValueError(f"image_size must be positive, got {height} x {width}")
+    return height, width
+
+
 def read_image_folder(
     root: str | os.PathLike[str],
     *,
@@ -153,42 +200,18 @@ def read_image_folder(
     unknown = set(formats) - set(FORMATS)
     if unknown:
         raise ValueError(f"formats must be among {', '.join(FORMATS)}, got {sorted(unknown)}")
-    class_dirs: list[str] = []
-    candidates: list[tuple[str, Path, int]] = []  # (relative name, path, label)
-    skipped: list[Skipped] = []
-    for entry in sorted(os.scandir(rootp), key=lambda e: e.name):
-        if entry.is_dir(follow_symlinks=False):
-            label = len(class_dirs)
-            class_dirs.append(entry.name)
-            found, too_deep = _entries(Path(entry.path))
-            candidates += [(_relative(p, rootp), p, label) for p in found]
-            skipped += [Skipped(_relative(p, rootp), reason) for p, reason in too_deep]
-        else:
-            skipped.append(Skipped(entry.name, "not in a class sub-folder"))
+    class_dirs, candidates, skipped = _walk(rootp)
     if len(class_dirs) < 2:
         raise ValueError(f"{rootp} has {len(class_dirs)} class sub-folder"
                          f"{'' if len(class_dirs) == 1 else 's'}; a scan needs two or more "
                          f"({rootp}/<class>/<image>)")
     limits = _Limits(max_file_bytes, max_pixels, tuple(formats))
-    headers: list[_Header] = []
-    for name, path, label in candidates:
-        try:
-            with _open(path, limits) as img:
-                headers.append(_Header(name, path, label, img.size, img.mode))
-        except _Unreadable as exc:
-            skipped.append(Skipped(name, str(exc)))
+    headers = _read_headers(candidates, limits, skipped)
     if not headers:
         raise ValueError(f"{rootp} holds no readable image ({len(skipped)} files skipped"
                          + (f"; first: {skipped[0].file}: {skipped[0].reason})" if skipped
                             else ")"))
-    if image_size is None:
-        width, height = Counter(h.size for h in headers).most_common(1)[0][0]
-    elif isinstance(image_size, int):
-        height = width = image_size
-    else:
-        height, width = image_size
-    if height < 1 or width < 1:
-        raise ValueError(f"image_size must be positive, got {height} x {width}")
+    height, width = _target_size(image_size, headers)
     mode = "L" if all(h.mode in _GRAY_MODES for h in headers) else "RGB"
     channels = 1 if mode == "L" else 3
     need = len(headers) * channels * height * width
@@ -325,6 +348,35 @@ def _eight_bit(img: Image.Image) -> Image.Image:
 # ----------------------------------------------------------------------------- npz
 
 
+def _npz_arrays(zf: zipfile.ZipFile, max_total_bytes: int
+                ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...] | None]:
+    """``images``, ``labels`` (int64) and ``classes`` (None when absent) of an open
+    ``.npz``, each checked from its header before it is read (see :func:`read_npz`)."""
+    headers = array_headers(zf, ("images", "labels", "classes"), max_total_bytes)
+    missing = [k for k in ("images", "labels") if k not in headers]
+    if missing:
+        raise ValueError(f"lacks {' and '.join(missing)}")
+    shape, dtype = headers["images"]
+    if dtype != np.uint8 or len(shape) not in (3, 4) or 0 in shape[1:]:
+        raise ValueError(f"images must be uint8 (N, H, W[, C]) or (N, C, H, W) "
+                         f"with at least one pixel, got {dtype} {shape}")
+    n = shape[0]
+    lshape, ldtype = headers["labels"]
+    if lshape != (n,) or ldtype.kind not in "iu":
+        raise ValueError(f"labels must be integers ({n},), got {ldtype} {lshape}")
+    classes = None
+    if "classes" in headers:
+        cshape, cdtype = headers["classes"]
+        if (len(cshape) != 1 or cdtype.kind != "U" or cshape[0] > n
+                or cdtype.itemsize > 4 * 1024):
+            raise ValueError(f"classes must be at most {n} strings (K,) of at most "
+                             f"1024 characters, got {cdtype} {cshape}")
+        classes = tuple(str(c) for c in read_array(zf, "classes"))
+    images = read_array(zf, "images")
+    labels = read_array(zf, "labels").astype(np.int64)
+    return images, labels, classes
+
+
 def read_npz(path: str | os.PathLike[str], *, max_total_bytes: int = MAX_TOTAL_BYTES
              ) -> ImageData:
     """An image set from an ``.npz`` of ``images``, ``labels`` and optional ``classes``.
@@ -353,30 +405,10 @@ def read_npz(path: str | os.PathLike[str], *, max_total_bytes: int = MAX_TOTAL_B
         f.seek(0)
         try:
             with zipfile.ZipFile(f) as zf:
-                headers = array_headers(zf, ("images", "labels", "classes"), max_total_bytes)
-                missing = [k for k in ("images", "labels") if k not in headers]
-                if missing:
-                    raise ValueError(f"lacks {' and '.join(missing)}")
-                shape, dtype = headers["images"]
-                if dtype != np.uint8 or len(shape) not in (3, 4) or 0 in shape[1:]:
-                    raise ValueError(f"images must be uint8 (N, H, W[, C]) or (N, C, H, W) "
-                                     f"with at least one pixel, got {dtype} {shape}")
-                n = shape[0]
-                lshape, ldtype = headers["labels"]
-                if lshape != (n,) or ldtype.kind not in "iu":
-                    raise ValueError(f"labels must be integers ({n},), got {ldtype} {lshape}")
-                classes = None
-                if "classes" in headers:
-                    cshape, cdtype = headers["classes"]
-                    if (len(cshape) != 1 or cdtype.kind != "U" or cshape[0] > n
-                            or cdtype.itemsize > 4 * 1024):
-                        raise ValueError(f"classes must be at most {n} strings (K,) of at most "
-                                         f"1024 characters, got {cdtype} {cshape}")
-                    classes = tuple(str(c) for c in read_array(zf, "classes"))
-                images = read_array(zf, "images")
-                labels = read_array(zf, "labels").astype(np.int64)
+                images, labels, classes = _npz_arrays(zf, max_total_bytes)
         except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as exc:
             raise ValueError(f"{p}: {exc}") from exc
+    n = len(labels)
     if images.ndim == 3:
         images = images[:, None]
     elif images.shape[3] in (1, 3):
