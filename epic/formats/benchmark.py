@@ -124,6 +124,24 @@ def _pairs(obj: Any, field: str) -> list[tuple[Any, Any]]:
     return [(p[0], p[1]) for p in obj]
 
 
+def _side_file(side: Any, eps: float | None) -> tuple[float, int, int, bool, dict[str, Any]]:
+    """The checked facts of ``epic.json``: eps (``eps`` when given), target and adversarial
+    class, whether the poisons are relabelled, and the metadata."""
+    if not isinstance(side, dict):
+        raise PoisonSetError(f"epic.json must hold an object, got {kind(side)}")
+    for key in ("eps", "target_class", "adversarial_class", "relabelled"):
+        if key not in side:
+            raise PoisonSetError(f"epic.json lacks '{key}'")
+    eps = eps_value(side["eps"], "epic.json 'eps'") if eps is None else eps
+    target_class = integer(side["target_class"], "epic.json 'target_class'")
+    adversarial = integer(side["adversarial_class"], "epic.json 'adversarial_class'")
+    if not isinstance(side["relabelled"], bool):
+        raise PoisonSetError("epic.json 'relabelled' must be true or false")
+    if not isinstance(side.get("metadata", {}), dict):
+        raise PoisonSetError("epic.json 'metadata' must be an object")
+    return eps, target_class, adversarial, side["relabelled"], dict(side.get("metadata", {}))
+
+
 def _benchmark_set(raw: Any, idx: Any, target: Any, source: Any, side: Any,
                    train: ImageData | None, eps: float | None) -> PoisonSet:
     """The checked content of a benchmark folder as a :class:`PoisonSet`."""
@@ -153,20 +171,7 @@ def _benchmark_set(raw: Any, idx: Any, target: Any, source: Any, side: Any,
     relabelled: bool | None = None
     adversarial: int | None = None
     if side is not None:
-        if not isinstance(side, dict):
-            raise PoisonSetError(f"epic.json must hold an object, got {kind(side)}")
-        for key in ("eps", "target_class", "adversarial_class", "relabelled"):
-            if key not in side:
-                raise PoisonSetError(f"epic.json lacks '{key}'")
-        eps = eps_value(side["eps"], "epic.json 'eps'") if eps is None else eps
-        target_class = integer(side["target_class"], "epic.json 'target_class'")
-        adversarial = integer(side["adversarial_class"], "epic.json 'adversarial_class'")
-        if not isinstance(side["relabelled"], bool):
-            raise PoisonSetError("epic.json 'relabelled' must be true or false")
-        relabelled = side["relabelled"]
-        if not isinstance(side.get("metadata", {}), dict):
-            raise PoisonSetError("epic.json 'metadata' must be an object")
-        metadata = dict(side.get("metadata", {}))
+        eps, target_class, adversarial, relabelled, metadata = _side_file(side, eps)
     if adversarial is None:
         adversarial = Counter(labels.tolist()).most_common(1)[0][0] if len(labels) else -1
     if target_class is None:
