@@ -47,6 +47,13 @@ def add_bench_commands(sub: Any) -> None:
                                    "success, accuracy and time, and turn the store into tables, "
                                    "figures and an HTML page.")
     bsub = p.add_subparsers(dest="bench_command", required=True)
+    _add_run(bsub)
+    _add_effective(bsub)
+    _add_report(bsub)
+    _add_rerun(bsub)
+
+
+def _add_run(bsub: Any) -> None:
     r = bsub.add_parser("run", help="run trials (skips those already in the store)",
                         description="Run trials; each poison set is a folder written by "
                                     "`epic craft`. Resumable: finished trials are skipped.")
@@ -82,6 +89,8 @@ def add_bench_commands(sub: Any) -> None:
     add_setup_args(r)
     r.set_defaults(handler=cmd_run)
 
+
+def _add_effective(bsub: Any) -> None:
     e = bsub.add_parser("effective", help="find the effective poisons of a poison set",
                         description="Order the poisons by last-layer gradient distance to the "
                                     "adversarial target and bisect on the shortest prefix that "
@@ -97,6 +106,8 @@ def add_bench_commands(sub: Any) -> None:
     e.add_argument("--json", action="store_true", help="print the result as JSON last")
     e.set_defaults(handler=cmd_effective)
 
+
+def _add_report(bsub: Any) -> None:
     rep = bsub.add_parser("report", help="tables, figures and report.html from a store",
                           description="Summarize results.jsonl into summary.md, summary.json, "
                                       "figures and a self-contained report.html.")
@@ -105,6 +116,8 @@ def add_bench_commands(sub: Any) -> None:
     rep.add_argument("--json", action="store_true", help="print the summary rows as JSON last")
     rep.set_defaults(handler=cmd_report)
 
+
+def _add_rerun(bsub: Any) -> None:
     rerun = bsub.add_parser("rerun", help="rerun one stored trial from scratch and compare",
                             description="Rerun the trial on line ROW (0-based) of a "
                                         "results.jsonl with the command line that produced "

@@ -78,6 +78,34 @@ def _kernel_bytes(problem: Problem, itemsize: int) -> int:
     return n * (n + n // SEGMENT) * itemsize
 
 
+def _layout(x: Tensor, group: list[Problem], sizes: Tensor, n: int
+            ) -> tuple[Tensor, list[Tensor]]:
+    """The group's rows padded to ``(G, n)`` (padding: ``len(x)``), and per problem the column
+    of each of its rows."""
+    device = x.device
+    # The rows of a large problem go in k-d tree order, so that the pairs of a row that
+    # still contribute sit in few segments of its kernel row. pos[j]: the position within
+    # problem j of the row in each column.
+    pos = [torch.arange(p.rows.numel(), device=device) for p in group]
+    large = [j for j, p in enumerate(group) if p.rows.numel() > max(_ORDER_ROWS, SEGMENT)]
+    if large:  # one k-d tree pass over all of them, down to leaves of at most a segment
+        counts = sizes[large]
+        owner = torch.repeat_interleave(torch.arange(len(large), device=device), counts)
+        flat = torch.cat([group[j].rows for j in large])
+        levels = math.ceil(math.log2(int(counts.max()) / SEGMENT))
+        perm, _ = kd_order(x[flat], owner, levels)
+        perm -= (torch.cumsum(counts, 0) - counts)[owner]  # -> position within its problem
+        for j, order in zip(large, torch.split(perm, counts.tolist()), strict=True):
+            pos[j] = order
+    rows = torch.full((len(group), n), x.shape[0], dtype=torch.long, device=device)
+    orders = []  # column of each of the problem's rows
+    for j, p in enumerate(group):
+        rows[j, : p.rows.numel()] = p.rows[pos[j]]
+        orders.append(torch.empty_like(pos[j]).scatter_(0, pos[j], torch.arange(
+            p.rows.numel(), device=device)))
+    return rows, orders
+
+
 def solve_group(
     x: Tensor,
     group: list[Problem],
@@ -94,26 +122,7 @@ def solve_group(
     n = padded(int(sizes.max()))
     k_max = int(ks.max())
     valid = torch.arange(n, device=device)[None, :] < sizes[:, None]
-    # The rows of a large problem go in k-d tree order, so that the pairs of a row that
-    # still contribute sit in few segments of its kernel row. pos[j]: the position within
-    # problem j of the row in each column.
-    pos = [torch.arange(p.rows.numel(), device=device) for p in group]
-    large = [j for j, p in enumerate(group) if p.rows.numel() > max(_ORDER_ROWS, SEGMENT)]
-    if large:  # one k-d tree pass over all of them, down to leaves of at most a segment
-        counts = sizes[large]
-        owner = torch.repeat_interleave(torch.arange(len(large), device=device), counts)
-        flat = torch.cat([group[j].rows for j in large])
-        levels = math.ceil(math.log2(int(counts.max()) / SEGMENT))
-        perm, _ = kd_order(x[flat], owner, levels)
-        perm -= (torch.cumsum(counts, 0) - counts)[owner]  # -> position within its problem
-        for j, order in zip(large, torch.split(perm, counts.tolist()), strict=True):
-            pos[j] = order
-    rows = torch.full((g, n), x.shape[0], dtype=torch.long, device=device)
-    orders = []  # column of each of the problem's rows
-    for j, p in enumerate(group):
-        rows[j, : p.rows.numel()] = p.rows[pos[j]]
-        orders.append(torch.empty_like(pos[j]).scatter_(0, pos[j], torch.arange(
-            p.rows.numel(), device=device)))
+    rows, orders = _layout(x, group, sizes, n)
     kern, first, peak = group_kernel(x[rows.clamp(max=x.shape[0] - 1)],
                                       [p.rows.numel() for p in group], similarity)
     cov = Coverage(kern, valid, rows, peak, None if method == "naive" else first)
