@@ -263,3 +263,24 @@ def test_rows_of_the_retired_batch_clip_noise_rerun_as_clip_noise() -> None:
     assert rerun_defense({"defense": "epic-0.1", "config": {}}) == "epic-0.1"
     with pytest.raises(ValueError, match="clip-noise --dp-clip"):
         rerun_defense({"defense": "dp-sgd", "config": {"grad_clip": 2.0, "grad_noise": 0.5}})
+
+
+def test_a_rerun_on_another_device_is_judged_by_its_outcome() -> None:
+    """A row stored from a GPU and rerun on the CPU takes other arithmetic: the verdict names
+    both devices and whether the attack's outcome held, instead of a bare "differs"."""
+    from epic.bench.runner import compare_rerun
+
+    stored = {"key": "k", "attack_success": 1.0, "test_acc": 0.893, "poisons_dropped": 65,
+              "examples_dropped": 3796, "device": "cuda:0 (NVIDIA H200)"}
+    same_device = compare_rerun(stored, stored)
+    assert same_device["reproduced"] and same_device["verdict"] == "reproduced"
+    rerun = stored | {"test_acc": 0.889, "poisons_dropped": 61, "device": "cpu"}
+    result = compare_rerun(stored, rerun)
+    assert not result["reproduced"] and result["same_outcome"]
+    assert result["verdict"] == ("DIFFERS: test_acc, poisons_dropped (stored on cuda:0 (NVIDIA "
+                                 "H200), rerun on cpu: the arithmetic differs across devices; "
+                                 "the attack's outcome held)")
+    flipped = compare_rerun(stored, rerun | {"attack_success": 0.0})
+    assert not flipped["same_outcome"] and flipped["verdict"].endswith("did NOT hold)")
+    old_row = {k: v for k, v in stored.items() if k != "device"}  # rows before the field: cpu
+    assert compare_rerun(old_row, old_row | {"device": "cpu"})["reproduced"]

@@ -30,7 +30,7 @@ from epic.training import TrainConfig, config_record, provenance, train
 from epic.training.config import RETIRED_SETTINGS
 from epic.training.records import describe, describe_device
 
-__all__ = ["SETTING_OPTIONS", "Trial", "plan_trials", "rerun_defense",
+__all__ = ["SETTING_OPTIONS", "Trial", "compare_rerun", "plan_trials", "rerun_defense",
            "run_trials", "trial_id", "victim_features"]
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,30 @@ def trial_id(record: Mapping[str, Any], digests: dict[str, str | None] | None = 
     facts |= {"poisons": [poisons, digest], "config": config_record(record["config"]),
               "setting": _setting(record.get("argv", []))}
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def compare_rerun(stored: Mapping[str, Any], rerun: Mapping[str, Any]) -> dict[str, Any]:
+    """Whether a rerun of a stored trial came out the same: attack success, test accuracy and
+    the drops, field by field, and a one-line ``verdict``.
+
+    On one device a rerun is exact (``reproduced``). Across devices (a row stored from a GPU,
+    rerun on the CPU) the arithmetic differs, so exact equality is not expected: the verdict
+    names both devices and says whether the outcome (attack success) held.
+    """
+    fields = ("attack_success", "test_acc", "poisons_dropped", "examples_dropped")
+    same = {f: stored.get(f) == rerun.get(f) for f in fields}
+    devices = (str(stored.get("device", "cpu")), str(rerun.get("device", "cpu")))
+    verdict = ("reproduced" if all(same.values())
+               else "DIFFERS: " + ", ".join(f for f, ok in same.items() if not ok))
+    if devices[0] != devices[1] and not all(same.values()):
+        held = "held" if same["attack_success"] else "did NOT hold"
+        verdict += (f" (stored on {devices[0]}, rerun on {devices[1]}: the arithmetic differs "
+                    f"across devices; the attack's outcome {held})")
+    return {"key": stored.get("key"), "reproduced": all(same.values()),
+            "same_outcome": same["attack_success"], "devices": list(devices),
+            "stored": {f: stored.get(f) for f in fields},
+            "rerun": {f: rerun.get(f) for f in fields}, "seconds": rerun.get("seconds"),
+            "verdict": verdict}
 
 
 def rerun_defense(record: Mapping[str, Any]) -> str:

@@ -16,7 +16,7 @@ import torch
 from epic.analysis import effective_poisons, gradient_distance_to_target
 from epic.bench.presets import PRESETS, run_preset
 from epic.bench.report import plot_effective, summarize, to_markdown, write_report
-from epic.bench.runner import rerun_defense, run_trials
+from epic.bench.runner import compare_rerun, rerun_defense, run_trials
 from epic.bench.store import ResultStore
 from epic.cli.argtypes import at_least, number
 from epic.cli.common import (
@@ -268,13 +268,8 @@ def cmd_rerun(args: argparse.Namespace) -> int:
         if not written:
             raise ValueError(f"{out} already holds this trial: rerun into an empty --out")
         new = written[0]
-    fields = ("attack_success", "test_acc", "poisons_dropped", "examples_dropped")
-    same = {f: old.get(f) == new.get(f) for f in fields}
-    result = {"row": args.row, "key": old["key"], "reproduced": all(same.values()),
-              "stored": {f: old.get(f) for f in fields}, "rerun": {f: new.get(f) for f in fields},
-              "seconds": new.get("seconds")}
-    print(f"row {args.row} ({old['key']}): " + ("reproduced" if result["reproduced"] else
-          "DIFFERS: " + ", ".join(f for f, ok in same.items() if not ok)))
+    result = {"row": args.row} | compare_rerun(old, new)
+    print(f"row {args.row} ({old['key']}): {result['verdict']}")
     if args.json:
         print(json.dumps(result))
     return 0 if result["reproduced"] else 1
