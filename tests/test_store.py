@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import glob
 import json
@@ -98,6 +99,28 @@ def test_an_old_record_keeps_its_identity(tmp_path: Path,
     # a re-craft into the folder that changes what the old row carries (the attack) is new
     _poison_set(Path("poisons/sa/setup-000"), attack="another")
     assert _ids(again)[0] != trial_id(OLD)
+
+
+def test_a_store_reads_every_record_in_the_current_schema(tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture
+                                                          ) -> None:
+    """A version-1 record (OLD: no schema field, its configuration as it was then) is read with
+    today's configuration fields, the retired settings that were off left out; a record from a
+    newer epic is skipped, by line number, rather than misread."""
+    from epic.bench.schema import VERSION
+
+    store = ResultStore(tmp_path / "results.jsonl")
+    store.append(OLD)
+    with open(store.path, "a") as f:  # append() refuses it: written by hand here
+        f.write(json.dumps(OLD | {"schema": VERSION + 1}) + "\n")
+    with caplog.at_level(logging.WARNING):
+        records = store.load()
+    assert len(records) == 1 and store.skipped == 1
+    assert "line 2 skipped: written by a newer epic" in caplog.text
+    config = records[0]["config"]
+    assert records[0]["schema"] == VERSION and "grad_clip" not in config
+    assert config == dataclasses.asdict(TrainConfig(epochs=20))  # OLD's settings, defaults else
+    assert "schema" not in OLD and "channels_last" not in OLD["config"]  # read, not changed
 
 
 def test_what_defines_a_trial_changes_its_identity(tmp_path: Path,

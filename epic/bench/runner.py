@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from epic.bench.report import defense_rounds
+from epic.bench.schema import VERSION, migrate
 from epic.bench.store import ResultStore
 from epic.data import ImageData
 from epic.defenses import RunFacts, build_defense, options_for, parse_spec, scheduled
@@ -26,7 +27,7 @@ from epic.io.safe_pickle import load_weights
 from epic.models import Classifier
 from epic.poisons import PoisonSet
 from epic.protocol import changes_batches
-from epic.training import TrainConfig, config_record, provenance, train
+from epic.training import TrainConfig, provenance, train
 from epic.training.config import RETIRED_SETTINGS
 from epic.training.records import describe, describe_device
 
@@ -59,8 +60,8 @@ def trial_id(record: Mapping[str, Any], digests: dict[str, str | None] | None = 
     ``--epochs``, make other trials.
 
     Records written before poison sets were hashed lack ``poisons_sha256``: they are taken to
-    have run on what their folder holds now. Configuration fields a record lacks (added to
-    :class:`~epic.training.TrainConfig` later) take their defaults. Relative paths resolve against
+    have run on what their folder holds now. A record of an older schema is read as today's
+    (:func:`~epic.bench.schema.migrate`). Relative paths resolve against
     the current directory, as they did for the command that wrote them: resume from there.
 
     Args:
@@ -76,7 +77,7 @@ def trial_id(record: Mapping[str, Any], digests: dict[str, str | None] | None = 
         digest = digests[poisons]
     facts = {k: record.get(k) for k in ("attack", "eps", "target_class", "adversarial_class",
                                         "setup", "scenario", "defense", "seed", "schedule")}
-    facts |= {"poisons": [poisons, digest], "config": config_record(record["config"]),
+    facts |= {"poisons": [poisons, digest], "config": migrate(dict(record))["config"],
               "setting": _setting(record.get("argv", []))}
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -191,7 +192,7 @@ def plan_trials(
                           "adversarial_class": poisons.adversarial_class,
                           "setup": poisons.metadata.get("setup"),
                           "schedule": schedule if scheduled(spec) else unscheduled,
-                          "config": dataclasses.asdict(trial_config)}
+                          "config": dataclasses.asdict(trial_config), "schema": VERSION}
                 record |= context or {}
                 yield Trial(trial_id(record), record, poisons, trial_config)
 

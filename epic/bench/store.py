@@ -14,9 +14,10 @@ Why it can be trusted after a crash and shared by two runs:
 - a trial being run holds a claim (:meth:`ResultStore.claim`), a lock on an empty file under
   ``<store>.claims/`` that the kernel drops when its process ends, however it ends: a second run
   skips the trials the first is running, and a killed run blocks nothing;
-- reading checks every line against :data:`FIELDS` and skips, counts and warns about (by line
-  number) any line that is not a trial record, so neither a report nor a resumed run trips over
-  a stray line.
+- reading checks every line against the record's schema (:mod:`epic.bench.schema`) and skips,
+  counts and warns about (by line number) any line that is not a trial record, so neither a
+  report nor a resumed run trips over a stray line; the records read are migrated to the
+  schema's current version, so every reader sees one shape.
 
 File locks are POSIX (``fcntl``): writing a store (``bench run``) needs Linux or macOS; reading it
 does not, and never writes.
@@ -26,69 +27,18 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from epic.bench.schema import migrate, problem
 from epic.io.files import read_untrusted
 
-__all__ = ["FIELDS", "ResultStore", "problem"]
+__all__ = ["ResultStore"]
 
 log = logging.getLogger(__name__)
-
-_NUMBER = (int, float)
-_NONE = type(None)
-_JSON_NAMES = {dict: "an object", list: "an array", str: "a string", int: "a number",
-               float: "a number", bool: "a boolean", _NONE: "null"}
-
-# field -> (accepted JSON types, required); a number must be finite, and a bool is never one.
-# attack_success and test_acc are null for a run of zero epochs (--epochs 0): nothing measured.
-FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
-    "key": ((str,), True), "scenario": ((str,), True), "attack": ((str,), True),
-    "defense": ((str,), True), "seed": ((int,), True), "poisons_dir": ((str,), True),
-    "schedule": ((dict,), True), "config": ((dict,), True), "run_dir": ((str,), True),
-    "attack_success": ((*_NUMBER, _NONE), True), "test_acc": ((*_NUMBER, _NONE), True),
-    "seconds": (_NUMBER, True), "poisons_sha256": ((str,), False), "eps": (_NUMBER, False),
-    "target_class": ((int,), False), "adversarial_class": ((int,), False),
-    "setup": ((dict, _NONE), False), "argv": ((list,), False), "poisons": ((int,), False),
-    "poisons_dropped": ((int,), False), "examples": ((int,), False),
-    "examples_dropped": ((int,), False), "patch_free_success": ((*_NUMBER, _NONE), False),
-    "resolved": ((dict,), False),
-    "dp_epsilon": ((*_NUMBER, _NONE), False), "dp_delta": ((*_NUMBER, _NONE), False),
-}
-
-
-def problem(record: Any) -> str | None:
-    """Why ``record`` is not a trial record (see :data:`FIELDS`), or None when it is one."""
-    if not isinstance(record, dict):
-        return f"{_kind(record)}, not an object"
-    for name, (types, required) in FIELDS.items():
-        if name not in record:
-            if required:
-                return f"no {name!r}"
-        elif isinstance(record[name], bool) or not isinstance(record[name], types):
-            return f"{name!r} is {_kind(record[name])}"
-        elif isinstance(record[name], _NUMBER) and not _finite(record[name]):
-            return f"{name!r} is not a finite number"
-    if not all(isinstance(s, str) and "\0" not in s
-               for s in (record["poisons_dir"], *record.get("argv", []))):
-        return "'argv' holds a non-string, or a path holds a NUL byte"
-    return None
-
-
-def _kind(value: Any) -> str:
-    return _JSON_NAMES.get(type(value), f"a {type(value).__name__}")  # the latter: from Python
-
-
-def _finite(x: float) -> bool:
-    try:
-        return math.isfinite(x)
-    except OverflowError:  # an integer beyond any float
-        return False
-
 
 class ResultStore:
     """Trial records as one JSON object per line in ``path`` (see the module docstring).
@@ -103,7 +53,8 @@ class ResultStore:
         self._warned: set[int] = set()  # line numbers already warned about
 
     def load(self) -> list[dict[str, Any]]:
-        """All trial records, in the order written. A line that is not one (not JSON, not an
+        """All trial records, in the order written, as the current schema reads them
+        (:func:`~epic.bench.schema.migrate`). A line that is not one (not JSON, not an
         object, a field missing or of the wrong type, cut short) is skipped, counted in
         :attr:`skipped` and warned about, once per store object, with its line number."""
         if not self.path.exists():
@@ -123,7 +74,7 @@ class ResultStore:
             else:
                 why = problem(record)
             if why is None:
-                records.append(record)
+                records.append(migrate(record))
                 continue
             self.skipped += 1
             if number not in self._warned:
