@@ -284,3 +284,19 @@ def test_a_rerun_on_another_device_is_judged_by_its_outcome() -> None:
     assert not flipped["same_outcome"] and flipped["verdict"].endswith("did NOT hold)")
     old_row = {k: v for k, v in stored.items() if k != "device"}  # rows before the field: cpu
     assert compare_rerun(old_row, old_row | {"device": "cpu"})["reproduced"]
+
+
+def test_errors_of_the_benchmark_speak_of_parameters_the_cli_spells_as_flags() -> None:
+    from epic.bench.runner import replayed_counts, rerun_defense
+    from epic.cli import _as_flag
+    from epic.errors import EpicError
+
+    record = {"key": "setup-000/random-as-epic-0.1/scratch/0", "defense": "random-as-epic-0.1",
+              "poisons_dir": "nowhere", "poisons_sha256": "0", "config": {}, "seed": 0}
+    with pytest.raises(EpicError, match=r"run it first \(defenses epic-0.1\)") as e:
+        replayed_counts({}, record, "epic-0.1")
+    assert "(--defenses epic-0.1)" in e.value.worded(_as_flag)
+    with pytest.raises(EpicError) as e:
+        rerun_defense({"defense": "dp-sgd", "config": {"grad_clip": 2.0, "grad_noise": 0.5}})
+    assert "--" not in str(e.value)
+    assert "with --defense clip-noise and its --dp-clip and --dp-noise" in e.value.worded(_as_flag)

@@ -88,9 +88,16 @@ def test_malicious_cifar_batch_is_refused(tmp_path) -> None:  # type: ignore[no-
     assert not marker.exists()
 
 
-def test_missing_cifar_says_how_to_get_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(FileNotFoundError, match="download"):
+def test_missing_cifar_says_how_to_get_it(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """In the library's words (its parameter ``download``), and as a flag on the command line."""
+    from epic.cli import main
+
+    with pytest.raises(FileNotFoundError, match="set download to fetch it from https://") as e:
         load_cifar("cifar10", tmp_path)
+    assert "--" not in str(e.value)
+    with pytest.raises(SystemExit):
+        main(["train", "--dataset", "cifar10", "--data-dir", str(tmp_path), "--epochs", "1"])
+    assert "set --download to fetch it" in capsys.readouterr().err
 
 
 def test_download_that_fails_or_mismatches_leaves_nothing_behind(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -21,6 +21,7 @@ from epic.bench.schema import VERSION, migrate
 from epic.bench.store import ResultStore
 from epic.data import ImageData
 from epic.defenses import RunFacts, build_defense, options_for, parse_spec, scheduled
+from epic.errors import EpicError
 from epic.gradients import feature_embeddings
 from epic.io.files import read_untrusted, replace_atomically
 from epic.io.safe_pickle import load_weights
@@ -121,9 +122,10 @@ def rerun_defense(record: Mapping[str, Any]) -> str:
         return str(record["defense"])
     if retired == {"grad_clip": 1.0, "grad_noise": 0.01}:
         return "clip-noise"
-    raise ValueError(f"the row ran batch-level clipping and noise {retired} under "
-                     f"{record['defense']!r}, which bench run cannot set: rerun it with `epic "
-                     "train --defense clip-noise --dp-clip CLIP --dp-noise NOISE`")
+    raise EpicError(f"the row ran batch-level clipping and noise {retired} under "
+                    f"{record['defense']!r}, which a benchmark run cannot set: train it with "
+                    f"defense clip-noise and its dp_clip and dp_noise set to those values",
+                    options=("defense", "dp_clip", "dp_noise"))
 
 
 def _setting(argv: Sequence[str]) -> dict[str, str]:
@@ -309,9 +311,10 @@ def replayed_counts(records: Mapping[str, Mapping[str, Any]], record: Mapping[st
     """
     twin = records.get(trial_id(dict(record) | {"defense": spec}))
     if twin is None:
-        raise ValueError(f"{record['key']}: {record['defense']} replays the {spec} trial of "
-                         f"the same poison set, seed and settings (schedule flags included), "
-                         f"which this store does not hold: run `--defenses {spec}` first")
+        raise EpicError(f"{record['key']}: {record['defense']} replays the {spec} trial of the "
+                        f"same poison set, seed and settings (schedule included), which this "
+                        f"store does not hold: run it first (defenses {spec})",
+                        options=("defenses",))
     return {int(r["epoch"]): len(r["dropped"]) for r in defense_rounds(twin["run_dir"])}
 
 

@@ -24,7 +24,8 @@ from epic.errors import EpicError
 from epic.io.files import open_untrusted, temporary_beside
 from epic.io.safe_pickle import MAX_ARRAY_BYTES, safe_load
 
-__all__ = ["DATASETS", "Cifar", "download_cifar", "load_cifar", "load_dataset", "load_digits"]
+__all__ = ["DATASETS", "Cifar", "DataNotFoundError", "download_cifar", "load_cifar", "load_dataset",
+           "load_digits"]
 
 log = logging.getLogger("epic.data")
 
@@ -61,6 +62,10 @@ def load_digits(*, test_fraction: float = 0.25, seed: int = 0) -> tuple[ImageDat
 
 
 # ----------------------------------------------------------------------------- CIFAR
+
+
+class DataNotFoundError(EpicError, FileNotFoundError):
+    """A data set is not where it was looked for, and downloading it was not asked for."""
 
 
 @dataclass(frozen=True)
@@ -243,9 +248,9 @@ def load_cifar(
     source = _locate_cifar(name, spec, rootp)
     if source is None:
         if not download:
-            raise FileNotFoundError(
-                f"no {spec.folder} folder or {spec.archive} under {rootp}; pass download=True "
-                f"(--download) to fetch it from {spec.url}")
+            raise DataNotFoundError(
+                f"no {spec.folder} folder or {spec.archive} under {rootp}; set download to "
+                f"fetch it from {spec.url}", options=("download",))
         source = download_cifar(name, rootp)
     batches = _read_cifar_members(source, spec)
     meta = batches[spec.meta_file]
