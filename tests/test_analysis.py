@@ -46,3 +46,26 @@ def test_gradient_distance_matches_a_direct_computation(tiny_data) -> None:  # t
             train.labels[poisons.indices], 3)
         t = torch.softmax(model(train.images[:1].float() / 255), 1)[0] - torch.eye(3)[1]
     assert torch.allclose(dist, (g - t).norm(dim=1), atol=1e-5)
+
+
+def test_measure_effective_trains_its_victims_and_writes_what_it_found(
+        tiny_data, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """End to end on a tiny set: distances in a clean model trained first, victims per
+    bisection step, and effective.json / effective.png from the result."""
+    import json
+
+    from epic.bench.effective import measure_effective, write_effective
+    from epic.training import TrainConfig
+
+    train, test = tiny_data
+    poisons = _poisons(train, count=4)
+    result = measure_effective(seeded_convnet(train), train, test, poisons,
+                               TrainConfig(epochs=1), threshold=-1.0)  # any run "succeeds"
+    assert result["poisons"] == 4 and len(result["distances"]) == 4
+    assert result["training_runs"] == len(result["trials"]) >= 2
+    assert result["effective"] == len(result["effective_indices"]) >= 1
+    assert set(result["effective_indices"]) <= set(poisons.indices.tolist())
+    out = write_effective(result, tmp_path / "eff")
+    stored = json.loads((out / "effective.json").read_text())
+    assert stored["effective_indices"] == result["effective_indices"]
+    assert "effective_rows" not in stored and (out / "effective.png").stat().st_size > 0

@@ -4,18 +4,15 @@ poisons of a set. The work is :mod:`epic.bench`'s; this module turns options int
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from epic.analysis import effective_poisons, gradient_distance_to_target
+from epic.bench.effective import measure_effective, write_effective
 from epic.bench.presets import PRESETS, run_preset
-from epic.bench.report import plot_effective, summarize, to_markdown, write_report
+from epic.bench.report import summarize, to_markdown, write_report
 from epic.bench.runner import compare_rerun, rerun_defense, run_trials
 from epic.bench.store import ResultStore
 from epic.cli.argtypes import at_least, number
@@ -32,10 +29,8 @@ from epic.cli.common import (
     run_command,
     train_config,
 )
-from epic.io.files import write_atomically
 from epic.poisons import PoisonSet
 from epic.setups import SetupError, victim_data
-from epic.training import train
 
 __all__ = ["add_bench_commands"]
 
@@ -190,38 +185,17 @@ def _victim_for(args: argparse.Namespace, train_data: Any) -> Any:
 
 
 def cmd_effective(args: argparse.Namespace) -> int:
-    device = pick_device(args.device)
     train_data, test_data = load_data(args)
     poisons = PoisonSet.load(args.poisons, train_data)
-    config = train_config(args)
-    targets = poisons.target_images if len(poisons.target_images) else \
-        poisons.evaluation_images(test_data)
-    start = make_model(args, train_data, device)
-    probe = copy.deepcopy(start)
-    if args.pretrained is None:  # no clean model given: train one to measure distances in
-        train(probe, train_data, test_data, config)
-    distances = gradient_distance_to_target(probe, poisons, train_data, targets=targets)
-
-    def succeeds(subset: PoisonSet) -> bool:
-        result = train(copy.deepcopy(start), train_data, test_data, config, poisons=subset)
-        return float(result.summary["attack_success"]) > args.threshold
-
-    found = effective_poisons(poisons, succeeds, order=distances.argsort())
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    effective = torch.zeros(len(poisons), dtype=torch.bool)
-    effective[found.effective] = True
-    result = {"poisons": len(poisons), "effective": len(found.effective),
-              "effective_indices": poisons.indices[found.effective].tolist(),
-              "succeeds_alone": found.succeeds_alone, "fails_without": found.fails_without,
-              "training_runs": len(found.trials), "trials": found.trials,
-              "distances": distances.tolist()}
-    write_atomically(out / "effective.json", json.dumps(result, indent=2))
-    plot_effective(distances, effective, out / "effective.png")
-    print(f"{len(found.effective)} of {len(poisons)} poisons are effective "
-          f"({len(found.trials)} training runs); results in {out}")
+    result = measure_effective(make_model(args, train_data, pick_device(args.device)),
+                               train_data, test_data, poisons, train_config(args),
+                               threshold=args.threshold, pretrained=args.pretrained is not None)
+    out = write_effective(result, args.out)
+    print(f"{result['effective']} of {result['poisons']} poisons are effective "
+          f"({result['training_runs']} training runs); results in {out}")
     if args.json:
-        print(json.dumps({k: v for k, v in result.items() if k != "distances"}))
+        print(json.dumps({k: v for k, v in result.items()
+                          if k not in ("distances", "effective_rows")}))
     return 0
 
 
