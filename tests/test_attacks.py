@@ -296,10 +296,23 @@ def test_the_worked_example_attack_needs_nothing_but_its_file(tmp_path: Path, ca
         main(["craft", "--attack", "noise", "--restarts", "2", "--epochs", "1",
               "--out", str(tmp_path / "m"), "--device", "cpu"])
     assert "--attack noise takes no --restarts" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="attack noise takes no option iterations"):
+    with pytest.raises(ValueError, match=r"attack noise takes no iterations \(its options: eps"):
         build_attack("noise", iterations=3)
     with pytest.raises(ValueError, match="unknown attack 'magic'"):
         build_attack("magic")
     with pytest.raises(TypeError, match="a dataclass with a str 'name'"):
         register_attack(type("Bare", (), {"name": "bare"}))
 
+
+
+def test_craft_attack_dispatches_by_kind_and_names_what_is_missing() -> None:
+    from epic.attacks import craft_attack
+    from epic.errors import EpicError
+
+    tr, te = load_digits()
+    ps = craft_attack("patch", None, tr, te, source_class=2, budget=5, seed=1)
+    assert len(ps) == 5 and (ps.target_class, ps.adversarial_class) == (2, 3)
+    with pytest.raises(EpicError, match="backdoor: it needs source_class"):
+        craft_attack("patch", None, tr, te)
+    with pytest.raises(EpicError, match="needs a target_index and a model"):
+        craft_attack("fc", None, tr, te, target_index=0)

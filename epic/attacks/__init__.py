@@ -28,11 +28,13 @@ from epic.attacks.registry import (
     TargetedAttack,
     attack_options,
     build_attack,
+    craft_attack,
     is_backdoor,
     register_attack,
 )
 
 __all__ = ["ATTACKS", "AttackError", "BackdoorAttack", "BullseyePolytope", "FeatureCollision",
            "GradientMatching", "PatchBackdoor", "SleeperAgent", "TargetedAttack",
-           "attack_options", "budget_count", "build_attack", "choose_bases", "gradient_norms",
+           "attack_options", "budget_count", "build_attack", "choose_bases", "craft_attack",
+           "gradient_norms",
            "is_backdoor", "make_trigger", "register_attack"]

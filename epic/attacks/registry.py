@@ -10,15 +10,16 @@ attack"); :func:`build_attack` makes one from options, refusing those it does no
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar, cast
 
 from torch import Tensor, nn
 
 from epic.data import ImageData
+from epic.errors import EpicError
 from epic.poisons import PoisonSet
 
 __all__ = ["ATTACKS", "BackdoorAttack", "TargetedAttack", "attack_options", "build_attack",
-           "is_backdoor", "register_attack"]
+           "craft_attack", "is_backdoor", "register_attack"]
 
 
 class TargetedAttack(Protocol):
@@ -87,7 +88,42 @@ def build_attack(name: str, **options: Any) -> TargetedAttack | BackdoorAttack:
     takes = attack_options(name)
     unknown = sorted(options.keys() - takes.keys())
     if unknown:
-        raise ValueError(f"attack {name} takes no option {', '.join(unknown)} (its options: "
-                         f"{', '.join(takes)})")
+        raise EpicError(f"attack {name} takes no {', '.join(unknown)} (its options: "
+                        f"{', '.join(takes)})", options=("attack", *unknown))
     attack: TargetedAttack | BackdoorAttack = _attack_class(name)(**options)
     return attack
+
+
+def craft_attack(name: str, model: nn.Module | None, train: ImageData, test: ImageData, *,
+                 target_index: int | None = None, source_class: int | None = None,
+                 adversarial_class: int | None = None, seed: int = 0,
+                 bases: Tensor | None = None, progress: bool = False,
+                 **options: Any) -> PoisonSet:
+    """Build attack ``name`` with ``options`` (:func:`build_attack`) and craft its poisons.
+
+    A backdoor moves ``source_class`` (required) to ``adversarial_class``; a targeted attack
+    moves test image ``target_index`` (required; recorded in the set's metadata) from its own
+    class to ``adversarial_class``, perturbing ``bases`` (training rows) when given. The
+    adversarial class defaults to the class after the source or target class.
+    """
+    attack = build_attack(name, **options)
+    classes = train.num_classes
+    if is_backdoor(name):
+        if source_class is None:
+            raise EpicError(f"attack {name} is a backdoor: it needs source_class",
+                            options=("source_class",))
+        adversarial = (source_class + 1) % classes if adversarial_class is None \
+            else adversarial_class
+        return cast(BackdoorAttack, attack).craft(model, train, source_class, adversarial,
+                                                  seed=seed, progress=progress)
+    if target_index is None or model is None:
+        raise EpicError(f"attack {name} needs a target_index and a model",
+                        options=("target_index",))
+    target_class = int(test.labels[target_index])
+    adversarial = (target_class + 1) % classes if adversarial_class is None \
+        else adversarial_class
+    poisons = cast(TargetedAttack, attack).craft(model, train, test.images[target_index],
+                                                 target_class, adversarial, seed=seed,
+                                                 bases=bases, progress=progress)
+    return dataclasses.replace(poisons, metadata=poisons.metadata | {
+        "target_index": target_index})

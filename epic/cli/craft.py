@@ -5,20 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from dataclasses import replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 
-from epic.attacks import (
-    ATTACKS,
-    BackdoorAttack,
-    TargetedAttack,
-    attack_options,
-    build_attack,
-    is_backdoor,
-)
+from epic.attacks import ATTACKS, attack_options, craft_attack, is_backdoor
 from epic.cli.argtypes import at_least, number
 from epic.cli.common import (
     add_data_args,
@@ -128,26 +120,10 @@ def craft_from_args(args: argparse.Namespace, model: Classifier, train_data: Ima
     if "retrain_config" in attack_options(args.attack):  # the surrogate, as the clean model
         options["retrain_config"] = train_config(
             argparse.Namespace(**(vars(args) | {"scenario": "scratch"})))
-    try:
-        attack = build_attack(args.attack, **options)
-    except ValueError as exc:  # in the command line's words
-        unknown = ["--" + o.replace("_", "-") for o in options
-                   if o in ATTACK_FLAGS and o not in attack_options(args.attack)]
-        raise ValueError(f"--attack {args.attack} takes no {', '.join(unknown)}") from exc
-    if is_backdoor(args.attack):
-        source = args.source_class
-        adversarial = (args.adversarial_class if args.adversarial_class is not None
-                       else (source + 1) % train_data.num_classes)
-        return cast(BackdoorAttack, attack).craft(model, train_data, source, adversarial,
-                                                  seed=args.seed, progress=args.progress)
-    target = test_data.images[args.target_index]
-    target_class = int(test_data.labels[args.target_index])
-    adversarial = (args.adversarial_class if args.adversarial_class is not None
-                   else (target_class + 1) % train_data.num_classes)
-    poisons = cast(TargetedAttack, attack).craft(model, train_data, target, target_class,
-                                                 adversarial, seed=args.seed, bases=bases,
-                                                 progress=args.progress)
-    return replace(poisons, metadata=poisons.metadata | {"target_index": args.target_index})
+    return craft_attack(args.attack, model, train_data, test_data,
+                        target_index=None if is_backdoor(args.attack) else args.target_index,
+                        source_class=args.source_class, adversarial_class=args.adversarial_class,
+                        seed=args.seed, bases=bases, progress=args.progress, **options)
 
 
 def _check_classes(args: argparse.Namespace, train_data: ImageData, test_data: ImageData
