@@ -50,8 +50,8 @@ __version__ = "0.1.0"
 
 # Submodules that `import epic` does not load (they pull in Pillow, matplotlib or the attacks),
 # loaded when first named: `epic.images.read_image_folder(...)` works after `import epic`.
-_SUBMODULES = frozenset({"analysis", "attacks", "bench", "files", "formats", "images",
-                         "integrations", "npy", "safe_pickle", "scan", "setups"})
+_SUBMODULES = frozenset({"analysis", "attacks", "bench", "formats", "images", "integrations",
+                         "io", "scan", "setups"})
 
 
 def __getattr__(name: str) -> Any:
