@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import re
 import sys
 import types
@@ -316,3 +317,17 @@ def test_craft_attack_dispatches_by_kind_and_names_what_is_missing() -> None:
         craft_attack("patch", None, tr, te)
     with pytest.raises(EpicError, match="needs a target_index and a model"):
         craft_attack("fc", None, tr, te, target_index=0)
+
+
+def test_a_patch_backdoor_is_crafted_without_training_a_model(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """The patch uses no model: no clean model is trained for it, and --patch-size sets its
+    side."""
+    with caplog.at_level(logging.INFO, logger="epic"):
+        assert main(["craft", "--attack", "patch", "--patch-size", "3", "--budget", "5",
+                     "--source-class", "1", "--adversarial-class", "3", "--epochs", "50",
+                     "--out", str(tmp_path / "p"), "--device", "cpu"]) == 0
+    assert "clean model" not in caplog.text and not (tmp_path / "p" / "clean_model").exists()
+    tr, _ = load_digits()
+    ps = PoisonSet.load(tmp_path / "p", tr)
+    assert ps.trigger is not None and ps.trigger.shape[1:] == (3, 3) and len(ps) == 5
+    assert (ps.target_class, ps.adversarial_class) == (1, 3)

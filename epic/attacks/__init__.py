@@ -31,10 +31,11 @@ from epic.attacks.registry import (
     craft_attack,
     is_backdoor,
     register_attack,
+    uses_model,
 )
 
 __all__ = ["ATTACKS", "AttackError", "BackdoorAttack", "BullseyePolytope", "FeatureCollision",
            "GradientMatching", "PatchBackdoor", "SleeperAgent", "TargetedAttack",
            "attack_options", "budget_count", "build_attack", "choose_bases", "craft_attack",
            "gradient_norms",
-           "is_backdoor", "make_trigger", "register_attack"]
+           "is_backdoor", "make_trigger", "register_attack", "uses_model"]

@@ -52,6 +52,7 @@ class PatchBackdoor:
 
     name = "patch"
     backdoor = True
+    uses_model = False
 
     def craft(self, model: nn.Module | None, train: ImageData, source_class: int,
               adversarial_class: int, *, seed: int = 0, trigger: Tensor | None = None,

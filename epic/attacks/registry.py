@@ -19,7 +19,7 @@ from epic.errors import EpicError
 from epic.poisons import PoisonSet
 
 __all__ = ["ATTACKS", "BackdoorAttack", "TargetedAttack", "attack_options", "build_attack",
-           "craft_attack", "is_backdoor", "register_attack"]
+           "craft_attack", "is_backdoor", "register_attack", "uses_model"]
 
 
 class TargetedAttack(Protocol):
@@ -71,6 +71,12 @@ def _attack_class(name: str) -> type:
 def is_backdoor(name: str) -> bool:
     """Whether attack ``name`` is a backdoor (a source class and a trigger, no target)."""
     return bool(getattr(_attack_class(name), "backdoor", False))
+
+
+def uses_model(name: str) -> bool:
+    """Whether attack ``name`` crafts against a model (a patch backdoor does not: no clean
+    model needs training for it)."""
+    return bool(getattr(_attack_class(name), "uses_model", True))
 
 
 def attack_options(name: str) -> dict[str, Any]:

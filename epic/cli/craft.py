@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from epic.attacks import ATTACKS, attack_options, craft_attack, is_backdoor
+from epic.attacks import ATTACKS, attack_options, craft_attack, is_backdoor, uses_model
 from epic.cli.argtypes import at_least, number
 from epic.cli.common import (
     add_data_args,
@@ -36,7 +36,7 @@ log = logging.getLogger("epic")
 
 # the attack options that flags of the same name set (when given); an attack that takes no
 # such option refuses the flag
-ATTACK_FLAGS = ("eps", "iterations", "restarts", "retrain_epochs", "clean_label")
+ATTACK_FLAGS = ("eps", "iterations", "restarts", "retrain_epochs", "clean_label", "patch_size")
 
 
 def _default_eps() -> str:
@@ -82,6 +82,9 @@ def add_craft_command(sub: Any) -> None:
                    help="sa: epochs per surrogate retraining")
     g.add_argument("--clean-label", action="store_true",
                    help="patch: paste the patch on adversarial-class images, keep labels")
+    g.add_argument("--patch-size", type=at_least(1), default=None,
+                   help="patch: side of the square trigger in pixels (default: 8 on 32x32 "
+                        "images, a quarter of the side else)")
     g.add_argument("--export", choices=["benchmark", "metapoison"], default=None,
                    help="also write the benchmark layout to OUT/benchmark or a MetaPoison-style "
                         "pickle to OUT/poisons_metapoison.pickle")
@@ -94,9 +97,12 @@ def add_craft_command(sub: Any) -> None:
 
 
 def _attacker_model(args: argparse.Namespace, train_data: ImageData, test_data: ImageData,
-                    device: torch.device) -> Classifier:
+                    device: torch.device) -> Classifier | None:
     """The model the attacker crafts against: --pretrained's weights, or else a clean model
-    trained from scratch as ``epic train`` would with the same training options."""
+    trained from scratch as ``epic train`` would with the same training options; None for an
+    attack that uses no model."""
+    if not uses_model(args.attack):
+        return None
     if args.pretrained is not None:
         return make_model(args, train_data, device)
     scratch = argparse.Namespace(**(vars(args) | {"scenario": "scratch"}))
@@ -108,7 +114,7 @@ def _attacker_model(args: argparse.Namespace, train_data: ImageData, test_data: 
     return model
 
 
-def craft_from_args(args: argparse.Namespace, model: Classifier, train_data: ImageData,
+def craft_from_args(args: argparse.Namespace, model: Classifier | None, train_data: ImageData,
                     test_data: ImageData, *, bases: torch.Tensor | None = None) -> PoisonSet:
     """Build the attack the arguments name and run it (on ``bases`` rows when given)."""
     budget: float | int = args.budget if args.budget < 1 else int(args.budget)
@@ -158,6 +164,7 @@ def cmd_craft(args: argparse.Namespace) -> int:
         model = _attacker_model(args, train_data, test_data, device)
         return _craft_one(args, model, train_data, test_data, Path(args.out), {})
     attacker: Classifier | None = None
+    need_model = uses_model(args.attack)
     for setup in setups:
         folder = Path(args.out) / f"setup-{setup.id:03d}"
         if (folder / "poisons.json").exists():
@@ -165,7 +172,7 @@ def cmd_craft(args: argparse.Namespace) -> int:
             continue
         victim, rows = victim_data(train_data, setup, scenario=args.scenario,
                                    per_class=args.victim_per_class)
-        if attacker is None:  # one attacker's model for every setup
+        if attacker is None and need_model:  # one attacker's model for every setup
             attacker = _attacker_model(args, victim, test_data, device)
         # a backdoor attacks the setup's target class as its source class, not one image
         target, stand_in = (-1, False) if is_backdoor(args.attack) else resolve_target(
@@ -184,7 +191,7 @@ def cmd_craft(args: argparse.Namespace) -> int:
     return 0
 
 
-def _craft_one(args: argparse.Namespace, model: Classifier, train_data: ImageData,
+def _craft_one(args: argparse.Namespace, model: Classifier | None, train_data: ImageData,
                test_data: ImageData, out_dir: Path, facts: dict[str, Any],
                bases: torch.Tensor | None = None) -> int:
     poisons = craft_from_args(args, model, train_data, test_data, bases=bases)
