@@ -20,8 +20,10 @@ def test_every_preset_step_parses_as_an_epic_command(name: str, tmp_path: Path) 
     for step in steps:
         args = parser.parse_args(list(step.argv))
         commands.append(args.command if args.command != "bench" else args.bench_command)
-        if args.command in ("craft", "bench"):
+        if args.command in ("craft", "bench") and name != "cpu-coverage":  # benchmark setups
             assert args.first == 3 and args.exact_test == 1000
+    if name == "cpu-coverage":  # no setups, no attacker's model: its own test below
+        return
     # the attacker's model first, then crafting, then one bench run per defense
     assert commands[0] == "train" and steps[0].done is not None
     assert commands[1] == "craft"
@@ -36,6 +38,30 @@ def test_every_preset_step_parses_as_an_epic_command(name: str, tmp_path: Path) 
     passes = [s.argv for s in steps if "train-pass" in s.argv]
     assert len(passes) == (2 if name == "cpu-transfer" else 0)
     assert all(a[a.index("--defenses") + 1] == "epic-0.1" for a in passes)
+
+
+def test_coverage_preset_crafts_patch_sets_and_runs_every_detector_on_each() -> None:
+    from epic.bench.presets import COVERAGE_SETS
+
+    steps = preset_steps("cpu-coverage", data_dir="d", out="o")
+    parser = build_parser()
+    crafts = [parser.parse_args(list(s.argv)) for s in steps if s.argv[0] == "craft"]
+    assert [(c.attack, c.budget, c.clean_label, c.patch_size, c.source_class,
+             c.adversarial_class) for c in crafts] == [
+        ("patch", b, clean, 4, 1, 3) for b in (40, 20, 120) for clean in (False, True)]
+    assert all(s.done == Path("o/poisons") / name / "poisons.json"
+               for s, (name, _) in zip(steps, COVERAGE_SETS, strict=False))
+    runs = [parser.parse_args(list(s.argv)) for s in steps if s.argv[0] == "bench"]
+    assert all(r.poisons == [f"o/poisons/{name}" for name, _ in COVERAGE_SETS] for r in runs)
+    assert all((r.subset, r.model, r.epochs) == (4000, "convnet", 20) for r in runs)
+    # the paper's 40-epoch schedule halved: EPIC-0.1/0.2/0.3 from epoch 5/10/15, every 2nd
+    schedule = {d: (r.warmup, r.every) for r in runs for d in r.defenses}
+    assert schedule == {"none": (5, 2), "epic-0.1": (5, 2), "epic-0.2": (10, 2),
+                        "epic-0.3": (15, 2)} | {d: (5, 2) for d in (
+                            "deep-knn", "spectral-signatures", "activation-clustering",
+                            "lowest-confidence", "highest-loss")}
+    first = preset_steps("cpu-coverage", data_dir="d", out="o", first=1)
+    assert sum(s.argv[0] == "craft" for s in first) == 1  # the dirty-label 1% set alone
 
 
 def test_transfer_preset_follows_the_benchmark_victim() -> None:
@@ -209,3 +235,28 @@ def test_scratch_preset_runs_end_to_end_at_tiny_size(tmp_path: Path) -> None:
                          .read_text())
     assert sleeper["metadata"]["hyperparameters"]["retrain_config"]["batch_size"] == 512
 
+
+
+@pytest.mark.slow
+def test_coverage_preset_runs_end_to_end_at_tiny_size(tmp_path: Path) -> None:
+    """The coverage preset's steps (patch sets crafted without a model, victims under EPIC and
+    a feature-space filter) on the 200-image stand-in, cut down: every row records how many
+    poisons and how many examples its defense dropped."""
+    import json
+
+    from epic.bench.presets import run_preset
+
+    data = _tiny_cifar(tmp_path)
+    out = tmp_path / "out"
+    run_preset("cpu-coverage", data_dir=data, out=out, first=2,
+               defenses=["none", "epic-0.1", "deep-knn"],
+               run=_cut_down(epochs="3", budget="3", warmup="1"))
+    assert not any(out.rglob("clean_model"))  # a patch needs no attacker's model
+    rows = [json.loads(line) for line in (out / "bench" / "results.jsonl").read_text()
+            .splitlines()]
+    assert sorted((r["attack"], r["defense"]) for r in rows) == [
+        (attack, defense) for attack in ("badnets", "patch_clean_label")
+        for defense in ("deep-knn", "epic-0.1", "none")]
+    assert all(r["poisons"] == 3 and r["examples"] == 200 for r in rows)
+    assert all(0 <= r["poisons_dropped"] <= r["examples_dropped"] for r in rows)
+    assert all(r["examples_dropped"] == 0 for r in rows if r["defense"] == "none")

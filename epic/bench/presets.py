@@ -204,6 +204,39 @@ def _scaled_schedule(spec: str, epochs: int) -> tuple[str, ...]:
     return ("--warmup", str(warmup), "--every", "2")
 
 
+# The coverage study's victim (issue: which poisons EPIC finds): the 3-conv net from scratch
+# on the first 4,000 CIFAR-10 training images, 20 epochs
+COVERAGE_COMMON = ("--dataset", "cifar10", "--subset", "4000", "--test-subset", "1000",
+                   "--model", "convnet")
+COVERAGE_EPOCHS = 20
+# (folder, extra craft flags) per poison set: automobile -> cat patch backdoors, 4x4 trigger,
+# dirty-label (BadNets: relabelled) and clean-label, at 1%, 0.5% and 3% of the 4,000
+COVERAGE_SETS = tuple((f"{kind}-{budget:04d}", (*flags, "--budget", str(budget)))
+                      for budget in (40, 20, 120)
+                      for kind, flags in (("badnets", ()), ("clean-label", ("--clean-label",))))
+
+
+def _coverage(data: Path, out: Path, first: int, defenses: Sequence[str]) -> list[Step]:
+    """What each detector flags of poisons that share a trigger: patch backdoors crafted on
+    the first 4,000 training images (no model needed), then per defense a fresh convnet
+    trained from scratch on each set, its drops recorded (poisons and clean examples). The
+    paper's 40-epoch schedule scaled to 20 epochs: EPIC-0.1/0.2/0.3 from epoch 5/10/15, a
+    round every 2nd epoch; the feature-space filters and drop rules as EPIC-0.1. ``first``:
+    how many of :data:`COVERAGE_SETS`, in their order (the 1% sets first)."""
+    common = (*COVERAGE_COMMON[:2], "--data-dir", str(data), *COVERAGE_COMMON[2:])
+    poisons = out / "poisons"
+    steps = [Step(("craft", *common, "--attack", "patch", "--source-class", "1",
+                   "--adversarial-class", "3", "--patch-size", "4", *flags,
+                   "--out", str(poisons / name)), poisons / name / "poisons.json")
+             for name, flags in COVERAGE_SETS[:first]]
+    sets = [str(poisons / name) for name, _ in COVERAGE_SETS[:first]]
+    for group, flags in _grouped(defenses, COVERAGE_EPOCHS):
+        steps.append(Step(("bench", "run", *common, "--epochs", str(COVERAGE_EPOCHS),
+                           "--poisons", *sets, "--defenses", *group, *flags,
+                           "--out", str(out / "bench"))))
+    return steps
+
+
 TRANSFER_DEFENSES = ("none", "epic-0.1", "epic-0.2", "epic-0.3", "deep-knn",
                      "spectral-signatures", "activation-clustering", "lowest-confidence",
                      "highest-loss", "random", "dp-sgd")
@@ -222,6 +255,11 @@ PRESETS: dict[str, tuple[Callable[[Path, Path, int, Sequence[str]], list[Step]],
     "cpu-paper-transfer": (_paper_transfer, 10, ("none", "epic-0.2", "epic-0.1", "epic-0.3",
                                                  "random", *TRANSFER_DEFENSES[4:9],
                                                  "dp-sgd", "random-0.1")),
+    # which poisons each detector finds: patch backdoors at 0.5%, 1% and 3%
+    "cpu-coverage": (_coverage, len(COVERAGE_SETS), ("none", "epic-0.1", "epic-0.2", "epic-0.3",
+                                                     "deep-knn", "spectral-signatures",
+                                                     "activation-clustering",
+                                                     "lowest-confidence", "highest-loss")),
     "paper-transfer": (partial(_paper_transfer, recipe=PAPER_RECIPE), 10, ("none", "epic-0.2",
                                                                           "epic-0.1",
                                                                           "epic-0.3")),
