@@ -250,7 +250,8 @@ def test_craft_trains_its_clean_model_as_train_does(tmp_path: Path) -> None:
     options = ["--subset", "200", "--test-subset", "50", "--epochs", "2", "--lr", "0.03",
                "--weight-decay", "0.001", "--milestones", "1", "--batch-size", "64",
                "--eval-every", "2", "--seed", "5", "--device", "cpu"]
-    assert main(["craft", "--attack", "patch", *options, "--out", str(tmp_path / "p")]) == 0
+    assert main(["craft", "--attack", "fc", "--budget", "3", "--iterations", "2", *options,
+                 "--out", str(tmp_path / "p")]) == 0
     assert main(["train", *options, "--out", str(tmp_path / "t"), "--no-progress"]) == 0
     crafted = json.loads((tmp_path / "p" / "clean_model" / "config.json").read_text())
     trained = json.loads((tmp_path / "t" / "config.json").read_text())
