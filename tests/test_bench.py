@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -300,3 +301,27 @@ def test_errors_of_the_benchmark_speak_of_parameters_the_cli_spells_as_flags() -
         rerun_defense({"defense": "dp-sgd", "config": {"grad_clip": 2.0, "grad_noise": 0.5}})
     assert "--" not in str(e.value)
     assert "with --defense clip-noise and its --dp-clip and --dp-noise" in e.value.worded(_as_flag)
+
+
+def test_detection_pools_each_detectors_drops_per_poison_set() -> None:
+    """Recall, clean examples flagged and precision per (attack, poison count, defense),
+    pooled over the row's trials; defenses that drop nothing by design are not detectors."""
+    from epic.bench.report import detection, detection_markdown
+
+    def rec(defense: str, poisons: int, hit: int, dropped: int) -> dict[str, Any]:
+        return {"attack": "badnets", "defense": defense, "poisons": poisons,
+                "examples": 1000, "poisons_dropped": hit, "examples_dropped": dropped,
+                "scenario": "scratch", "config": {}}
+
+    rows = detection([rec("none", 10, 0, 0), rec("dp-sgd", 10, 0, 0),
+                      rec("epic-0.1", 10, 2, 100), rec("epic-0.1", 10, 4, 50),
+                      rec("epic-0.1", 30, 30, 30), rec("deep-knn", 10, 0, 0)])
+    assert [(r["defense"], r["poisons"], r["n"]) for r in rows] == [
+        ("deep-knn", 10, 1), ("epic-0.1", 10, 2), ("epic-0.1", 30, 1)]
+    knn, pooled, all_of_them = rows
+    assert knn["recall"] == 0 and knn["precision"] is None
+    assert pooled["recall"] == 6 / 20 and pooled["clean_flagged"] == 144 / 1980
+    assert pooled["precision"] == 6 / 150 and all_of_them["clean_flagged"] == 0
+    table = detection_markdown(rows)
+    assert "| badnets | 10 | epic-0.1 | 2 | 30.0% | 7.27% | 4.0% |" in table
+    assert "| badnets | 10 | deep-knn | 1 | 0.0% | 0.00% | – |" in table

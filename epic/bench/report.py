@@ -17,12 +17,13 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from epic.defenses import scheduled
 from epic.io.files import read_json, replace_atomically, write_atomically
 from epic.pages import write_page
 
-__all__ = ["cluster_size_rounds", "defense_label", "defense_rounds", "drop_curve",
-           "plot_effective", "summarize",
-           "to_markdown", "write_report"]
+__all__ = ["cluster_size_rounds", "defense_label", "defense_rounds", "detection",
+           "detection_markdown", "drop_curve", "plot_effective", "summarize", "to_markdown",
+           "write_report"]
 
 SIZE_BUCKETS = ((1, 1), (2, 5), (6, 20), (21, 100), (101, math.inf))
 
@@ -90,6 +91,73 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row["dp_epsilon"], row["dp_delta"] = epsilon, max(r.get("dp_delta") or 0 for r in rs)
         rows.append(row)
     return rows
+
+
+def detection(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What each defense dropped, as a detector: one row per (attack, poison count,
+    defense) over the records that dropped anything or ran a defense, with ``recall`` (the
+    share of poisons dropped), ``clean_flagged`` (the share of clean examples dropped) and
+    ``precision`` (the share of the dropped that were poisons), each pooled over the row's
+    trials, and ``n``. Only defenses that drop examples (on a schedule) are detectors: the
+    undefended trials and DP-SGD are left out."""
+    groups: dict[tuple[str, int, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        if scheduled(str(r["defense"])) and "poisons" in r and "examples" in r:
+            groups[(r["attack"], int(r["poisons"]), defense_label(r))].append(r)
+    rows = []
+    for (attack, poisons, defense), rs in sorted(groups.items()):
+        hit = sum(r.get("poisons_dropped", 0) for r in rs)
+        dropped = sum(r.get("examples_dropped", 0) for r in rs)
+        clean = sum(r["examples"] - r["poisons"] for r in rs)
+        rows.append({"attack": attack, "poisons": poisons, "defense": defense, "n": len(rs),
+                     "recall": hit / max(poisons * len(rs), 1),
+                     "clean_flagged": (dropped - hit) / max(clean, 1),
+                     "precision": hit / dropped if dropped else None})
+    return rows
+
+
+def detection_markdown(rows: list[dict[str, Any]]) -> str:
+    """:func:`detection` rows as a Markdown table."""
+    lines = ["| attack | poisons | defense | n | poisons dropped (recall) | clean examples "
+             "dropped | precision |", "|---|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        precision = "–" if r["precision"] is None else f"{100 * r['precision']:.1f}%"
+        lines.append(f"| {r['attack']} | {r['poisons']} | {r['defense']} | {r['n']} | "
+                     f"{100 * r['recall']:.1f}% | {100 * r['clean_flagged']:.2f}% | "
+                     f"{precision} |")
+    return "\n".join(lines)
+
+
+def _detection_figure(rows: list[dict[str, Any]], path: Path) -> None:
+    """Share of poisons dropped against share of clean examples dropped, a marker per
+    defense, a panel per attack, the poison count by each marker."""
+    plt = _pyplot()
+    attacks = sorted({r["attack"] for r in rows})
+    defenses = sorted({r["defense"] for r in rows})
+    fig, axes = plt.subplots(1, len(attacks), figsize=(4.5 * len(attacks), 4.2), squeeze=False)
+    markers = "os^vD<>pP*Xh"
+    handles: dict[str, Any] = {}  # one legend entry per defense, the same look in every panel
+    for ax, attack in zip(axes[0], attacks, strict=True):
+        for i, defense in enumerate(defenses):
+            pts = [r for r in rows if r["attack"] == attack and r["defense"] == defense]
+            if not pts:
+                continue
+            handles[defense] = ax.scatter(
+                [100 * r["clean_flagged"] for r in pts], [100 * r["recall"] for r in pts],
+                marker=markers[i % len(markers)], color=f"C{i % 10}", label=defense, alpha=0.8)
+            for r in pts:
+                ax.annotate(str(r["poisons"]), (100 * r["clean_flagged"], 100 * r["recall"]),
+                            fontsize=6, xytext=(3, 2), textcoords="offset points")
+        ax.set_title(attack, fontsize=9)
+        ax.set_xlabel("% of clean examples dropped")
+        ax.set_ylabel("% of poisons dropped")
+        ax.set_ylim(-3, 103)
+    axes[0][-1].legend([handles[d] for d in defenses if d in handles],
+                       [d for d in defenses if d in handles], fontsize=6, loc="upper left",
+                       bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    replace_atomically(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    plt.close(fig)
 
 
 def to_markdown(rows: list[dict[str, Any]]) -> str:
@@ -346,6 +414,13 @@ def _figures(records: list[dict[str, Any]], rows: list[dict[str, Any]],
     if caption is not None:
         figures.append((caption, path))
 
+    found = detection(records)
+    if found:
+        path = out / "detection.png"
+        _detection_figure(found, path)
+        figures.append(("Each defense as a detector: poisons dropped against clean examples "
+                        "dropped, per poison set (its size by the marker)", path))
+
     epic_runs = _epic_runs(records, trials)
     if epic_runs:
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -370,7 +445,8 @@ def _figures(records: list[dict[str, Any]], rows: list[dict[str, Any]],
 
 def write_report(records: list[dict[str, Any]], out: str | os.PathLike[str], *,
                  trials: str | os.PathLike[str] | None = None) -> Path:
-    """Write ``summary.md``, ``summary.json``, the figures and ``report.html`` to ``out``.
+    """Write ``summary.md``, ``summary.json``, ``detection.md`` and ``detection.json`` (each
+    defense as a detector, :func:`detection`), the figures and ``report.html`` to ``out``.
 
     ``trials``: the folder holding the run folders (``trials/`` beside a store's
     ``results.jsonl``); the records' ``run_dir`` then only names a folder in it. By default
@@ -386,6 +462,9 @@ def write_report(records: list[dict[str, Any]], out: str | os.PathLike[str], *,
     write_atomically(outp / "summary.json", json.dumps(rows, indent=2))
     table = to_markdown(rows)
     write_atomically(outp / "summary.md", table + "\n")
+    found = detection(records)
+    write_atomically(outp / "detection.json", json.dumps(found, indent=2))
+    write_atomically(outp / "detection.md", detection_markdown(found) + "\n")
     figures = (_figures(records, rows, outp, None if trials is None else Path(trials))
                if records else [])
     parts = ["<h1>Benchmark report</h1>", f"<p>{len(records)} trials.</p><table><tr>"]
