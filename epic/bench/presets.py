@@ -204,10 +204,9 @@ def _scaled_schedule(spec: str, epochs: int) -> tuple[str, ...]:
     return ("--warmup", str(warmup), "--every", "2")
 
 
-# The coverage study's victim (issue: which poisons EPIC finds): the 3-conv net from scratch
+# The coverage study's victim (which poisons each defense finds): the 3-conv net from scratch
 # on the first 4,000 CIFAR-10 training images, 20 epochs
-COVERAGE_COMMON = ("--dataset", "cifar10", "--subset", "4000", "--test-subset", "1000",
-                   "--model", "convnet")
+COVERAGE_VICTIM = ("--subset", "4000", "--test-subset", "1000", "--model", "convnet")
 COVERAGE_EPOCHS = 20
 # (folder, extra craft flags) per poison set: automobile -> cat patch backdoors, 4x4 trigger,
 # dirty-label (BadNets: relabelled) and clean-label, at 1%, 0.5% and 3% of the 4,000
@@ -223,7 +222,7 @@ def _coverage(data: Path, out: Path, first: int, defenses: Sequence[str]) -> lis
     paper's 40-epoch schedule scaled to 20 epochs: EPIC-0.1/0.2/0.3 from epoch 5/10/15, a
     round every 2nd epoch; the feature-space filters and drop rules as EPIC-0.1. ``first``:
     how many of :data:`COVERAGE_SETS`, in their order (the 1% sets first)."""
-    common = (*COVERAGE_COMMON[:2], "--data-dir", str(data), *COVERAGE_COMMON[2:])
+    common = ("--dataset", "cifar10", "--data-dir", str(data), *COVERAGE_VICTIM)
     poisons = out / "poisons"
     steps = [Step(("craft", *common, "--attack", "patch", "--source-class", "1",
                    "--adversarial-class", "3", "--patch-size", "4", *flags,
