@@ -174,6 +174,8 @@ def test_committed_stores_are_done_for_a_rerun_of_their_preset(
         argv: list[str] = []
         for arg in step.argv:  # expand the poison-set glob as run_preset does
             argv += sorted(glob.glob(arg)) if "*" in arg else [arg]
+        # poison sets named one by one that are not crafted yet have no trials yet
+        argv = [a for a in argv if not a.startswith(f"{out}/poisons/") or Path(a).exists()]
         if argv[:2] == ["bench", "run"] and "--poisons" in argv \
                 and not argv[argv.index("--poisons") + 1].startswith("--"):  # sets crafted
             planned.update(_ids(argv))
