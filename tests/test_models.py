@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -66,3 +68,34 @@ def test_eval_mode_restores_every_submodules_mode_also_on_an_error() -> None:
         assert not any(m.training for m in model.modules())
         raise KeyError
     assert model.training and model.classifier.training and not model.body.training
+
+
+def test_the_worked_example_model_trains_by_name(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The body of docs/models.md, imported as a module: registered by its decorator, built
+    by name, trained by `epic train --model`, with EPIC's embeddings and features on it."""
+    import re
+    import sys
+    import types
+
+    from epic.cli import main
+    from epic.models import register_model
+
+    doc = Path(__file__).resolve().parent.parent / "docs" / "models.md"
+    source = re.findall(r"```python\n(.*?)```", doc.read_text(), re.S)[0]
+    module = types.ModuleType("twoconv")
+    sys.modules["twoconv"] = module
+    try:
+        exec(compile(source, str(doc), "exec"), module.__dict__)  # noqa: S102
+        assert MODELS["twoconv"] is module.twoconv_body
+        m = build_model("twoconv", num_classes=10, in_channels=3, mean=[0.5] * 3,
+                        std=[0.25] * 3)
+        assert m.features(torch.rand(2, 3, 32, 32)).shape == (2, 32)
+        assert main(["train", "--model", "twoconv", "--subset", "200", "--test-subset", "50",
+                     "--epochs", "3", "--defense", "epic", "--warmup", "1", "--every", "1",
+                     "--until", "3", "--out", str(tmp_path / "t"), "--device", "cpu",
+                     "--no-progress"]) == 0
+        with pytest.raises(ValueError, match="'twoconv' is taken"):
+            register_model("twoconv")(lambda c: (torch.nn.Identity(), 1))
+    finally:
+        MODELS.pop("twoconv", None)
+        sys.modules.pop("twoconv", None)

@@ -26,9 +26,13 @@ from epic.models.resnet import resnet_body
 from epic.models.small import convnet_body
 from epic.models.vgg import vgg_body
 
-__all__ = ["MODELS", "Classifier", "Normalize", "Scenario", "build_model", "eval_mode"]
+__all__ = ["MODELS", "Classifier", "Normalize", "Scenario", "build_model", "eval_mode",
+           "register_model"]
 
-MODELS: dict[str, Callable[[int], tuple[nn.Module, int]]] = {
+# name -> body builder: in_channels -> (the body, its feature width); see docs/models.md
+Body = Callable[[int], tuple[nn.Module, int]]
+
+MODELS: dict[str, Body] = {
     "resnet18": lambda c: resnet_body(c, width=64),
     "vgg16": lambda c: vgg_body(c, width=64),
     "resnet18-small": lambda c: resnet_body(c, width=16),
@@ -37,6 +41,21 @@ MODELS: dict[str, Callable[[int], tuple[nn.Module, int]]] = {
     "convnet-512": lambda c: convnet_body(c, width=32, features=512),
     "fastnet": fast_body,
 }
+
+
+def register_model(name: str) -> Callable[[Body], Body]:
+    """Decorator: make the body builder ``fn(in_channels) -> (body, feature_dim)`` a model
+    named ``name`` (docs/models.md): :func:`build_model`, ``--model`` and ``--arch`` take it.
+
+    Raises:
+        ValueError: ``name`` is taken by another builder.
+    """
+    def register(fn: Body) -> Body:
+        if name in MODELS and MODELS[name] is not fn:
+            raise ValueError(f"model name {name!r} is taken")
+        MODELS[name] = fn
+        return fn
+    return register
 
 
 def build_model(name: str, *, num_classes: int, in_channels: int,
