@@ -113,23 +113,24 @@ def craft_attack(name: str, model: nn.Module | None, train: ImageData, test: Ima
     adversarial class defaults to the class after the source or target class.
     """
     attack = build_attack(name, **options)
-    classes = train.num_classes
+
+    def adversarial_for(source: int) -> int:
+        return (source + 1) % train.num_classes if adversarial_class is None \
+            else adversarial_class
+
     if is_backdoor(name):
         if source_class is None:
             raise EpicError(f"attack {name} is a backdoor: it needs source_class",
                             options=("source_class",))
-        adversarial = (source_class + 1) % classes if adversarial_class is None \
-            else adversarial_class
-        return cast(BackdoorAttack, attack).craft(model, train, source_class, adversarial,
-                                                  seed=seed, progress=progress)
+        return cast(BackdoorAttack, attack).craft(model, train, source_class,
+                                                  adversarial_for(source_class), seed=seed,
+                                                  progress=progress)
     if target_index is None or model is None:
         raise EpicError(f"attack {name} needs a target_index and a model",
                         options=("target_index",))
     target_class = int(test.labels[target_index])
-    adversarial = (target_class + 1) % classes if adversarial_class is None \
-        else adversarial_class
     poisons = cast(TargetedAttack, attack).craft(model, train, test.images[target_index],
-                                                 target_class, adversarial, seed=seed,
-                                                 bases=bases, progress=progress)
+                                                 target_class, adversarial_for(target_class),
+                                                 seed=seed, bases=bases, progress=progress)
     return dataclasses.replace(poisons, metadata=poisons.metadata | {
         "target_index": target_index})

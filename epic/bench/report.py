@@ -94,12 +94,11 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def detection(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """What each defense dropped, as a detector: one row per (attack, poison count,
-    defense) over the records that dropped anything or ran a defense, with ``recall`` (the
-    share of poisons dropped), ``clean_flagged`` (the share of clean examples dropped) and
-    ``precision`` (the share of the dropped that were poisons), each pooled over the row's
-    trials, and ``n``. Only defenses that drop examples (on a schedule) are detectors: the
-    undefended trials and DP-SGD are left out."""
+    """What each defense dropped, as a detector: one row per (attack, poison count, defense),
+    with ``recall`` (the share of poisons dropped), ``clean_flagged`` (the share of clean
+    examples dropped) and ``precision`` (the share of the dropped that were poisons), each
+    pooled over the row's trials, and ``n``. Only defenses that drop examples (on a
+    schedule) are detectors: the undefended trials and DP-SGD are left out."""
     groups: dict[tuple[str, int, str], list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         if scheduled(str(r["defense"])) and "poisons" in r and "examples" in r:
@@ -402,7 +401,8 @@ def _run_folder(record: dict[str, Any], trials: Path | None) -> Path:
 
 
 def _figures(records: list[dict[str, Any]], rows: list[dict[str, Any]],
-             out: Path, trials: Path | None) -> list[tuple[str, Path]]:
+             found: list[dict[str, Any]], out: Path, trials: Path | None
+             ) -> list[tuple[str, Path]]:
     plt = _pyplot()
     figures = []
     path = out / "success_vs_time.png"
@@ -414,7 +414,6 @@ def _figures(records: list[dict[str, Any]], rows: list[dict[str, Any]],
     if caption is not None:
         figures.append((caption, path))
 
-    found = detection(records)
     if found:
         path = out / "detection.png"
         _detection_figure(found, path)
@@ -465,7 +464,7 @@ def write_report(records: list[dict[str, Any]], out: str | os.PathLike[str], *,
     found = detection(records)
     write_atomically(outp / "detection.json", json.dumps(found, indent=2))
     write_atomically(outp / "detection.md", detection_markdown(found) + "\n")
-    figures = (_figures(records, rows, outp, None if trials is None else Path(trials))
+    figures = (_figures(records, rows, found, outp, None if trials is None else Path(trials))
                if records else [])
     parts = ["<h1>Benchmark report</h1>", f"<p>{len(records)} trials.</p><table><tr>"]
     cols = ["scenario", "attack", "defense", "n", "attack_success", "test_acc", "seconds",
