@@ -8,6 +8,7 @@ from epic.defenses import (
     AdversarialPoisoning,
     ClipNoise,
     DeepKNN,
+    ForeignGroups,
     HighestLoss,
     LowestConfidence,
     RandomDrop,
@@ -90,6 +91,7 @@ def test_filter_baselines_run_once_by_default() -> None:
     # thresholds that some examples still miss after one epoch (at 0.5 and 1.0, none does)
     lambda n: LowestConfidence(threshold=0.8, warmup=1, every=1, num_examples=n),
     lambda n: HighestLoss(threshold=0.2, warmup=1, every=1, num_examples=n),
+    lambda n: ForeignGroups(threshold=1.0, warmup=1, every=1, num_examples=n),
 ])
 def test_every_baseline_plugs_into_the_trainer(make, tiny_data) -> None:  # type: ignore[no-untyped-def]
     train_data, test_data = tiny_data

@@ -20,9 +20,9 @@ def test_every_preset_step_parses_as_an_epic_command(name: str, tmp_path: Path) 
     for step in steps:
         args = parser.parse_args(list(step.argv))
         commands.append(args.command if args.command != "bench" else args.bench_command)
-        if args.command in ("craft", "bench") and name != "cpu-coverage":  # benchmark setups
+        if args.command in ("craft", "bench") and name not in PATCH_STUDIES:  # setups
             assert args.first == 3 and args.exact_test == 1000
-    if name == "cpu-coverage":  # no setups, no attacker's model: its own test below
+    if name in PATCH_STUDIES:  # no setups, no attacker's model: their own test below
         return
     # the attacker's model first, then crafting, then one bench run per defense
     assert commands[0] == "train" and steps[0].done is not None
@@ -40,10 +40,16 @@ def test_every_preset_step_parses_as_an_epic_command(name: str, tmp_path: Path) 
     assert all(a[a.index("--defenses") + 1] == "epic-0.1" for a in passes)
 
 
-def test_coverage_preset_crafts_patch_sets_and_runs_every_detector_on_each() -> None:
+PATCH_STUDIES = ("cpu-coverage", "cpu-groups")
+
+
+@pytest.mark.parametrize(("name", "model"), [("cpu-coverage", "convnet"),
+                                             ("cpu-groups", "fastnet")])
+def test_patch_presets_craft_patch_sets_and_run_every_detector_on_each(name: str, model: str
+                                                                       ) -> None:
     from epic.bench.presets import COVERAGE_SETS
 
-    steps = preset_steps("cpu-coverage", data_dir="d", out="o")
+    steps = preset_steps(name, data_dir="d", out="o")
     parser = build_parser()
     crafts = [parser.parse_args(list(s.argv)) for s in steps if s.argv[0] == "craft"]
     assert [(c.attack, c.budget, c.clean_label, c.patch_size, c.source_class,
@@ -53,14 +59,13 @@ def test_coverage_preset_crafts_patch_sets_and_runs_every_detector_on_each() -> 
                for s, (name, _) in zip(steps, COVERAGE_SETS, strict=False))
     runs = [parser.parse_args(list(s.argv)) for s in steps if s.argv[0] == "bench"]
     assert all(r.poisons == [f"o/poisons/{name}" for name, _ in COVERAGE_SETS] for r in runs)
-    assert all((r.subset, r.model, r.epochs) == (4000, "convnet", 20) for r in runs)
-    # the paper's 40-epoch schedule halved: EPIC-0.1/0.2/0.3 from epoch 5/10/15, every 2nd
+    assert all((r.subset, r.model, r.epochs) == (4000, model, 20) for r in runs)
+    # the paper's 40-epoch schedule halved: EPIC-0.1/0.2/0.3 from epoch 5/10/15, every 2nd;
+    # the other detectors as EPIC-0.1
     schedule = {d: (r.warmup, r.every) for r in runs for d in r.defenses}
-    assert schedule == {"none": (5, 2), "epic-0.1": (5, 2), "epic-0.2": (10, 2),
-                        "epic-0.3": (15, 2)} | {d: (5, 2) for d in (
-                            "deep-knn", "spectral-signatures", "activation-clustering",
-                            "lowest-confidence", "highest-loss")}
-    first = preset_steps("cpu-coverage", data_dir="d", out="o", first=1)
+    assert schedule == {d: ((15 if d == "epic-0.3" else 10 if d == "epic-0.2" else 5), 2)
+                        for d in PRESETS[name][2]}
+    first = preset_steps(name, data_dir="d", out="o", first=1)
     assert sum(s.argv[0] == "craft" for s in first) == 1  # the dirty-label 1% set alone
 
 

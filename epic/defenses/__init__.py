@@ -17,6 +17,13 @@ from epic.defenses.clipnoise import ClipNoise
 from epic.defenses.clustering import ActivationClustering, activation_clusters
 from epic.defenses.dpsgd import DPSGD, group_norms
 from epic.defenses.epic import EPIC, EpicRound, EpicSettings, find_poisons, paper_warmup
+from epic.defenses.groups import (
+    ForeignGroups,
+    GroupRound,
+    cohesive_candidates,
+    feature_groups,
+    foreignness,
+)
 from epic.defenses.knn import DeepKNN, deep_knn_outliers
 from epic.defenses.registry import (
     DEFENSES,
@@ -63,13 +70,18 @@ __all__ = [
     "scheduled",
     "ActivationClustering",
     "DeepKNN",
+    "ForeignGroups",
+    "GroupRound",
     "HighestLoss",
     "LowestConfidence",
     "RandomDrop",
     "SpectralSignatures",
     "activation_clusters",
+    "cohesive_candidates",
     "deep_knn_outliers",
+    "feature_groups",
     "find_poisons",
+    "foreignness",
     "high_loss",
     "low_confidence",
     "paper_warmup",

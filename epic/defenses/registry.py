@@ -20,6 +20,7 @@ from epic.defenses.clipnoise import ClipNoise
 from epic.defenses.clustering import ActivationClustering
 from epic.defenses.dpsgd import DPSGD
 from epic.defenses.epic import EPIC
+from epic.defenses.groups import ForeignGroups
 from epic.defenses.knn import DeepKNN
 from epic.defenses.scores import HighestLoss, LowestConfidence, RandomDrop
 from epic.defenses.spectral import SpectralSignatures
@@ -33,6 +34,7 @@ DEFENSES: dict[str, type[Defense] | None] = {
     "epic": EPIC,
     "deep-knn": DeepKNN,
     "spectral-signatures": SpectralSignatures,
+    "foreign-groups": ForeignGroups,
     "activation-clustering": ActivationClustering,
     "lowest-confidence": LowestConfidence,
     "highest-loss": HighestLoss,
