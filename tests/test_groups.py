@@ -1,4 +1,4 @@
-"""The foreign-groups detector: groups of examples nearer another class than their own."""
+"""The foreign-groups detector: cohesive groups of examples unlike their class."""
 
 from __future__ import annotations
 
@@ -8,19 +8,19 @@ from epic.defenses import (
     ForeignGroups,
     RunFacts,
     build_defense,
-    cohesive_candidates,
+    cohesive_groups,
     deep_knn_outliers,
-    feature_groups,
-    foreignness,
+    unlikeness,
 )
+from epic.defenses.groups import connected, neighbour_links, robust_z
 
 
 def _classes_with_a_planted_group(group: int = 30, seed: int = 0
                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Three classes of 100 in separate blobs; the first ``group`` examples of class 0 sit
-    tightly together inside class 1's blob (poisons of one source, relabelled), plus one
-    lone class-2 example inside class 1 (a hard clean example). Returns features, labels and
-    the indices of the group."""
+    tightly together inside class 1's blob (poisons of one source, relabelled), and one
+    class-2 example lies alone inside class 1 (a hard clean example). Returns features,
+    labels and the indices of the group."""
     g = torch.Generator().manual_seed(seed)
     centres = torch.eye(3, 16) * 6
     labels = torch.arange(300) // 100
@@ -30,58 +30,81 @@ def _classes_with_a_planted_group(group: int = 30, seed: int = 0
     return feats, labels, torch.arange(group)
 
 
-def test_foreignness_sees_a_group_that_vouches_for_itself() -> None:
+def test_unlikeness_sees_a_group_that_vouches_for_itself() -> None:
     feats, labels, group = _classes_with_a_planted_group()
-    score = foreignness(feats, labels, block=64)
-    assert (score[group] > 0).all() and score[250] > 0
-    assert (score[100:250] < 0).all() and (score[30:100] < 0).all()
+    foreign, outlying = unlikeness(feats, labels, block=64)
+    assert (foreign[group] > 0).all() and foreign[250] > 0
+    assert (foreign[100:250] < 0).all() and (foreign[30:100] < 0).all()
+    assert outlying[group].min() > outlying[30:100].max()  # far from class 0's bulk too
     # Deep k-NN with a small k lets the group's members vote for each other
     assert not deep_knn_outliers(feats, labels, k=5)[group].any()
 
 
-def test_foreignness_on_a_sample_of_each_class_agrees_in_sign() -> None:
+def test_a_group_in_a_mode_of_its_own_is_outlying_not_foreign_and_dropped() -> None:
+    """A trigger the model has learned as the target class puts the poisons in a mode of
+    their own, near no other class: only the second score sees them."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(300) // 100
+    feats = torch.eye(3, 16)[labels] * 6 + 0.5 * torch.randn(300, 16, generator=g)
+    feats[:20] = torch.eye(16)[0] * 6 + torch.eye(16)[5] * 6 + 0.3 * torch.randn(
+        20, 16, generator=g)
+    foreign, outlying = unlikeness(feats, labels)
+    assert (foreign[:20] < 0).all()
+    assert robust_z(outlying)[:20].min() > 2.5 > robust_z(outlying)[20:100].median()
+    defense = ForeignGroups(warmup=0, every=1, num_examples=300)
+    keep = torch.ones(300, dtype=torch.bool)
+    for _ in range(2):
+        dropped, _ = defense.drop_rows(feats, labels, keep)
+    assert dropped.nonzero().squeeze(1).tolist() == list(range(20))
+
+
+def test_unlikeness_on_a_sample_of_each_class_agrees_in_sign() -> None:
     feats, labels, _ = _classes_with_a_planted_group()
-    full = foreignness(feats, labels, reference=None)
-    sampled = foreignness(feats, labels, reference=40,
-                          generator=torch.Generator().manual_seed(1))
+    full, _ = unlikeness(feats, labels, reference=None)
+    sampled, _ = unlikeness(feats, labels, reference=40,
+                            generator=torch.Generator().manual_seed(1))
     assert torch.equal(full > 0, sampled > 0)
 
 
-def test_a_lone_candidate_is_spared_and_a_group_of_candidates_flagged() -> None:
+def test_a_lone_candidate_is_spared_and_a_group_of_candidates_is_cohesive() -> None:
     feats, labels, group = _classes_with_a_planted_group()
-    candidates = foreignness(feats, labels) > 0
-    flagged, links = cohesive_candidates(feats, labels, candidates, neighbours=5)
-    assert flagged[group].all() and not flagged[250]  # the lone hard example stays
-    assert int(flagged.sum()) == len(group)
-    ids = feature_groups(flagged, links)
-    assert set(ids[group].tolist()) == {0} and (ids[30:] == -1).all()
+    foreign, _ = unlikeness(feats, labels)
+    links = neighbour_links(feats, labels, 10)
+    ids, cohesion = cohesive_groups(foreign > 0, links)
+    assert set(ids[group].tolist()) == {0} and (ids[30:] == -1).all()  # 250 is alone
+    assert cohesion.tolist() == [1.0]  # every member's 10 nearest class-mates are members
+    # a candidate set that cuts through a class: the pieces' neighbours lie outside them
+    ids, cohesion = cohesive_groups(feats[:, 3] > 0.5, links)
+    assert (cohesion < 0.75).all()
 
 
-def test_feature_groups_joins_rows_linked_either_way() -> None:
+def test_connected_joins_rows_linked_either_way() -> None:
     flagged = torch.tensor([True, True, False, True, True])
     links = torch.tensor([[1], [-1], [0], [-1], [3]])  # 0-1 linked, 4-3 linked, 2 not flagged
-    assert feature_groups(flagged, links).tolist() == [0, 0, -1, 1, 1]
+    assert connected(flagged, links).tolist() == [0, 0, -1, 1, 1]
 
 
 def test_the_defense_scores_first_drops_later_and_resumes_to_the_same_drops() -> None:
     feats, labels, group = _classes_with_a_planted_group()
     keep = torch.ones(300, dtype=torch.bool)
-    defense = ForeignGroups(warmup=0, every=1, threshold=3.0, num_examples=300)
+    defense = ForeignGroups(warmup=0, every=1, num_examples=300)
     first, _ = defense.drop_rows(feats, labels, keep)
     assert not first.any()  # one round's scores alone drop nothing (min_rounds=2)
-    resumed = ForeignGroups(warmup=0, every=1, threshold=3.0, num_examples=300)
+    resumed = ForeignGroups(warmup=0, every=1, num_examples=300)
     resumed.load_state_dict(defense.state_dict())
     dropped, extra = defense.drop_rows(feats, labels, keep)
     again, _ = resumed.drop_rows(feats, labels, keep)
     assert torch.equal(dropped, again)
     assert dropped[group].all() and int(dropped.sum()) == len(group)
-    (found,) = extra["groups"]
-    assert (found["label"], found["nearest"], found["size"]) == (0, 1, len(group))
-    assert found["members"] == group.tolist() and found["foreignness"] > 0
+    found = extra["groups"][0]  # the most cohesive first
+    assert (found["label"], found["nearest"], found["size"], found["dropped"]) == (
+        0, 1, len(group), True)
+    assert found["members"] == group.tolist() and found["cohesion"] == 1.0
+    assert all(not g["dropped"] for g in extra["groups"][1:])
 
 
 def test_built_by_name_on_epic_0_1s_schedule() -> None:
     defense = build_defense("foreign-groups", RunFacts(num_examples=10, epochs=40,
-                                                       milestones=(25, 35)), threshold=2.5)
-    assert isinstance(defense, ForeignGroups) and defense.threshold == 2.5
+                                                       milestones=(25, 35)), cohesion=0.9)
+    assert isinstance(defense, ForeignGroups) and defense.cohesion == 0.9
     assert [e for e in range(40) if defense.due(e)] == list(range(10, 35, 2))

@@ -20,9 +20,8 @@ from epic.defenses.epic import EPIC, EpicRound, EpicSettings, find_poisons, pape
 from epic.defenses.groups import (
     ForeignGroups,
     GroupRound,
-    cohesive_candidates,
-    feature_groups,
-    foreignness,
+    cohesive_groups,
+    unlikeness,
 )
 from epic.defenses.knn import DeepKNN, deep_knn_outliers
 from epic.defenses.registry import (
@@ -77,11 +76,10 @@ __all__ = [
     "RandomDrop",
     "SpectralSignatures",
     "activation_clusters",
-    "cohesive_candidates",
+    "cohesive_groups",
     "deep_knn_outliers",
-    "feature_groups",
     "find_poisons",
-    "foreignness",
+    "unlikeness",
     "high_loss",
     "low_confidence",
     "paper_warmup",

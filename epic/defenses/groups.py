@@ -42,8 +42,8 @@ from epic.defenses.base import DropRound, ScheduledDefense, paper_schedule
 from epic.gradients import Examples, feature_embeddings
 from epic.protocol import RunFacts
 
-__all__ = ["ForeignGroups", "GroupRound", "cohesive_candidates", "feature_groups",
-           "foreignness"]
+__all__ = ["ForeignGroups", "GroupRound", "cohesive_groups", "connected", "neighbour_links",
+           "robust_z", "unlikeness"]
 
 
 def _class_rows(labels: Tensor, reference: int | None, generator: torch.Generator | None
@@ -60,10 +60,11 @@ def _class_rows(labels: Tensor, reference: int | None, generator: torch.Generato
     return rows
 
 
-def foreignness(features: Tensor, labels: Tensor, *, reference: int | None = 1000,
-                generator: torch.Generator | None = None, block: int = 1024) -> Tensor:
-    """``(N,)`` log ratio of each example's median distance to its own class over its median
-    distance to the nearest other class (see the module docs), in unit-length feature space.
+def unlikeness(features: Tensor, labels: Tensor, *, reference: int | None = 1000,
+               generator: torch.Generator | None = None, block: int = 1024
+               ) -> tuple[Tensor, Tensor]:
+    """How unlike its class each example is, two ways, from median distances in unit-length
+    feature space (see the module docs).
 
     Args:
         features: ``(N, F)`` penultimate features.
@@ -74,49 +75,54 @@ def foreignness(features: Tensor, labels: Tensor, *, reference: int | None = 100
         block: rows of distances computed at a time.
 
     Returns:
-        0 where an example's class is the only class; positive where another class's bulk
-        is nearer than its own.
+        ``(foreignness, outlyingness)``, each ``(N,)``: the log ratio of an example's median
+        distance to its own class over that to the nearest other class (positive where
+        another class's bulk is nearer; 0 where there is one class), and the log ratio of
+        its median distance to its own class over the median of that among its class.
 
     Example:
         >>> f = torch.tensor([[1.0, 0.1], [1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 1.0],
         ...                   [0.0, 0.9]])
-        >>> (foreignness(f, torch.tensor([0, 0, 0, 1, 1, 0])) > 0).tolist()
+        >>> foreign, outlying = unlikeness(f, torch.tensor([0, 0, 0, 1, 1, 0]))
+        >>> (foreign > 0).tolist()
         [False, False, False, False, False, True]
+        >>> int(outlying.argmax())
+        5
     """
     if labels.shape != (features.shape[0],):
         raise ValueError(f"labels must be ({features.shape[0]},), got {tuple(labels.shape)}")
     unit = F.normalize(features.float(), dim=1)
     rows = _class_rows(labels, reference, generator)
-    classes = sorted(rows)
-    out = torch.zeros(len(unit), device=unit.device)
-    if len(classes) < 2:
-        return out
-    own_column = torch.searchsorted(torch.tensor(classes, device=labels.device), labels)
+    classes = torch.tensor(sorted(rows), device=labels.device)
+    own_column = torch.searchsorted(classes, labels)[:, None]
+    medians = torch.empty(len(unit), len(classes), device=unit.device)
     for start in range(0, len(unit), block):
         dist = torch.cdist(unit[start:start + block], unit)
         count = len(dist)
         dist[torch.arange(count), torch.arange(start, start + count)] = float("nan")  # self
-        medians = torch.stack([dist[:, rows[c]].nanmedian(1).values for c in classes], 1)
-        own = own_column[start:start + block, None]
-        mine = medians.gather(1, own).squeeze(1)
-        nearest_other = medians.scatter(1, own, float("inf")).min(1).values
-        out[start:start + block] = (mine.clamp_min(1e-12) / nearest_other.clamp_min(1e-12)).log()
-    return out
+        medians[start:start + count] = torch.stack(
+            [dist[:, rows[int(c)]].nanmedian(1).values for c in classes], 1)
+    own = medians.gather(1, own_column).squeeze(1).nan_to_num(0.0).clamp_min(1e-12)
+    outlying = torch.zeros_like(own)
+    for c in range(len(classes)):
+        members = own_column.squeeze(1) == c
+        outlying[members] = (own[members] / own[members].median()).log()
+    if len(classes) < 2:
+        return torch.zeros_like(own), outlying
+    nearest_other = medians.scatter(1, own_column, float("inf")).min(1).values
+    return (own / nearest_other.clamp_min(1e-12)).log(), outlying
 
 
-def cohesive_candidates(features: Tensor, labels: Tensor, candidates: Tensor, *,
-                        neighbours: int = 5, share: float = 0.6) -> tuple[Tensor, Tensor]:
-    """Which candidates belong to a group of candidates, and their neighbour links.
+def robust_z(values: Tensor) -> Tensor:
+    """``(values - median) / median absolute deviation``, the deviation floored at 1e-12."""
+    centre = values.median()
+    return (values - centre) / (values - centre).abs().median().clamp_min(1e-12)
 
-    A candidate is kept when at least ``share`` of its ``neighbours`` nearest examples of its
-    own class (unit-length features, Euclidean distance) are candidates too.
 
-    Returns:
-        ``(flagged, links)``: bool ``(N,)``, and ``(N, neighbours)`` int64 row positions of
-        each example's nearest class-mates (-1 where its class has fewer members).
-    """
+def neighbour_links(features: Tensor, labels: Tensor, neighbours: int) -> Tensor:
+    """``(N, neighbours)`` int64 row positions of each example's nearest examples of its own
+    class in unit-length feature space, nearest first (-1 where its class has fewer)."""
     unit = F.normalize(features.float(), dim=1)
-    flagged = torch.zeros_like(candidates)
     links = torch.full((len(unit), neighbours), -1, dtype=torch.long, device=unit.device)
     for c in labels.unique().tolist():
         members = (labels == c).nonzero().squeeze(1)
@@ -125,14 +131,18 @@ def cohesive_candidates(features: Tensor, labels: Tensor, candidates: Tensor, *,
             continue
         dist = torch.cdist(unit[members], unit[members])
         dist.fill_diagonal_(float("inf"))
-        nearest = members[dist.topk(k, largest=False).indices]
-        links[members, :k] = nearest
-        backed = candidates[nearest].float().mean(1) >= share
-        flagged[members] = candidates[members] & backed
-    return flagged, links
+        links[members, :k] = members[dist.topk(k, largest=False).indices]
+    return links
 
 
-def feature_groups(flagged: Tensor, links: Tensor) -> Tensor:
+def _share_in(mask: Tensor, links: Tensor) -> Tensor:
+    """Per row, the share of its valid ``links`` that point at rows where ``mask`` holds."""
+    valid = links >= 0
+    hits = mask[links.clamp_min(0)] & valid
+    return hits.sum(1) / valid.sum(1).clamp_min(1)
+
+
+def connected(flagged: Tensor, links: Tensor) -> Tensor:
     """``(N,)`` int64 group id of every flagged row (-1 elsewhere): flagged rows connected by
     ``links`` (either direction) share a group; ids are 0, 1, ... in order of first row."""
     n = len(flagged)
@@ -156,11 +166,38 @@ def feature_groups(flagged: Tensor, links: Tensor) -> Tensor:
     return ids.to(flagged.device)
 
 
+def cohesive_groups(candidates: Tensor, links: Tensor, *, share: float = 0.6
+                    ) -> tuple[Tensor, Tensor]:
+    """Groups of candidates and how cohesive each is.
+
+    A candidate stays when at least ``share`` of its nearest half of ``links`` are candidates
+    (a lone one does not); those left form groups, connected through that nearest half; a
+    group's cohesion is the mean share of its members' ``links`` inside the group.
+
+    Args:
+        candidates: ``(N,)`` bool.
+        links: ``(N, K)`` from :func:`neighbour_links`.
+
+    Returns:
+        ``(ids, cohesion)``: ``(N,)`` int64 group of every row (-1: in none) and ``(G,)``
+        the cohesion of each group.
+    """
+    near = links[:, :max(1, links.shape[1] // 2)]
+    backed = candidates & (_share_in(candidates, near) >= share)
+    ids = connected(backed, near)
+    cohesion = torch.stack([_share_in(ids == g, links[ids == g]).mean()
+                            for g in range(int(ids.max()) + 1)]) if backed.any() else (
+        torch.empty(0, device=links.device))
+    return ids, cohesion
+
+
 @dataclass(frozen=True)
 class GroupRound(DropRound):
-    """A :class:`ForeignGroups` round; ``groups`` lists the flagged groups, worst first: per
-    group its ``label``, the ``nearest`` other class (by its members' majority), its ``size``,
-    mean ``foreignness`` and ``members`` (dataset indices)."""
+    """A :class:`ForeignGroups` round; ``groups`` lists the groups of candidates it found,
+    most cohesive first, each with its ``label``, the ``nearest`` other class (by its
+    members' majority), ``size``, ``cohesion``, mean ``score`` (robust z), whether it was
+    ``dropped`` (cohesion at least the defense's ``cohesion``) and its ``members`` (dataset
+    indices)."""
 
     groups: list[dict[str, Any]]
 
@@ -168,63 +205,68 @@ class GroupRound(DropRound):
         return super().summary() | {"groups": self.groups}
 
     def poison_summary(self, poisons: Tensor) -> dict[str, Any]:
-        """Poisons dropped, and per group (worst first) how many of its members are poisons."""
+        """Poisons dropped, and per group (in :attr:`groups`' order) how many of its members
+        are poisons."""
         marked = set(poisons.tolist())
         return super().poison_summary(poisons) | {
             "group_poisons": [sum(m in marked for m in g["members"]) for g in self.groups]}
 
 
 class ForeignGroups(ScheduledDefense):
-    """Drop cohesive groups of examples that lie nearer another class than their own (see the
-    module docs), on EPIC's schedule.
+    """Drop cohesive groups of examples unlike their class (see the module docs), on EPIC's
+    schedule.
 
     Args:
-        threshold: a candidate's average foreignness lies this many median absolute
-            deviations above the median of the examples a round sees.
-        neighbours, share: a candidate is dropped when ``share`` of its ``neighbours``
-            nearest class-mates are candidates.
-        min_rounds: an example is dropped only once this many rounds have scored it (the
+        threshold: an example is a candidate when its score (the larger of the robust z of
+            its average foreignness and of its average outlyingness, :func:`unlikeness`)
+            exceeds this.
+        neighbours: nearest class-mates each example is linked to (:func:`neighbour_links`).
+        share: a candidate stays when this share of its nearest half of them are candidates.
+        cohesion: a group is dropped when its members' neighbours lie inside it at least this
+            often on average (:func:`cohesive_groups`).
+        min_rounds: an example is a candidate only once this many rounds have scored it (the
             first round only scores, by default).
         reference: class members each median distance is measured against (see
-            :func:`foreignness`).
+            :func:`unlikeness`).
         seed: draws those members.
         warmup, every, until, num_examples, batch_size: the schedule
             (:class:`~epic.defenses.base.ScheduledDefense`).
     """
 
-    SETTINGS = (*ScheduledDefense.SCHEDULE, "threshold", "neighbours", "share", "min_rounds",
-                "reference", "seed")
+    SETTINGS = (*ScheduledDefense.SCHEDULE, "threshold", "neighbours", "share", "cohesion",
+                "min_rounds", "reference", "seed")
     record_type = GroupRound
 
-    def __init__(self, *, threshold: float = 3.0, neighbours: int = 5, share: float = 0.6,
-                 min_rounds: int = 2, reference: int | None = 1000, seed: int = 0, warmup: int = 10,
-                 every: int = 2, until: int | None = None, num_examples: int | None = None,
-                 batch_size: int | None = None) -> None:
-        if neighbours < 1 or not 0 < share <= 1:
-            raise ValueError(f"need neighbours >= 1 and 0 < share <= 1, got {neighbours}, "
-                             f"{share}")
+    def __init__(self, *, threshold: float = 2.5, neighbours: int = 10, share: float = 0.6,
+                 cohesion: float = 0.75, min_rounds: int = 2, reference: int | None = 1000,
+                 seed: int = 0, warmup: int = 10, every: int = 2, until: int | None = None,
+                 num_examples: int | None = None, batch_size: int | None = None) -> None:
+        if neighbours < 2 or not 0 < share <= 1 or not 0 < cohesion <= 1:
+            raise ValueError(f"need neighbours >= 2, 0 < share <= 1 and 0 < cohesion <= 1, "
+                             f"got {neighbours}, {share}, {cohesion}")
         super().__init__(warmup=warmup, every=every, until=until, num_examples=num_examples,
                          batch_size=batch_size)
         self.threshold = threshold
         self.neighbours = neighbours
         self.share = share
+        self.cohesion = cohesion
         self.min_rounds = min_rounds
         self.reference = reference
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
-        # running sums of every example's foreignness and of the rounds that saw it
+        # per example: running sums of its two unlikeness scores, and the rounds that saw it
         self.score_sum: Tensor | None = None
         self.rounds_seen: Tensor | None = None
 
     @classmethod
     def for_run(cls, run: RunFacts, *, threshold: float | None = None,
-                neighbours: int | None = None, share: float | None = None,
-                min_rounds: int | None = None, warmup: int | None = None, every: int | None = None,
+                cohesion: float | None = None, min_rounds: int | None = None,
+                warmup: int | None = None, every: int | None = None,
                 until: int | None = None) -> ForeignGroups:
         """On EPIC-0.1's schedule (:func:`paper_schedule`), seeded by the run."""
         given: dict[str, Any] = {k: v for k, v in (
-            ("threshold", threshold), ("neighbours", neighbours), ("share", share),
-            ("min_rounds", min_rounds)) if v is not None}
+            ("threshold", threshold), ("cohesion", cohesion), ("min_rounds", min_rounds))
+            if v is not None}
         return cls(seed=run.seed, **given,
                    **paper_schedule(run, warmup=warmup, every=every, until=until))
 
@@ -233,44 +275,54 @@ class ForeignGroups(ScheduledDefense):
         return feature_embeddings(model, data, keep=keep, batch_size=self.batch_size,
                                   features=features)
 
-    def drop_rows(self, embeddings: Tensor, labels: Tensor, keep: Tensor
-                  ) -> tuple[Tensor, dict[str, Any]]:
+    def scores(self, embeddings: Tensor, labels: Tensor, keep: Tensor) -> Tensor:
+        """Add this round's unlikeness of the kept rows to the running sums; their score
+        (see ``threshold``), -inf where fewer than ``min_rounds`` rounds saw the example."""
         where = keep.nonzero().squeeze(1)
         if self.score_sum is None or self.rounds_seen is None:
-            self.score_sum = torch.zeros(len(keep))
+            self.score_sum = torch.zeros(len(keep), 2)
             self.rounds_seen = torch.zeros(len(keep))
-        score = foreignness(embeddings, labels, reference=self.reference,
-                            generator=self.generator)
-        self.score_sum[where] += score.cpu()
+        foreign, outlying = unlikeness(embeddings, labels, reference=self.reference,
+                                       generator=self.generator)
+        self.score_sum[where] += torch.stack([foreign, outlying], 1).cpu()
         self.rounds_seen[where] += 1
-        average = (self.score_sum[where] / self.rounds_seen[where]).to(embeddings.device)
-        centre = average.median()
-        spread = (average - centre).abs().median().clamp_min(1e-12)
-        candidates = (average - centre) / spread > self.threshold
-        candidates &= self.rounds_seen[where].to(candidates.device) >= self.min_rounds
-        flagged, links = cohesive_candidates(embeddings, labels, candidates,
-                                             neighbours=self.neighbours, share=self.share)
-        return flagged, {"groups": self._describe(feature_groups(flagged, links), average,
-                                                  embeddings, labels, where)}
+        seen = self.rounds_seen[where, None]
+        average = (self.score_sum[where] / seen).to(embeddings.device)
+        score = torch.maximum(robust_z(average[:, 0]), robust_z(average[:, 1]))
+        return score.masked_fill((seen.squeeze(1) < self.min_rounds).to(score.device),
+                                 -float("inf"))
 
-    @staticmethod
-    def _describe(ids: Tensor, average: Tensor, embeddings: Tensor, labels: Tensor,
-                  where: Tensor) -> list[dict[str, Any]]:
-        """The groups of ``ids`` as records, worst (highest mean foreignness) first."""
+    def drop_rows(self, embeddings: Tensor, labels: Tensor, keep: Tensor
+                  ) -> tuple[Tensor, dict[str, Any]]:
+        score = self.scores(embeddings, labels, keep)
+        links = neighbour_links(embeddings, labels, self.neighbours)
+        ids, cohesion = cohesive_groups(score > self.threshold, links, share=self.share)
+        dropped_groups = (cohesion >= self.cohesion).nonzero().squeeze(1)
+        drop = torch.isin(ids, dropped_groups)
+        return drop, {"groups": self._describe(ids, cohesion, score, embeddings, labels,
+                                               keep.nonzero().squeeze(1))}
+
+    def _describe(self, ids: Tensor, cohesion: Tensor, score: Tensor, embeddings: Tensor,
+                  labels: Tensor, where: Tensor) -> list[dict[str, Any]]:
+        """The groups of ``ids`` with two members or more, most cohesive first."""
         unit = F.normalize(embeddings.float(), dim=1)
         classes = labels.unique()
         centroids = torch.stack([unit[labels == c].mean(0) for c in classes])
         groups = []
-        for g in range(int(ids.max()) + 1 if len(ids) else 0):
+        for g, value in enumerate(cohesion.tolist()):
             rows = (ids == g).nonzero().squeeze(1)
+            if len(rows) < 2:
+                continue
             label = int(labels[rows[0]])
             distance = torch.cdist(unit[rows], centroids)
             distance[:, classes == label] = float("inf")
-            nearest = int(classes[distance.argmin(1)].mode().values)
-            groups.append({"label": label, "nearest": nearest, "size": len(rows),
-                           "foreignness": round(float(average[rows].mean()), 4),
+            groups.append({"label": label,
+                           "nearest": int(classes[distance.argmin(1)].mode().values),
+                           "size": len(rows), "cohesion": round(value, 4),
+                           "score": round(float(score[rows].mean()), 4),
+                           "dropped": value >= self.cohesion,
                            "members": where[rows.cpu()].tolist()})
-        return sorted(groups, key=lambda g: -g["foreignness"])
+        return sorted(groups, key=lambda g: (-g["cohesion"], -g["size"]))
 
     def state_dict(self) -> dict[str, Any]:
         return super().state_dict() | {"score_sum": self.score_sum,
