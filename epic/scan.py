@@ -1,12 +1,16 @@
-"""Offline scan of a data set for suspected poisons: EPIC's isolated examples, as files to review.
+"""Offline scan of a data set for suspected poisons, as files to review: EPIC's isolated
+examples, or the foreign-groups detector's cohesive groups.
 
-:func:`scan` runs one EPIC round on a trained model; :func:`train_and_scan` trains a model on
-the data under EPIC and collects every round's drops. Both give a :class:`ScanResult`, which
-:func:`write_outputs` turns into ``suspicious.csv`` (one row per flagged example),
+:func:`scan` runs one round on a trained model; :func:`train_and_scan` trains a model on the
+data under the detector and collects every round's drops. Both give a :class:`ScanResult`,
+which :func:`write_outputs` turns into ``suspicious.csv`` (one row per flagged example),
 ``skipped.csv`` (files that were not read) and ``scan.html`` (the flagged images as
-thumbnails, grouped by class). A flagged example is a medoid of its class's last-layer
-gradients that no other example of the class joined: the isolated points where effective
-poisons end up, and also mislabelled or odd clean examples; review them, do not delete blindly.
+thumbnails: by class, or group by group, the most cohesive first). EPIC flags a medoid of its
+class's last-layer gradients that no other example of the class joined: the isolated points
+where effective poisons end up, and also mislabelled or odd clean examples. The groups
+detector (:mod:`epic.defenses.groups`) flags groups of examples that are unlike their class
+and keep together, as poisons that share a trigger or a source class do, which EPIC misses;
+its page also shows the groups it found but did not flag. Review them, do not delete blindly.
 
 The page is self-contained (thumbnails are PNG data URIs), shows every file and class name
 as text only (HTML-escaped; its Content-Security-Policy runs no script but its own), and its
@@ -38,14 +42,14 @@ from PIL import Image
 from torch import Tensor, nn
 
 from epic.data import ImageData
-from epic.defenses import EPIC, EpicRound, EpicSettings
+from epic.defenses import EPIC, DropRound, EpicRound, EpicSettings, ForeignGroups, GroupRound
 from epic.images import Skipped
 from epic.io.files import replace_atomically
 from epic.models import Classifier
 from epic.pages import encode_text, write_page
 from epic.training import TrainConfig, train
 
-__all__ = ["Flag", "ScanResult", "collect", "index_names", "scan", "thumbnail_png",
+__all__ = ["Flag", "Group", "ScanResult", "collect", "index_names", "scan", "thumbnail_png",
            "train_and_scan", "write_csv", "write_html", "write_outputs"]
 
 log = logging.getLogger(__name__)
@@ -59,9 +63,11 @@ class Flag:
         index: its position in the data set.
         file: its file (relative to the folder) or name such as ``train[1234]``.
         label: its class name.
-        cluster_size: the size of its gradient cluster in the round that flagged it.
+        cluster_size: the size of its gradient cluster (EPIC) or of its group (groups) in
+            the round that flagged it.
         round: that round, counted from 1.
         epoch: the training epoch before which that round ran.
+        group: the :attr:`Group.name` of its group ("" for EPIC's flags).
     """
 
     index: int
@@ -70,6 +76,32 @@ class Flag:
     cluster_size: int
     round: int
     epoch: int
+    group: str = ""
+
+
+@dataclass(frozen=True)
+class Group:
+    """A group of examples the foreign-groups detector found in one round.
+
+    Attributes:
+        name: ``"<round>.<rank>"``, its rank in that round's groups counted from 1.
+        round, epoch: as in :class:`Flag`.
+        label: its members' class name; ``nearest``: the other class nearest them.
+        cohesion: the mean share of its members' nearest class-mates inside it.
+        score: its members' mean unlikeness score (robust z).
+        flagged: whether the round dropped it (its cohesion reached the detector's).
+        members: their positions in the data set.
+    """
+
+    name: str
+    round: int
+    epoch: int
+    label: str
+    nearest: str
+    cohesion: float
+    score: float
+    flagged: bool
+    members: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -79,16 +111,19 @@ class ScanResult:
     Attributes:
         data: the scanned set (images ``(N, C, H, W)`` uint8, labels ``(N,)``).
         files: ``(N,)`` names of the examples, in dataset order.
-        flags: the flagged examples, by round, then by index.
-        rounds: EPIC's record of each round (``cluster_size_of`` ``(N,)`` per round).
+        flags: the flagged examples, by round, then by index (groups: by group).
+        rounds: the detector's record of each round (EPIC's: ``cluster_size_of`` ``(N,)``).
         skipped: files that were not read into ``data``.
+        groups: the groups the foreign-groups detector found, flagged or not, in each round
+            the most cohesive first (empty for EPIC).
     """
 
     data: ImageData
     files: tuple[str, ...]
     flags: tuple[Flag, ...]
-    rounds: tuple[EpicRound, ...]
+    rounds: tuple[DropRound, ...]
     skipped: tuple[Skipped, ...] = ()
+    groups: tuple[Group, ...] = ()
 
     @property
     def flagged(self) -> Tensor:
@@ -110,7 +145,10 @@ def index_names(n: int, split: str = "train") -> tuple[str, ...]:
     return tuple(f"{split}[{i}]" for i in range(n))
 
 
-def collect(data: ImageData, defense: EPIC, *, files: Sequence[str] | None = None,
+Detector = EPIC | ForeignGroups
+
+
+def collect(data: ImageData, defense: Detector, *, files: Sequence[str] | None = None,
             skipped: Sequence[Skipped] = ()) -> ScanResult:
     """The :class:`ScanResult` of the rounds ``defense`` ran on ``data``.
 
@@ -119,13 +157,25 @@ def collect(data: ImageData, defense: EPIC, *, files: Sequence[str] | None = Non
     names = tuple(files) if files is not None else index_names(len(data))
     if len(names) != len(data):
         raise ValueError(f"files names {len(names)} examples, the data holds {len(data)}")
-    rounds = tuple(r for r in defense.history if isinstance(r, EpicRound))
     labels = data.labels.tolist()
-    flags = tuple(Flag(i, names[i], data.classes[labels[i]], int(r.cluster_size_of[i]), k,
-                       r.epoch)
-                  for k, r in enumerate(rounds, 1) for i in r.dropped.tolist())
+    if isinstance(defense, ForeignGroups):
+        group_rounds = tuple(r for r in defense.history if isinstance(r, GroupRound))
+        groups = tuple(
+            Group(f"{k}.{rank}", k, r.epoch, data.classes[g["label"]],
+                  data.classes[g["nearest"]], g["cohesion"], g["score"], g["dropped"],
+                  tuple(g["members"]))
+            for k, r in enumerate(group_rounds, 1) for rank, g in enumerate(r.groups, 1))
+        flags = tuple(Flag(i, names[i], data.classes[labels[i]], len(g.members), g.round,
+                           g.epoch, g.name) for g in groups if g.flagged for i in g.members)
+        rounds: tuple[DropRound, ...] = group_rounds
+    else:
+        epic_rounds = tuple(r for r in defense.history if isinstance(r, EpicRound))
+        flags = tuple(Flag(i, names[i], data.classes[labels[i]], int(r.cluster_size_of[i]),
+                           k, r.epoch)
+                      for k, r in enumerate(epic_rounds, 1) for i in r.dropped.tolist())
+        rounds, groups = epic_rounds, ()
     log.info("flagged %d of %d examples in %d rounds", len(flags), len(data), len(rounds))
-    return ScanResult(data, names, flags, rounds, tuple(skipped))
+    return ScanResult(data, names, flags, rounds, tuple(skipped), groups)
 
 
 def scan(
@@ -133,12 +183,14 @@ def scan(
     data: ImageData,
     *,
     settings: EpicSettings | None = None,
+    groups: bool = False,
     batch_size: int | None = None,
     files: Sequence[str] | None = None,
     skipped: Sequence[Skipped] = (),
 ) -> ScanResult:
     """One EPIC round with ``settings`` (default: :class:`epic.EpicSettings`'s) on a trained
-    ``model``: flags the isolated examples of ``data``.
+    ``model``: flags the isolated examples of ``data``; with ``groups``, one round of the
+    foreign-groups detector instead (scored once: ``min_rounds=1``): flags cohesive groups.
 
     The model runs in eval mode on the un-augmented images, on its own device; ``files`` and
     ``skipped`` as in :func:`collect`.
@@ -148,8 +200,11 @@ def scan(
         >>> [(f.file, f.label) for f in result.flags]
         [('cat/0042.png', 'cat'), ...]
     """
-    defense = EPIC.from_settings(settings or EpicSettings(), warmup=0, every=1,
-                                 batch_size=batch_size, num_examples=len(data))
+    defense: Detector = (
+        ForeignGroups(min_rounds=1, warmup=0, every=1, batch_size=batch_size,
+                      num_examples=len(data)) if groups else
+        EPIC.from_settings(settings or EpicSettings(), warmup=0, every=1,
+                           batch_size=batch_size, num_examples=len(data)))
     defense.update(model, data, 0)
     return collect(data, defense, files=files, skipped=skipped)
 
@@ -157,7 +212,7 @@ def scan(
 def train_and_scan(
     model: Classifier,
     data: ImageData,
-    defense: EPIC,
+    defense: Detector,
     config: TrainConfig | None = None,
     *,
     files: Sequence[str] | None = None,
@@ -181,7 +236,8 @@ def train_and_scan(
         >>> result = train_and_scan(model, data, defense, TrainConfig(epochs=40))  # doctest: +SKIP
     """
     config = config if config is not None else TrainConfig()
-    defense.check_runs_within(config.epochs, name="EPIC")
+    defense.check_runs_within(config.epochs, name="EPIC" if isinstance(defense, EPIC) else
+                              "foreign-groups")
     train(model, data, data.subset(torch.arange(0)), config, defense=defense, out=out,
           run_info=run_info, on_epoch_end=on_epoch_end)
     return collect(data, defense, files=files, skipped=skipped)
@@ -204,13 +260,13 @@ def write_outputs(result: ScanResult, out: str | os.PathLike[str]) -> dict[str, 
 
 
 def write_csv(result: ScanResult, path: str | os.PathLike[str]) -> None:
-    """``file,label,cluster_size,round``, one row per flagged example (atomically).
+    """``file,label,cluster_size,round,group``, one row per flagged example (atomically).
 
     A name that a spreadsheet would run as a formula (first character ``= + - @``, their
     fullwidth forms, or a tab, carriage return or line feed) gets a leading ``'``.
     """
-    _write_rows(path, ("file", "label", "cluster_size", "round"),
-                [(f.file, f.label, f.cluster_size, f.round) for f in result.flags])
+    _write_rows(path, ("file", "label", "cluster_size", "round", "group"),
+                [(f.file, f.label, f.cluster_size, f.round, f.group) for f in result.flags])
 
 
 def _write_rows(path: str | os.PathLike[str], header: Sequence[str],
@@ -283,45 +339,90 @@ def _breakable(name: str) -> str:
     return re.sub(r"([/_.-])", r"\1<wbr>", html.escape(name))
 
 
-def write_html(result: ScanResult, path: str | os.PathLike[str], *, thumb_size: int = 96
-               ) -> None:
-    """A self-contained page of the flagged images, grouped by class (atomically).
+def _figure(result: ScanResult, index: int, caption: str, thumb_size: int) -> str:
+    """A thumbnail of example ``index`` captioned with its file and ``caption`` (HTML)."""
+    file = result.files[index]
+    uri = "data:image/png;base64," + base64.b64encode(
+        thumbnail_png(result.data.images[index], thumb_size)).decode()
+    return (f'<figure><img class="thumb" src="{uri}" alt="{html.escape(file)}">'
+            f'<figcaption><span class="file">{_breakable(file)}</span><br>{caption}'
+            f'</figcaption></figure>')
 
-    One section per class with flags (heading: class name, flagged and total counts), one
-    thumbnail per flagged example captioned with its file, cluster size and round, then the
-    skipped files and their reasons. Every name is HTML-escaped.
-    """
-    esc = html.escape
+
+def _section(heading: str, count: str, figures: Sequence[str], kind: str) -> str:
+    return (f'<section class="{kind}"><h2><span class="name">{heading}</span> '
+            f'<span class="count">{count}</span></h2>\n<div class="grid">\n'
+            + "\n".join(figures) + "\n</div></section>")
+
+
+def _class_sections(result: ScanResult, thumb_size: int) -> list[str]:
+    """One section per class with flags: its flagged examples."""
     counts = torch.bincount(result.data.labels.cpu(), minlength=result.data.num_classes)
     by_class: dict[int, list[Flag]] = {}
     for f in result.flags:
         by_class.setdefault(int(result.data.labels[f.index]), []).append(f)
+    return [_section(html.escape(result.data.classes[c]),
+                     f"{len(by_class[c])} flagged of {int(counts[c])}",
+                     [_figure(result, f.index, f"cluster size {f.cluster_size}, round "
+                                               f"{f.round}", thumb_size) for f in by_class[c]],
+                     "class")
+            for c in sorted(by_class)]
+
+
+def _group_sections(result: ScanResult, thumb_size: int, show: int) -> list[str]:
+    """One section per group, flagged ones first, each the most cohesive first: its members
+    side by side (the first ``show`` of them)."""
+    esc = html.escape
+    ranked = sorted(result.groups, key=lambda g: (not g.flagged, -g.cohesion, g.name))
     sections = []
-    for c in sorted(by_class):
-        figures = []
-        for f in by_class[c]:
-            uri = "data:image/png;base64," + base64.b64encode(
-                thumbnail_png(result.data.images[f.index], thumb_size)).decode()
-            figures.append(
-                f'<figure><img class="thumb" src="{uri}" alt="{esc(f.file)}">'
-                f'<figcaption><span class="file">{_breakable(f.file)}</span><br>cluster size '
-                f'{f.cluster_size}, round {f.round}</figcaption></figure>')
-        sections.append(
-            f'<section class="class"><h2><span class="name">{esc(result.data.classes[c])}'
-            f'</span> <span class="count">{len(by_class[c])} flagged of {int(counts[c])}'
-            f'</span></h2>\n<div class="grid">\n' + "\n".join(figures) + "\n</div></section>")
+    for g in ranked:
+        verdict = "flagged" if g.flagged else "not flagged"
+        figures = [_figure(result, i, f"group {esc(g.name)}", thumb_size)
+                   for i in g.members[:show]]
+        more = len(g.members) - show
+        if more > 0:
+            figures.append(f'<p class="more">and {more} more (suspicious.csv lists the '
+                           f'flagged ones)</p>')
+        sections.append(_section(
+            f"{esc(g.label)} nearer {esc(g.nearest)}",
+            f"group {esc(g.name)}: {len(g.members)} examples, cohesion {g.cohesion:.2f}, "
+            f"score {g.score:.1f}, {verdict} in round {g.round} (before epoch {g.epoch})",
+            figures, "group"))
+    return sections
+
+
+def write_html(result: ScanResult, path: str | os.PathLike[str], *, thumb_size: int = 96,
+               group_members_shown: int = 48) -> None:
+    """A self-contained page of the flagged images (atomically).
+
+    EPIC's flags: one section per class with flags (heading: class name, flagged and total
+    counts), one thumbnail per flagged example captioned with its file, cluster size and
+    round. Groups: one section per group the detector found (heading: its class, the class
+    its members lie nearer, size, cohesion, score, and whether it was flagged), flagged
+    groups first, the most cohesive first, its members side by side. Then the skipped files
+    and their reasons. Every name is HTML-escaped.
+    """
+    esc = html.escape
+    sections = (_group_sections(result, thumb_size, group_members_shown) if result.groups
+                else _class_sections(result, thumb_size))
     rows = "\n".join(f"<tr><td>{_breakable(s.file)}</td><td>{esc(s.reason)}</td></tr>"
                       for s in result.skipped)
     skipped = ('<table><tr><th>file</th><th>reason</th></tr>\n' + rows + '\n</table>'
                if result.skipped else "<p>No file was skipped.</p>")
     epochs = ", ".join(str(r.epoch) for r in result.rounds)
-    title = f"EPIC scan: {len(result.flags)} of {len(result.data)} examples flagged"
+    grouped = isinstance(result.rounds[0], GroupRound) if result.rounds else False
+    detector = "foreign-groups" if grouped else "EPIC"
+    meaning = ("A flagged group is a set of examples unlike the rest of their class that "
+               "keep together: poisons that share a trigger or a source class, or a clean "
+               "sub-population worth a look. Groups not flagged are shown after them." if
+               grouped else "A flagged example is one that no other example of its class "
+               "joined in gradient space: a suspected poison, or a mislabelled or odd clean "
+               "example.")
+    title = f"{detector} scan: {len(result.flags)} of {len(result.data)} examples flagged"
     body = f"""<h1>{title}</h1>
 <p id="summary">{len(result.flags)} of {len(result.data)} examples flagged in
-{len(result.rounds)} EPIC round{"" if len(result.rounds) == 1 else "s"} (before epochs
-{epochs or "-"}); {len(result.skipped)} files skipped. A flagged example is one that no other
-example of its class joined in gradient space: a suspected poison, or a mislabelled or odd
-clean example.</p>
+{len(result.rounds)} {detector} round{"" if len(result.rounds) == 1 else "s"} (before epochs
+{epochs or "-"}); {len(result.skipped)} files skipped. {meaning}</p>
 {chr(10).join(sections) or "<p>No example was flagged.</p>"}
 <section id="skipped"><h2>Skipped files <span class="count">{len(result.skipped)}</span></h2>
 {skipped}</section>"""

@@ -50,3 +50,21 @@ def planted_folder(root: Path) -> Path:
     for name, other in {"red": 2, "green": 0, "blue": 1}.items():
         save(root / name / "planted.png", coloured(rng, other))
     return root
+
+
+GROUP = {f"red/group-{i:02d}.png" for i in range(12)}
+
+
+def planted_group_folder(root: Path) -> Path:
+    """Three colour classes of 30 noisy 8x8 PNGs each, plus in the red class 12 green images
+    stamped with one white 2x2 square (:data:`GROUP`): poisons of one source class with one
+    trigger, relabelled; a group that keeps together rather than an isolated example."""
+    rng = np.random.default_rng(1)
+    for name, channel in COLOURS.items():
+        for i in range(30):
+            save(root / name / f"{i:02d}.png", coloured(rng, channel))
+    for name in sorted(GROUP):
+        image = coloured(rng, COLOURS["green"])
+        image[:2, :2] = 255
+        save(root / name, image)
+    return root

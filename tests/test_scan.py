@@ -18,7 +18,7 @@ from epic.images import ImageFolder, Skipped, read_image_folder
 from epic.scan import Flag, ScanResult, scan, train_and_scan, write_html, write_outputs
 
 from .conftest import seeded_convnet
-from .imagefiles import PLANTED, planted_folder
+from .imagefiles import GROUP, PLANTED, planted_folder, planted_group_folder
 
 HOSTILE_FILE = "<img src=x onerror=alert(1)>.png"
 HOSTILE_CLASS = "<b onmouseover=alert(2)>cls"
@@ -61,6 +61,27 @@ def test_scan_with_a_trained_model_flags_exactly_the_planted_images(planted) -> 
         {"round": 1, "epoch": 0, "flagged": 3, "remaining": 90}]}
 
 
+@pytest.fixture(scope="module")
+def group_scan(tmp_path_factory: pytest.TempPathFactory) -> ScanResult:
+    """A model trained 4 epochs on the planted group's folder, scanned for groups."""
+    folder = read_image_folder(planted_group_folder(tmp_path_factory.mktemp("group")))
+    model = seeded_convnet(folder.data)
+    train(model, folder.data, folder.data.subset(torch.arange(0)),
+          TrainConfig(epochs=4, batch_size=16))
+    return scan(model, folder.data, groups=True, files=folder.files)
+
+
+def test_groups_scan_flags_exactly_the_planted_group(group_scan, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    assert {f.file for f in group_scan.flags} == GROUP
+    top = group_scan.groups[0]
+    assert (top.name, top.label, top.nearest, top.flagged, len(top.members)) == (
+        "1.1", "red", "green", True, 12)
+    assert all(f.group == "1.1" and f.cluster_size == 12 for f in group_scan.flags)
+    assert not any(g.flagged for g in group_scan.groups[1:])
+    with open(write_outputs(group_scan, tmp_path)["suspicious.csv"], newline="") as f:
+        assert {r["group"] for r in csv.DictReader(f)} == {"1.1"}
+
+
 def test_a_schedule_without_rounds_is_an_error(planted) -> None:  # type: ignore[no-untyped-def]
     # in the library's words: its parameters, which the command line spells as flags
     with pytest.raises(EpicError, match="no EPIC round runs in 3 epochs.*pass a smaller "
@@ -76,8 +97,8 @@ def test_csv_rows_are_the_flags(trained_scan, tmp_path) -> None:  # type: ignore
     paths = write_outputs(trained_scan, tmp_path / "out")
     with open(paths["suspicious.csv"], newline="") as f:
         rows = list(csv.reader(f))
-    assert rows[0] == ["file", "label", "cluster_size", "round"]
-    assert rows[1:] == [[f.file, f.label, str(f.cluster_size), str(f.round)]
+    assert rows[0] == ["file", "label", "cluster_size", "round", "group"]
+    assert rows[1:] == [[f.file, f.label, str(f.cluster_size), str(f.round), ""]
                         for f in trained_scan.flags]
     with open(paths["skipped.csv"], newline="") as f:
         assert list(csv.reader(f)) == [["file", "reason"], ["red/broken.png", "an empty file"]]
@@ -185,6 +206,20 @@ def test_scan_page_in_a_browser(trained_scan, tmp_path) -> None:  # type: ignore
                                                                             "red")}
     assert dom.headings == [f"{c} {n} flagged of 31" for c, n in per_class.items() if n] + [
         "Skipped files 1"]
+
+
+def test_groups_page_in_a_browser(group_scan, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The flagged group first, its members side by side, every thumbnail decoded; the
+    groups not flagged after it."""
+    page = write_outputs(group_scan, tmp_path)["scan.html"]
+    dom = _dump_dom(page, tmp_path / "profile")
+    shown = sum(len(g.members) for g in group_scan.groups)
+    assert len(dom.imgs) == shown and dom.body.get("data-checked") == str(shown)
+    assert all(img["data-state"] == "decoded" for img in dom.imgs) and not dom.failed
+    assert dom.headings[0].startswith("red nearer green group 1.1: 12 examples, cohesion 1.00")
+    assert "flagged in round 1" in dom.headings[0]
+    assert all("not flagged" in h for h in dom.headings[1:-1])
+    assert sorted(dom.captions[:12]) == sorted(GROUP)
 
 
 def test_hostile_names_stay_text_in_a_browser_and_broken_thumbnails_are_named(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -300,3 +335,16 @@ def test_scan_help_names_every_option() -> None:
             "--image-size", "--max-file-bytes", "--max-pixels"} <= options
     assert all(a.help for a in parser._actions if a.option_strings)
     assert "--test-subset" not in options
+
+
+def test_cli_scan_for_groups_trains_under_the_detector(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    data_dir = planted_group_folder(tmp_path / "data")
+    assert main(["scan", "--data", str(data_dir), "--detector", "groups", "--epochs", "6",
+                 "--warmup", "2", "--every", "1", "--batch-size", "16",
+                 "--out", str(tmp_path / "scan"), "--json"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[1] == ("training convnet for 6 epochs with foreign-groups, rounds before "
+                        "epochs [2, 3, 4, 5]")
+    assert "epoch 2: foreign-groups round 1 flagged 0" in lines[2]  # the first round scores
+    with open(json.loads(lines[-1])["suspicious.csv"], newline="") as f:
+        assert {r["file"] for r in csv.DictReader(f)} == GROUP

@@ -23,7 +23,7 @@ from epic.cli.common import (
     train_config,
 )
 from epic.data import ImageData
-from epic.defenses import EPIC, RunFacts, build_defense
+from epic.defenses import EPIC, ForeignGroups, RunFacts, build_defense
 from epic.images import MAX_FILE_BYTES, MAX_PIXELS, Skipped, read_image_folder, read_npz
 from epic.models import MODELS
 from epic.scan import scan, train_and_scan, write_outputs
@@ -66,6 +66,11 @@ def add_scan_command(sub: Any) -> None:
     m.add_argument("--arch", dest="model", choices=list(MODELS), default="convnet",
                    help="architecture of --model, or to train (default: convnet)")
     add_fit_args(m, evaluates=False)  # a scan holds out no test set
+    d = p.add_argument_group("detector")
+    d.add_argument("--detector", choices=("epic", "groups"), default="epic",
+                   help="epic: EPIC's isolated examples (default); groups: the foreign-groups "
+                        "detector's cohesive groups, on EPIC-0.1's schedule when training "
+                        "(docs/defenses.md)")
     add_epic_args(p.add_argument_group("EPIC"))
     o = p.add_argument_group("output")
     o.add_argument("--out", default="scan",
@@ -104,25 +109,30 @@ def cmd_scan(args: argparse.Namespace) -> int:
           f"{source}; files skipped: {len(skipped)}", flush=True)
     model = make_model(args, data, device)
     settings = epic_settings(args)
+    groups = args.detector == "groups"
+    name = "foreign-groups" if groups else "EPIC"
     if args.pretrained is not None:
-        result = scan(model, data, settings=settings, files=files, skipped=skipped)
-        print(f"EPIC round on {args.pretrained}: flagged {len(result.flags)}", flush=True)
+        result = scan(model, data, settings=settings, groups=groups, files=files,
+                      skipped=skipped)
+        print(f"{name} round on {args.pretrained}: flagged {len(result.flags)}", flush=True)
     else:
         config = train_config(args)
-        defense = cast(EPIC, build_defense(
-            "epic", RunFacts(num_examples=len(data), epochs=args.epochs,
-                             milestones=config.resolved_milestones),
-            warmup=args.warmup, every=args.every, until=args.until,
-            **dataclasses.asdict(settings)))
+        run = RunFacts(num_examples=len(data), epochs=args.epochs,
+                       milestones=config.resolved_milestones)
+        schedule = {"warmup": args.warmup, "every": args.every, "until": args.until}
+        defense = (cast(ForeignGroups, build_defense("foreign-groups", run, **schedule))
+                   if groups else cast(EPIC, build_defense(
+                       "epic", run, **schedule, **dataclasses.asdict(settings))))
         rounds = [e for e in range(args.epochs) if defense.due(e)]
-        print(f"training {args.model} for {args.epochs} epochs with EPIC-{args.fraction}, "
+        detector = name if groups else f"EPIC-{args.fraction}"
+        print(f"training {args.model} for {args.epochs} epochs with {detector}, "
               f"rounds before epochs {rounds}", flush=True)
 
         def report(epoch: int, record: dict[str, Any]) -> None:
             line = f"epoch {epoch}: "
             if "defense_seconds" in record:
                 r = defense.history[-1]
-                line += (f"EPIC round {len(defense.history)} flagged {len(r.dropped)}, "
+                line += (f"{name} round {len(defense.history)} flagged {len(r.dropped)}, "
                          f"{r.remaining} remain; ")
             print(f"{line}train accuracy {record['train_acc']:.3f}", flush=True)
 
@@ -133,7 +143,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     paths = write_outputs(result, out)
     seconds = time.perf_counter() - start
     rounds_done = len(result.rounds)
-    print(f"flagged {len(result.flags)} of {len(data)} examples in {rounds_done} EPIC "
+    print(f"flagged {len(result.flags)} of {len(data)} examples in {rounds_done} {name} "
           f"round{'' if rounds_done == 1 else 's'}, files skipped: {len(skipped)}, "
           f"{seconds:.1f}s; wrote "
           f"{', '.join(str(p) for p in paths.values())}")
