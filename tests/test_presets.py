@@ -102,7 +102,8 @@ def test_scratch_preset_scales_the_papers_proxy_schedule_to_the_fast_net() -> No
     epic_rows = [(["none", "epic-0.1", "random-as-epic-0.1"], 4, 2), (["epic-0.2"], 8, 2),
                  (["epic-0.3"], 12, 2)]
     assert [(r.defenses, r.warmup, r.every) for r in runs] == [
-        *epic_rows, (["deep-knn", "spectral-signatures", "activation-clustering"], 4, 2),
+        *epic_rows, (["deep-knn", "spectral-signatures", "activation-clustering",
+                       "foreign-groups"], 4, 2),
         (["none"], None, None), *epic_rows]
     assert [Path(r.poisons[0]).parent.name for r in runs] == (
         ["gm-eps16"] * 4 + ["gm-eps8"] + ["sa-eps16"] * 3)

@@ -68,7 +68,7 @@ FAST_RECIPE = ("--model", "fastnet", "--epochs", "16", "--batch-size", "512", "-
 # (SGD lr 0.1, x0.1 at 100 and 150, batches of 128, crop and flip)
 PAPER_RECIPE = ("--model", "resnet18", "--epochs", "200")
 # The drop-based defenses that follow EPIC's schedule (the filters run once at their warmup)
-SCHEDULED = ("epic", "random", "lowest-confidence", "highest-loss")
+SCHEDULED = ("epic", "random", "lowest-confidence", "highest-loss", "foreign-groups")
 
 
 def _paper_transfer(data: Path, out: Path, first: int, defenses: Sequence[str], *,
@@ -257,12 +257,12 @@ PRESETS: dict[str, tuple[Callable[[Path, Path, int, Sequence[str]], list[Step]],
     # random-as-epic-0.1: as many random drops as EPIC-0.1's, at its epochs, per setup
     "cpu-scratch": (_scratch, 10, ("none", "epic-0.1", "random-as-epic-0.1", "epic-0.2",
                                    "epic-0.3", "deep-knn", "spectral-signatures",
-                                   "activation-clustering")),
+                                   "activation-clustering", "foreign-groups")),
     # random-0.1: 10% of the kept examples a round on EPIC's schedule, 61% in all, about as
     # many as EPIC-0.2 drops: whether EPIC finds poisons or only removes data
     "cpu-paper-transfer": (_paper_transfer, 10, ("none", "epic-0.2", "epic-0.1", "epic-0.3",
                                                  "random", *TRANSFER_DEFENSES[4:9],
-                                                 "dp-sgd", "random-0.1")),
+                                                 "dp-sgd", "random-0.1", "foreign-groups")),
     # which poisons each detector finds: patch backdoors at 0.5%, 1% and 3%
     "cpu-coverage": (_coverage, len(COVERAGE_SETS), ("none", "epic-0.1", "epic-0.2", "epic-0.3",
                                                      "deep-knn", "spectral-signatures",
