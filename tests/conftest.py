@@ -7,6 +7,7 @@ import sys
 from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -54,11 +55,13 @@ requires_cifar = pytest.mark.skipif(cifar_root() is None,
 
 @pytest.fixture
 def registries() -> Iterator[None]:
-    """Whatever a test registers (an attack, a defense) is gone after it."""
+    """Whatever a test registers (an attack, a defense, a file format) is gone after it."""
     from epic.attacks import ATTACKS
     from epic.defenses import DEFENSES
+    from epic.formats import FORMATS
 
-    saved = [(r, dict(r)) for r in (ATTACKS, DEFENSES)]
+    saved: list[tuple[dict[str, Any], dict[str, Any]]] = [
+        (r, dict(r)) for r in (ATTACKS, DEFENSES, FORMATS)]
     yield
     for registry, before in saved:
         registry.clear()

@@ -5,19 +5,24 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from epic.data import ImageData
+from epic.cli import main
+from epic.data import ImageData, load_digits
 from epic.formats import (
+    FORMATS,
     PilStandIn,
     export_benchmark,
     export_metapoison,
     import_benchmark,
     import_metapoison,
+    read_poisons,
     read_untrusted_pickle,
 )
 from epic.io.safe_pickle import UnsafePickleError
@@ -229,3 +234,51 @@ def test_wrong_kinds_of_fields_are_refused_by_file_and_field(tmp_path: Path) -> 
     path.write_bytes(pickle.dumps(record))
     with pytest.raises(PoisonSetError, match=re.escape(f"{path}: 'ytrain' must be integers")):
         import_metapoison(path, train)
+
+
+# ----------------------------------------------------------------------------- the registry
+
+
+def test_read_poisons_recognizes_every_built_in_format(tmp_path: Path) -> None:
+    train, _ = load_digits()
+    base = (train.labels == 1).nonzero().squeeze(1)[:5]  # a clean-label set's bases
+    images = train.images[base].clone()
+    images[:, :, 0, 0] = torch.where(images[:, :, 0, 0] > 100, images[:, :, 0, 0] - 3,
+                                     images[:, :, 0, 0] + 3)
+    poisons = PoisonSet(indices=base, images=images, target_images=train.images[7:8],
+                        target_class=int(train.labels[7]), adversarial_class=1, eps=4 / 255)
+    written = {"epic": poisons.save(tmp_path / "ours"),
+               "benchmark": export_benchmark(poisons, tmp_path / "bench"),
+               "metapoison": export_metapoison(poisons, train, tmp_path / "mp.pickle")}
+    for name, path in written.items():
+        back = read_poisons(path, train)
+        assert torch.equal(back.images, poisons.images) and torch.equal(back.indices, base), name
+        assert FORMATS[name].recognizes(Path(path))
+    with pytest.raises(PoisonSetError, match="not a poison set in any known format.*epic: "):
+        read_poisons(tmp_path, train)
+    with pytest.raises(PoisonSetError, match="unknown poison format 'tar'"):
+        read_poisons(tmp_path, train, format="tar")
+
+
+@pytest.mark.usefixtures("registries")
+def test_the_worked_example_format_needs_nothing_but_its_file(tmp_path: Path, monkeypatch,  # type: ignore[no-untyped-def]
+                                                              capsys) -> None:
+    doc = Path(__file__).resolve().parent.parent / "docs" / "attacks.md"
+    source = next(block for block in re.findall(r"```python\n(.*?)```", doc.read_text(), re.S)
+                  if "register_format" in block)
+    module = types.ModuleType("flat")
+    monkeypatch.setitem(sys.modules, "flat", module)
+    exec(compile(source, str(doc), "exec"), module.__dict__)  # noqa: S102
+    assert main(["craft", "--attack", "bp", "--iterations", "2", "--epochs", "1", "--budget",
+                 "6", "--export", "flat-npz", "--out", str(tmp_path / "p"),
+                 "--device", "cpu"]) == 0
+    flat = tmp_path / "p" / "poisons_flat.npz"
+    train, _ = load_digits()
+    ours, theirs = PoisonSet.load(tmp_path / "p", train), read_poisons(flat, train)
+    assert torch.equal(ours.images, theirs.images) and torch.equal(ours.indices, theirs.indices)
+    assert (ours.target_class, ours.adversarial_class) == (theirs.target_class,
+                                                           theirs.adversarial_class)
+    capsys.readouterr()
+    assert main(["train", "--poisons", str(flat), "--epochs", "1", "--out",
+                 str(tmp_path / "run"), "--device", "cpu"]) == 0
+    assert "poisons dropped 0 of 6" in capsys.readouterr().out

@@ -29,7 +29,7 @@ from epic.cli.common import (
     run_command,
     train_config,
 )
-from epic.poisons import PoisonSet
+from epic.formats import read_poisons
 from epic.setups import SetupError, victim_data
 
 __all__ = ["add_bench_commands"]
@@ -94,7 +94,8 @@ def _add_effective(bsub: Any) -> None:
                                     "effective.png to --out.")
     add_data_args(e)
     add_train_args(e)
-    e.add_argument("--poisons", required=True, metavar="DIR", help="poison set folder")
+    e.add_argument("--poisons", required=True, metavar="PATH",
+                   help="poison set, in any format epic reads (as epic train --poisons)")
     e.add_argument("--threshold", type=number(0, 1), default=0.5,
                    help="attack counts as successful above this success rate (default: 0.5)")
     e.add_argument("--out", default="effective", help="output folder")
@@ -186,7 +187,7 @@ def _victim_for(args: argparse.Namespace, train_data: Any) -> Any:
 
 def cmd_effective(args: argparse.Namespace) -> int:
     train_data, test_data = load_data(args)
-    poisons = PoisonSet.load(args.poisons, train_data)
+    poisons = read_poisons(args.poisons, train_data)
     result = measure_effective(make_model(args, train_data, pick_device(args.device)),
                                train_data, test_data, poisons, train_config(args),
                                threshold=args.threshold, pretrained=args.pretrained is not None)

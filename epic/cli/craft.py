@@ -24,7 +24,7 @@ from epic.cli.common import (
     train_config,
 )
 from epic.data import ImageData
-from epic.formats import export_benchmark, export_metapoison
+from epic.formats import FORMATS, write_poisons
 from epic.models import Classifier
 from epic.poisons import PoisonSet
 from epic.setups import resolve_target, victim_data
@@ -85,9 +85,10 @@ def add_craft_command(sub: Any) -> None:
     g.add_argument("--patch-size", type=at_least(1), default=None,
                    help="patch: side of the square trigger in pixels (default: 8 on 32x32 "
                         "images, a quarter of the side else)")
-    g.add_argument("--export", choices=["benchmark", "metapoison"], default=None,
-                   help="also write the benchmark layout to OUT/benchmark or a MetaPoison-style "
-                        "pickle to OUT/poisons_metapoison.pickle")
+    exports = [f for f in FORMATS.values() if f.write is not None and f.export_name]
+    g.add_argument("--export", choices=[f.name for f in exports], default=None,
+                   help="also write the set in another format: " + "; ".join(
+                       f"{f.name}: {f.summary}, to OUT/{f.export_name}" for f in exports))
     g.add_argument("--out", required=True,
                    help="folder for the poison set (with --setups: one setup-NNN folder each)")
     g.add_argument("--progress", action="store_true", help="show crafting progress")
@@ -198,10 +199,8 @@ def _craft_one(args: argparse.Namespace, model: Classifier | None, train_data: I
     poisons = PoisonSet(**{**poisons.__dict__, "metadata": poisons.metadata | facts | {
         "dataset": args.dataset, "model_name": args.model, "argv": args.argv}})
     out = poisons.save(out_dir)
-    if args.export == "benchmark":
-        export_benchmark(poisons, out / "benchmark")
-    elif args.export == "metapoison":
-        export_metapoison(poisons, train_data, out / "poisons_metapoison.pickle")
+    if args.export is not None:
+        write_poisons(poisons, train_data, out / FORMATS[args.export].export_name, args.export)
     summary = {"attack": poisons.metadata["attack"], "poisons": len(poisons),
                "eps": poisons.eps, "target_class": poisons.target_class,
                "adversarial_class": poisons.adversarial_class,

@@ -24,7 +24,7 @@ from epic.cli.common import (
 )
 from epic.defenses import DEFENSES, Defense, RunFacts, build_defense, options_for
 from epic.distributed import init_from_env, world
-from epic.poisons import PoisonSet
+from epic.formats import read_poisons
 from epic.setups import load_setups, outside_victims
 from epic.training import train
 
@@ -41,9 +41,10 @@ def add_train_command(sub: Any) -> None:
     add_train_args(p)
     _add_defense_args(p)
     g = p.add_argument_group("run")
-    g.add_argument("--poisons", default=None, metavar="DIR",
-                   help="poison set folder (poisons.npz + poisons.json) to train on; attack "
-                        "success is reported every epoch")
+    g.add_argument("--poisons", default=None, metavar="PATH",
+                   help="poison set to train on, in any format epic reads (its own folder, "
+                        "the poisoning benchmark's folder, a MetaPoison pickle: "
+                        "docs/attacks.md); attack success is reported every epoch")
     g.add_argument("--outside-victims", default=None, metavar="SETUPS",
                    help="train only on the training images that no transfer victim of this "
                         "benchmark setup file uses (a feature extractor disjoint from every "
@@ -160,7 +161,7 @@ def _train(args: argparse.Namespace, device: torch.device, *, first: bool) -> in
     if args.outside_victims is not None:
         train_data = train_data.subset(
             outside_victims(train_data.labels, load_setups(args.outside_victims)))
-    poisons = PoisonSet.load(args.poisons, train_data) if args.poisons else None
+    poisons = read_poisons(args.poisons, train_data) if args.poisons else None
     model = make_model(args, train_data, device)
     config = train_config(args)
     defense = make_defense(args, len(train_data), config.resolved_milestones)

@@ -17,6 +17,9 @@
   ``ytarget`` and adversarial labels ``ytargetadv``, plus ``poison_indices``, ``eps`` and,
   for backdoors, ``trigger`` ``(h, w, C)``.
 
+:mod:`epic.formats.registry` names them (and our own) for ``--poisons``, which reads any of
+them, and ``epic craft --export``: :func:`read_poisons`, :func:`register_format`.
+
 Every pickle here is read with :func:`epic.io.safe_pickle.safe_load`: only arrays, numbers,
 strings, containers and a stand-in for ``PIL.Image.Image`` that copies mode, size and bytes
 (no PIL code runs, no callable named by the file is ever called). A crafted pickle raises
@@ -25,7 +28,15 @@ strings, containers and a stand-in for ``PIL.Image.Image`` that copies mode, siz
 
 from epic.formats.benchmark import export_benchmark, import_benchmark
 from epic.formats.metapoison import export_metapoison, import_metapoison
+from epic.formats.registry import (
+    FORMATS,
+    PoisonFormat,
+    read_poisons,
+    register_format,
+    write_poisons,
+)
 from epic.formats.untrusted import PilStandIn, read_untrusted_pickle
 
-__all__ = ["PilStandIn", "export_benchmark", "export_metapoison", "import_benchmark",
-           "import_metapoison", "read_untrusted_pickle"]
+__all__ = ["FORMATS", "PilStandIn", "PoisonFormat", "export_benchmark", "export_metapoison",
+           "import_benchmark", "import_metapoison", "read_poisons", "read_untrusted_pickle",
+           "register_format", "write_poisons"]
