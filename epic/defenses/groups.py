@@ -1,32 +1,29 @@
-"""Foreign groups: drop cohesive groups of examples that lie nearer another class than their own.
+"""Foreign groups: drop cohesive groups of examples unlike their class.
 
-EPIC drops examples whose gradient nobody else shares; poisons that share a trigger and a source
-class share their gradients too, so EPIC keeps them (docs/results.md, "What each defense
-finds"). This detector looks for what such poisons have in common instead. In the model's
-penultimate feature space, an example's *foreignness* is how much nearer the bulk of another
-class lies than the bulk of its own label's class::
+EPIC drops examples whose gradient no other example of their class shares; poisons that share a
+trigger or a source class share their gradients too, so EPIC keeps them (docs/results.md, "What
+each defense finds"). This detector looks for what such poisons have in common instead, in the
+model's penultimate features scaled to unit length:
 
-    foreignness(i) = log( median_{j: y_j = y_i} |f_i - f_j|
-                          / min_{c != y_i} median_{j: y_j = c} |f_i - f_j| )
+1. :func:`unlikeness`: per example, its *foreignness* (the log ratio of its median distance to
+   its own class over that to the nearest other class: relabelled poisons of a source class lie
+   nearer that class's bulk) and its *outlyingness* (the log ratio of its median distance to its
+   own class over the median of that among its class: a learned trigger makes a mode of its
+   own). Medians, not nearest neighbours: a group of poisons, up to half its class, cannot
+   vouch for its own members, as they do for each other in Deep k-NN.
+2. :class:`ForeignGroups` averages both over the rounds that saw an example and takes the
+   larger of their :func:`robust_z`; above ``threshold`` (once ``min_rounds`` rounds scored it)
+   the example is a candidate.
+3. :func:`cohesive_groups`: candidates backed by their nearest class-mates
+   (:func:`neighbour_links`) form groups; a group whose members' nearest class-mates lie
+   mostly inside it (``cohesion``) is dropped. A hard clean example that looks like another
+   class, or the ragged edge of a class, rarely forms such a group.
 
-with features scaled to unit length. The median, not the nearest neighbours, measures the
-distance to a class, so a group of poisons (up to half of its class) cannot vouch for its own
-members, as they do for each other in Deep k-NN. Scores are averaged over the rounds an example
-was seen in (a model in training changes its mind from epoch to epoch), and an example is a
-*candidate* when its average lies more than ``threshold`` median absolute deviations above the
-median of all examples (from the second round on, by default: one round's scores alone are
-noisy). A candidate is dropped only when it belongs to a group: at least
-``share`` of its ``neighbours`` nearest examples of its own class are candidates too. A hard
-clean example that looks like another class is usually alone in that; poisons crafted from one
-source class, or stamped with one trigger, are not. The flagged examples form groups (connected
-by those neighbour links), each ranked by the mean foreignness of its members so that a person
-can review the worst first (:attr:`GroupRound.groups`).
-
-What is new against the baselines: Activation Clustering also looks for groups, but splits
-every class in two and flags the smaller half whether or not it is unusual; Spectral
-Signatures flags a fixed share of every class; Deep k-NN votes with the nearest neighbours,
-which for a group of poisons are other poisons. Here a group is flagged only where it is both
-unlike its class and cohesive, and the test runs on EPIC's schedule, round after round.
+Every round records the groups it found, the most cohesive first (:attr:`GroupRound.groups`),
+for a person to review. Activation Clustering also looks for groups, but splits every class in
+two and drops the smaller half whenever it is small enough, unusual or not; Spectral Signatures
+drops a fixed share of every class. Here a group is dropped only where it is both unlike its
+class and cohesive, on EPIC's schedule (docs/defenses.md, "Foreign groups").
 """
 
 from __future__ import annotations
