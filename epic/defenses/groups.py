@@ -92,13 +92,15 @@ def unlikeness(features: Tensor, labels: Tensor, *, reference: int | None = 1000
     rows = _class_rows(labels, reference, generator)
     classes = torch.tensor(sorted(rows), device=labels.device)
     own_column = torch.searchsorted(classes, labels)[:, None]
+    reference_rows = torch.cat([rows[int(c)] for c in classes])
+    bounds = torch.tensor([len(rows[int(c)]) for c in classes]).cumsum(0).tolist()
     medians = torch.empty(len(unit), len(classes), device=unit.device)
     for start in range(0, len(unit), block):
-        dist = torch.cdist(unit[start:start + block], unit)
-        count = len(dist)
-        dist[torch.arange(count), torch.arange(start, start + count)] = float("nan")  # self
-        medians[start:start + count] = torch.stack(
-            [dist[:, rows[int(c)]].nanmedian(1).values for c in classes], 1)
+        block_rows = torch.arange(start, min(start + block, len(unit)), device=unit.device)
+        dist = torch.cdist(unit[block_rows], unit[reference_rows])
+        dist[block_rows[:, None] == reference_rows[None]] = float("nan")  # not to itself
+        medians[block_rows] = torch.stack([part.nanmedian(1).values for part in
+                                           dist.tensor_split(bounds[:-1], dim=1)], 1)
     own = medians.gather(1, own_column).squeeze(1).nan_to_num(0.0).clamp_min(1e-12)
     outlying = torch.zeros_like(own)
     for c in range(len(classes)):
