@@ -193,18 +193,7 @@ def read_image_folder(
         (torch.Size([600, 3, 32, 32]), 'cat/0001.jpg', ())
     """
     rootp = Path(root)
-    if not rootp.exists():
-        raise FileNotFoundError(f"{rootp} does not exist")
-    if not rootp.is_dir():
-        raise ValueError(f"{rootp} is not a folder")
-    unknown = set(formats) - set(FORMATS)
-    if unknown:
-        raise ValueError(f"formats must be among {', '.join(FORMATS)}, got {sorted(unknown)}")
-    class_dirs, candidates, skipped = _walk(rootp)
-    if len(class_dirs) < 2:
-        raise ValueError(f"{rootp} has {len(class_dirs)} class sub-folder"
-                         f"{'' if len(class_dirs) == 1 else 's'}; a scan needs two or more "
-                         f"({rootp}/<class>/<image>)")
+    class_dirs, candidates, skipped = _classes_of(rootp, formats)
     limits = _Limits(max_file_bytes, max_pixels, tuple(formats))
     headers = _read_headers(candidates, limits, skipped)
     if not headers:
@@ -219,14 +208,7 @@ def read_image_folder(
         raise EpicError(f"{rootp}: {len(headers):,} images of {width} x {height} {mode} need "
                         f"{need:,} bytes in memory, over the limit of {max_total_bytes:,}; "
                         f"choose a smaller image_size", options=("image_size",))
-    images = np.empty((len(headers), channels, height, width), dtype=np.uint8)
-    read: list[int] = []
-    for i, h in enumerate(headers):
-        try:
-            images[len(read)] = _decode(h.path, mode, (width, height), limits)
-            read.append(i)
-        except _Unreadable as exc:
-            skipped.append(Skipped(h.name, str(exc)))
+    images, read = _decode_all(headers, mode, (width, height), limits, skipped)
     skipped.sort(key=lambda s: s.file)
     for s in skipped:
         log.warning("skipped %s: %s", s.file, s.reason)
@@ -237,6 +219,40 @@ def read_image_folder(
                          f"{'' if len(present) == 1 else 's'}; a scan needs two or more")
     data = ImageData.from_arrays(images[:len(read)], labels, tuple(class_dirs))
     return ImageFolder(data, tuple(headers[i].name for i in read), tuple(skipped))
+
+
+def _classes_of(rootp: Path, formats: Sequence[str]
+                ) -> tuple[list[str], list[tuple[str, Path, int]], list[Skipped]]:
+    """:func:`_walk` of ``rootp`` after checking it and ``formats``; two classes or more."""
+    if not rootp.exists():
+        raise FileNotFoundError(f"{rootp} does not exist")
+    if not rootp.is_dir():
+        raise ValueError(f"{rootp} is not a folder")
+    unknown = set(formats) - set(FORMATS)
+    if unknown:
+        raise ValueError(f"formats must be among {', '.join(FORMATS)}, got {sorted(unknown)}")
+    class_dirs, candidates, skipped = _walk(rootp)
+    if len(class_dirs) < 2:
+        raise ValueError(f"{rootp} has {len(class_dirs)} class sub-folder"
+                         f"{'' if len(class_dirs) == 1 else 's'}; a scan needs two or more "
+                         f"({rootp}/<class>/<image>)")
+    return class_dirs, candidates, skipped
+
+
+def _decode_all(headers: Sequence[_Header], mode: str, size: tuple[int, int], limits: _Limits,
+                skipped: list[Skipped]) -> tuple[np.ndarray, list[int]]:
+    """Every image of ``headers`` decoded to ``mode`` at ``size`` (width, height), stacked;
+    and the positions of those that decoded (the others are added to ``skipped``)."""
+    channels = 1 if mode == "L" else 3
+    images = np.empty((len(headers), channels, size[1], size[0]), dtype=np.uint8)
+    read: list[int] = []
+    for i, h in enumerate(headers):
+        try:
+            images[len(read)] = _decode(h.path, mode, size, limits)
+            read.append(i)
+        except _Unreadable as exc:
+            skipped.append(Skipped(h.name, str(exc)))
+    return images, read
 
 
 def _relative(path: Path, root: Path) -> str:

@@ -339,9 +339,8 @@ def _breakable(name: str) -> str:
     return re.sub(r"([/_.-])", r"\1<wbr>", html.escape(name))
 
 
-def _figure(result: ScanResult, index: int, caption: str, thumb_size: int) -> str:
-    """A thumbnail of example ``index`` captioned with its file and ``caption`` (HTML)."""
-    file = result.files[index]
+def _figure(result: ScanResult, index: int, file: str, caption: str, thumb_size: int) -> str:
+    """A thumbnail of example ``index`` captioned with its ``file`` and ``caption`` (HTML)."""
     uri = "data:image/png;base64," + base64.b64encode(
         thumbnail_png(result.data.images[index], thumb_size)).decode()
     return (f'<figure><img class="thumb" src="{uri}" alt="{html.escape(file)}">'
@@ -363,8 +362,9 @@ def _class_sections(result: ScanResult, thumb_size: int) -> list[str]:
         by_class.setdefault(int(result.data.labels[f.index]), []).append(f)
     return [_section(html.escape(result.data.classes[c]),
                      f"{len(by_class[c])} flagged of {int(counts[c])}",
-                     [_figure(result, f.index, f"cluster size {f.cluster_size}, round "
-                                               f"{f.round}", thumb_size) for f in by_class[c]],
+                     [_figure(result, f.index, f.file, f"cluster size {f.cluster_size}, "
+                                                       f"round {f.round}", thumb_size)
+                      for f in by_class[c]],
                      "class")
             for c in sorted(by_class)]
 
@@ -377,7 +377,7 @@ def _group_sections(result: ScanResult, thumb_size: int, show: int) -> list[str]
     sections = []
     for g in ranked:
         verdict = "flagged" if g.flagged else "not flagged"
-        figures = [_figure(result, i, f"group {esc(g.name)}", thumb_size)
+        figures = [_figure(result, i, result.files[i], f"group {esc(g.name)}", thumb_size)
                    for i in g.members[:show]]
         more = len(g.members) - show
         if more > 0:

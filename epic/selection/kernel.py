@@ -107,7 +107,9 @@ def group_kernel(
     (G, n, n / SEGMENT) largest similarity of every row within each segment of
     ``SEGMENT`` columns. The kernel is built in cache-sized square blocks on and above the
     diagonal (one matrix product each), each mirrored below it, so it is exactly symmetric:
-    a row is also a column. Sums and maxima are taken while blocks are hot.
+    a row is also a column. Sums and maxima are taken while blocks are hot, which is why the
+    function is one long loop rather than passes over the kernel (each pass would read the
+    whole kernel from memory again: ``benchmarks/selection_speed.py``).
     """
     g, n, _ = xg.shape
     kern = torch.empty(g, n, n, dtype=xg.dtype, device=xg.device)

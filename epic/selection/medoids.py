@@ -121,6 +121,9 @@ def select_medoids(
 ) -> Medoids:
     """Select per-class medoids by greedy facility-location maximization.
 
+    (Long for its arguments' documentation; the work is in ``_plan``, ``solve`` and
+    ``_assign_partitioned``.)
+
     Args:
         x: (N, D) float embeddings, e.g. last-layer gradients ``softmax(z) - onehot(y)``.
         labels: (N,) integer class labels; the classes are the labels present.
@@ -166,18 +169,7 @@ def select_medoids(
         max_rows = min(max_rows, partition_size)
     part_rows = min(max_rows, partition_size or DEFAULT_PARTITION_ROWS)
 
-    problems: list[Problem] = []
-    class_problems: list[list[int]] = []  # problem positions of every class
-    for rows, k in zip(classes, budgets, strict=True):
-        parts = [rows] if rows.numel() <= max_rows else partition(x, rows, part_rows)
-        if len(parts) > 1:
-            logger.info("class of %d rows split into %d partitions", rows.numel(), len(parts))
-        quotas = apportion(k, [int(p.numel()) for p in parts])
-        class_problems.append(list(range(len(problems), len(problems) + len(parts))))
-        for part, quota in zip(parts, quotas, strict=True):
-            run = quota if len(parts) == 1 else min(part.numel(), _OVERSELECT * quota)
-            problems.append(Problem(part, run))
-
+    problems, class_problems = _plan(x, classes, budgets, max_rows, part_rows)
     selected, assigned, gains = solve(
         x, problems, similarity, method, epsilon, generator, max_memory
     )
@@ -190,18 +182,44 @@ def select_medoids(
             assignment[rows] = assigned[mine[0]]
             continue
         kept = merge_partitions([selected[i] for i in mine], [gains[i] for i in mine], k)
-        medoids = torch.cat(kept)
-        chosen.append(medoids)
-        if rows.numel() * medoids.numel() <= _ASSIGN_PAIRS:
-            assignment[rows] = nearest_medoid(x, rows, medoids, similarity)
-            continue
-        for i, own in zip(mine, kept, strict=True):
-            part = problems[i].rows
-            candidates = own if own.numel() else medoids
-            assignment[part] = nearest_medoid(x, part, candidates, similarity)
+        chosen.append(torch.cat(kept))
+        _assign_partitioned(x, rows, kept, [problems[i].rows for i in mine], similarity,
+                            assignment)
     indices = torch.cat(chosen)
     assignment[indices] = indices
     return Medoids(indices, assignment, _cluster_sizes(indices, assignment))
+
+
+def _plan(x: Tensor, classes: list[Tensor], budgets: list[int], max_rows: int,
+          part_rows: int) -> tuple[list[Problem], list[list[int]]]:
+    """The greedy problems to solve: a class whose kernel fits in ``max_rows`` rows whole, a
+    larger one in partitions of ``part_rows`` that over-select; and, per class, the positions
+    of its problems."""
+    problems: list[Problem] = []
+    class_problems: list[list[int]] = []
+    for rows, k in zip(classes, budgets, strict=True):
+        parts = [rows] if rows.numel() <= max_rows else partition(x, rows, part_rows)
+        if len(parts) > 1:
+            logger.info("class of %d rows split into %d partitions", rows.numel(), len(parts))
+        quotas = apportion(k, [int(p.numel()) for p in parts])
+        class_problems.append(list(range(len(problems), len(problems) + len(parts))))
+        for part, quota in zip(parts, quotas, strict=True):
+            run = quota if len(parts) == 1 else min(part.numel(), _OVERSELECT * quota)
+            problems.append(Problem(part, run))
+    return problems, class_problems
+
+
+def _assign_partitioned(x: Tensor, rows: Tensor, kept: list[Tensor], parts: list[Tensor],
+                        similarity: Similarity, assignment: Tensor) -> None:
+    """Assign the ``rows`` of a partitioned class to their nearest medoid (``kept``: the
+    medoids each partition kept): among all of the class's medoids when that is affordable,
+    else among their own partition's (all of them where it kept none)."""
+    medoids = torch.cat(kept)
+    if rows.numel() * medoids.numel() <= _ASSIGN_PAIRS:
+        assignment[rows] = nearest_medoid(x, rows, medoids, similarity)
+        return
+    for part, own in zip(parts, kept, strict=True):
+        assignment[part] = nearest_medoid(x, part, own if own.numel() else medoids, similarity)
 
 
 def find_isolated(
