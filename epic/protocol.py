@@ -1,5 +1,6 @@
-"""What the trainer asks of a defense: the hooks of :class:`Defense`, which :func:`epic.train`
-calls during a run, and :class:`RunFacts`, what a defense built by name learns of that run.
+"""What the trainer asks of a defense: the hooks of :class:`Defense`, which
+:func:`epic.training.train` calls during a run, and :class:`RunFacts`, what a defense built by
+name learns of that run.
 
 Every defense of :mod:`epic.defenses` is a :class:`Defense`: EPIC and the baselines that drop
 examples on a schedule (rounds before some epochs, a keep-mask), Adversarial Poisoning (a
@@ -46,7 +47,7 @@ class RunFacts:
 
 
 class Defense:
-    """Base of every defense :func:`epic.train` runs; each hook does nothing here.
+    """Base of every defense :func:`epic.training.train` runs; each hook does nothing here.
 
     In a run the trainer calls, in order: :meth:`setup` once; before every epoch :meth:`due`,
     and :meth:`update` when it is due, then reads :attr:`keep_mask` (the examples the epoch

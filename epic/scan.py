@@ -221,12 +221,12 @@ def train_and_scan(
     run_info: dict[str, Any] | None = None,
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> ScanResult:
-    """Train ``model`` on ``data`` under ``defense`` with :func:`epic.train`; every round's
+    """Train ``model`` on ``data`` under ``defense`` with :func:`epic.training.train`; every round's
     drops are flagged.
 
-    ``config`` defaults to :class:`epic.TrainConfig`'s (the paper's 40 epochs). No test set
+    ``config`` defaults to :class:`epic.training.TrainConfig`'s (the paper's 40 epochs). No test set
     is held out (the run's ``test_acc`` reads 0); ``out``, ``run_info`` and ``on_epoch_end``
-    go to :func:`epic.train`, ``files`` and ``skipped`` to :func:`collect`.
+    go to :func:`epic.training.train`, ``files`` and ``skipped`` to :func:`collect`.
 
     Raises:
         ValueError: ``defense``'s schedule runs no round within ``config.epochs``.

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from epic import EPIC, DistributedKeepSampler, build_model, load_digits
+from epic import EPIC, DistributedKeepSampler
+from epic.data import load_digits
+from epic.models import build_model
 
 from .conftest import seeded_convnet, torchrun
 

@@ -458,9 +458,10 @@ def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path: Path) -> None:
 
 def test_outputs_replace_a_planted_link_instead_of_writing_through_it(  # type: ignore[no-untyped-def]
         tmp_path, tiny_data) -> None:
-    import epic
     from epic.bench.report import write_report
     from epic.poisons import PoisonSet
+    from epic.training import TrainConfig
+    from epic.training import train as train_model
     from tests.conftest import seeded_convnet
 
     train, test = tiny_data
@@ -471,7 +472,7 @@ def test_outputs_replace_a_planted_link_instead_of_writing_through_it(  # type: 
     names = ("model.pt", "poisons.json", "poisons.npz", "report.html", "summary.md")
     for name in names:
         (out / name).symlink_to(victim)
-    epic.train(seeded_convnet(train), train, test, epic.TrainConfig(epochs=1), out=out)
+    train_model(seeded_convnet(train), train, test, TrainConfig(epochs=1), out=out)
     PoisonSet(indices=torch.tensor([1]), images=train.images[[1]].clone(),
               target_images=train.images[:1].clone(), target_class=0, adversarial_class=1,
               eps=8 / 255).save(out)
@@ -783,12 +784,13 @@ def test_the_readme_s_submodule_names_work_after_import_epic() -> None:
 
 def test_resuming_from_a_checkpoint_that_inflates_to_gigabytes_is_refused(  # type: ignore[no-untyped-def]
         tmp_path, tiny_data) -> None:
-    import epic
     from epic.io.safe_pickle import UnsafePickleError
+    from epic.training import TrainConfig
+    from epic.training import train as train_model
     from tests.conftest import seeded_convnet
 
     train, test = tiny_data
     (tmp_path / "checkpoint.pt").write_bytes(_inflating_pt(0xF000_0000))
     with pytest.raises(UnsafePickleError, match="checkpoint.pt: its records declare"):
-        epic.train(seeded_convnet(train), train, test, epic.TrainConfig(epochs=1),
-                   out=tmp_path, resume=True)
+        train_model(seeded_convnet(train), train, test, TrainConfig(epochs=1), out=tmp_path,
+                    resume=True)

@@ -34,3 +34,21 @@ def test_every_lazily_named_submodule_exists() -> None:
     assert top >= epic._SUBMODULES
     assert all(importlib.util.find_spec(f"epic.{name}") for name in epic._SUBMODULES)
     assert epic.io.files.read_untrusted is not None  # the package, then its module
+
+
+def test_the_top_level_holds_epic_and_serves_moved_names_with_a_warning() -> None:
+    import epic
+    import epic.training
+
+    assert set(epic.__all__) == {
+        "EPIC", "DistributedKeepSampler", "EpicError", "EpicRound", "EpicSettings",
+        "KeepSampler", "Medoids", "find_isolated", "find_poisons", "gradient_embeddings",
+        "select_medoids"}
+    assert all(hasattr(epic, name) for name in epic.__all__)
+    with pytest.warns(DeprecationWarning, match="epic.train is epic.training.train since"):
+        assert epic.train is epic.training.train
+    for name, package in epic._MOVED.items():
+        with pytest.warns(DeprecationWarning):
+            assert getattr(epic, name) is getattr(__import__(package, fromlist=[name]), name)
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        epic.nothing  # noqa: B018

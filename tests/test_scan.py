@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from epic import EPIC, EpicError, TrainConfig, train
+from epic import EPIC, EpicError
 from epic.cli import main
 from epic.data import ImageData
 from epic.images import ImageFolder, Skipped, read_image_folder
 from epic.scan import Flag, ScanResult, scan, train_and_scan, write_html, write_outputs
+from epic.training import TrainConfig, train
 
 from .conftest import seeded_convnet
 from .imagefiles import GROUP, PLANTED, planted_folder, planted_group_folder

@@ -30,7 +30,7 @@ class ClipNoise(Defense):
 
     Example:
         >>> defense = ClipNoise(clip=1.0, noise=0.01)
-        >>> # epic.train(model, train_data, test_data, defense=defense)
+        >>> # epic.training.train(model, train_data, test_data, defense=defense)
     """
 
     SETTINGS = ("clip", "noise", "seed")

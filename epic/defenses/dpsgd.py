@@ -78,7 +78,7 @@ class DPSGD(Defense):
     ``clip``, the batch's sum gets Gaussian noise of std ``noise * clip``, divided by the
     batch size, and the SGD step (momentum, weight decay and learning-rate schedule as
     configured) follows. Trained batch-norm layers become group norms first
-    (:func:`group_norms`): the model :func:`epic.train` returns, and the ``model.pt`` it
+    (:func:`group_norms`): the model :func:`epic.training.train` returns, and the ``model.pt`` it
     writes, have group norms there. In transfer learning only the last layer trains, on a
     frozen body, and nothing is converted.
 
@@ -99,7 +99,7 @@ class DPSGD(Defense):
 
     Example:
         >>> defense = DPSGD(clip=1.0, noise=1.0, delta=1e-5)
-        >>> # result = epic.train(model, train_data, test_data, defense=defense)
+        >>> # result = epic.training.train(model, train_data, test_data, defense=defense)
         >>> # result.summary["dp_epsilon"]
     """
 

@@ -11,8 +11,9 @@ import torch
 from lightning_parts import Indexed, Module
 from torch.utils.data import DataLoader, TensorDataset
 
-from epic import EPIC, build_model
+from epic import EPIC
 from epic.integrations.lightning import EPICCallback
+from epic.models import build_model
 
 
 def main(folder: Path) -> None:

@@ -10,7 +10,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from epic import EPIC, DistributedKeepSampler, ImageData, build_model
+from epic import EPIC, DistributedKeepSampler
+from epic.data import ImageData
+from epic.models import build_model
 
 
 def main(folder: Path) -> None:

@@ -1,5 +1,5 @@
-"""Run under ``torchrun --nproc_per_node=2``: ``epic.train`` with EPIC on digits with DDP on
-gloo; rank 0 writes the run to DIR, every rank its final weights and keep-mask."""
+"""Run under ``torchrun --nproc_per_node=2``: ``epic.training.train`` with EPIC on digits with
+DDP on gloo; rank 0 writes the run to DIR, every rank its final weights and keep-mask."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from epic import EPIC, TrainConfig, build_model, load_digits, train
+from epic import EPIC
+from epic.data import load_digits
+from epic.models import build_model
+from epic.training import TrainConfig, train
 
 
 def main(folder: Path, scenario: str) -> None:
