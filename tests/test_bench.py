@@ -16,7 +16,7 @@ from epic.bench import (
     trial_id,
     write_report,
 )
-from epic.bench.report import _time_scale, defense_label
+from epic.bench.report import _time_scale, defense_label, defense_labels
 from epic.cli import build_parser, main
 from epic.cli.common import parse_command
 from epic.data import load_digits
@@ -71,6 +71,18 @@ def test_the_report_names_rows_by_what_sets_their_victims_apart() -> None:
     assert label("transfer", augment=True, round_embeddings="train-pass") == (
         "epic-0.2 (train-pass, crop+flip)")
     assert label("transfer", augment=False, grad_clip=1.0) == "epic-0.2 (batch clip-noise)"
+
+
+def test_rows_of_one_defense_on_different_schedules_are_never_pooled() -> None:
+    def record(defense: str, warmup: int | None, every: int | None) -> dict[str, object]:
+        return {"defense": defense, "scenario": "scratch", "config": {},
+                "schedule": {"warmup": warmup, "every": every, "until": None}}
+
+    records = [record("groups", 5, 2), record("groups", 2, 1), record("groups", 5, 2),
+               record("epic-0.1", 5, 2), record("none", None, None)]
+    assert defense_labels(records) == [
+        "groups (from epoch 5, every 2)", "groups (from epoch 2, every 1)",
+        "groups (from epoch 5, every 2)", "epic-0.1", "none"]
 
 
 def test_the_time_axis_is_logarithmic_only_where_run_times_span_orders_of_magnitude() -> None:

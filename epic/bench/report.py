@@ -21,7 +21,7 @@ from epic.defenses import scheduled
 from epic.io.files import read_json, replace_atomically, write_atomically
 from epic.pages import write_page
 
-__all__ = ["cluster_size_rounds", "defense_label", "defense_rounds", "detection",
+__all__ = ["cluster_size_rounds", "defense_label", "defense_labels", "defense_rounds", "detection",
            "detection_markdown", "drop_curve", "plot_effective", "summarize", "to_markdown",
            "write_report"]
 
@@ -59,6 +59,26 @@ def defense_label(record: dict[str, Any]) -> str:
     return f"{record['defense']} ({', '.join(notes)})" if notes else str(record["defense"])
 
 
+def defense_labels(records: list[dict[str, Any]]) -> list[str]:
+    """:func:`defense_label` of every record, with " (from epoch W, every E)" added where
+    records of one label ran on different schedules (so that a report never pools them)."""
+    labels = [defense_label(r) for r in records]
+    schedules: dict[str, set[tuple[Any, ...]]] = defaultdict(set)
+    for r, label in zip(records, labels, strict=True):
+        schedules[label].add(_schedule(r))
+    out = []
+    for r, label in zip(records, labels, strict=True):
+        warmup, every, _ = _schedule(r)
+        out.append(f"{label} (from epoch {warmup}, every {every})"
+                   if len(schedules[label]) > 1 and warmup is not None else label)
+    return out
+
+
+def _schedule(record: dict[str, Any]) -> tuple[Any, ...]:
+    schedule = record.get("schedule") or {}
+    return schedule.get("warmup"), schedule.get("every"), schedule.get("until")
+
+
 def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (scenario, attack, defense): ``n`` trials, attack success (the share of
     targets flipped, or of patched source images for backdoors) and test accuracy as mean and
@@ -66,10 +86,10 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     backdoors also ``patch_free_success``: the same victims on the source images without the
     trigger; for DP-SGD ``dp_epsilon`` (mean) at ``dp_delta``, the privacy spent. Means skip
     trials without the value (null after zero epochs); None when no trial has it. Defenses
-    are named by :func:`defense_label`."""
+    are named by :func:`defense_labels`."""
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
-    for r in records:
-        groups[(r["scenario"], r["attack"], defense_label(r))].append(r)
+    for r, label in zip(records, defense_labels(records), strict=True):
+        groups[(r["scenario"], r["attack"], label)].append(r)
     rows = []
     for (scenario, attack, defense), rs in sorted(groups.items()):
         succ, succ_se = _mean_se([r["attack_success"] for r in rs])
@@ -100,9 +120,9 @@ def detection(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     pooled over the row's trials, and ``n``. Only defenses that drop examples (on a
     schedule) are detectors: the undefended trials and DP-SGD are left out."""
     groups: dict[tuple[str, int, str], list[dict[str, Any]]] = defaultdict(list)
-    for r in records:
+    for r, label in zip(records, defense_labels(records), strict=True):
         if scheduled(str(r["defense"])) and "poisons" in r and "examples" in r:
-            groups[(r["attack"], int(r["poisons"]), defense_label(r))].append(r)
+            groups[(r["attack"], int(r["poisons"]), label)].append(r)
     rows = []
     for (attack, poisons, defense), rs in sorted(groups.items()):
         hit = sum(r.get("poisons_dropped", 0) for r in rs)
