@@ -144,6 +144,7 @@ def _share_in(mask: Tensor, links: Tensor) -> Tensor:
 def connected(flagged: Tensor, links: Tensor) -> Tensor:
     """``(N,)`` int64 group id of every flagged row (-1 elsewhere): flagged rows connected by
     ``links`` (either direction) share a group; ids are 0, 1, ... in order of first row."""
+    device, flagged, links = flagged.device, flagged.cpu(), links.cpu()  # a loop of Python
     n = len(flagged)
     parent = list(range(n))
 
@@ -162,7 +163,7 @@ def connected(flagged: Tensor, links: Tensor) -> Tensor:
     numbering: dict[int, int] = {}
     for i in rows:
         ids[i] = numbering.setdefault(root(i), len(numbering))
-    return ids.to(flagged.device)
+    return ids.to(device)
 
 
 def cohesive_groups(candidates: Tensor, links: Tensor, *, share: float = 0.6
