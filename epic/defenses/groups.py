@@ -185,10 +185,14 @@ def cohesive_groups(candidates: Tensor, links: Tensor, *, share: float = 0.6
     near = links[:, :max(1, links.shape[1] // 2)]
     backed = candidates & (_share_in(candidates, near) >= share)
     ids = connected(backed, near)
-    cohesion = torch.stack([_share_in(ids == g, links[ids == g]).mean()
-                            for g in range(int(ids.max()) + 1)]) if backed.any() else (
-        torch.empty(0, device=links.device))
-    return ids, cohesion
+    valid = links >= 0
+    inside = (ids[links.clamp_min(0)] == ids[:, None]) & valid  # a link within its group
+    member = ids >= 0
+    count = int(ids.max()) + 1 if member.any() else 0
+    shares = (inside.sum(1) / valid.sum(1).clamp_min(1))[member]
+    cohesion = (torch.bincount(ids[member], weights=shares, minlength=count)
+                / torch.bincount(ids[member], minlength=count).clamp_min(1))
+    return ids, cohesion.float()
 
 
 @dataclass(frozen=True)
