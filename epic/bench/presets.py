@@ -262,7 +262,7 @@ def _groups(data: Path, out: Path, first: int, defenses: Sequence[str]) -> list[
 
 TRANSFER_DEFENSES = ("none", "epic-0.1", "epic-0.2", "epic-0.3", "deep-knn",
                      "spectral-signatures", "activation-clustering", "lowest-confidence",
-                     "highest-loss", "random", "dp-sgd")
+                     "highest-loss", "random", "dp-sgd", "foreign-groups")
 
 PRESETS: dict[str, tuple[Callable[[Path, Path, int, Sequence[str]], list[Step]], int,
                          tuple[str, ...]]] = {
