@@ -208,7 +208,7 @@ def read_image_folder(
         raise EpicError(f"{rootp}: {len(headers):,} images of {width} x {height} {mode} need "
                         f"{need:,} bytes in memory, over the limit of {max_total_bytes:,}; "
                         f"choose a smaller image_size", options=("image_size",))
-    images, read = _decode_all(headers, mode, (width, height), limits, skipped)
+    images, read = _decode_all(headers, mode, channels, (width, height), limits, skipped)
     skipped.sort(key=lambda s: s.file)
     for s in skipped:
         log.warning("skipped %s: %s", s.file, s.reason)
@@ -239,11 +239,11 @@ def _classes_of(rootp: Path, formats: Sequence[str]
     return class_dirs, candidates, skipped
 
 
-def _decode_all(headers: Sequence[_Header], mode: str, size: tuple[int, int], limits: _Limits,
-                skipped: list[Skipped]) -> tuple[np.ndarray, list[int]]:
-    """Every image of ``headers`` decoded to ``mode`` at ``size`` (width, height), stacked;
-    and the positions of those that decoded (the others are added to ``skipped``)."""
-    channels = 1 if mode == "L" else 3
+def _decode_all(headers: Sequence[_Header], mode: str, channels: int, size: tuple[int, int],
+                limits: _Limits, skipped: list[Skipped]) -> tuple[np.ndarray, list[int]]:
+    """Every image of ``headers`` decoded to ``mode`` (``channels`` of them) at ``size``
+    (width, height), stacked; and the positions of those that decoded (the others are added to
+    ``skipped``)."""
     images = np.empty((len(headers), channels, size[1], size[0]), dtype=np.uint8)
     read: list[int] = []
     for i, h in enumerate(headers):

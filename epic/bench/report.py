@@ -63,20 +63,13 @@ def defense_labels(records: list[dict[str, Any]]) -> list[str]:
     """:func:`defense_label` of every record, with " (from epoch W, every E)" added where
     records of one label ran on different schedules (so that a report never pools them)."""
     labels = [defense_label(r) for r in records]
+    runs = [(r.get("schedule") or {}) for r in records]
     schedules: dict[str, set[tuple[Any, ...]]] = defaultdict(set)
-    for r, label in zip(records, labels, strict=True):
-        schedules[label].add(_schedule(r))
-    out = []
-    for r, label in zip(records, labels, strict=True):
-        warmup, every, _ = _schedule(r)
-        out.append(f"{label} (from epoch {warmup}, every {every})"
-                   if len(schedules[label]) > 1 and warmup is not None else label)
-    return out
-
-
-def _schedule(record: dict[str, Any]) -> tuple[Any, ...]:
-    schedule = record.get("schedule") or {}
-    return schedule.get("warmup"), schedule.get("every"), schedule.get("until")
+    for label, run in zip(labels, runs, strict=True):
+        schedules[label].add((run.get("warmup"), run.get("every"), run.get("until")))
+    return [f"{label} (from epoch {run['warmup']}, every {run.get('every')})"
+            if len(schedules[label]) > 1 and run.get("warmup") is not None else label
+            for label, run in zip(labels, runs, strict=True)]
 
 
 def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

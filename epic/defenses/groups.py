@@ -38,23 +38,20 @@ from torch.nn import functional as F
 from epic.defenses.base import DropRound, ScheduledDefense, paper_schedule
 from epic.gradients import Examples, feature_embeddings
 from epic.protocol import RunFacts
+from epic.selection import class_rows
 
 __all__ = ["ForeignGroups", "GroupRound", "cohesive_groups", "connected", "neighbour_links",
            "robust_z", "unlikeness"]
 
 
-def _class_rows(labels: Tensor, reference: int | None, generator: torch.Generator | None
-                ) -> dict[int, Tensor]:
-    """Per class present in ``labels``, the row positions of its members (at most
-    ``reference`` of them, drawn without replacement by ``generator``)."""
-    rows = {}
-    for c in labels.unique().tolist():
-        members = (labels == c).nonzero().squeeze(1)
-        if reference is not None and len(members) > reference:
-            draw = torch.randperm(len(members), generator=generator)[:reference]
-            members = members[draw.to(members.device)].sort().values
-        rows[int(c)] = members
-    return rows
+def _sample(members: Tensor, reference: int | None, generator: torch.Generator | None
+            ) -> Tensor:
+    """At most ``reference`` of ``members``, drawn without replacement by ``generator``, in
+    ascending order."""
+    if reference is None or len(members) <= reference:
+        return members
+    draw = torch.randperm(len(members), generator=generator)[:reference]
+    return members[draw.to(members.device)].sort().values
 
 
 def unlikeness(features: Tensor, labels: Tensor, *, reference: int | None = 1000,
@@ -89,11 +86,11 @@ def unlikeness(features: Tensor, labels: Tensor, *, reference: int | None = 1000
     if labels.shape != (features.shape[0],):
         raise ValueError(f"labels must be ({features.shape[0]},), got {tuple(labels.shape)}")
     unit = F.normalize(features.float(), dim=1)
-    rows = _class_rows(labels, reference, generator)
-    classes = torch.tensor(sorted(rows), device=labels.device)
+    rows = [_sample(members, reference, generator) for members in class_rows(labels)]
+    classes = labels.unique()  # ascending, as class_rows
     own_column = torch.searchsorted(classes, labels)[:, None]
-    reference_rows = torch.cat([rows[int(c)] for c in classes])
-    bounds = torch.tensor([len(rows[int(c)]) for c in classes]).cumsum(0).tolist()
+    reference_rows = torch.cat(rows)
+    bounds = torch.tensor([len(r) for r in rows]).cumsum(0).tolist()
     medians = torch.empty(len(unit), len(classes), device=unit.device)
     for start in range(0, len(unit), block):
         block_rows = torch.arange(start, min(start + block, len(unit)), device=unit.device)
@@ -123,8 +120,7 @@ def neighbour_links(features: Tensor, labels: Tensor, neighbours: int) -> Tensor
     class in unit-length feature space, nearest first (-1 where its class has fewer)."""
     unit = F.normalize(features.float(), dim=1)
     links = torch.full((len(unit), neighbours), -1, dtype=torch.long, device=unit.device)
-    for c in labels.unique().tolist():
-        members = (labels == c).nonzero().squeeze(1)
+    for members in class_rows(labels):
         k = min(neighbours, len(members) - 1)
         if k < 1:
             continue

@@ -161,7 +161,7 @@ def select_medoids(
     if n_total == 0:
         return Medoids(empty, empty.clone(), empty.clone())
 
-    classes = _class_rows(labels)
+    classes = class_rows(labels)
     budgets = _budgets([int(r.numel()) for r in classes], fraction, per_class)
     itemsize = x.element_size()
     max_rows = _max_dense_rows(max_memory, itemsize)
@@ -311,7 +311,7 @@ def facility_location_value(
     is_sel = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     is_sel[indices] = True
     total = 0.0
-    for rows in _class_rows(labels):
+    for rows in class_rows(labels):
         med = rows[is_sel[rows]]
         if med.numel() == 0:
             continue
@@ -364,8 +364,8 @@ def _validate(
     return x, labels.long()
 
 
-def _class_rows(labels: Tensor) -> list[Tensor]:
-    """Row indices of every class present, by ascending label."""
+def class_rows(labels: Tensor) -> list[Tensor]:
+    """Row indices of every class present, by ascending label (each ascending)."""
     order = torch.argsort(labels, stable=True)
     _, counts = torch.unique_consecutive(labels[order], return_counts=True)
     return list(torch.split(order, counts.tolist()))
