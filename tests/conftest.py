@@ -15,6 +15,9 @@ import torch
 from epic.data import ImageData
 from epic.models import Classifier, build_model
 
+# what a benchmark's trials in the tests train: the setting part of each trial's identity
+SETTING = {"dataset": "tiny", "model": "convnet"}
+
 
 def seeded_convnet(data: ImageData, seed: int = 0) -> Classifier:
     """A ``convnet`` for ``data``, initialized from ``torch.manual_seed(seed)``."""

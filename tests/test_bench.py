@@ -24,7 +24,7 @@ from epic.defenses import RandomDrop, RunFacts, build_defense, parse_spec
 from epic.poisons import PoisonSet
 from epic.training import TrainConfig
 
-from .conftest import seeded_convnet
+from .conftest import SETTING, seeded_convnet
 
 
 def test_defense_specs_name_a_defense_and_its_option() -> None:
@@ -121,6 +121,7 @@ def test_run_trials_resumes_and_reports(tiny_data, tmp_path) -> None:  # type: i
     store = ResultStore(tmp_path / "bench" / "results.jsonl")
     kwargs = {"seeds": [0], "train_data": train_data, "test_data": test_data, "make_model": make,
               "config": TrainConfig(epochs=3, batch_size=16), "store": store,
+              "setting": SETTING,
               "out": tmp_path / "bench", "warmup": 1, "every": 1}
     first = run_trials([tmp_path / "p"], ["none", "epic-0.3"], **kwargs)  # type: ignore[arg-type]
     assert [r["defense"] for r in first] == ["none", "epic-0.3"]
@@ -202,7 +203,7 @@ def test_dp_sgd_rows_carry_the_privacy_spent(tiny_data, tmp_path) -> None:  # ty
                       make_model=lambda seed: model,
                       config=TrainConfig(epochs=2, batch_size=16, scenario="transfer",
                                          augment=False),
-                      store=store, out=tmp_path / "bench")
+                      setting=SETTING, store=store, out=tmp_path / "bench")
     assert rows[0]["dp_epsilon"] > 0 and rows[0]["dp_delta"] == 1e-5
     assert "dp_epsilon" not in rows[1]
     # a row stored when "dp-sgd" clipped and noised the batch gradient is not DP-SGD's

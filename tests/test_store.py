@@ -19,12 +19,14 @@ import torch
 from epic.bench import ResultStore, plan_trials, run_trials, summarize, to_markdown, trial_id
 from epic.bench.presets import PRESETS, preset_steps
 from epic.cli import build_parser, main
+from epic.cli.bench import trial_setting
 from epic.cli.common import train_config
 from epic.data import ImageData
+from epic.errors import EpicError
 from epic.poisons import PoisonSet
 from epic.training import TrainConfig
 
-from .conftest import seeded_convnet
+from .conftest import SETTING, seeded_convnet
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,7 +71,8 @@ def _ids(argv: list[str]) -> list[str]:
     """The identities ``epic bench run`` with ``argv`` plans, without running anything."""
     args = build_parser().parse_args(argv)
     return [t.id for t in plan_trials(args.poisons, args.defenses, seeds=args.seeds,
-                                      config=train_config(args), warmup=args.warmup,
+                                      config=train_config(args), setting=trial_setting(args),
+                                      warmup=args.warmup,
                                       every=args.every, until=args.until,
                                       context={"argv": argv})]
 
@@ -142,10 +145,35 @@ def test_what_defines_a_trial_changes_its_identity(tmp_path: Path,
     # a schedule means nothing to a defense without rounds: the undefended trial is the same
     assert _ids(_with(argv, "--warmup", "5")) == first
     # a stored record keeps the poisons' hash: new images in the folder make a new trial
-    trial = next(plan_trials(["x/set"], ["none"], seeds=[0], config=TrainConfig()))
+    plan = functools.partial(plan_trials, ["x/set"], ["none"], seeds=[0], config=TrainConfig(),
+                             setting=SETTING)
+    trial = next(plan())
     _poison_set(Path("x/set"), seed=1)
-    assert trial_id(trial.record) == trial.id != next(
-        plan_trials(["x/set"], ["none"], seeds=[0], config=TrainConfig())).id
+    assert trial_id(trial.record) == trial.id != next(plan()).id
+
+
+def test_a_trial_is_what_was_resolved_not_how_it_was_spelled(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The setting is part of a trial's identity from the resolved options, for a caller of the
+    library as for the command line; a default given explicitly is the same trial."""
+    monkeypatch.chdir(tmp_path)
+    _poison_set(Path("x/set"))
+    argv = _with(OLD_ARGV, "--poisons", "x/set")
+    dropped = [a for i, a in enumerate(argv)
+               if a != "--model" and (i == 0 or argv[i - 1] != "--model")]
+    assert "convnet" not in dropped and _ids(dropped) == _ids(argv)  # convnet is the default
+    assert _ids(_with(argv, "--exact-test", "1000")) == _ids([*argv, "--exact-test=1000"])
+    assert _ids(_with(argv, "--setups", "./data/poisoning-benchmark/../poisoning-benchmark/"
+                                          "cifar10_from_scratch.pickle")) == _ids(argv)
+
+    def planned(setting: dict[str, Any]) -> str:
+        return next(plan_trials(["x/set"], ["none"], seeds=[0], config=TrainConfig(),
+                                setting=setting)).id
+
+    assert planned(SETTING) != planned(SETTING | {"model": "resnet18"})
+    assert planned(SETTING) != planned(SETTING | {"dataset": "cifar10"})
+    with pytest.raises(EpicError, match="must name its model"):
+        planned({"dataset": "cifar10"})
 
 
 STORED = sorted(p.parents[1].name
@@ -305,6 +333,6 @@ def _bench(out: Path, dirs: list[str], data: tuple[ImageData, ImageData], start:
     written = run_trials(dirs, ["none", "epic-0.3"], seeds=[0], train_data=train_data,
                          test_data=test_data,
                          make_model=functools.partial(seeded_convnet, train_data),
-                         config=TrainConfig(epochs=1, batch_size=16),
+                         config=TrainConfig(epochs=1, batch_size=16), setting=SETTING,
                          store=ResultStore(out / "results.jsonl"), out=out, warmup=0, every=1)
     results.put([r["key"] for r in written])

@@ -3,7 +3,8 @@
 Example:
     >>> from epic.bench import ResultStore, run_trials, write_report  # doctest: +SKIP
     >>> store = ResultStore("bench/results.jsonl")
-    >>> run_trials(["poisons/bp0"], ["none", "epic-0.1"], seeds=[0], ...)
+    >>> run_trials(["poisons/bp0"], ["none", "epic-0.1"], seeds=[0],
+    ...            setting={"dataset": "cifar10", "model": "resnet18"}, store=store, ...)
     >>> write_report(store.load(), "bench/report")
 """
 

@@ -32,20 +32,12 @@ from epic.training import TrainConfig, provenance, train
 from epic.training.config import RETIRED_SETTINGS
 from epic.training.records import describe, describe_device
 
-__all__ = ["SETTING_OPTIONS", "Trial", "compare_rerun", "plan_trials", "rerun_defense",
+__all__ = ["Trial", "compare_rerun", "plan_trials", "rerun_defense",
            "run_trials", "trial_id", "victim_features"]
 
 log = logging.getLogger(__name__)
 
 
-# Command-line options that choose the model and the data a trial trains on: with the fields of
-# its record they define the trial (see trial_id). The other options pick trials (--poisons,
-# --defenses, --seeds, --first, --setup-ids), say where to read, run or write (--data-dir,
-# --device, --out), are stored as fields (--epochs, --lr, --warmup, ...) or are replaced by the
-# trial's own (--seed).
-SETTING_OPTIONS = ("--dataset", "--subset", "--test-subset", "--model", "--pretrained",
-                   "--setups", "--victim-per-class", "--exact-test")
-_PATH_OPTIONS = ("--pretrained", "--setups")
 _POISON_FILES = ("poisons.json", "poisons.npz")  # a poison set, as PoisonSet.save writes it
 
 
@@ -54,11 +46,11 @@ def trial_id(record: Mapping[str, Any], digests: dict[str, str | None] | None = 
 
     That is the poison set (its folder's resolved path, the SHA-256 of its files, and the
     attack, eps, classes and benchmark setup read from it), the scenario, the defense as
-    specified, the schedule overrides, the seed, the training configuration, and the
-    :data:`SETTING_OPTIONS` of the record's command line (``argv``), paths resolved. A planned
-    trial (:func:`plan_trials`) and its stored record give the same identity, so a rerun with
-    the same arguments skips it, while poison folders of one name in two places, or another
-    ``--epochs``, make other trials.
+    specified, the schedule overrides, the seed, the training configuration, and the setting
+    (the model and the data, see :func:`plan_trials`). A planned trial and its stored record
+    give the same identity, so a rerun with the same arguments skips it, while poison folders
+    of one name in two places, or another ``--epochs``, make other trials. How a value was
+    spelled does not count: a default given explicitly is the same trial.
 
     Records written before poison sets were hashed lack ``poisons_sha256``: they are taken to
     have run on what their folder holds now. A record of an older schema is read as today's
@@ -78,8 +70,9 @@ def trial_id(record: Mapping[str, Any], digests: dict[str, str | None] | None = 
         digest = digests[poisons]
     facts = {k: record.get(k) for k in ("attack", "eps", "target_class", "adversarial_class",
                                         "setup", "scenario", "defense", "seed", "schedule")}
-    facts |= {"poisons": [poisons, digest], "config": migrate(dict(record))["config"],
-              "setting": _setting(record.get("argv", []))}
+    current = migrate(dict(record))
+    facts |= {"poisons": [poisons, digest], "config": current["config"],
+              "setting": current["setting"]}
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -128,18 +121,6 @@ def rerun_defense(record: Mapping[str, Any]) -> str:
                     options=("defense", "dp_clip", "dp_noise"))
 
 
-def _setting(argv: Sequence[str]) -> dict[str, str]:
-    """The :data:`SETTING_OPTIONS` given in ``argv`` (the last wins, as in argparse), with
-    paths resolved."""
-    found = {}
-    for i, arg in enumerate(argv):
-        name, eq, value = arg.partition("=")
-        if name in SETTING_OPTIONS and (eq or i + 1 < len(argv)):
-            value = value if eq else argv[i + 1]
-            found[name] = os.path.realpath(value) if name in _PATH_OPTIONS else value
-    return found
-
-
 def _poisons_sha256(folder: str | os.PathLike[str]) -> str | None:
     """SHA-256 of a poison set's files; None when they cannot be read."""
     h = hashlib.sha256()
@@ -169,6 +150,7 @@ def plan_trials(
     *,
     seeds: Sequence[int],
     config: TrainConfig,
+    setting: Mapping[str, Any],
     warmup: int | None = None,
     every: int | None = None,
     until: int | None = None,
@@ -177,6 +159,12 @@ def plan_trials(
     """The trials of poison set x defense x seed, in that order, without running any; each
     poison set is read (and hashed) when its first trial is planned. Arguments as in
     :func:`run_trials`."""
+    missing = [name for name in ("dataset", "model") if name not in setting]
+    if missing:
+        raise EpicError(f"a trial's setting must name its {' and '.join(missing)}: two trials "
+                        f"on other data or another model would share an identity",
+                        options=("setting",))
+    setting = json.loads(json.dumps(dict(setting)))  # as the store will hold it
     schedule = {"warmup": warmup, "every": every, "until": until}
     unscheduled = dict.fromkeys(schedule)  # what the flags mean to a defense without rounds
     for poison_dir in poison_dirs:
@@ -194,7 +182,8 @@ def plan_trials(
                           "adversarial_class": poisons.adversarial_class,
                           "setup": poisons.metadata.get("setup"),
                           "schedule": schedule if scheduled(spec) else unscheduled,
-                          "config": dataclasses.asdict(trial_config), "schema": VERSION}
+                          "config": dataclasses.asdict(trial_config), "setting": setting,
+                          "schema": VERSION}
                 record |= context or {}
                 yield Trial(trial_id(record), record, poisons, trial_config)
 
@@ -208,6 +197,7 @@ def run_trials(
     test_data: ImageData,
     make_model: Callable[[int], Classifier],
     config: TrainConfig,
+    setting: Mapping[str, Any],
     store: ResultStore,
     out: str | os.PathLike[str],
     warmup: int | None = None,
@@ -229,13 +219,17 @@ def run_trials(
         make_model: seed -> a fresh model (loaded with pretrained weights for transfer and
             fine-tuning), on the device to train on.
         config: the pipeline; its ``seed`` is replaced by each trial's seed.
+        setting: what the model and the data are, JSON values under names of the caller's
+            choosing; at least ``dataset`` and ``model``, and whatever else tells two trials
+            apart (``epic bench run`` adds the subsets, pretrained weights, setup file, victim
+            and exact-test sizes, paths resolved). It is part of each trial's identity.
         warmup, every, until: override the paper schedules of the defenses that have one
             (see :func:`epic.defenses.build_defense`).
         victim_for: poison set -> the training set it belongs to (benchmark setups give each
             trial its own victim set); default: ``train_data`` for every poison set. Called
             only for poison sets with a trial to run.
-        context: facts stored with every record: the command line (``argv``), for ``bench
-            rerun`` and for the :data:`SETTING_OPTIONS` in each trial's identity.
+        context: facts stored with every record, not part of its identity: the command line
+            (``argv``), for ``bench rerun``.
 
     Returns:
         The records written in this call.
@@ -249,8 +243,8 @@ def run_trials(
     written = []
     versions = provenance()  # the same for every trial of this call
     victim: tuple[PoisonSet, ImageData] | None = None  # the last poison set's training set
-    for trial in plan_trials(poison_dirs, defenses, seeds=seeds, config=config, warmup=warmup,
-                             every=every, until=until, context=context):
+    for trial in plan_trials(poison_dirs, defenses, seeds=seeds, config=config, setting=setting,
+                             warmup=warmup, every=every, until=until, context=context):
         if trial.id in done:
             continue
         key = trial.record["key"]

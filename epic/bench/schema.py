@@ -14,18 +14,24 @@ Versions:
 - 2: the configuration holds every setting of today's :class:`~epic.training.TrainConfig`,
   retired settings only where they were on (such a row ran something no setting of today
   runs); ``device`` names the card (``cuda:0 (NVIDIA H200)``) where there was one.
+- 3: ``setting`` names the model and the data the trial trained on (for ``epic bench run``:
+  data set, subsets, architecture, pretrained weights, setup file, victim and exact-test
+  sizes, paths resolved); before, only the command line (``argv``) said so, and
+  :func:`migrate` reads the setting from it.
 """
 
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from epic.training import config_record
 
 __all__ = ["FIELDS", "VERSION", "migrate", "problem"]
 
-VERSION = 2
+VERSION = 3
 
 _NUMBER = (int, float)
 _NONE = type(None)
@@ -46,8 +52,19 @@ FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "examples_dropped": ((int,), False), "patch_free_success": ((*_NUMBER, _NONE), False),
     "resolved": ((dict,), False),
     "dp_epsilon": ((*_NUMBER, _NONE), False), "dp_delta": ((*_NUMBER, _NONE), False),
-    "schema": ((int,), False),
+    "schema": ((int,), False), "setting": ((dict,), False),
 }
+
+# The options of an `epic bench run` command line that chose the model and the data, with the
+# defaults they had when records of versions 1 and 2 were written (a fact about those records,
+# kept here even where a default changes) and the type their values parse to.
+_V2_SETTING: dict[str, tuple[str, Any, Callable[[str], Any]]] = {
+    "--dataset": ("dataset", "digits", str), "--subset": ("subset", None, int),
+    "--test-subset": ("test_subset", None, int), "--model": ("model", "convnet", str),
+    "--pretrained": ("pretrained", None, os.path.realpath),
+    "--setups": ("setups", None, os.path.realpath),
+    "--victim-per-class": ("victim_per_class", None, int),
+    "--exact-test": ("exact_test", None, int)}
 
 
 def problem(record: Any) -> str | None:
@@ -85,6 +102,27 @@ def _finite(x: float) -> bool:
 def migrate(record: dict[str, Any]) -> dict[str, Any]:
     """``record`` (a valid record of any version, see :func:`problem`) as version
     :data:`VERSION` reads it: the configuration completed with today's defaults for the
-    settings added since, retired settings that were off left out (a copy; ``record`` is
-    not changed)."""
-    return record | {"config": config_record(record["config"]), "schema": VERSION}
+    settings added since, retired settings that were off left out; the setting read from the
+    command line where the record predates it (a copy; ``record`` is not changed)."""
+    setting = record.get("setting")
+    if setting is None:
+        setting = _v2_setting(record.get("argv", []))
+    return record | {"config": config_record(record["config"]), "setting": setting,
+                     "schema": VERSION}
+
+
+def _v2_setting(argv: Sequence[str]) -> dict[str, Any]:
+    """The setting of an `epic bench run` command line as it parsed when the record was
+    written: the last value of each option wins, as in argparse; relative paths resolve
+    against the current directory, as they did for the command that wrote them."""
+    setting = {name: default for name, default, _ in _V2_SETTING.values()}
+    for i, arg in enumerate(argv):
+        flag, eq, value = arg.partition("=")
+        if flag in _V2_SETTING and (eq or i + 1 < len(argv)):
+            name, _, parse = _V2_SETTING[flag]
+            value = value if eq else argv[i + 1]
+            try:
+                setting[name] = parse(value)
+            except ValueError:  # a value that command could not have run with: kept as given
+                setting[name] = value
+    return setting

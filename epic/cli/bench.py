@@ -32,7 +32,7 @@ from epic.cli.common import (
 from epic.formats import read_poisons
 from epic.setups import SetupError, victim_data
 
-__all__ = ["add_bench_commands"]
+__all__ = ["SETTING", "add_bench_commands", "trial_setting"]
 
 
 def add_bench_commands(sub: Any) -> None:
@@ -153,6 +153,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# The options that choose the model and the data a benchmark's trials train on: with the
+# trial's own facts they define it (epic.bench.trial_id); paths among them are resolved.
+SETTING = ("dataset", "subset", "test_subset", "model", "pretrained", "setups",
+           "victim_per_class", "exact_test")
+_PATHS = ("pretrained", "setups")
+
+
+def trial_setting(args: argparse.Namespace) -> dict[str, Any]:
+    """The setting of ``epic bench run`` ``args`` (:data:`SETTING`) as its records store it."""
+    setting = {name: getattr(args, name) for name in SETTING}
+    return setting | {name: os.path.realpath(setting[name]) for name in _PATHS
+                      if setting[name] is not None}
+
+
 def _run(args: argparse.Namespace, store: ResultStore) -> list[dict[str, Any]]:
     device = pick_device(args.device)
     train_data, test_data = load_data(args)
@@ -163,7 +177,8 @@ def _run(args: argparse.Namespace, store: ResultStore) -> list[dict[str, Any]]:
                           device)
 
     return run_trials(args.poisons, args.defenses, seeds=args.seeds, train_data=train_data,
-               test_data=test_data, make_model=fresh, config=config, store=store, out=args.out,
+               test_data=test_data, make_model=fresh, config=config,
+               setting=trial_setting(args), store=store, out=args.out,
                warmup=args.warmup, every=args.every, until=args.until, progress=args.progress,
                victim_for=_victim_for(args, train_data), context={"argv": args.argv})
 
