@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from epic.defenses import RandomDrop, RunFacts, build_defense, parse_spec
 from epic.poisons import PoisonSet
 from epic.training import TrainConfig
 
-from .conftest import SETTING, seeded_convnet
+from .conftest import SETTING, requires_cifar, seeded_convnet
 
 
 def test_defense_specs_name_a_defense_and_its_option() -> None:
@@ -235,6 +236,21 @@ def test_bench_cli_resumes_reruns_and_tells_epochs_apart(tmp_path, capsys) -> No
     with pytest.raises(SystemExit):  # rerun into a folder that holds the trial: told, no crash
         main(["bench", "rerun", str(store.path), "0", "--out", str(out)])
     assert "already holds this trial" in capsys.readouterr().err
+
+
+@requires_cifar
+def test_a_committed_transfer_row_reruns_with_its_head_drawn_as_it_was(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows stored before the new last layer came from the run's seed drew it from torch's
+    global RNG after the model's seeded construction: `bench rerun` draws it so again."""
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    store = "benchmarks/results/cpu-transfer/bench/results.jsonl"
+    row = 43  # setup-003/epic-0.2/transfer/0: a victim of a few seconds
+    assert ResultStore(store).load()[row]["config"]["head_rng"] == "global"
+    assert main(["bench", "rerun", store, str(row), "--out", str(tmp_path), "--data-dir",
+                 os.environ["EPIC_DATA_DIR"], "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["reproduced"]
 
 
 def test_victim_features_reuse_the_clean_features_and_replace_the_poisons(

@@ -122,7 +122,12 @@ def test_a_store_reads_every_record_in_the_current_schema(tmp_path: Path,
     assert "line 2 skipped: written by a newer epic" in caplog.text
     config = records[0]["config"]
     assert records[0]["schema"] == VERSION and "grad_clip" not in config
-    assert config == dataclasses.asdict(TrainConfig(epochs=20))  # OLD's settings, defaults else
+    # OLD's settings, defaults else, and its head drawn from torch's global RNG
+    assert config == dataclasses.asdict(TrainConfig(epochs=20, head_rng="global"))
+    assert records[0]["setting"] == {
+        "dataset": "cifar10", "subset": None, "test_subset": 1000, "model": "convnet",
+        "pretrained": None, "setups": os.path.realpath(OLD_ARGV[OLD_ARGV.index("--setups") + 1]),
+        "victim_per_class": 1000, "exact_test": 1000}
     assert "schema" not in OLD and "channels_last" not in OLD["config"]  # read, not changed
 
 

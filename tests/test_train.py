@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import argparse
+import copy
 import dataclasses
 import json
 
@@ -178,13 +180,48 @@ def test_transfer_without_augmentation_matches_per_batch_features(tiny_data) -> 
     cached = seeded_convnet(train_data)
     per_batch = seeded_convnet(train_data)
     per_batch.load_state_dict(cached.state_dict())
-    torch.manual_seed(0)  # the re-initialized last layer draws from the global generator
     train(cached, train_data, test_data, config)
-    torch.manual_seed(0)
     # A defense that sees every batch forces the features to be recomputed for every batch.
     train(per_batch, train_data, test_data, config, defense=_OnBatch(lambda m, x, y: (x, y)))
     for name, value in cached.classifier.state_dict().items():
         torch.testing.assert_close(value, per_batch.classifier.state_dict()[name])
+
+
+def test_the_seed_covers_the_new_last_layer(tiny_data) -> None:  # type: ignore[no-untyped-def]
+    """The new head of transfer learning comes from the run's seed, whatever the state of
+    torch's global RNG; ``head_rng="global"`` (how rows stored before it drew theirs) takes it
+    from the global RNG."""
+    train_data, test_data = tiny_data
+    pretrained = seeded_convnet(train_data)
+
+    def head(global_seed: int, **settings) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        torch.manual_seed(global_seed)
+        config = TrainConfig(epochs=0, scenario="transfer", **settings)
+        model = train(copy.deepcopy(pretrained), train_data, test_data, config).model
+        return model.classifier.weight.detach().clone()
+
+    assert torch.equal(head(0, seed=3), head(1, seed=3))
+    assert not torch.equal(head(0, seed=3), head(0, seed=4))
+    assert not torch.equal(head(0, head_rng="global"), head(1, head_rng="global"))
+    assert torch.equal(head(5, head_rng="global"), head(5, head_rng="global"))
+
+
+def test_building_a_model_leaves_the_global_rng_alone(tiny_data) -> None:  # type: ignore[no-untyped-def]
+    from epic.cli.common import make_model
+
+    args = argparse.Namespace(seed=7, model="convnet", pretrained=None, scenario="scratch",
+                              arch_flag="--model")
+    train_data, _ = tiny_data
+    state = torch.random.get_rng_state()
+    first = make_model(args, train_data, torch.device("cpu"))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(first.classifier.weight,
+                       make_model(args, train_data, torch.device("cpu")).classifier.weight)
+    # where rows stored before TrainConfig.head_rng drew their head: seeded, past the model
+    make_model(args, train_data, torch.device("cpu"), head_rng="global")
+    after = torch.rand(3)
+    seeded_convnet(train_data, 7)  # torch.manual_seed(7), then the model
+    assert torch.equal(after, torch.rand(3))
 
 
 def test_finetune_uses_small_lr_and_new_head(tiny_data) -> None:  # type: ignore[no-untyped-def]

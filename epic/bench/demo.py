@@ -40,10 +40,11 @@ def run_demo(*, pairs: int = 4, epochs: int = 40, budget: float = 0.01, seed: in
         poisons = PatchBackdoor(budget=budget).craft(None, train_data, source, adversarial,
                                                      seed=seed + k)
         for name in rows:
-            torch.manual_seed(seed)
-            model = build_model("convnet", num_classes=train_data.num_classes,
-                                in_channels=train_data.shape[0], mean=train_data.mean,
-                                std=train_data.std).to(device)
+            with torch.random.fork_rng(devices=[]):  # the caller's global RNG left alone
+                torch.manual_seed(seed)
+                model = build_model("convnet", num_classes=train_data.num_classes,
+                                    in_channels=train_data.shape[0], mean=train_data.mean,
+                                    std=train_data.std).to(device)
             defense = build_defense(name if name == "epic" else "none", RunFacts(
                 num_examples=len(train_data), epochs=epochs,
                 milestones=config.resolved_milestones, seed=seed))

@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 
 
 _POISON_FILES = ("poisons.json", "poisons.npz")  # a poison set, as PoisonSet.save writes it
+# Settings that say how a trial's random draws were made, not which trial it is: rows stored
+# before the new last layer came from the run's seed (TrainConfig.head_rng) are the same
+# trials, and `bench rerun` reruns each as it was drawn.
+_HOW = ("head_rng",)
 
 
 def trial_id(record: Mapping[str, Any], digests: dict[str, str | None] | None = None) -> str:
@@ -50,7 +54,8 @@ def trial_id(record: Mapping[str, Any], digests: dict[str, str | None] | None = 
     (the model and the data, see :func:`plan_trials`). A planned trial and its stored record
     give the same identity, so a rerun with the same arguments skips it, while poison folders
     of one name in two places, or another ``--epochs``, make other trials. How a value was
-    spelled does not count: a default given explicitly is the same trial.
+    spelled does not count: a default given explicitly is the same trial; nor does where the
+    new last layer was drawn from (``head_rng``).
 
     Records written before poison sets were hashed lack ``poisons_sha256``: they are taken to
     have run on what their folder holds now. A record of an older schema is read as today's
@@ -71,8 +76,8 @@ def trial_id(record: Mapping[str, Any], digests: dict[str, str | None] | None = 
     facts = {k: record.get(k) for k in ("attack", "eps", "target_class", "adversarial_class",
                                         "setup", "scenario", "defense", "seed", "schedule")}
     current = migrate(dict(record))
-    facts |= {"poisons": [poisons, digest], "config": current["config"],
-              "setting": current["setting"]}
+    config = {k: v for k, v in current["config"].items() if k not in _HOW}
+    facts |= {"poisons": [poisons, digest], "config": config, "setting": current["setting"]}
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -17,7 +17,9 @@ Versions:
 - 3: ``setting`` names the model and the data the trial trained on (for ``epic bench run``:
   data set, subsets, architecture, pretrained weights, setup file, victim and exact-test
   sizes, paths resolved); before, only the command line (``argv``) said so, and
-  :func:`migrate` reads the setting from it.
+  :func:`migrate` reads the setting from it. The configuration's ``head_rng`` says where a
+  new last layer was drawn from; records before version 3 drew it from torch's global RNG
+  (``"global"``).
 """
 
 from __future__ import annotations
@@ -104,11 +106,11 @@ def migrate(record: dict[str, Any]) -> dict[str, Any]:
     :data:`VERSION` reads it: the configuration completed with today's defaults for the
     settings added since, retired settings that were off left out; the setting read from the
     command line where the record predates it (a copy; ``record`` is not changed)."""
-    setting = record.get("setting")
-    if setting is None:
-        setting = _v2_setting(record.get("argv", []))
-    return record | {"config": config_record(record["config"]), "setting": setting,
-                     "schema": VERSION}
+    config, setting = record["config"], record.get("setting")
+    if record.get("schema", 1) < 3:
+        config = {"head_rng": "global"} | config
+        setting = _v2_setting(record.get("argv", [])) if setting is None else setting
+    return record | {"config": config_record(config), "setting": setting, "schema": VERSION}
 
 
 def _v2_setting(argv: Sequence[str]) -> dict[str, Any]:

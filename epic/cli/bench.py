@@ -31,6 +31,7 @@ from epic.cli.common import (
 )
 from epic.formats import read_poisons
 from epic.setups import SetupError, victim_data
+from epic.training import HeadRng
 
 __all__ = ["SETTING", "add_bench_commands", "trial_setting"]
 
@@ -167,14 +168,17 @@ def trial_setting(args: argparse.Namespace) -> dict[str, Any]:
                       if setting[name] is not None}
 
 
-def _run(args: argparse.Namespace, store: ResultStore) -> list[dict[str, Any]]:
+def _run(args: argparse.Namespace, store: ResultStore,
+         head_rng: HeadRng = "seed") -> list[dict[str, Any]]:
+    """Run the trials ``args`` plan, drawing each new last layer as ``head_rng`` says (a rerun
+    of a stored row: as it was drawn)."""
     device = pick_device(args.device)
     train_data, test_data = load_data(args)
-    config = train_config(args)
+    config = train_config(args, head_rng=head_rng)
 
     def fresh(seed: int) -> Any:
         return make_model(argparse.Namespace(**(vars(args) | {"seed": seed})), train_data,
-                          device)
+                          device, head_rng=head_rng)
 
     return run_trials(args.poisons, args.defenses, seeds=args.seeds, train_data=train_data,
                test_data=test_data, make_model=fresh, config=config,
@@ -254,7 +258,8 @@ def cmd_rerun(args: argparse.Namespace) -> int:
         for name, value in {"poisons": [old["poisons_dir"]], "defenses": [rerun_defense(old)],
                             "seeds": [old["seed"]], "out": out, "progress": False}.items():
             setattr(again, name, value)
-        written = _run(again, ResultStore(Path(out) / "results.jsonl"))
+        written = _run(again, ResultStore(Path(out) / "results.jsonl"),
+                       head_rng=old["config"]["head_rng"])
         if not written:
             raise ValueError(f"{out} already holds this trial: rerun into an empty --out")
         new = written[0]

@@ -10,6 +10,7 @@ builds from it, the same way.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,7 +26,7 @@ from epic.io.safe_pickle import UnsafePickleError, load_weights
 from epic.models import MODELS, Classifier, build_model
 from epic.selection import PerClass, Similarity
 from epic.setups import Setup, load_setups, select_setups
-from epic.training import RoundEmbeddings, Scenario, Schedule, TrainConfig
+from epic.training import HeadRng, RoundEmbeddings, Scenario, Schedule, TrainConfig
 
 __all__ = ["add_data_args", "add_epic_args", "add_fit_args", "add_round_embeddings_arg",
            "epic_settings",
@@ -230,14 +231,20 @@ def first_examples(data: ImageData, n: int | None) -> ImageData:
     return data if n is None else data.subset(torch.arange(min(n, len(data))))
 
 
-def make_model(args: argparse.Namespace, train_data: ImageData,
-               device: torch.device) -> Classifier:
-    """A seeded fresh model, loaded from --pretrained when given (the architecture is
-    ``args.model``, named on the command line by ``args.arch_flag``)."""
-    torch.manual_seed(args.seed)
-    model = build_model(args.model, num_classes=train_data.num_classes,
-                        in_channels=train_data.shape[0], mean=train_data.mean,
-                        std=train_data.std)
+def make_model(args: argparse.Namespace, train_data: ImageData, device: torch.device, *,
+               head_rng: HeadRng = "seed") -> Classifier:
+    """A fresh model initialized from ``args.seed``, loaded from --pretrained when given (the
+    architecture is ``args.model``, named on the command line by ``args.arch_flag``).
+
+    torch's global RNG is left as it was, but for ``head_rng="global"``: then it is left
+    seeded and past the model's initialization, where runs stored before
+    :attr:`TrainConfig.head_rng <epic.training.TrainConfig>` drew their new last layer."""
+    with (contextlib.nullcontext() if head_rng == "global"
+          else torch.random.fork_rng(devices=[])):
+        torch.manual_seed(args.seed)
+        model = build_model(args.model, num_classes=train_data.num_classes,
+                            in_channels=train_data.shape[0], mean=train_data.mean,
+                            std=train_data.std)
     if args.pretrained is not None:
         state = _load_weights(args.pretrained)
         try:

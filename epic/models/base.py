@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Literal
@@ -67,6 +68,18 @@ class Classifier(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x))
 
-    def reset_classifier(self) -> None:
-        """Re-initialize the last linear layer (transfer learning and fine-tuning)."""
-        self.classifier.reset_parameters()
+    def reset_classifier(self, generator: torch.Generator | None = None) -> None:
+        """Re-initialize the last linear layer (transfer learning and fine-tuning) as
+        :class:`torch.nn.Linear` initializes one, drawing from ``generator`` (a CPU generator;
+        the same weights on every device) or, without one, from torch's global RNG."""
+        layer = self.classifier
+        if generator is None:
+            layer.reset_parameters()
+            return
+        weight = torch.empty(layer.weight.shape)
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
+        bound = 1 / math.sqrt(layer.in_features)
+        bias = torch.empty(layer.bias.shape).uniform_(-bound, bound, generator=generator)
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+            layer.bias.copy_(bias)

@@ -14,6 +14,7 @@ checkpoints and the resume check, summary).
 
 from epic.protocol import Defense
 from epic.training.config import (
+    HeadRng,
     RoundEmbeddings,
     Scenario,
     Schedule,
@@ -27,6 +28,6 @@ from epic.training.config import (
 from epic.training.loop import train
 from epic.training.records import defense_records, provenance
 
-__all__ = ["Defense", "RoundEmbeddings", "Scenario", "Schedule", "TrainConfig", "TrainResult",
-           "config_record", "default_milestones", "defense_records", "evaluate",
+__all__ = ["Defense", "HeadRng", "RoundEmbeddings", "Scenario", "Schedule", "TrainConfig",
+           "TrainResult", "config_record", "default_milestones", "defense_records", "evaluate",
            "prepare_model", "provenance", "train"]

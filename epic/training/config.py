@@ -10,19 +10,22 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+import torch
 from torch import nn
 
 from epic.data import ImageData
 from epic.gradients import logit_embeddings
 from epic.models import Classifier, Scenario
 
-__all__ = ["RoundEmbeddings", "Scenario", "Schedule", "TrainConfig", "TrainResult", "config_record",
-           "default_milestones", "evaluate", "prepare_model"]
+__all__ = ["HeadRng", "RoundEmbeddings", "Scenario", "Schedule", "TrainConfig", "TrainResult",
+           "config_record", "default_milestones", "evaluate", "prepare_model"]
 
 # Where an EPIC round gets its gradients (see TrainConfig).
 RoundEmbeddings = Literal["eval", "train-pass"]
 # How the learning rate moves (see TrainConfig).
 Schedule = Literal["step", "onecycle"]
+# where a new last layer is drawn from (TrainConfig.head_rng)
+HeadRng = Literal["seed", "global"]
 
 
 def default_milestones(epochs: int) -> tuple[int, ...]:
@@ -68,6 +71,13 @@ class TrainConfig:
     padding in pixels (None: the data set's; 2 is a 2-pixel translation). ``test_flips``:
     test accuracy from the mean of the logits of each test image and its mirror image (not in
     transfer learning, whose test features are computed once).
+
+    ``head_rng``: where transfer learning and fine-tuning draw the new last layer from:
+    ``"seed"``, the run's generator seeded by ``seed`` (the head's draw comes first, then the
+    shuffles and augmentations), so that ``seed`` covers all of a run's randomness; ``"global"``,
+    torch's global RNG as the caller left it, as runs stored before this setting existed drew
+    it (``epic`` built the model from ``torch.manual_seed(seed)`` just before); kept so that
+    those rerun.
     """
 
     epochs: int = 40
@@ -88,6 +98,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     crop_padding: int | None = None
     test_flips: bool = False
+    head_rng: HeadRng = "seed"
 
     @property
     def resolved_lr(self) -> float:
@@ -124,16 +135,18 @@ class TrainResult:
     model: nn.Module = field(repr=False)
 
 
-def prepare_model(model: Classifier, scenario: Scenario) -> list[nn.Parameter]:
+def prepare_model(model: Classifier, scenario: Scenario,
+                  generator: torch.Generator | None = None) -> list[nn.Parameter]:
     """Set a pretrained model up for ``scenario``; returns the parameters to optimize.
 
     ``transfer`` freezes the feature extractor (and its batch-norm statistics) and
     re-initializes the last layer; ``finetune`` re-initializes the last layer and trains all;
-    ``scratch`` leaves the model as it is.
+    ``scratch`` leaves the model as it is. The new last layer is drawn from ``generator``
+    (without one, from torch's global RNG).
     """
     if scenario == "scratch":
         return list(model.parameters())
-    model.reset_classifier()
+    model.reset_classifier(generator)
     if scenario == "finetune":
         return list(model.parameters())
     for name, p in model.named_parameters():

@@ -200,13 +200,14 @@ class _Run:
         rank, size = world()
         if poisons is not None:
             train_data = poisons.apply(train_data)
-        params = prepare_model(model, config.scenario)
+        generator = torch.Generator().manual_seed(config.seed)
+        params = prepare_model(model, config.scenario,
+                               None if config.head_rng == "global" else generator)
         frozen_body = config.scenario == "transfer"
         optimizer = torch.optim.SGD(params, lr=config.resolved_lr, momentum=config.momentum,
                                     nesterov=config.nesterov, weight_decay=config.weight_decay)
         per_rank = -(-len(train_data) // size)
         scheduler = _scheduler(optimizer, config, -(-per_rank // config.batch_size))
-        generator = torch.Generator().manual_seed(config.seed)
         if config.eval_every < 1:
             raise ValueError(f"eval_every must be >= 1, got {config.eval_every}")
         augment = None
