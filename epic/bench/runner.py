@@ -240,6 +240,7 @@ def run_trials(
         The records written in this call.
     """
     digests: dict[str, str | None] = {}
+    schedule = {"warmup": warmup, "every": every, "until": until}
 
     def stored() -> dict[str, dict[str, Any]]:
         return {trial_id(r, digests): r for r in store.load()}
@@ -262,37 +263,44 @@ def run_trials(
                 victim = trial.poisons, (train_data if victim_for is None
                                          else victim_for(trial.poisons))
                 trial.poisons.validate(victim[1])
-            data = victim[1]
-            spec, seed = trial.record["defense"], trial.config.seed
-            run = RunFacts(num_examples=len(data), epochs=config.epochs,
-                           milestones=trial.config.resolved_milestones,
-                           scenario=config.scenario, seed=seed, poison_eps=trial.poisons.eps)
-            options = options_for(spec, {"warmup": warmup, "every": every, "until": until})
-            replayed = parse_spec(spec)[1].get("replay_of")
-            if replayed is not None:
-                options["counts"] = replayed_counts(current, trial.record, replayed)
-            defense = build_defense(spec, run, **options)
-            model = make_model(seed)
-            features = None
-            if config.scenario == "transfer" and not config.augment and not changes_batches(
-                    defense):
-                features = victim_features(model, data, trial.poisons, Path(out) / "features")
-            run_dir = Path(out) / "trials" / f"{key.replace('/', '_')}-{trial.id[:8]}"
-            start = time.perf_counter()
-            result = train(copy.deepcopy(model), data, test_data, trial.config,
-                           defense=defense, poisons=trial.poisons, out=run_dir,
-                           progress=progress, features=features)
-            resolved = {"lr": trial.config.resolved_lr,
-                        "milestones": list(trial.config.resolved_milestones),
-                        "defense": describe(defense)}
-            record = trial.record | {"wall_seconds": round(time.perf_counter() - start, 3),
-                                     "resolved": resolved, "run_dir": str(run_dir),
-                                     "device": describe_device(_device_of(model)), "run": versions}
-            record |= result.summary
+            record = _train_trial(trial, victim[1], test_data, make_model, current,
+                                  schedule=schedule, out=Path(out),
+                                  progress=progress) | {"run": versions}
             store.append(record)
             written.append(record)
             log.info("%s: success %s, acc %s", key, record["attack_success"], record["test_acc"])
     return written
+
+
+def _train_trial(trial: Trial, data: ImageData, test_data: ImageData,
+                 make_model: Callable[[int], Classifier],
+                 records: Mapping[str, Mapping[str, Any]], *, schedule: Mapping[str, int | None],
+                 out: Path, progress: bool) -> dict[str, Any]:
+    """Train ``trial``'s victim (a fresh model, on ``data`` with the trial's poisons) under
+    its defense; its record with the outcome. ``records``: the store's, for a defense that
+    replays another trial's drops; ``schedule``: the warmup, every and until overrides."""
+    config, spec = trial.config, trial.record["defense"]
+    run = RunFacts(num_examples=len(data), epochs=config.epochs,
+                   milestones=config.resolved_milestones, scenario=config.scenario,
+                   seed=config.seed, poison_eps=trial.poisons.eps)
+    options = options_for(spec, dict(schedule))
+    replayed = parse_spec(spec)[1].get("replay_of")
+    if replayed is not None:
+        options["counts"] = replayed_counts(records, trial.record, replayed)
+    defense = build_defense(spec, run, **options)
+    model = make_model(config.seed)
+    features = None
+    if config.scenario == "transfer" and not config.augment and not changes_batches(defense):
+        features = victim_features(model, data, trial.poisons, out / "features")
+    run_dir = out / "trials" / f"{trial.record['key'].replace('/', '_')}-{trial.id[:8]}"
+    start = time.perf_counter()
+    result = train(copy.deepcopy(model), data, test_data, config, defense=defense,
+                   poisons=trial.poisons, out=run_dir, progress=progress, features=features)
+    resolved = {"lr": config.resolved_lr, "milestones": list(config.resolved_milestones),
+                "defense": describe(defense)}
+    return trial.record | {"wall_seconds": round(time.perf_counter() - start, 3),
+                           "resolved": resolved, "run_dir": str(run_dir),
+                           "device": describe_device(_device_of(model))} | result.summary
 
 
 def replayed_counts(records: Mapping[str, Mapping[str, Any]], record: Mapping[str, Any],
