@@ -38,7 +38,7 @@ from epic.data import ImageData, channels_last_on_cpu, inference_batch_size, ite
 from epic.models import eval_mode
 
 __all__ = ["Examples", "LogitsFn", "feature_embeddings", "gradient_embeddings",
-           "count_examples", "logit_embeddings"]
+           "count_examples", "logit_embeddings", "logit_gradients"]
 
 #: Anything the embedding functions accept as the training examples (see the module docs).
 Examples: TypeAlias = "ImageData | Dataset[Any] | Iterable[Any]"
@@ -235,7 +235,9 @@ def _from_features(model: nn.Module, data: Examples, features: Tensor,
         return fn(head(feats).float(), labels), labels
 
 
-def _logit_gradients(logits: Tensor, y: Tensor) -> Tensor:
+def logit_gradients(logits: Tensor, y: Tensor) -> Tensor:
+    """The cross-entropy's gradient with respect to ``logits`` ``(N, C)`` at labels ``y``
+    ``(N,)``: ``softmax(logits) - onehot(y)``, EPIC's embedding of each example."""
     classes = logits.shape[1]
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
         bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
@@ -312,9 +314,9 @@ def gradient_embeddings(
         torch.Size([1347, 10])
     """
     if features is not None:
-        return _from_features(model, data, features, _logit_gradients, keep)
+        return _from_features(model, data, features, logit_gradients, keep)
     logits = _logits(model, logits_fn)
-    grads, labels, _ = _embed(model, data, lambda x, y: _logit_gradients(logits(x), y),
+    grads, labels, _ = _embed(model, data, lambda x, y: logit_gradients(logits(x), y),
                               keep=keep, batch_size=batch_size, device=device, store=store,
                               autocast=autocast)
     return grads, labels

@@ -1,16 +1,18 @@
 """Offline scan of a data set for suspected poisons, as files to review: EPIC's isolated
-examples, or the foreign-groups detector's cohesive groups.
+examples, the foreign-groups detector's cohesive groups, or both ranked together.
 
 :func:`scan` runs one round on a trained model; :func:`train_and_scan` trains a model on the
 data under the detector and collects every round's drops. Both give a :class:`ScanResult`,
 which :func:`write_outputs` turns into ``suspicious.csv`` (one row per flagged example),
 ``skipped.csv`` (files that were not read) and ``scan.html`` (the flagged images as
-thumbnails: by class, or group by group, the most cohesive first). EPIC flags a medoid of its
-class's last-layer gradients that no other example of the class joined: the isolated points
-where effective poisons end up, and also mislabelled or odd clean examples. The groups
-detector (:mod:`epic.defenses.groups`) flags groups of examples that are unlike their class
-and keep together, as poisons that share a trigger or a source class do, which EPIC misses;
-its page also shows the groups it found but did not flag. Review them, do not delete blindly.
+thumbnails: by class, or finding by finding, the most unlike their class first). EPIC flags a
+medoid of its class's last-layer gradients that no other example of the class joined: the
+isolated points where effective poisons end up, and also mislabelled or odd clean examples.
+The groups detector (:mod:`epic.defenses.groups`) flags groups of examples that are unlike
+their class and keep together, as poisons that share a trigger or a source class do, which
+EPIC misses; with ``isolated`` it flags EPIC's isolated examples too, each scored on the same
+scale as the groups. Its page also shows the groups it found but did not flag. Review them,
+do not delete blindly.
 
 The page is self-contained (thumbnails are PNG data URIs), shows every file and class name
 as text only (HTML-escaped; its Content-Security-Policy runs no script but its own), and its
@@ -81,15 +83,19 @@ class Flag:
 
 @dataclass(frozen=True)
 class Group:
-    """A group of examples the foreign-groups detector found in one round.
+    """What the foreign-groups detector found in one round, for review: a group of examples,
+    or (``groups-epic``) one isolated example.
 
     Attributes:
-        name: ``"<round>.<rank>"``, its rank in that round's groups counted from 1.
+        name: ``"<round>.<rank>"``, its rank in that round's findings counted from 1: flagged
+            ones first, then by score, highest first.
         round, epoch: as in :class:`Flag`.
         label: its members' class name; ``nearest``: the other class nearest them.
-        cohesion: the mean share of its members' nearest class-mates inside it.
+        cohesion: the mean share of its members' nearest class-mates inside it (None for an
+            isolated example).
         score: its members' mean unlikeness score (robust z).
-        flagged: whether the round dropped it (its cohesion reached the detector's).
+        flagged: whether the round dropped it (a group: its cohesion reached the detector's;
+            an isolated example always).
         members: their positions in the data set.
     """
 
@@ -98,10 +104,15 @@ class Group:
     epoch: int
     label: str
     nearest: str
-    cohesion: float
+    cohesion: float | None
     score: float
     flagged: bool
     members: tuple[int, ...]
+
+    @property
+    def isolated(self) -> bool:
+        """Whether this is an isolated example (EPIC's kind of find), not a group."""
+        return self.cohesion is None
 
 
 @dataclass(frozen=True)
@@ -114,8 +125,8 @@ class ScanResult:
         flags: the flagged examples, by round, then by index (groups: by group).
         rounds: the detector's record of each round (EPIC's: ``cluster_size_of`` ``(N,)``).
         skipped: files that were not read into ``data``.
-        groups: the groups the foreign-groups detector found, flagged or not, in each round
-            the most cohesive first (empty for EPIC).
+        groups: what the foreign-groups detector found (:class:`Group`), round by round,
+            each round's flagged first, the highest score first (empty for EPIC).
     """
 
     data: ImageData
@@ -160,11 +171,8 @@ def collect(data: ImageData, defense: Detector, *, files: Sequence[str] | None =
     labels = data.labels.tolist()
     if isinstance(defense, ForeignGroups):
         group_rounds = tuple(r for r in defense.history if isinstance(r, GroupRound))
-        groups = tuple(
-            Group(f"{k}.{rank}", k, r.epoch, data.classes[g["label"]],
-                  data.classes[g["nearest"]], g["cohesion"], g["score"], g["dropped"],
-                  tuple(g["members"]))
-            for k, r in enumerate(group_rounds, 1) for rank, g in enumerate(r.groups, 1))
+        groups = tuple(g for k, r in enumerate(group_rounds, 1)
+                       for g in _findings(r, k, data.classes))
         flags = tuple(Flag(i, names[i], data.classes[labels[i]], len(g.members), g.round,
                            g.epoch, g.name) for g in groups if g.flagged for i in g.members)
         rounds: tuple[DropRound, ...] = group_rounds
@@ -178,19 +186,36 @@ def collect(data: ImageData, defense: Detector, *, files: Sequence[str] | None =
     return ScanResult(data, names, flags, rounds, tuple(skipped), groups)
 
 
+def _findings(r: GroupRound, k: int, classes: Sequence[str]) -> list[Group]:
+    """Round ``k``'s groups and isolated examples, ranked for review: flagged first, then
+    the highest score first; named by that rank."""
+    found = [(g["label"], g["nearest"], g["cohesion"], g["score"], g["dropped"],
+              tuple(g["members"])) for g in r.groups]
+    found += [(e["label"], e["nearest"], None, e["score"], True, (e["index"],))
+              for e in r.isolated]
+    found.sort(key=lambda f: (not f[4], -f[3]))
+    return [Group(f"{k}.{rank}", k, r.epoch, classes[label], classes[nearest], cohesion,
+                  score, flagged, members)
+            for rank, (label, nearest, cohesion, score, flagged, members)
+            in enumerate(found, 1)]
+
+
 def scan(
     model: nn.Module,
     data: ImageData,
     *,
     settings: EpicSettings | None = None,
     groups: bool = False,
+    isolated: bool = False,
     batch_size: int | None = None,
     files: Sequence[str] | None = None,
     skipped: Sequence[Skipped] = (),
 ) -> ScanResult:
     """One EPIC round with ``settings`` (default: :class:`epic.EpicSettings`'s) on a trained
     ``model``: flags the isolated examples of ``data``; with ``groups``, one round of the
-    foreign-groups detector instead (scored once: ``min_rounds=1``): flags cohesive groups.
+    foreign-groups detector instead (scored once: ``min_rounds=1``): flags cohesive groups,
+    and with ``isolated`` also the isolated examples EPIC at ``settings``' fraction flags,
+    groups and examples ranked together by score.
 
     The model runs in eval mode on the un-augmented images, on its own device; ``files`` and
     ``skipped`` as in :func:`collect`.
@@ -200,8 +225,10 @@ def scan(
         >>> [(f.file, f.label) for f in result.flags]
         [('cat/0042.png', 'cat'), ...]
     """
+    fraction = (settings or EpicSettings()).fraction
     defense: Detector = (
         ForeignGroups(min_rounds=1, warmup=0, every=1, batch_size=batch_size,
+                      isolated=fraction if isolated else None,
                       num_examples=len(data)) if groups else
         EPIC.from_settings(settings or EpicSettings(), warmup=0, every=1,
                            batch_size=batch_size, num_examples=len(data)))
@@ -370,24 +397,26 @@ def _class_sections(result: ScanResult, thumb_size: int) -> list[str]:
 
 
 def _group_sections(result: ScanResult, thumb_size: int, show: int) -> list[str]:
-    """One section per group, flagged ones first, each the most cohesive first: its members
-    side by side (the first ``show`` of them)."""
+    """One section per group or isolated example, ranked together: flagged ones first, then
+    the highest score first; a group's members side by side (the first ``show`` of them)."""
     esc = html.escape
-    ranked = sorted(result.groups, key=lambda g: (not g.flagged, -g.cohesion, g.name))
+    ranked = sorted(result.groups, key=lambda g: (not g.flagged, -g.score, g.round, g.name))
     sections = []
     for g in ranked:
         verdict = "flagged" if g.flagged else "not flagged"
-        figures = [_figure(result, i, result.files[i], f"group {esc(g.name)}", thumb_size)
+        kind = "isolated example" if g.isolated else "group"
+        figures = [_figure(result, i, result.files[i], f"{kind} {esc(g.name)}", thumb_size)
                    for i in g.members[:show]]
         more = len(g.members) - show
         if more > 0:
             figures.append(f'<p class="more">and {more} more (suspicious.csv lists the '
                            f'flagged ones)</p>')
+        size = ("" if g.isolated else
+                f" {len(g.members)} examples, cohesion {g.cohesion:.2f},")
         sections.append(_section(
             f"{esc(g.label)} nearer {esc(g.nearest)}",
-            f"group {esc(g.name)}: {len(g.members)} examples, cohesion {g.cohesion:.2f}, "
-            f"score {g.score:.1f}, {verdict} in round {g.round} (before epoch {g.epoch})",
-            figures, "group"))
+            f"{kind} {esc(g.name)}:{size} score {g.score:.1f}, {verdict} in round {g.round} "
+            f"(before epoch {g.epoch})", figures, "isolated" if g.isolated else "group"))
     return sections
 
 
@@ -398,9 +427,10 @@ def write_html(result: ScanResult, path: str | os.PathLike[str], *, thumb_size: 
     EPIC's flags: one section per class with flags (heading: class name, flagged and total
     counts), one thumbnail per flagged example captioned with its file, cluster size and
     round. Groups: one section per group the detector found (heading: its class, the class
-    its members lie nearer, size, cohesion, score, and whether it was flagged), flagged
-    groups first, the most cohesive first, its members side by side. Then the skipped files
-    and their reasons. Every name is HTML-escaped.
+    its members lie nearer, size, cohesion, score, and whether it was flagged) and per
+    isolated example it flagged (``groups-epic``), ranked together: flagged ones first, the
+    highest score first, a group's members side by side. Then the skipped files and their
+    reasons. Every name is HTML-escaped.
     """
     esc = html.escape
     sections = (_group_sections(result, thumb_size, group_members_shown) if result.groups
@@ -412,12 +442,16 @@ def write_html(result: ScanResult, path: str | os.PathLike[str], *, thumb_size: 
     epochs = ", ".join(str(r.epoch) for r in result.rounds)
     grouped = isinstance(result.rounds[0], GroupRound) if result.rounds else False
     detector = "foreign-groups" if grouped else "EPIC"
-    meaning = ("A flagged group is a set of examples unlike the rest of their class that "
-               "keep together: poisons that share a trigger or a source class, or a clean "
-               "sub-population worth a look. Groups not flagged are shown after them." if
-               grouped else "A flagged example is one that no other example of its class "
-               "joined in gradient space: a suspected poison, or a mislabelled or odd clean "
-               "example.")
+    isolated = ("A flagged example is one that no other example of its class joined in "
+                "gradient space: a suspected poison, or a mislabelled or odd clean example.")
+    meaning = isolated
+    if grouped:
+        meaning = ("A flagged group is a set of examples unlike the rest of their class that "
+                   "keep together: poisons that share a trigger or a source class, or a "
+                   "clean sub-population worth a look.")
+        if any(g.isolated for g in result.groups):
+            meaning += f" {isolated} Both are ranked together, the highest score first."
+        meaning += " Groups not flagged are shown after them."
     title = f"{detector} scan: {len(result.flags)} of {len(result.data)} examples flagged"
     body = f"""<h1>{title}</h1>
 <p id="summary">{len(result.flags)} of {len(result.data)} examples flagged in

@@ -68,3 +68,13 @@ def planted_group_folder(root: Path) -> Path:
         image[:2, :2] = 255
         save(root / name, image)
     return root
+
+
+def planted_group_and_singles_folder(root: Path) -> Path:
+    """:func:`planted_group_folder` plus, in each class, one image of another colour
+    (``<class>/planted.png``, :data:`PLANTED`): a group and isolated examples in one set."""
+    planted_group_folder(root)
+    rng = np.random.default_rng(2)
+    for name, other in {"red": 2, "green": 0, "blue": 1}.items():
+        save(root / name / "planted.png", coloured(rng, other))
+    return root

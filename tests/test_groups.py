@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
+from torch.utils.data import TensorDataset
 
 from epic.defenses import (
+    EPIC,
     ForeignGroups,
     RunFacts,
     build_defense,
@@ -13,6 +16,7 @@ from epic.defenses import (
     unlikeness,
 )
 from epic.defenses.groups import connected, neighbour_links, robust_z
+from epic.models import Classifier
 
 
 def _classes_with_a_planted_group(group: int = 30, seed: int = 0
@@ -108,3 +112,34 @@ def test_built_by_name_on_epic_0_1s_schedule() -> None:
                                                        milestones=(25, 35)), cohesion=0.9)
     assert isinstance(defense, ForeignGroups) and defense.cohesion == 0.9
     assert [e for e in range(40) if defense.due(e)] == list(range(10, 35, 2))
+
+
+def test_with_isolated_it_also_drops_what_epic_drops_and_ranks_both() -> None:
+    """groups-epic: the cohesive group as before, and exactly EPIC's isolated medoids of the
+    same examples' last-layer gradients, each listed with its score for review."""
+    feats, labels, group = _classes_with_a_planted_group()
+    model = Classifier(nn.Identity(), 16, 3, mean=[0.0] * 16, std=[1.0] * 16)
+    with torch.no_grad():  # a head that reads the blobs: the group is taken for class 1
+        model.classifier.weight.copy_(torch.eye(3, 16))
+        model.classifier.bias.zero_()
+    data = TensorDataset(feats[:, :, None, None], labels)
+    defense = build_defense("groups-epic-0.1", RunFacts(num_examples=300, epochs=4),
+                            warmup=0, every=1)
+    assert isinstance(defense, ForeignGroups) and defense.isolated == 0.1
+    defense.update(model, data, 0)
+    first = defense.history[-1]
+    epic = EPIC(0.1, warmup=0, every=1, num_examples=300)
+    epic.update(model, data, 0)
+    # the first round scores only: what it drops is what EPIC drops
+    assert torch.equal(first.dropped, epic.dropped)
+    assert 250 in first.dropped.tolist()  # alone in its class's gradients
+    assert sorted(e["index"] for e in first.isolated) == first.dropped.tolist()
+    scores = [e["score"] for e in first.isolated]
+    assert scores == sorted(scores, reverse=True)
+    loner = next(e for e in first.isolated if e["index"] == 250)
+    assert (loner["label"], loner["nearest"]) == (2, 1)
+    defense.update(model, data, 1)
+    second = defense.history[-1]
+    assert set(group.tolist()) <= set(second.dropped.tolist())
+    assert second.poison_summary(group)["poisons_dropped"] == len(group)
+    assert second.poison_summary(torch.tensor([250]))["isolated_poisons"] == 0  # gone already

@@ -19,7 +19,13 @@ from epic.scan import Flag, ScanResult, scan, train_and_scan, write_html, write_
 from epic.training import TrainConfig, train
 
 from .conftest import seeded_convnet
-from .imagefiles import GROUP, PLANTED, planted_folder, planted_group_folder
+from .imagefiles import (
+    GROUP,
+    PLANTED,
+    planted_folder,
+    planted_group_and_singles_folder,
+    planted_group_folder,
+)
 
 HOSTILE_FILE = "<img src=x onerror=alert(1)>.png"
 HOSTILE_CLASS = "<b onmouseover=alert(2)>cls"
@@ -81,6 +87,36 @@ def test_groups_scan_flags_exactly_the_planted_group(group_scan, tmp_path) -> No
     assert not any(g.flagged for g in group_scan.groups[1:])
     with open(write_outputs(group_scan, tmp_path)["suspicious.csv"], newline="") as f:
         assert {r["group"] for r in csv.DictReader(f)} == {"1.1"}
+
+
+@pytest.fixture(scope="module")
+def mixed_scan(tmp_path_factory: pytest.TempPathFactory) -> ScanResult:
+    """A model trained 4 epochs on a folder with a planted group and planted singles,
+    scanned for groups and isolated examples together."""
+    folder = read_image_folder(planted_group_and_singles_folder(tmp_path_factory.mktemp("mix")))
+    model = seeded_convnet(folder.data)
+    train(model, folder.data, folder.data.subset(torch.arange(0)),
+          TrainConfig(epochs=4, batch_size=16))
+    return scan(model, folder.data, groups=True, isolated=True, files=folder.files)
+
+
+def test_groups_and_isolated_examples_are_found_and_ranked_together(mixed_scan) -> None:  # type: ignore[no-untyped-def]
+    """The planted singles (EPIC's kind of find) and the planted group (the detector's) come
+    first, each scored on one scale; EPIC's clean false positive after them, scored low."""
+    flagged = [g for g in mixed_scan.groups if g.flagged]
+    assert [g.name for g in mixed_scan.groups] == [f"1.{k}" for k in
+                                                   range(1, len(mixed_scan.groups) + 1)]
+    assert mixed_scan.groups[:len(flagged)] == tuple(flagged)  # the flagged ones first
+    scores = [g.score for g in flagged]
+    assert scores == sorted(scores, reverse=True)  # then the highest score first
+    top, rest = flagged[:4], flagged[4:]
+    assert {mixed_scan.files[i] for g in top for i in g.members} >= GROUP | PLANTED
+    assert sorted(len(g.members) for g in top)[:3] == [1, 1, 1] and sum(
+        not g.isolated for g in top) == 1
+    assert all(g.label != g.nearest for g in top)
+    assert rest and all(g.isolated and g.score < min(scores[:4]) / 2 for g in rest)
+    assert {f.file for f in mixed_scan.flags} == GROUP | PLANTED | {
+        mixed_scan.files[g.members[0]] for g in rest}
 
 
 def test_a_schedule_without_rounds_is_an_error(planted) -> None:  # type: ignore[no-untyped-def]
@@ -223,6 +259,21 @@ def test_groups_page_in_a_browser(group_scan, tmp_path) -> None:  # type: ignore
     assert sorted(dom.captions[:12]) == sorted(GROUP)
 
 
+def test_groups_and_isolated_examples_page_in_a_browser(mixed_scan, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """One ranked list: a section per group or isolated example, in the scan's order."""
+    page = write_outputs(mixed_scan, tmp_path)["scan.html"]
+    dom = _dump_dom(page, tmp_path / "profile")
+    assert all(img["data-state"] == "decoded" for img in dom.imgs) and not dom.failed
+    expected = [f"{g.label} nearer {g.nearest} "
+                + (f"isolated example {g.name}: score {g.score:.1f}," if g.isolated else
+                   f"group {g.name}: {len(g.members)} examples, cohesion {g.cohesion:.2f}, "
+                   f"score {g.score:.1f},")
+                for g in mixed_scan.groups]
+    assert len(dom.headings) == len(expected) + 1  # and the skipped files
+    assert all(h.startswith(e) for h, e in zip(dom.headings, expected, strict=False))
+    assert "ranked together" in page.read_text()
+
+
 def test_hostile_names_stay_text_in_a_browser_and_broken_thumbnails_are_named(tmp_path) -> None:  # type: ignore[no-untyped-def]
     page = tmp_path / "scan.html"
     write_html(_hostile_result(), page)
@@ -350,3 +401,18 @@ def test_cli_scan_for_groups_trains_under_the_detector(tmp_path, capsys) -> None
     assert any(line.startswith("epoch 2: foreign-groups round 1 flagged 0,") for line in lines)
     with open(json.loads(lines[-1])["suspicious.csv"], newline="") as f:
         assert {r["file"] for r in csv.DictReader(f)} == GROUP
+
+
+def test_cli_scan_for_groups_and_isolated_examples_trains_under_both(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    data_dir = planted_group_and_singles_folder(tmp_path / "data")
+    assert main(["scan", "--data", str(data_dir), "--detector", "groups-epic", "--fraction",
+                 "0.1", "--epochs", "6", "--warmup", "2", "--every", "1", "--batch-size", "16",
+                 "--out", str(tmp_path / "scan"), "--json"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[1] == ("training convnet for 6 epochs with groups-epic-0.1, rounds before "
+                        "epochs [2, 3, 4]")
+    with open(json.loads(lines[-1])["suspicious.csv"], newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["file"] for r in rows} >= GROUP | PLANTED
+    # the planted singles go in the first round, as EPIC drops them, before any group
+    assert {r["file"] for r in rows if r["round"] == "1"} >= PLANTED

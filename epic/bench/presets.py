@@ -68,7 +68,8 @@ FAST_RECIPE = ("--model", "fastnet", "--epochs", "16", "--batch-size", "512", "-
 # (SGD lr 0.1, x0.1 at 100 and 150, batches of 128, crop and flip)
 PAPER_RECIPE = ("--model", "resnet18", "--epochs", "200")
 # The drop-based defenses that follow EPIC's schedule (the filters run once at their warmup)
-SCHEDULED = ("epic", "random", "lowest-confidence", "highest-loss", "foreign-groups")
+SCHEDULED = ("epic", "random", "lowest-confidence", "highest-loss", "foreign-groups",
+             "groups-epic")
 
 
 def _paper_transfer(data: Path, out: Path, first: int, defenses: Sequence[str], *,

@@ -67,10 +67,11 @@ def add_scan_command(sub: Any) -> None:
                    help="architecture of --model, or to train (default: convnet)")
     add_fit_args(m, evaluates=False)  # a scan holds out no test set
     d = p.add_argument_group("detector")
-    d.add_argument("--detector", choices=("epic", "groups"), default="epic",
+    d.add_argument("--detector", choices=("epic", "groups", "groups-epic"), default="epic",
                    help="epic: EPIC's isolated examples (default); groups: the foreign-groups "
-                        "detector's cohesive groups, on EPIC-0.1's schedule when training "
-                        "(docs/defenses.md)")
+                        "detector's cohesive groups, on EPIC-0.1's schedule when training; "
+                        "groups-epic: both, EPIC at --fraction, on its schedule, ranked "
+                        "together (docs/defenses.md)")
     add_epic_args(p.add_argument_group("EPIC"))
     o = p.add_argument_group("output")
     o.add_argument("--out", default="scan",
@@ -109,22 +110,26 @@ def cmd_scan(args: argparse.Namespace) -> int:
           f"{source}; files skipped: {len(skipped)}", flush=True)
     model = make_model(args, data, device)
     settings = epic_settings(args)
-    groups = args.detector == "groups"
+    groups = args.detector != "epic"
+    isolated = args.detector == "groups-epic"
     name = "foreign-groups" if groups else "EPIC"
     if args.pretrained is not None:
-        result = scan(model, data, settings=settings, groups=groups, files=files,
-                      skipped=skipped)
+        result = scan(model, data, settings=settings, groups=groups, isolated=isolated,
+                      files=files, skipped=skipped)
         print(f"{name} round on {args.pretrained}: flagged {len(result.flags)}", flush=True)
     else:
         config = train_config(args)
         run = RunFacts(num_examples=len(data), epochs=args.epochs,
                        milestones=config.resolved_milestones)
         schedule = {"warmup": args.warmup, "every": args.every, "until": args.until}
-        defense = (cast(ForeignGroups, build_defense("foreign-groups", run, **schedule))
+        defense = (cast(ForeignGroups, build_defense(
+            "foreign-groups", run, **schedule, **({"isolated": args.fraction} if isolated
+                                                  else {})))
                    if groups else cast(EPIC, build_defense(
                        "epic", run, **schedule, **dataclasses.asdict(settings))))
         rounds = [e for e in range(args.epochs) if defense.due(e)]
-        detector = name if groups else f"EPIC-{args.fraction}"
+        detector = (f"groups-epic-{args.fraction}" if isolated else name if groups
+                    else f"EPIC-{args.fraction}")
         print(f"training {args.model} for {args.epochs} epochs with {detector}, "
               f"rounds before epochs {rounds}", flush=True)
 

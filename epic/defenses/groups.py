@@ -19,8 +19,14 @@ model's penultimate features scaled to unit length:
    mostly inside it (``cohesion``) is dropped. A hard clean example that looks like another
    class, or the ragged edge of a class, rarely forms such a group.
 
-Every round records the groups it found, the most cohesive first (:attr:`GroupRound.groups`),
-for a person to review. Activation Clustering also looks for groups, but splits every class in
+With ``isolated`` (an EPIC fraction), each round also drops what EPIC would: the medoids of
+the last-layer gradients whose cluster holds only themselves, among the same kept examples, so
+that the isolated poisons EPIC finds (Gradient Matching's) and the cohesive ones it misses
+(a shared trigger or source) are both dropped; the spec ``groups-epic-<fraction>``.
+
+Every round records the groups it found (:attr:`GroupRound.groups`) and the isolated examples
+it dropped (:attr:`GroupRound.isolated`), each with its score, for a person to review the
+worst first. Activation Clustering also looks for groups, but splits every class in
 two and drops the smaller half whenever it is small enough, unusual or not; Spectral Signatures
 drops a fixed share of every class. Here a group is dropped only where it is both unlike its
 class and cohesive, on EPIC's schedule (docs/defenses.md, "Foreign groups").
@@ -28,7 +34,7 @@ class and cohesive, on EPIC's schedule (docs/defenses.md, "Foreign groups").
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,7 +42,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from epic.defenses.base import DropRound, ScheduledDefense, paper_schedule
-from epic.gradients import Examples, feature_embeddings
+from epic.defenses.epic import EPIC, paper_warmup
+from epic.gradients import Examples, feature_embeddings, logit_gradients
 from epic.protocol import RunFacts
 from epic.selection import class_rows
 
@@ -191,25 +198,45 @@ def cohesive_groups(candidates: Tensor, links: Tensor, *, share: float = 0.6
     return ids, cohesion.float()
 
 
+class _NearestClass:
+    """The other class nearest a set of rows: their majority's, by distance to the class
+    centroids in unit-length feature space."""
+
+    def __init__(self, features: Tensor, labels: Tensor) -> None:
+        self.unit = F.normalize(features.float(), dim=1)
+        self.labels = labels
+        self.classes = labels.unique()
+        self.centroids = torch.stack([self.unit[labels == c].mean(0) for c in self.classes])
+
+    def __call__(self, rows: Tensor) -> int:
+        distance = torch.cdist(self.unit[rows], self.centroids)
+        distance[:, self.classes == self.labels[rows[0]]] = float("inf")
+        return int(self.classes[distance.argmin(1)].mode().values)
+
+
 @dataclass(frozen=True)
 class GroupRound(DropRound):
     """A :class:`ForeignGroups` round; ``groups`` lists the groups of candidates it found,
     most cohesive first, each with its ``label``, the ``nearest`` other class (by its
     members' majority), ``size``, ``cohesion``, mean ``score`` (robust z), whether it was
     ``dropped`` (cohesion at least the defense's ``cohesion``) and its ``members`` (dataset
-    indices)."""
+    indices). ``isolated`` lists the examples dropped as EPIC drops them (with ``isolated``
+    set), the highest score first, each with its ``index``, ``label``, ``nearest`` class and
+    ``score`` (this round's, however many rounds scored it)."""
 
     groups: list[dict[str, Any]]
+    isolated: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
-        return super().summary() | {"groups": self.groups}
+        return super().summary() | {"groups": self.groups, "isolated": self.isolated}
 
     def poison_summary(self, poisons: Tensor) -> dict[str, Any]:
-        """Poisons dropped, and per group (in :attr:`groups`' order) how many of its members
-        are poisons."""
+        """Poisons dropped, per group (in :attr:`groups`' order) how many of its members
+        are poisons, and how many of the isolated examples are."""
         marked = set(poisons.tolist())
         return super().poison_summary(poisons) | {
-            "group_poisons": [sum(m in marked for m in g["members"]) for g in self.groups]}
+            "group_poisons": [sum(m in marked for m in g["members"]) for g in self.groups],
+            "isolated_poisons": sum(e["index"] in marked for e in self.isolated)}
 
 
 class ForeignGroups(ScheduledDefense):
@@ -229,18 +256,22 @@ class ForeignGroups(ScheduledDefense):
         reference: class members each median distance is measured against (see
             :func:`unlikeness`).
         seed: draws those members.
+        isolated: also drop EPIC-``isolated``'s isolated medoids of the last-layer gradients
+            (None: groups only). The model must be a :class:`~epic.models.Classifier` (its
+            ``classifier`` gives the logits of the features).
         warmup, every, until, num_examples, batch_size: the schedule
             (:class:`~epic.defenses.base.ScheduledDefense`).
     """
 
     SETTINGS = (*ScheduledDefense.SCHEDULE, "threshold", "neighbours", "share", "cohesion",
-                "min_rounds", "reference", "seed")
+                "min_rounds", "reference", "seed", "isolated")
     record_type = GroupRound
 
     def __init__(self, *, threshold: float = 2.5, neighbours: int = 10, share: float = 0.6,
                  cohesion: float = 0.75, min_rounds: int = 2, reference: int | None = 1000,
-                 seed: int = 0, warmup: int = 10, every: int = 2, until: int | None = None,
-                 num_examples: int | None = None, batch_size: int | None = None) -> None:
+                 seed: int = 0, isolated: float | None = None, warmup: int = 10,
+                 every: int = 2, until: int | None = None, num_examples: int | None = None,
+                 batch_size: int | None = None) -> None:
         if neighbours < 2 or not 0 < share <= 1 or not 0 < cohesion <= 1:
             raise ValueError(f"need neighbours >= 2, 0 < share <= 1 and 0 < cohesion <= 1, "
                              f"got {neighbours}, {share}, {cohesion}")
@@ -254,6 +285,10 @@ class ForeignGroups(ScheduledDefense):
         self.reference = reference
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
+        self.isolated = isolated
+        # EPIC's selection, for its drop_rows only (this defense keeps the schedule and mask)
+        self._epic = None if isolated is None else EPIC(isolated, warmup=warmup, every=every)
+        self._classes = 0  # logit columns at the end of this round's embeddings
         # per example: running sums of its two unlikeness scores, and the rounds that saw it
         self.score_sum: Tensor | None = None
         self.rounds_seen: Tensor | None = None
@@ -261,23 +296,36 @@ class ForeignGroups(ScheduledDefense):
     @classmethod
     def for_run(cls, run: RunFacts, *, threshold: float | None = None,
                 cohesion: float | None = None, min_rounds: int | None = None,
-                warmup: int | None = None, every: int | None = None,
-                until: int | None = None) -> ForeignGroups:
-        """On EPIC-0.1's schedule (:func:`paper_schedule`), seeded by the run."""
+                isolated: float | None = None, warmup: int | None = None,
+                every: int | None = None, until: int | None = None) -> ForeignGroups:
+        """On EPIC's schedule (:func:`paper_schedule`: EPIC-``isolated``'s, or EPIC-0.1's),
+        seeded by the run."""
         given: dict[str, Any] = {k: v for k, v in (
             ("threshold", threshold), ("cohesion", cohesion), ("min_rounds", min_rounds))
             if v is not None}
-        return cls(seed=run.seed, **given,
+        if warmup is None and isolated is not None:
+            warmup = paper_warmup(isolated)
+        return cls(seed=run.seed, isolated=isolated, **given,
                    **paper_schedule(run, warmup=warmup, every=every, until=until))
 
     def embed(self, model: nn.Module, data: Examples, keep: Tensor,
               features: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return feature_embeddings(model, data, keep=keep, batch_size=self.batch_size,
-                                  features=features)
+        """The kept examples' features; with ``isolated``, their last-layer gradients
+        (:func:`~epic.gradients.logit_gradients` of the model's ``classifier``) after them."""
+        feats, labels = feature_embeddings(model, data, keep=keep, batch_size=self.batch_size,
+                                           features=features)
+        if self._epic is None:
+            return feats, labels
+        head: nn.Module = getattr(model, "classifier")  # noqa: B009
+        with torch.no_grad():
+            gradients = logit_gradients(head(feats.to(next(head.parameters()).device)).float(),
+                                        labels.to(next(head.parameters()).device))
+        self._classes = gradients.shape[1]
+        return torch.cat([feats.float(), gradients.to(feats.device)], 1), labels
 
-    def scores(self, embeddings: Tensor, labels: Tensor, keep: Tensor) -> Tensor:
+    def scores(self, embeddings: Tensor, labels: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
         """Add this round's unlikeness of the kept rows to the running sums; their score
-        (see ``threshold``), -inf where fewer than ``min_rounds`` rounds saw the example."""
+        (see ``threshold``), and whether at least ``min_rounds`` rounds saw each."""
         where = keep.nonzero().squeeze(1)
         if self.score_sum is None or self.rounds_seen is None:
             self.score_sum = torch.zeros(len(keep), 2)
@@ -289,40 +337,37 @@ class ForeignGroups(ScheduledDefense):
         seen = self.rounds_seen[where, None]
         average = (self.score_sum[where] / seen).to(embeddings.device)
         score = torch.maximum(robust_z(average[:, 0]), robust_z(average[:, 1]))
-        return score.masked_fill((seen.squeeze(1) < self.min_rounds).to(score.device),
-                                 -float("inf"))
+        return score, (seen.squeeze(1) >= self.min_rounds).to(score.device)
 
     def drop_rows(self, embeddings: Tensor, labels: Tensor, keep: Tensor
                   ) -> tuple[Tensor, dict[str, Any]]:
-        score = self.scores(embeddings, labels, keep)
-        links = neighbour_links(embeddings, labels, self.neighbours)
-        ids, cohesion = cohesive_groups(score > self.threshold, links, share=self.share)
-        dropped_groups = (cohesion >= self.cohesion).nonzero().squeeze(1)
-        drop = torch.isin(ids, dropped_groups)
-        return drop, {"groups": self._describe(ids, cohesion, score, embeddings, labels,
-                                               keep.nonzero().squeeze(1))}
-
-    def _describe(self, ids: Tensor, cohesion: Tensor, score: Tensor, embeddings: Tensor,
-                  labels: Tensor, where: Tensor) -> list[dict[str, Any]]:
-        """The groups of ``ids`` with two members or more, most cohesive first."""
-        unit = F.normalize(embeddings.float(), dim=1)
-        classes = labels.unique()
-        centroids = torch.stack([unit[labels == c].mean(0) for c in classes])
+        features = embeddings
+        isolated = torch.empty(0, dtype=torch.long, device=embeddings.device)
+        if self._epic is not None:
+            features = embeddings[:, :-self._classes]
+            isolated = self._epic.drop_rows(embeddings[:, -self._classes:], labels, keep)[0]
+        score, scored = self.scores(features, labels, keep)
+        links = neighbour_links(features, labels, self.neighbours)
+        ids, cohesion = cohesive_groups((score > self.threshold) & scored, links,
+                                        share=self.share)
+        drop = torch.isin(ids, (cohesion >= self.cohesion).nonzero().squeeze(1))
+        drop[isolated] = True
+        where = keep.nonzero().squeeze(1)
+        nearest = _NearestClass(features, labels)
         groups = []
         for g, value in enumerate(cohesion.tolist()):
             rows = (ids == g).nonzero().squeeze(1)
-            if len(rows) < 2:
-                continue
-            label = int(labels[rows[0]])
-            distance = torch.cdist(unit[rows], centroids)
-            distance[:, classes == label] = float("inf")
-            groups.append({"label": label,
-                           "nearest": int(classes[distance.argmin(1)].mode().values),
-                           "size": len(rows), "cohesion": round(value, 4),
-                           "score": round(float(score[rows].mean()), 4),
-                           "dropped": value >= self.cohesion,
-                           "members": where[rows.cpu()].tolist()})
-        return sorted(groups, key=lambda g: (-g["cohesion"], -g["size"]))
+            if len(rows) >= 2:
+                groups.append({"label": int(labels[rows[0]]), "nearest": nearest(rows),
+                               "size": len(rows), "cohesion": round(value, 4),
+                               "score": round(float(score[rows].mean()), 4),
+                               "dropped": value >= self.cohesion,
+                               "members": where[rows.cpu()].tolist()})
+        singles = [{"index": int(where[i]), "label": int(labels[i]),
+                    "nearest": nearest(i.view(1)), "score": round(float(score[i]), 4)}
+                   for i in isolated]
+        return drop, {"groups": sorted(groups, key=lambda g: (-g["cohesion"], -g["size"])),
+                      "isolated": sorted(singles, key=lambda e: -e["score"])}
 
     def state_dict(self) -> dict[str, Any]:
         return super().state_dict() | {"score_sum": self.score_sum,

@@ -69,6 +69,7 @@ SHORT_SPECS: dict[str, tuple[str, str]] = {
     "epic": ("epic", "fraction"),
     "ap": ("adversarial-poisoning", "share"),
     "random": ("random", "drop_fraction"),
+    "groups-epic": ("foreign-groups", "isolated"),
 }
 # "random-as-<spec>": as many random drops, at the same epochs, as a <spec> trial made
 REPLAY_PREFIX = "random-as-"
@@ -77,7 +78,8 @@ REPLAY_PREFIX = "random-as-"
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """The defense a spec names and the options it sets: ``"epic-0.2"`` -> ``("epic",
     {"fraction": 0.2})``, ``"ap-0.25"`` -> ``("adversarial-poisoning", {"share": 0.25})``,
-    ``"random-0.1"`` -> ``("random", {"drop_fraction": 0.1})``, ``"random-as-epic-0.1"`` ->
+    ``"random-0.1"`` -> ``("random", {"drop_fraction": 0.1})``, ``"groups-epic-0.1"`` ->
+    ``("foreign-groups", {"isolated": 0.1})``, ``"random-as-epic-0.1"`` ->
     ``("random", {"replay_of": "epic-0.1"})`` (as many random drops, at the same epochs, as
     an EPIC-0.1 trial made: the control of whether a defense finds poisons or only removes
     data), a name of :data:`DEFENSES` -> ``(name, {})``."""
