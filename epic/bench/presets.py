@@ -201,7 +201,8 @@ def _scaled_schedule(spec: str, epochs: int) -> tuple[str, ...]:
         return ()
     options = parse_spec(spec)[1]
     replayed = parse_spec(options.get("replay_of", spec))[1]
-    warmup = round(paper_warmup(replayed.get("fraction", 0.1)) * epochs / 40)
+    fraction = replayed.get("fraction", replayed.get("isolated", 0.1))  # groups-epic-f too
+    warmup = round(paper_warmup(fraction) * epochs / 40)
     return ("--warmup", str(warmup), "--every", "2")
 
 
@@ -273,12 +274,14 @@ PRESETS: dict[str, tuple[Callable[[Path, Path, int, Sequence[str]], list[Step]],
     # random-as-epic-0.1: as many random drops as EPIC-0.1's, at its epochs, per setup
     "cpu-scratch": (_scratch, 10, ("none", "epic-0.1", "random-as-epic-0.1", "epic-0.2",
                                    "epic-0.3", "deep-knn", "spectral-signatures",
-                                   "activation-clustering", "foreign-groups")),
+                                   "activation-clustering", "foreign-groups",
+                                   "groups-epic-0.1")),
     # random-0.1: 10% of the kept examples a round on EPIC's schedule, 61% in all, about as
     # many as EPIC-0.2 drops: whether EPIC finds poisons or only removes data
     "cpu-paper-transfer": (_paper_transfer, 10, ("none", "epic-0.2", "epic-0.1", "epic-0.3",
                                                  "random", *TRANSFER_DEFENSES[4:9],
-                                                 "dp-sgd", "random-0.1", "foreign-groups")),
+                                                 "dp-sgd", "random-0.1", "foreign-groups",
+                                                 "groups-epic-0.2")),
     # which poisons each detector finds: patch backdoors at 0.5%, 1% and 3%
     "cpu-coverage": (_coverage, len(COVERAGE_SETS), ("none", "epic-0.1", "epic-0.2", "epic-0.3",
                                                      "deep-knn", "spectral-signatures",
