@@ -105,12 +105,13 @@ def test_scratch_preset_scales_the_papers_proxy_schedule_to_the_fast_net() -> No
     # control beside the EPIC-0.1 it replays, setup by setup; filters as EPIC-0.1
     epic_rows = [(["none", "epic-0.1", "random-as-epic-0.1"], 4, 2), (["epic-0.2"], 8, 2),
                  (["epic-0.3"], 12, 2)]
+    groups_epic = (["groups-epic-0.1"], 4, 2)  # as EPIC-0.1, under Sleeper Agent too
     assert [(r.defenses, r.warmup, r.every) for r in runs] == [
         *epic_rows, (["deep-knn", "spectral-signatures", "activation-clustering",
-                       "foreign-groups"], 4, 2),
-        (["none"], None, None), *epic_rows]
+                       "foreign-groups", "groups-epic-0.1"], 4, 2),
+        (["none"], None, None), *epic_rows, groups_epic]
     assert [Path(r.poisons[0]).parent.name for r in runs] == (
-        ["gm-eps16"] * 4 + ["gm-eps8"] + ["sa-eps16"] * 3)
+        ["gm-eps16"] * 4 + ["gm-eps8"] + ["sa-eps16"] * 4)
 
 
 def test_unknown_preset_is_refused() -> None:
