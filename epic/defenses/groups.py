@@ -317,9 +317,9 @@ class ForeignGroups(ScheduledDefense):
         if self._epic is None:
             return feats, labels
         head: nn.Module = getattr(model, "classifier")  # noqa: B009
+        device = next(head.parameters()).device
         with torch.no_grad():
-            gradients = logit_gradients(head(feats.to(next(head.parameters()).device)).float(),
-                                        labels.to(next(head.parameters()).device))
+            gradients = logit_gradients(head(feats.to(device)).float(), labels.to(device))
         self._classes = gradients.shape[1]
         return torch.cat([feats.float(), gradients.to(feats.device)], 1), labels
 
