@@ -58,10 +58,10 @@ def test_patch_presets_craft_patch_sets_and_run_every_detector_on_each(name: str
     assert all(s.done == Path("o/poisons") / name / "poisons.json"
                for s, (name, _) in zip(steps, COVERAGE_SETS, strict=False))
     runs = [parser.parse_args(list(s.argv)) for s in steps if s.argv[0] == "bench"]
-    if name == "cpu-groups":  # last, the detector from epoch 2 on the 3% dirty-label set
-        early = runs.pop()
-        assert (early.poisons, early.defenses, early.warmup, early.every, early.model) == (
-            ["o/poisons/badnets-0120"], ["foreign-groups"], 2, 1, "fastnet")
+    if name == "cpu-groups":  # last, the detector from epoch 2, then 1, on the 3% set
+        probes = [runs.pop(), runs.pop()][::-1]
+        assert [(p.poisons, p.defenses, p.warmup, p.every, p.model) for p in probes] == [
+            (["o/poisons/badnets-0120"], ["foreign-groups"], w, 1, "fastnet") for w in (2, 1)]
     assert all(r.poisons == [f"o/poisons/{name}" for name, _ in COVERAGE_SETS] for r in runs)
     assert all((r.subset, r.model, r.epochs) == (4000, model, 20) for r in runs)
     # the paper's 40-epoch schedule halved: EPIC-0.1/0.2/0.3 from epoch 5/10/15, every 2nd;

@@ -249,16 +249,16 @@ def _coverage(data: Path, out: Path, first: int, defenses: Sequence[str], *,
 
 def _groups(data: Path, out: Path, first: int, defenses: Sequence[str]) -> list[Step]:
     """:func:`_coverage` with fast-net victims; then, on the 3% dirty-label set, where the
-    fast net learns the trigger before EPIC-0.1's first round, foreign-groups from epoch 2
-    with a round every epoch."""
+    fast net learns the trigger before EPIC-0.1's first round, foreign-groups with a round
+    every epoch from epoch 2, then from epoch 1."""
     steps = _coverage(data, out, first, defenses, victim=GROUPS_VICTIM)
     early = [name for name, _ in COVERAGE_SETS[:first] if name == "badnets-0120"]
     if early and "foreign-groups" in defenses:
         common = ("--dataset", "cifar10", "--data-dir", str(data), *GROUPS_VICTIM)
-        steps.append(Step(("bench", "run", *common, "--epochs", str(COVERAGE_EPOCHS),
-                           "--poisons", str(out / "poisons" / early[0]),
-                           "--defenses", "foreign-groups", "--warmup", "2", "--every", "1",
-                           "--out", str(out / "bench"))))
+        steps += [Step(("bench", "run", *common, "--epochs", str(COVERAGE_EPOCHS),
+                        "--poisons", str(out / "poisons" / early[0]),
+                        "--defenses", "foreign-groups", "--warmup", warmup, "--every", "1",
+                        "--out", str(out / "bench"))) for warmup in ("2", "1")]
     return steps
 
 
