@@ -63,6 +63,10 @@ def _metadata_problem(metadata: dict[str, Any]) -> str | None:
         return "'setup' must be an object with an integer 'id'"
     if not isinstance(metadata.get("clean_label", True), bool):
         return "'clean_label' must be true or false"
+    blend = metadata.get("trigger_blend")
+    if blend is not None and (isinstance(blend, bool) or not isinstance(blend, (int, float))
+                              or not 0 < blend <= 1):
+        return "'trigger_blend' must be a number in (0, 1]"
     return None
 
 
@@ -70,12 +74,20 @@ class PoisonSetError(EpicError):
     """A poison set is malformed or breaks its own constraints."""
 
 
-def apply_trigger(images: Tensor, trigger: Tensor, *, generator: torch.Generator | None = None
-                  ) -> Tensor:
-    """Paste ``trigger`` ``(C, h, w)`` uint8 at a random position of each image ``(B, C, H, W)``.
+def apply_trigger(images: Tensor, trigger: Tensor, *, blend: float | None = None,
+                  generator: torch.Generator | None = None) -> Tensor:
+    """Paste ``trigger`` ``(C, h, w)`` uint8 at a random position of each image ``(B, C, H, W)``;
+    with ``blend``, mix a whole-image trigger ``(C, H, W)`` into every pixel instead:
+    ``(1 - blend) * image + blend * trigger``, rounded.
 
     Positions come from ``generator`` (CPU); the result is a new uint8 tensor.
     """
+    if blend is not None:
+        if trigger.shape != images.shape[1:]:
+            raise PoisonSetError(f"a blended trigger covers the image: {tuple(trigger.shape)} "
+                                 f"is not {tuple(images.shape[1:])}")
+        mixed = (1 - blend) * images.float() + blend * trigger.to(images.device).float()
+        return mixed.round().clamp(0, 255).to(torch.uint8)
     b, _, hh, ww = images.shape
     _, h, w = trigger.shape
     out = images.clone()
@@ -168,6 +180,11 @@ class PoisonSet:
                                          or self.trigger.shape[2] > train.shape[2]):
             raise PoisonSetError(f"trigger {tuple(self.trigger.shape)} does not fit images "
                                  f"{train.shape}")
+        if self.trigger_blend is not None and (self.trigger is None
+                                               or tuple(self.trigger.shape) != train.shape):
+            has = "none" if self.trigger is None else tuple(self.trigger.shape)
+            raise PoisonSetError(f"a blended trigger covers the image {train.shape}; this set "
+                                 f"has {has}")
         if tuple(self.images.shape[1:]) != train.shape:
             raise PoisonSetError(f"poison images are {tuple(self.images.shape[1:])}, training "
                                  f"images {train.shape}")
@@ -213,7 +230,15 @@ class PoisonSet:
         source = test.images[test.labels == self.target_class][:limit].cpu()
         if not patched:
             return source
-        return apply_trigger(source, self.trigger, generator=torch.Generator().manual_seed(seed))
+        return apply_trigger(source, self.trigger, blend=self.trigger_blend,
+                             generator=torch.Generator().manual_seed(seed))
+
+    @property
+    def trigger_blend(self) -> float | None:
+        """The weight a blended trigger is mixed into images with (``metadata``'s
+        ``trigger_blend``); None for a patch pasted on them."""
+        blend = self.metadata.get("trigger_blend")
+        return None if blend is None else float(blend)
 
     @torch.no_grad()
     def success(self, model: nn.Module, test: ImageData, *, patched: bool = True) -> float:

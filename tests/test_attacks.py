@@ -15,6 +15,7 @@ import torch
 
 from epic.attacks import (
     ATTACKS,
+    BlendedBackdoor,
     BullseyePolytope,
     FeatureCollision,
     GradientMatching,
@@ -28,6 +29,7 @@ from epic.attacks import (
 from epic.attacks.gradient import gradient_norms, surrogate_config
 from epic.cli import main
 from epic.data import ImageData, load_digits
+from epic.formats import write_poisons
 from epic.models import Classifier, build_model
 from epic.poisons import PoisonSet, PoisonSetError
 from epic.training import TrainConfig, train
@@ -189,6 +191,54 @@ def test_a_planted_patch_backdoor_works_with_its_patch_only(digits) -> None:
     clean = train(seeded_convnet(tr), tr, te, config)
     assert ps.success(clean.model, te) < 0.1  # 0
     assert poisoned["test_acc"] > 0.9 and clean.summary["test_acc"] > 0.9
+
+
+def test_a_blended_backdoor_works_with_its_pattern_only(digits, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Blended injection on digits: 40 training 2s get a noise pattern mixed in at 0.2 and the
+    label 6; no pixel moves by more than 0.2. The victim calls most test 2s with the pattern
+    a 6 and the same 2s without it not. The set keeps its blend through a save, and a format
+    that would read it back as a patch refuses to write it."""
+    tr, te = digits
+    ps = BlendedBackdoor(budget=40, alpha=0.2).craft(None, tr, 2, 6, seed=0)
+    assert ps.trigger is not None and tuple(ps.trigger.shape) == tr.shape
+    assert ps.eps == 0.2 and ps.trigger_blend == 0.2 and ps.metadata["attack"] == "blend"
+    moved = (ps.images.short() - tr.images[ps.indices].short()).abs()
+    assert int(moved.max()) <= round(0.2 * 255) and int(moved.max()) > 0
+    source = ps.evaluation_images(te)
+    expected = (0.8 * te.images[te.labels == 2].float() + 0.2 * ps.trigger.float()).round()
+    assert torch.equal(source, expected.to(torch.uint8))
+    config = TrainConfig(epochs=8, batch_size=64, lr=0.05)
+    poisoned = train(seeded_convnet(tr), tr, te, config, poisons=ps).summary
+    assert poisoned["attack_success"] > 0.7 and poisoned["patch_free_success"] < 0.1
+    again = PoisonSet.load(ps.save(tmp_path / "blend"), tr)
+    assert again.trigger_blend == 0.2 and torch.equal(again.evaluation_images(te), source)
+    with pytest.raises(PoisonSetError, match="write this set as epic"):
+        write_poisons(ps, tr, tmp_path / "bench", "benchmark")
+    assert not (tmp_path / "bench").exists()
+    meta = json.loads((tmp_path / "blend" / "poisons.json").read_text())
+    for bad in (0, 1.5, True, "0.2"):  # a stranger's file: refused on reading, by field
+        (tmp_path / "blend" / "poisons.json").write_text(json.dumps(
+            meta | {"metadata": meta["metadata"] | {"trigger_blend": bad}}))
+        with pytest.raises(PoisonSetError, match="'trigger_blend' must be a number"):
+            PoisonSet.load(tmp_path / "blend", tr)
+    as_patch = PoisonSet(**{**ps.__dict__, "trigger": ps.trigger[:, :4, :4]})
+    with pytest.raises(PoisonSetError, match="a blended trigger covers the image"):
+        as_patch.validate(tr)
+
+
+def test_a_blended_backdoor_from_the_command_line(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """--alpha sets the blend; an export that cannot keep it is refused after the set itself
+    is saved."""
+    argv = ["craft", "--attack", "blend", "--alpha", "0.1", "--budget", "5", "--source-class",
+            "1", "--adversarial-class", "3", "--out", str(tmp_path / "b"), "--device", "cpu"]
+    assert main(argv) == 0
+    tr, _ = load_digits()
+    ps = PoisonSet.load(tmp_path / "b", tr)
+    assert (ps.trigger_blend, ps.eps, len(ps)) == (0.1, 0.1, 5)
+    with pytest.raises(SystemExit):
+        main([*argv[:-4], "--out", str(tmp_path / "c"), "--export", "benchmark"])
+    assert "write this set as epic" in capsys.readouterr().err
+    assert PoisonSet.load(tmp_path / "c", tr).trigger_blend == 0.1  # nothing lost
 
 
 def test_make_trigger_is_seeded() -> None:

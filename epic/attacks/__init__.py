@@ -12,16 +12,18 @@ class                        scenario                craft(model, train, ...)
 :class:`FeatureCollision`    transfer                target, target_class, adversarial
 :class:`SleeperAgent`        from scratch, backdoor  source_class, adversarial
 :class:`PatchBackdoor`       any, backdoor           source_class, adversarial
+:class:`BlendedBackdoor`     any, backdoor           source_class, adversarial
 ===========================  ======================  ===================================
 
-:data:`ATTACKS` holds them by ``name`` (gm, bp, fc, sa, patch); :func:`build_attack` makes one
-from options and :func:`register_attack` adds another (docs/attacks.md, "Adding an attack").
+:data:`ATTACKS` holds them by ``name`` (gm, bp, fc, sa, patch, blend); :func:`build_attack`
+makes one from options and :func:`register_attack` adds another (docs/attacks.md, "Adding an
+attack").
 """
 
 from epic.attacks.base import AttackError, budget_count, choose_bases
 from epic.attacks.feature import BullseyePolytope, FeatureCollision
 from epic.attacks.gradient import GradientMatching, SleeperAgent, gradient_norms
-from epic.attacks.patch import PatchBackdoor, make_trigger
+from epic.attacks.patch import BlendedBackdoor, PatchBackdoor, make_trigger
 from epic.attacks.registry import (
     ATTACKS,
     BackdoorAttack,
@@ -34,7 +36,8 @@ from epic.attacks.registry import (
     uses_model,
 )
 
-__all__ = ["ATTACKS", "AttackError", "BackdoorAttack", "BullseyePolytope", "FeatureCollision",
+__all__ = ["ATTACKS", "AttackError", "BackdoorAttack", "BlendedBackdoor", "BullseyePolytope",
+           "FeatureCollision",
            "GradientMatching", "PatchBackdoor", "SleeperAgent", "TargetedAttack",
            "attack_options", "budget_count", "build_attack", "choose_bases", "craft_attack",
            "gradient_norms",

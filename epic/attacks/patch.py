@@ -1,4 +1,5 @@
-"""Patch backdoors: BadNets-style (relabelled) and a clean-label variant, simple references."""
+"""Backdoors with a visible trigger, simple references: a patch pasted on the image (BadNets,
+relabelled, and a clean-label variant) or a pattern blended into all of it (Chen et al. 2017)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from epic.attacks.registry import register_attack
 from epic.data import ImageData
 from epic.poisons import PoisonSet, apply_trigger
 
-__all__ = ["PatchBackdoor", "make_trigger"]
+__all__ = ["BlendedBackdoor", "PatchBackdoor", "make_trigger"]
 
 
 def make_trigger(channels: int, size: int, *, generator: torch.Generator) -> Tensor:
@@ -79,3 +80,58 @@ class PatchBackdoor:
                         attack="patch_clean_label" if self.clean_label else "badnets",
                         hyperparameters=self, seed=seed, model=model or nn.Identity(),
                         started=started, labels=labels, trigger=trigger)
+
+
+@register_attack
+@dataclass(frozen=True, kw_only=True)
+class BlendedBackdoor:
+    """A random pattern blended into the whole of some training images (the blended injection
+    of Chen et al. 2017): ``(1 - alpha) * image + alpha * pattern``.
+
+    ``clean_label=False``: source-class images get the pattern and the adversarial label;
+    ``clean_label=True``: adversarial-class images get it and keep theirs. At test time
+    source-class images with the pattern blended in (with the same ``alpha``) should be
+    classified as the adversarial class. No pixel moves by more than ``alpha``, the set's eps.
+
+    Attributes:
+        budget: poisons as a share of the training set (float < 1) or a count.
+        alpha: the pattern's weight in the blend, in (0, 1] (Chen et al.: 0.2).
+        clean_label: keep the base labels (True) or relabel to the adversarial class.
+    """
+
+    budget: float | int = 0.01
+    alpha: float = 0.2
+    clean_label: bool = False
+
+    name = "blend"
+    backdoor = True
+    uses_model = False
+
+    def craft(self, model: nn.Module | None, train: ImageData, source_class: int,
+              adversarial_class: int, *, seed: int = 0, trigger: Tensor | None = None,
+              progress: bool = False) -> PoisonSet:
+        """Poison the training set so that ``source_class`` images with the pattern flip.
+
+        ``model`` is not used; ``trigger`` (uint8, the images' shape) defaults to uniform
+        noise drawn from ``seed``.
+        """
+        del progress
+        if not 0 < self.alpha <= 1:
+            raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
+        started = time.perf_counter()
+        gen = torch.Generator().manual_seed(seed)
+        if trigger is None:
+            trigger = torch.randint(0, 256, train.shape, generator=gen, dtype=torch.uint8)
+        base_class = adversarial_class if self.clean_label else source_class
+        bases = choose_bases(train, base_class, budget_count(self.budget, len(train)),
+                             generator=gen)
+        blended = apply_trigger(train.images[bases].cpu(), trigger, blend=self.alpha)
+        labels = None if self.clean_label else torch.full((len(bases),), adversarial_class)
+        empty = torch.zeros((0, *train.shape), dtype=torch.uint8)
+        return finalize(train, bases, blended.float() / 255, eps=self.alpha,
+                        target_images=empty, target_class=source_class,
+                        adversarial_class=adversarial_class,
+                        attack="blend_clean_label" if self.clean_label else "blend",
+                        hyperparameters=self, seed=seed, model=model or nn.Identity(),
+                        started=started, labels=labels, trigger=trigger,
+                        extra={"trigger_blend": self.alpha})

@@ -36,7 +36,8 @@ log = logging.getLogger("epic")
 
 # the attack options that flags of the same name set (when given); an attack that takes no
 # such option refuses the flag
-ATTACK_FLAGS = ("eps", "iterations", "restarts", "retrain_epochs", "clean_label", "patch_size")
+ATTACK_FLAGS = ("eps", "iterations", "restarts", "retrain_epochs", "clean_label", "patch_size",
+                "alpha")
 
 
 def _default_eps() -> str:
@@ -51,7 +52,7 @@ def _default_eps() -> str:
 def add_craft_command(sub: Any) -> None:
     """Register ``craft`` on the ``epic`` subcommand parser."""
     p = sub.add_parser(
-        "craft", help="craft a poison set (gm, bp, fc, sa, patch) against a model",
+        "craft", help="craft a poison set (gm, bp, fc, sa, patch, blend) against a model",
         description="Craft a clean-label poison set against a model the attacker holds and "
                     "save it to --out (poisons.npz + poisons.json; --export adds the benchmark "
                     "layout or a MetaPoison-style pickle). Without --pretrained, a clean model "
@@ -62,7 +63,8 @@ def add_craft_command(sub: Any) -> None:
     g.add_argument("--attack", choices=sorted(ATTACKS), required=True,
                    help="gm: Gradient Matching (from scratch); bp: Bullseye Polytope and fc: "
                         "Feature Collision (transfer); sa: Sleeper Agent (hidden-trigger "
-                        "backdoor); patch: BadNets patch backdoor")
+                        "backdoor); patch: BadNets patch backdoor; blend: a random pattern "
+                        "blended into the image (Chen et al. 2017)")
     g.add_argument("--target-index", type=at_least(0), default=0,
                    help="test image to attack (gm, bp, fc; default: 0)")
     g.add_argument("--adversarial-class", type=at_least(0), default=None,
@@ -81,10 +83,13 @@ def add_craft_command(sub: Any) -> None:
     g.add_argument("--retrain-epochs", type=at_least(0), default=None,
                    help="sa: epochs per surrogate retraining")
     g.add_argument("--clean-label", action="store_true",
-                   help="patch: paste the patch on adversarial-class images, keep labels")
+                   help="patch, blend: put the trigger on adversarial-class images, keep "
+                        "labels")
     g.add_argument("--patch-size", type=at_least(1), default=None,
                    help="patch: side of the square trigger in pixels (default: 8 on 32x32 "
                         "images, a quarter of the side else)")
+    g.add_argument("--alpha", type=number(0, 1, low_open=True), default=None,
+                   help="blend: the pattern's weight in the blend, in (0, 1] (default: 0.2)")
     exports = [f for f in FORMATS.values() if f.write is not None and f.export_name]
     g.add_argument("--export", choices=[f.name for f in exports], default=None,
                    help="also write the set in another format: " + "; ".join(

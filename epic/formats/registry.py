@@ -34,6 +34,9 @@ class PoisonFormat:
             :class:`~epic.poisons.PoisonSetError` (or ``UnsafePickleError``) on bad content.
         write: writes a set to a path and returns what it wrote; None: read-only.
         export_name: the name ``epic craft --export`` gives its output in ``--out``.
+        blends: whether it keeps a blended trigger's weight (``trigger_blend``); a format
+            that does not would read one back as a patch pasted over the whole image, so
+            :func:`write_poisons` refuses such a set.
     """
 
     name: str
@@ -42,6 +45,7 @@ class PoisonFormat:
     read: Callable[[Path, ImageData], PoisonSet]
     write: Callable[[PoisonSet, ImageData, Path], Path] | None = None
     export_name: str = ""
+    blends: bool = False
 
 
 FORMATS: dict[str, PoisonFormat] = {}
@@ -86,6 +90,10 @@ def write_poisons(poisons: PoisonSet, train: ImageData, path: str | os.PathLike[
     if fmt is None or fmt.write is None:
         writable = ", ".join(name for name, f in FORMATS.items() if f.write is not None)
         raise ValueError(f"cannot write poison format {format!r}; choose from {writable}")
+    if poisons.trigger_blend is not None and not fmt.blends:
+        raise PoisonSetError(f"the {format} format keeps a trigger as a patch to paste, not "
+                             f"the weight of a blended one: it would read back as another "
+                             f"attack; write this set as epic")
     return fmt.write(poisons, train, Path(path))
 
 
@@ -93,7 +101,7 @@ register_format(PoisonFormat(
     "epic", "a folder with poisons.json and poisons.npz (no pickle)",
     lambda p: (p / "poisons.json").is_file(),
     lambda p, train: PoisonSet.load(p, train),
-    lambda poisons, _, p: poisons.save(p)))
+    lambda poisons, _, p: poisons.save(p), blends=True))
 register_format(PoisonFormat(
     "benchmark", "a folder with poisons.pickle and base_indices.pickle (Schwarzschild et al.)",
     lambda p: (p / "poisons.pickle").is_file() and (p / "base_indices.pickle").is_file(),
