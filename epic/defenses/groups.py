@@ -364,8 +364,8 @@ class ForeignGroups(ScheduledDefense):
                                "dropped": value >= self.cohesion,
                                "members": where[rows.cpu()].tolist()})
         singles = [{"index": int(where[i]), "label": int(labels[i]),
-                    "nearest": nearest(i.view(1)), "score": round(float(score[i]), 4)}
-                   for i in isolated]
+                    "nearest": nearest(torch.tensor([i])), "score": round(float(score[i]), 4)}
+                   for i in isolated.tolist()]
         return drop, {"groups": sorted(groups, key=lambda g: (-g["cohesion"], -g["size"])),
                       "isolated": sorted(singles, key=lambda e: -e["score"])}
 
