@@ -29,6 +29,29 @@ def default_patch_size(train: ImageData) -> int:
     return max(2, min(train.shape[1], train.shape[2]) // 4)
 
 
+def _triggered_set(attack: PatchBackdoor | BlendedBackdoor, model: nn.Module | None,
+                   train: ImageData, source_class: int, adversarial_class: int,
+                   trigger: Tensor, *, attack_name: str, seed: int,
+                   generator: torch.Generator, started: float,
+                   blend: float | None = None) -> PoisonSet:
+    """``attack``'s share of source-class images (adversarial-class ones with
+    ``clean_label``) with ``trigger`` pasted (positions from ``generator``) or, with
+    ``blend``, blended in; relabelled unless ``clean_label``."""
+    base_class = adversarial_class if attack.clean_label else source_class
+    bases = choose_bases(train, base_class, budget_count(attack.budget, len(train)),
+                         generator=generator)
+    stamped = apply_trigger(train.images[bases].cpu(), trigger, blend=blend,
+                            generator=None if blend is not None else generator)
+    labels = None if attack.clean_label else torch.full((len(bases),), adversarial_class)
+    empty = torch.zeros((0, *train.shape), dtype=torch.uint8)
+    return finalize(train, bases, stamped.float() / 255, eps=1.0 if blend is None else blend,
+                    target_images=empty, target_class=source_class,
+                    adversarial_class=adversarial_class, attack=attack_name,
+                    hyperparameters=attack, seed=seed, model=model or nn.Identity(),
+                    started=started, labels=labels, trigger=trigger,
+                    extra=None if blend is None else {"trigger_blend": blend})
+
+
 @register_attack
 @dataclass(frozen=True, kw_only=True)
 class PatchBackdoor:
@@ -69,17 +92,10 @@ class PatchBackdoor:
         if trigger is None:
             size = self.patch_size or default_patch_size(train)
             trigger = make_trigger(train.shape[0], size, generator=gen)
-        base_class = adversarial_class if self.clean_label else source_class
-        bases = choose_bases(train, base_class, budget_count(self.budget, len(train)),
-                             generator=gen)
-        patched = apply_trigger(train.images[bases].cpu(), trigger, generator=gen)
-        labels = None if self.clean_label else torch.full((len(bases),), adversarial_class)
-        empty = torch.zeros((0, *train.shape), dtype=torch.uint8)
-        return finalize(train, bases, patched.float() / 255, eps=1.0, target_images=empty,
-                        target_class=source_class, adversarial_class=adversarial_class,
-                        attack="patch_clean_label" if self.clean_label else "badnets",
-                        hyperparameters=self, seed=seed, model=model or nn.Identity(),
-                        started=started, labels=labels, trigger=trigger)
+        return _triggered_set(self, model, train, source_class, adversarial_class, trigger,
+                              attack_name="patch_clean_label" if self.clean_label
+                              else "badnets",
+                              seed=seed, generator=gen, started=started)
 
 
 @register_attack
@@ -122,16 +138,7 @@ class BlendedBackdoor:
         gen = torch.Generator().manual_seed(seed)
         if trigger is None:
             trigger = torch.randint(0, 256, train.shape, generator=gen, dtype=torch.uint8)
-        base_class = adversarial_class if self.clean_label else source_class
-        bases = choose_bases(train, base_class, budget_count(self.budget, len(train)),
-                             generator=gen)
-        blended = apply_trigger(train.images[bases].cpu(), trigger, blend=self.alpha)
-        labels = None if self.clean_label else torch.full((len(bases),), adversarial_class)
-        empty = torch.zeros((0, *train.shape), dtype=torch.uint8)
-        return finalize(train, bases, blended.float() / 255, eps=self.alpha,
-                        target_images=empty, target_class=source_class,
-                        adversarial_class=adversarial_class,
-                        attack="blend_clean_label" if self.clean_label else "blend",
-                        hyperparameters=self, seed=seed, model=model or nn.Identity(),
-                        started=started, labels=labels, trigger=trigger,
-                        extra={"trigger_blend": self.alpha})
+        return _triggered_set(self, model, train, source_class, adversarial_class, trigger,
+                              attack_name="blend_clean_label" if self.clean_label
+                              else "blend",
+                              seed=seed, generator=gen, started=started, blend=self.alpha)
