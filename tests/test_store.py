@@ -9,6 +9,7 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 from pathlib import Path
 from typing import Any
@@ -67,14 +68,18 @@ def _poison_set(folder: Path, *, attack: str = "sleeper_agent", seed: int = 0) -
     return folder
 
 
-def _ids(argv: list[str]) -> list[str]:
-    """The identities ``epic bench run`` with ``argv`` plans, without running anything."""
+def _plan(argv: list[str]) -> list[Any]:
+    """The trials ``epic bench run`` with ``argv`` plans, without running anything."""
     args = build_parser().parse_args(argv)
-    return [t.id for t in plan_trials(args.poisons, args.defenses, seeds=args.seeds,
-                                      config=train_config(args), setting=trial_setting(args),
-                                      warmup=args.warmup,
-                                      every=args.every, until=args.until,
-                                      context={"argv": argv})]
+    return list(plan_trials(args.poisons, args.defenses, seeds=args.seeds,
+                            config=train_config(args), setting=trial_setting(args),
+                            warmup=args.warmup, every=args.every, until=args.until,
+                            context={"argv": argv}))
+
+
+def _ids(argv: list[str]) -> list[str]:
+    """The identities ``epic bench run`` with ``argv`` plans."""
+    return [t.id for t in _plan(argv)]
 
 
 def _with(argv: list[str], option: str, *values: str) -> list[str]:
@@ -126,7 +131,7 @@ def test_a_store_reads_every_record_in_the_current_schema(tmp_path: Path,
     assert config == dataclasses.asdict(TrainConfig(epochs=20, head_rng="global"))
     assert records[0]["setting"] == {
         "dataset": "cifar10", "subset": None, "test_subset": 1000, "model": "convnet",
-        "pretrained": None, "setups": os.path.realpath(OLD_ARGV[OLD_ARGV.index("--setups") + 1]),
+        "pretrained": None, "setups": OLD_ARGV[OLD_ARGV.index("--setups") + 1],
         "victim_per_class": 1000, "exact_test": 1000}
     assert "schema" not in OLD and "channels_last" not in OLD["config"]  # read, not changed
 
@@ -179,6 +184,23 @@ def test_a_trial_is_what_was_resolved_not_how_it_was_spelled(
     assert planned(SETTING) != planned(SETTING | {"dataset": "cifar10"})
     with pytest.raises(EpicError, match="must name its model"):
         planned({"dataset": "cifar10"})
+
+
+def test_a_checkout_that_moves_keeps_its_trials(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A record's setting names its files relative to where the command ran, as its poison
+    folder: a copy of the folder elsewhere (a clean checkout) plans the trials it stores."""
+    (tmp_path / "a").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    _poison_set(Path("x/set"))
+    Path("model.pt").write_bytes(b"weights")
+    argv = [*_with(OLD_ARGV, "--poisons", "x/set"), "--pretrained", "model.pt"]
+    [trial] = _plan(argv)
+    assert _ids(_with(argv, "--pretrained", str(Path("model.pt").resolve()))) == _ids(argv)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    monkeypatch.chdir(tmp_path / "b")
+    assert trial.record["setting"]["pretrained"] == "model.pt"
+    assert [trial_id(trial.record)] == _ids(argv)
 
 
 STORED = sorted(p.parents[1].name

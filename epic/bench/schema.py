@@ -16,10 +16,11 @@ Versions:
   runs); ``device`` names the card (``cuda:0 (NVIDIA H200)``) where there was one.
 - 3: ``setting`` names the model and the data the trial trained on (for ``epic bench run``:
   data set, subsets, architecture, pretrained weights, setup file, victim and exact-test
-  sizes, paths resolved); before, only the command line (``argv``) said so, and
-  :func:`migrate` reads the setting from it. The configuration's ``head_rng`` says where a
-  new last layer was drawn from; records before version 3 drew it from torch's global RNG
-  (``"global"``).
+  sizes; paths resolved, then written relative to the directory the command ran in, by
+  :func:`setting_path`, as ``poisons_dir`` is); before, only the command line (``argv``)
+  said so, and :func:`migrate` reads the setting from it. The configuration's ``head_rng``
+  says where a new last layer was drawn from; records before version 3 drew it from torch's
+  global RNG (``"global"``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any
 
 from epic.training import config_record
 
-__all__ = ["FIELDS", "VERSION", "migrate", "problem"]
+__all__ = ["FIELDS", "VERSION", "migrate", "problem", "setting_path"]
 
 VERSION = 3
 
@@ -57,14 +58,22 @@ FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "schema": ((int,), False), "setting": ((dict,), False),
 }
 
+
+def setting_path(path: str) -> str:
+    """A path of a trial's setting as its record stores it: resolved (links and ``..``
+    followed, so that two spellings of one file are one trial), then relative to the current
+    directory, so that a checkout that moves with its data keeps its trials' identities."""
+    return os.path.relpath(os.path.realpath(path))
+
+
 # The options of an `epic bench run` command line that chose the model and the data, with the
 # defaults they had when records of versions 1 and 2 were written (a fact about those records,
 # kept here even where a default changes) and the type their values parse to.
 _V2_SETTING: dict[str, tuple[str, Any, Callable[[str], Any]]] = {
     "--dataset": ("dataset", "digits", str), "--subset": ("subset", None, int),
     "--test-subset": ("test_subset", None, int), "--model": ("model", "convnet", str),
-    "--pretrained": ("pretrained", None, os.path.realpath),
-    "--setups": ("setups", None, os.path.realpath),
+    "--pretrained": ("pretrained", None, setting_path),
+    "--setups": ("setups", None, setting_path),
     "--victim-per-class": ("victim_per_class", None, int),
     "--exact-test": ("exact_test", None, int)}
 

@@ -14,6 +14,7 @@ from epic.bench.effective import measure_effective, write_effective
 from epic.bench.presets import PRESETS, run_preset
 from epic.bench.report import summarize, to_markdown, write_report
 from epic.bench.runner import compare_rerun, rerun_defense, run_trials
+from epic.bench.schema import setting_path
 from epic.bench.store import ResultStore
 from epic.cli.argtypes import at_least, number
 from epic.cli.common import (
@@ -155,7 +156,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 # The options that choose the model and the data a benchmark's trials train on: with the
-# trial's own facts they define it (epic.bench.trial_id); paths among them are resolved.
+# trial's own facts they define it (epic.bench.trial_id); paths among them are resolved and
+# stored relative to the current directory (epic.bench.schema.setting_path).
 SETTING = ("dataset", "subset", "test_subset", "model", "pretrained", "setups",
            "victim_per_class", "exact_test")
 _PATHS = ("pretrained", "setups")
@@ -164,7 +166,7 @@ _PATHS = ("pretrained", "setups")
 def trial_setting(args: argparse.Namespace) -> dict[str, Any]:
     """The setting of ``epic bench run`` ``args`` (:data:`SETTING`) as its records store it."""
     setting = {name: getattr(args, name) for name in SETTING}
-    return setting | {name: os.path.realpath(setting[name]) for name in _PATHS
+    return setting | {name: setting_path(setting[name]) for name in _PATHS
                       if setting[name] is not None}
 
 
