@@ -52,9 +52,11 @@ def test_patch_presets_craft_patch_sets_and_run_every_detector_on_each(name: str
     steps = preset_steps(name, data_dir="d", out="o")
     parser = build_parser()
     crafts = [parser.parse_args(list(s.argv)) for s in steps if s.argv[0] == "craft"]
-    assert [(c.attack, c.budget, c.clean_label, c.patch_size, c.source_class,
-             c.adversarial_class) for c in crafts] == [
-        ("patch", b, clean, 4, 1, 3) for b in (40, 20, 120) for clean in (False, True)]
+    assert [(c.attack, c.budget, c.clean_label, c.source_class, c.adversarial_class)
+            for c in crafts] == [
+        *(("patch", b, clean, 1, 3) for b in (40, 20, 120) for clean in (False, True)),
+        *(("blend", b, False, 1, 3) for b in (40, 20, 120))]
+    assert [(c.patch_size, c.alpha) for c in crafts] == [(4, None)] * 6 + [(None, 0.2)] * 3
     assert all(s.done == Path("o/poisons") / name / "poisons.json"
                for s, (name, _) in zip(steps, COVERAGE_SETS, strict=False))
     runs = [parser.parse_args(list(s.argv)) for s in steps if s.argv[0] == "bench"]

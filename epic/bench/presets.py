@@ -210,11 +210,14 @@ def _scaled_schedule(spec: str, epochs: int) -> tuple[str, ...]:
 # on the first 4,000 CIFAR-10 training images, 20 epochs
 COVERAGE_VICTIM = ("--subset", "4000", "--test-subset", "1000", "--model", "convnet")
 COVERAGE_EPOCHS = 20
-# (folder, extra craft flags) per poison set: automobile -> cat patch backdoors, 4x4 trigger,
-# dirty-label (BadNets: relabelled) and clean-label, at 1%, 0.5% and 3% of the 4,000
+# (folder, craft flags) per poison set, automobile -> cat backdoors at 1%, 0.5% and 3% of the
+# 4,000: a 4x4 patch, dirty-label (BadNets: relabelled) and clean-label; then a random pattern
+# blended in at alpha 0.2 (Chen et al. 2017), dirty-label
+_PATCH = ("--attack", "patch", "--patch-size", "4")
+_KINDS = ((("badnets", _PATCH), ("clean-label", (*_PATCH, "--clean-label"))),
+          (("blend", ("--attack", "blend", "--alpha", "0.2")),))
 COVERAGE_SETS = tuple((f"{kind}-{budget:04d}", (*flags, "--budget", str(budget)))
-                      for budget in (40, 20, 120)
-                      for kind, flags in (("badnets", ()), ("clean-label", ("--clean-label",))))
+                      for kinds in _KINDS for budget in (40, 20, 120) for kind, flags in kinds)
 
 
 # The same poison sets against the fast net (epic.models.fast, 77% on 4,000 images in 20
@@ -226,17 +229,15 @@ GROUPS_VICTIM = ("--subset", "4000", "--test-subset", "1000", "--model", "fastne
 
 def _coverage(data: Path, out: Path, first: int, defenses: Sequence[str], *,
               victim: Sequence[str] = COVERAGE_VICTIM) -> list[Step]:
-    """What each detector flags of poisons that share a trigger: patch backdoors crafted on
+    """What each detector flags of poisons that share a trigger: backdoors crafted on
     the first 4,000 training images (no model needed), then per defense a fresh ``victim``
     (the convnet by default) trained from scratch on each set, its drops recorded (poisons
     and clean examples). The paper's 40-epoch schedule scaled to 20 epochs: EPIC-0.1/0.2/0.3
     from epoch 5/10/15, a round every 2nd epoch; the feature-space filters and drop rules as
-    EPIC-0.1. ``first``: how many of :data:`COVERAGE_SETS`, in their order (the 1% sets
-    first)."""
+    EPIC-0.1. ``first``: how many of :data:`COVERAGE_SETS`, in their order."""
     common = ("--dataset", "cifar10", "--data-dir", str(data), *victim)
     poisons = out / "poisons"
-    steps = [Step(("craft", *common, "--attack", "patch", "--source-class", "1",
-                   "--adversarial-class", "3", "--patch-size", "4", *flags,
+    steps = [Step(("craft", *common, "--source-class", "1", "--adversarial-class", "3", *flags,
                    "--out", str(poisons / name)), poisons / name / "poisons.json")
              for name, flags in COVERAGE_SETS[:first]]
     sets = [str(poisons / name) for name, _ in COVERAGE_SETS[:first]]
