@@ -143,7 +143,7 @@ def detection_markdown(rows: list[dict[str, Any]]) -> str:
 def _detection_figure(rows: list[dict[str, Any]], path: Path) -> None:
     """Share of poisons dropped against share of clean examples dropped, a marker per
     defense, a panel per attack, the poison count by each marker."""
-    plt = _pyplot()
+    plt = pyplot()
     attacks = sorted({r["attack"] for r in rows})
     defenses = sorted({r["defense"] for r in rows})
     fig, axes = plt.subplots(1, len(attacks), figsize=(4.5 * len(attacks), 4.2), squeeze=False)
@@ -266,7 +266,7 @@ def _bucket_label(lo: int, hi: float) -> str:
     return str(lo) if lo == hi else (f">{lo - 1}" if math.isinf(hi) else f"{lo}-{int(hi)}")
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     try:
         import matplotlib
 
@@ -279,7 +279,7 @@ def _pyplot() -> Any:
 
 def plot_effective(distances: Any, effective: Any, path: str | os.PathLike[str]) -> None:
     """Histogram of poisons' gradient distance to the target, effective vs. not (Fig. 1a)."""
-    plt = _pyplot()
+    plt = pyplot()
     d = [float(v) for v in distances]
     eff = [bool(v) for v in effective]
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -306,7 +306,7 @@ def _time_scale(seconds: list[float]) -> str:
 def _success_vs_time(rows: list[dict[str, Any]], path: Path) -> None:
     """Attack success (± standard error) against wall time: a colour per defense, a marker
     per attack, and a legend for both instead of labels on the points."""
-    plt = _pyplot()
+    plt = pyplot()
     shown = [r for r in rows if r["attack_success"] is not None]  # not only zero-epoch runs
     defenses = sorted({r["defense"] for r in shown})
     attacks = sorted({(r["scenario"], r["attack"]) for r in shown})
@@ -366,7 +366,7 @@ def _cluster_sizes(records: list[dict[str, Any]], path: Path, trials: Path | Non
                    most: int = 6) -> str | None:
     """The paper's Figs. 4 and 5 from committed run folders: a row per (attack, EPIC
     setting), the first, middle and last round as columns; None without EPIC rounds."""
-    plt = _pyplot()
+    plt = pyplot()
     found = {k: v for k, v in sorted(cluster_size_rounds(records, trials).items()) if v}
     if not found:
         return None
@@ -416,7 +416,7 @@ def _run_folder(record: dict[str, Any], trials: Path | None) -> Path:
 def _figures(records: list[dict[str, Any]], rows: list[dict[str, Any]],
              found: list[dict[str, Any]], out: Path, trials: Path | None
              ) -> list[tuple[str, Path]]:
-    plt = _pyplot()
+    plt = pyplot()
     figures = []
     path = out / "success_vs_time.png"
     _success_vs_time(rows, path)

@@ -20,7 +20,7 @@ from epic.bench.report import defense_rounds
 from epic.bench.schema import VERSION, migrate
 from epic.bench.store import ResultStore
 from epic.data import ImageData
-from epic.defenses import RunFacts, build_defense, options_for, parse_spec, scheduled
+from epic.defenses import build_defense, options_for, parse_spec, scheduled
 from epic.errors import EpicError
 from epic.gradients import feature_embeddings
 from epic.io.files import read_untrusted, replace_atomically
@@ -280,9 +280,7 @@ def _train_trial(trial: Trial, data: ImageData, test_data: ImageData,
     its defense; its record with the outcome. ``records``: the store's, for a defense that
     replays another trial's drops; ``schedule``: the warmup, every and until overrides."""
     config, spec = trial.config, trial.record["defense"]
-    run = RunFacts(num_examples=len(data), epochs=config.epochs,
-                   milestones=config.resolved_milestones, scenario=config.scenario,
-                   seed=config.seed, poison_eps=trial.poisons.eps)
+    run = config.run_facts(len(data), poison_eps=trial.poisons.eps)
     options = options_for(spec, dict(schedule))
     replayed = parse_spec(spec)[1].get("replay_of")
     if replayed is not None:

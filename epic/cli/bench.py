@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from epic.bench.curves import measure_curves, write_curves
 from epic.bench.effective import measure_effective, write_effective
 from epic.bench.presets import PRESETS, run_preset
 from epic.bench.report import summarize, to_markdown, write_report
@@ -46,6 +47,7 @@ def add_bench_commands(sub: Any) -> None:
     bsub = p.add_subparsers(dest="bench_command", required=True)
     _add_run(bsub)
     _add_effective(bsub)
+    _add_curves(bsub)
     _add_report(bsub)
     _add_rerun(bsub)
 
@@ -103,6 +105,24 @@ def _add_effective(bsub: Any) -> None:
     e.add_argument("--out", default="effective", help="output folder")
     e.add_argument("--json", action="store_true", help="print the result as JSON last")
     e.set_defaults(handler=cmd_effective)
+
+
+def _add_curves(bsub: Any) -> None:
+    c = bsub.add_parser("curves", help="what each detector flags as its threshold moves",
+                        description="Per poison set, train the victim undefended and, after "
+                                    "each number of epochs given, run one round of every "
+                                    "detector at each value of its threshold: the share of the "
+                                    "poisons it flags against the share of the clean examples. "
+                                    "Writes curves.json and curves-<epochs>.png to --out.")
+    add_data_args(c)
+    add_train_args(c)
+    c.add_argument("--poisons", nargs="+", required=True, metavar="PATH",
+                   help="poison sets, in any format epic reads (as epic train --poisons)")
+    c.add_argument("--at", nargs="+", type=at_least(1), required=True, metavar="EPOCHS",
+                   help="after how many epochs to measure (a round before that 0-based "
+                        "epoch sees this model)")
+    c.add_argument("--out", default="curves", help="output folder")
+    c.set_defaults(handler=cmd_curves)
 
 
 def _add_report(bsub: Any) -> None:
@@ -218,6 +238,20 @@ def cmd_effective(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({k: v for k, v in result.items()
                           if k not in ("distances", "effective_rows")}))
+    return 0
+
+
+def cmd_curves(args: argparse.Namespace) -> int:
+    train_data, test_data = load_data(args)
+    device = pick_device(args.device)
+    results = {}
+    for path in args.poisons:
+        poisons = read_poisons(path, train_data)
+        results[Path(path).name] = measure_curves(make_model(args, train_data, device),
+                                                  train_data, test_data, poisons,
+                                                  train_config(args), at=args.at)
+        print(f"{path}: measured after {', '.join(map(str, args.at))} epochs", flush=True)
+    print(f"curves in {write_curves(results, args.out)}")
     return 0
 
 

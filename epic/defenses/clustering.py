@@ -56,11 +56,12 @@ class ActivationClustering(FeatureFilter):
         self.seed = seed
 
     @classmethod
-    def for_run(cls, run: RunFacts, *, warmup: int | None = None, every: int | None = None,
-                until: int | None = None) -> ActivationClustering:
-        """One filtering round at ``warmup`` (default 10), k-means seeded by the run."""
-        return cls(seed=run.seed, **paper_schedule(run, warmup=warmup, every=every,
-                                                   until=until, once=True))
+    def for_run(cls, run: RunFacts, *, size_threshold: float = 0.35, warmup: int | None = None,
+                every: int | None = None, until: int | None = None) -> ActivationClustering:
+        """One filtering round at ``warmup`` (default 10), k-means seeded by the run; a class's
+        smaller cluster is dropped when it holds at most ``size_threshold`` of the class."""
+        return cls(size_threshold=size_threshold, seed=run.seed,
+                   **paper_schedule(run, warmup=warmup, every=every, until=until, once=True))
 
     def outliers(self, features: Tensor, labels: Tensor, n: int) -> Tensor:
         return activation_clusters(features, labels, components=self.components,

@@ -16,6 +16,7 @@ from torch import nn
 from epic.data import ImageData
 from epic.gradients import logit_embeddings
 from epic.models import Classifier, Scenario
+from epic.protocol import RunFacts
 
 __all__ = ["HeadRng", "RoundEmbeddings", "Scenario", "Schedule", "TrainConfig", "TrainResult",
            "config_record", "default_milestones", "evaluate", "prepare_model"]
@@ -109,6 +110,13 @@ class TrainConfig:
     @property
     def resolved_milestones(self) -> tuple[int, ...]:
         return self.milestones if self.milestones is not None else default_milestones(self.epochs)
+
+    def run_facts(self, num_examples: int, *, poison_eps: float | None = None) -> RunFacts:
+        """What a defense built by name for a run of this configuration on ``num_examples``
+        examples learns of it (:func:`epic.defenses.build_defense`)."""
+        return RunFacts(num_examples=num_examples, epochs=self.epochs,
+                        milestones=self.resolved_milestones, scenario=self.scenario,
+                        seed=self.seed, poison_eps=poison_eps)
 
 
 # Settings that TrainConfig had once, with the value that meant "off": the batch-level gradient

@@ -1,0 +1,56 @@
+"""Detection curves: each detector's own round at every value of its option."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from epic.attacks import PatchBackdoor
+from epic.bench.curves import measure_curves, write_curves
+from epic.data import ImageData
+from epic.training import TrainConfig
+
+from .conftest import seeded_convnet
+
+SWEEPS = {"lowest-confidence": ("threshold", (0.25, 0.5, 0.9)),
+          "epic": ("fraction", (0.1, 0.5)),
+          "deep-knn": ("budget", (0.05, 0.1))}
+
+
+def test_a_curve_is_the_detectors_own_choice_at_each_value(
+        tiny_data: tuple[ImageData, ImageData], tmp_path: Path) -> None:
+    train, test = tiny_data
+    poisons = PatchBackdoor(budget=6).craft(None, train, 0, 1, seed=0)
+    model = seeded_convnet(train)
+    config = TrainConfig(epochs=3, batch_size=16, seed=0)
+    result = measure_curves(model, train, test, poisons, config, at=[1, 3], sweeps=SWEEPS)
+    assert sorted(result["curves"]) == [1, 3] and result["poisons"] == 6
+    for rows in result["curves"].values():
+        assert [(r["detector"], r["value"]) for r in rows] == [
+            (name, v) for name, (_, values) in SWEEPS.items() for v in values]
+        # the value each defense runs with by default is marked, and only that one
+        # (Deep k-NN's, a budget of 0.01, is not among the values swept here)
+        assert [(r["detector"], r["value"]) for r in rows if r["default"]] == [
+            ("lowest-confidence", 0.5), ("epic", 0.1)]
+        assert all(r["poisons"] == 6 and r["clean"] == 54 for r in rows)
+    # after the last epoch the model is the trained one: the rule computed here agrees
+    data = poisons.apply(train)
+    model.eval()
+    with torch.no_grad():
+        own = torch.softmax(model(data.images.float() / 255), 1)
+    own = own.gather(1, data.labels[:, None]).squeeze(1)
+    poisoned = torch.zeros(len(data), dtype=torch.bool)
+    poisoned[poisons.indices] = True
+    rule = [r for r in result["curves"][3] if r["detector"] == "lowest-confidence"]
+    assert [(r["poisons_flagged"], r["clean_flagged"]) for r in rule] == [
+        (int((own[poisoned] < t).sum()), int((own[~poisoned] < t).sum()))
+        for t in (0.25, 0.5, 0.9)]
+    write_curves({"patch": result}, tmp_path)
+    stored = json.loads((tmp_path / "curves.json").read_text())["patch"]
+    assert stored["curves"]["3"] == result["curves"][3]
+    assert (tmp_path / "curves-1.png").stat().st_size > 0 and (tmp_path / "curves-3.png").exists()
+    with pytest.raises(ValueError, match="after 1 to 3"):
+        measure_curves(model, train, test, poisons, config, at=[4], sweeps=SWEEPS)
