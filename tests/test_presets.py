@@ -59,7 +59,12 @@ def test_patch_presets_craft_patch_sets_and_run_every_detector_on_each(name: str
     assert [(c.patch_size, c.alpha) for c in crafts] == [(4, None)] * 6 + [(None, 0.2)] * 3
     assert all(s.done == Path("o/poisons") / name / "poisons.json"
                for s, (name, _) in zip(steps, COVERAGE_SETS, strict=False))
-    runs = [parser.parse_args(list(s.argv)) for s in steps if s.argv[0] == "bench"]
+    [curves] = [s for s in steps if s.argv[:2] == ("bench", "curves")]
+    assert curves.done == Path("o/curves/curves.json")
+    curve_args = parser.parse_args(list(curves.argv))
+    assert curve_args.poisons == [f"o/poisons/{name}" for name, _ in COVERAGE_SETS]
+    assert (curve_args.model, curve_args.epochs, curve_args.at) == (model, 20, [5, 20])
+    runs = [parser.parse_args(list(s.argv)) for s in steps if s.argv[:2] == ("bench", "run")]
     if name == "cpu-groups":  # last, the detector from epoch 2, then 1, on the 3% set
         probes = [runs.pop(), runs.pop()][::-1]
         assert [(p.poisons, p.defenses, p.warmup, p.every, p.model) for p in probes] == [

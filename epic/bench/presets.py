@@ -234,7 +234,8 @@ def _coverage(data: Path, out: Path, first: int, defenses: Sequence[str], *,
     (the convnet by default) trained from scratch on each set, its drops recorded (poisons
     and clean examples). The paper's 40-epoch schedule scaled to 20 epochs: EPIC-0.1/0.2/0.3
     from epoch 5/10/15, a round every 2nd epoch; the feature-space filters and drop rules as
-    EPIC-0.1. ``first``: how many of :data:`COVERAGE_SETS`, in their order."""
+    EPIC-0.1; last, every detector's curve over its threshold (``epic bench curves``).
+    ``first``: how many of :data:`COVERAGE_SETS`, in their order."""
     common = ("--dataset", "cifar10", "--data-dir", str(data), *victim)
     poisons = out / "poisons"
     steps = [Step(("craft", *common, "--source-class", "1", "--adversarial-class", "3", *flags,
@@ -245,6 +246,12 @@ def _coverage(data: Path, out: Path, first: int, defenses: Sequence[str], *,
         steps.append(Step(("bench", "run", *common, "--epochs", str(COVERAGE_EPOCHS),
                            "--poisons", *sets, "--defenses", *group, *flags,
                            "--out", str(out / "bench"))))
+    # every detector at every threshold, on the undefended victim at EPIC-0.1's first round
+    # and at the end
+    steps.append(Step(("bench", "curves", *common, "--epochs", str(COVERAGE_EPOCHS),
+                       "--poisons", *sets, "--at", str(COVERAGE_EPOCHS // 4),
+                       str(COVERAGE_EPOCHS), "--out", str(out / "curves")),
+                      out / "curves" / "curves.json"))
     return steps
 
 
