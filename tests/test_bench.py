@@ -37,15 +37,21 @@ def test_defense_specs_name_a_defense_and_its_option() -> None:
         parse_spec("magic")
     assert parse_spec("random-as-epic-0.1") == ("random", {"replay_of": "epic-0.1"})
     assert parse_spec("random-as-highest-loss") == ("random", {"replay_of": "highest-loss"})
-    for unscheduled in ("none", "dp-sgd", "random", "random-0.1"):
+    assert parse_spec("retrain-after-groups-epic-0.1") == (
+        "retrain", {"replay_of": "groups-epic-0.1"})
+    for unscheduled in ("none", "dp-sgd", "random", "random-0.1", "retrain-after-epic-0.1"):
         with pytest.raises(ValueError, match="on a schedule"):
             parse_spec(f"random-as-{unscheduled}")
+        with pytest.raises(ValueError, match="on a schedule"):
+            parse_spec(f"retrain-after-{unscheduled}")
     with pytest.raises(ValueError, match="unknown defense 'magic'"):
         parse_spec("random-as-magic")
     # the drop counts come from the replayed trial's record: without them, an error, not a
     # 1% random drop under the control's name
     with pytest.raises(ValueError, match="replays the drops of a epic-0.1 trial"):
         build_defense("random-as-epic-0.1", RunFacts(num_examples=10, epochs=4))
+    with pytest.raises(ValueError, match="trains without what a epic-0.1 trial dropped"):
+        build_defense("retrain-after-epic-0.1", RunFacts(num_examples=10, epochs=4))
 
 
 def test_a_replaying_random_drop_drops_as_many_at_the_same_epochs() -> None:
@@ -179,11 +185,17 @@ def test_run_trials_resumes_and_reports(tiny_data, tmp_path) -> None:  # type: i
     assert [(r["epoch"], len(r["dropped"])) for r in replayed] == [
         (r["epoch"], len(r["dropped"])) for r in rounds]
     assert control[0]["examples_dropped"] == first[1]["examples_dropped"]
+    # filter, then retrain: a fresh model without all of it, from the first epoch
+    retrained = run_trials([tmp_path / "p"], ["retrain-after-epic-0.3"], **kwargs)  # type: ignore[arg-type]
+    again = json.loads((Path(retrained[0]["run_dir"]) / "defense.json").read_text())
+    assert [(r["epoch"], set(r["dropped"])) for r in again] == [(0, gone)]
+    assert [retrained[0][k] for k in ("examples_dropped", "poisons_dropped")] == [
+        first[1][k] for k in ("examples_dropped", "poisons_dropped")]
     zero = run_trials([tmp_path / "p"], ["none", "epic-0.3"],  # type: ignore[arg-type]
                       **kwargs | {"config": TrainConfig(epochs=0, batch_size=16)})
-    assert [r["test_acc"] for r in zero] == [None, None] and len(store.load()) == 6
-    assert len({trial_id(r) for r in store.load()}) == 6
-    assert len({r["run_dir"] for r in store.load()}) == 6
+    assert [r["test_acc"] for r in zero] == [None, None] and len(store.load()) == 7
+    assert len({trial_id(r) for r in store.load()}) == 7
+    assert len({r["run_dir"] for r in store.load()}) == 7
     assert run_trials([tmp_path / "p"], ["none"],  # type: ignore[arg-type]
                       **kwargs | {"config": TrainConfig(epochs=0, batch_size=16)}) == []
     assert "| scratch | copy | none | 2 | 0.0% ± 0.0 |" in to_markdown(summarize(store.load()))
@@ -317,14 +329,14 @@ def test_a_rerun_on_another_device_is_judged_by_its_outcome() -> None:
 
 
 def test_errors_of_the_benchmark_speak_of_parameters_the_cli_spells_as_flags() -> None:
-    from epic.bench.runner import replayed_counts, rerun_defense
+    from epic.bench.runner import replayed_rounds, rerun_defense
     from epic.cli import _as_flag
     from epic.errors import EpicError
 
     record = {"key": "setup-000/random-as-epic-0.1/scratch/0", "defense": "random-as-epic-0.1",
               "poisons_dir": "nowhere", "poisons_sha256": "0", "config": {}, "seed": 0}
     with pytest.raises(EpicError, match=r"run it first \(defenses epic-0.1\)") as e:
-        replayed_counts({}, record, "epic-0.1")
+        replayed_rounds({}, record, "epic-0.1")
     assert "(--defenses epic-0.1)" in e.value.worded(_as_flag)
     with pytest.raises(EpicError) as e:
         rerun_defense({"defense": "dp-sgd", "config": {"grad_clip": 2.0, "grad_noise": 0.5}})

@@ -282,9 +282,9 @@ def _train_trial(trial: Trial, data: ImageData, test_data: ImageData,
     config, spec = trial.config, trial.record["defense"]
     run = config.run_facts(len(data), poison_eps=trial.poisons.eps)
     options = options_for(spec, dict(schedule))
-    replayed = parse_spec(spec)[1].get("replay_of")
-    if replayed is not None:
-        options["counts"] = replayed_counts(records, trial.record, replayed)
+    name, preset = parse_spec(spec)
+    if "replay_of" in preset:
+        options |= _REPLAYED[name](replayed_rounds(records, trial.record, preset["replay_of"]))
     defense = build_defense(spec, run, **options)
     model = make_model(config.seed)
     features = None
@@ -301,11 +301,18 @@ def _train_trial(trial: Trial, data: ImageData, test_data: ImageData,
                            "device": describe_device(_device_of(model))} | result.summary
 
 
-def replayed_counts(records: Mapping[str, Mapping[str, Any]], record: Mapping[str, Any],
-                    spec: str) -> dict[int, int]:
-    """Per epoch, how many examples the ``spec`` trial that is ``record``'s twin (the same
-    poison set, seed, settings and schedule flags; :func:`trial_id`) dropped, from its run
-    folder's ``defense.json``: what ``random-as-<spec>`` replays.
+# what a defense that replays another trial's drops (epic.defenses.REPLAYS) takes of its rounds
+_REPLAYED: dict[str, Callable[[list[dict[str, Any]]], dict[str, Any]]] = {
+    "random": lambda rounds: {"counts": {int(r["epoch"]): len(r["dropped"]) for r in rounds}},
+    "retrain": lambda rounds: {"drop": sorted({int(i) for r in rounds for i in r["dropped"]})},
+}
+
+
+def replayed_rounds(records: Mapping[str, Mapping[str, Any]], record: Mapping[str, Any],
+                    spec: str) -> list[dict[str, Any]]:
+    """The rounds of the ``spec`` trial that is ``record``'s twin (the same poison set, seed,
+    settings and schedule flags; :func:`trial_id`), from its run folder's ``defense.json``:
+    what ``random-as-<spec>`` and ``retrain-after-<spec>`` replay.
 
     Args:
         records: the store's records by trial identity.
@@ -320,7 +327,7 @@ def replayed_counts(records: Mapping[str, Mapping[str, Any]], record: Mapping[st
                         f"same poison set, seed and settings (schedule included), which this "
                         f"store does not hold: run it first (defenses {spec})",
                         options=("defenses",))
-    return {int(r["epoch"]): len(r["dropped"]) for r in defense_rounds(twin["run_dir"])}
+    return defense_rounds(twin["run_dir"])
 
 
 def victim_features(model: Classifier, data: ImageData, poisons: PoisonSet,

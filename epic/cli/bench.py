@@ -71,7 +71,9 @@ def _add_run(bsub: Any) -> None:
                         "spectral-signatures, activation-clustering, lowest-confidence, "
                         "highest-loss, random, dp-sgd, clip-noise, adversarial-poisoning), "
                         "with epic-<fraction> and ap-<share> for EPIC and Adversarial "
-                        "Poisoning at a setting (default: none epic-0.1)")
+                        "Poisoning at a setting, random-as-<defense> (as many random drops "
+                        "as that defense's trial made) and retrain-after-<defense> (a fresh "
+                        "model without all it dropped) (default: none epic-0.1)")
     g.add_argument("--seeds", nargs="+", type=at_least(0), default=[0],
                    help="training seeds (default: 0)")
     g.add_argument("--warmup", type=at_least(0), default=None,

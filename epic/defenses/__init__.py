@@ -37,6 +37,7 @@ from epic.defenses.scores import (
     HighestLoss,
     LowestConfidence,
     RandomDrop,
+    RetrainWithout,
     high_loss,
     low_confidence,
 )
@@ -74,6 +75,7 @@ __all__ = [
     "HighestLoss",
     "LowestConfidence",
     "RandomDrop",
+    "RetrainWithout",
     "SpectralSignatures",
     "activation_clusters",
     "cohesive_groups",

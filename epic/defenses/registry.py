@@ -22,11 +22,11 @@ from epic.defenses.dpsgd import DPSGD
 from epic.defenses.epic import EPIC
 from epic.defenses.groups import ForeignGroups
 from epic.defenses.knn import DeepKNN
-from epic.defenses.scores import HighestLoss, LowestConfidence, RandomDrop
+from epic.defenses.scores import HighestLoss, LowestConfidence, RandomDrop, RetrainWithout
 from epic.defenses.spectral import SpectralSignatures
 from epic.protocol import Defense, RunFacts
 
-__all__ = ["DEFENSES", "REPLAY_PREFIX", "SHORT_SPECS", "build_defense", "defense_options",
+__all__ = ["DEFENSES", "REPLAYS", "SHORT_SPECS", "build_defense", "defense_options",
            "options_for", "parse_spec", "register_defense", "scheduled"]
 
 DEFENSES: dict[str, type[Defense] | None] = {
@@ -39,6 +39,7 @@ DEFENSES: dict[str, type[Defense] | None] = {
     "lowest-confidence": LowestConfidence,
     "highest-loss": HighestLoss,
     "random": RandomDrop,
+    "retrain": RetrainWithout,
     "dp-sgd": DPSGD,
     "clip-noise": ClipNoise,
     "adversarial-poisoning": AdversarialPoisoning,
@@ -71,8 +72,10 @@ SHORT_SPECS: dict[str, tuple[str, str]] = {
     "random": ("random", "drop_fraction"),
     "groups-epic": ("foreign-groups", "isolated"),
 }
-# "random-as-<spec>": as many random drops, at the same epochs, as a <spec> trial made
-REPLAY_PREFIX = "random-as-"
+# "<prefix><spec>" -> the defense that replays what a <spec> trial of the same data dropped:
+# as many random drops at the same epochs (the control of whether <spec> finds poisons), or
+# a fresh model trained without all of it from the first epoch (filter, then retrain)
+REPLAYS = {"random-as-": "random", "retrain-after-": "retrain"}
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
@@ -82,16 +85,19 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     ``("foreign-groups", {"isolated": 0.1})``, ``"random-as-epic-0.1"`` ->
     ``("random", {"replay_of": "epic-0.1"})`` (as many random drops, at the same epochs, as
     an EPIC-0.1 trial made: the control of whether a defense finds poisons or only removes
-    data), a name of :data:`DEFENSES` -> ``(name, {})``."""
+    data), ``"retrain-after-epic-0.1"`` -> ``("retrain", {"replay_of": "epic-0.1"})`` (a fresh
+    model trained without everything that trial dropped), a name of :data:`DEFENSES` ->
+    ``(name, {})``."""
     if spec in DEFENSES:
         return spec, {}
-    if spec.startswith(REPLAY_PREFIX):
-        replayed = spec[len(REPLAY_PREFIX):]
-        if not scheduled(replayed) or parse_spec(replayed)[0] == "random":
-            raise ValueError(f"{spec}: {REPLAY_PREFIX}<defense> replays the rounds of a "
-                             f"defense that drops examples on a schedule (epic-0.1, "
-                             f"highest-loss, deep-knn, ...), not of {replayed!r}")
-        return "random", {"replay_of": replayed}
+    for prefix, name in REPLAYS.items():
+        if spec.startswith(prefix):
+            replayed = spec[len(prefix):]
+            if not scheduled(replayed) or parse_spec(replayed)[0] in REPLAYS.values():
+                raise ValueError(f"{spec}: {prefix}<defense> replays the rounds of a defense "
+                                 f"that drops examples on a schedule (epic-0.1, highest-loss, "
+                                 f"deep-knn, ...), not of {replayed!r}")
+            return name, {"replay_of": replayed}
     prefix, _, number = spec.rpartition("-")
     if prefix in SHORT_SPECS:
         name, option = SHORT_SPECS[prefix]
@@ -101,7 +107,8 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
             pass
     short = ", ".join(f"{p}-<{o}>" for p, (_, o) in SHORT_SPECS.items())
     raise ValueError(f"unknown defense {spec!r}; choose from {', '.join(DEFENSES)} (or "
-                     f"{short}: epic-0.1, ap-0.5, ...; or {REPLAY_PREFIX}<defense>)")
+                     f"{short}: epic-0.1, ap-0.5, ...; or "
+                     f"{', '.join(f'{p}<defense>' for p in REPLAYS)})")
 
 
 def scheduled(spec: str) -> bool:

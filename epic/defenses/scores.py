@@ -1,16 +1,17 @@
 """Simple drop rules the paper compares against (Sec. 3.3, Fig. 2): lowest confidence, highest
-loss, and random examples, applied during training on a schedule."""
+loss, and random examples, applied during training on a schedule; and training without what
+another defense's trial dropped (filter, then retrain)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from epic.defenses.base import ScheduledDefense, paper_schedule
+from epic.defenses.base import ScheduledDefense, paper_schedule, positions
 from epic.gradients import Examples, logit_embeddings
 from epic.protocol import RunFacts
 
@@ -72,7 +73,17 @@ class HighestLoss(_LogitRule):
     default_threshold = 1.0
 
 
-class RandomDrop(ScheduledDefense):
+class _Blind(ScheduledDefense):
+    """A drop rule that looks at no example: its rows are empty."""
+
+    def embed(self, model: nn.Module, data: Examples, keep: Tensor,
+              features: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Nothing to embed: zero-width rows, one per kept example."""
+        m = int(keep.sum())
+        return torch.empty(m, 0), torch.zeros(m, dtype=torch.long)
+
+
+class RandomDrop(_Blind):
     """Drop random kept examples each round (a control): a ``drop_fraction`` of them, or, replaying
     another defense's rounds, ``counts[epoch]`` of them before each epoch of ``counts`` and no
     round at other epochs: as many examples, at the same times, drawn blindly."""
@@ -120,12 +131,6 @@ class RandomDrop(ScheduledDefense):
             return epoch in self.counts
         return super().due(epoch)
 
-    def embed(self, model: nn.Module, data: Examples, keep: Tensor,
-              features: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Nothing to embed: zero-width rows, one per kept example."""
-        m = int(keep.sum())
-        return torch.empty(m, 0), torch.zeros(m, dtype=torch.long)
-
     def drop_rows(self, embeddings: Tensor, labels: Tensor, keep: Tensor
                   ) -> tuple[Tensor, dict[str, Any]]:
         if self.counts is None:
@@ -133,3 +138,41 @@ class RandomDrop(ScheduledDefense):
         else:  # this round is the next of counts': the history holds the earlier ones
             m = min(list(self.counts.values())[len(self.history)], len(embeddings))
         return torch.randperm(len(embeddings), generator=self.generator)[:m], {}
+
+
+class RetrainWithout(_Blind):
+    """Train without the examples ``drop`` (dataset indices), from the first epoch on.
+
+    As ``retrain-after-<defense>`` (``replay_of``): without everything that defense's trial
+    on the same data dropped, which the caller reads from its record (``epic bench run`` does,
+    from its store). A detector's drops then reach a fresh model, as Tran et al. and Chen et
+    al. use their detectors (filter, then retrain): a backdoor the defended model learned
+    before the detector's first round is not carried over, at the cost of a second training.
+    """
+
+    SETTINGS = (*ScheduledDefense.SCHEDULE, "replay_of")
+
+    def __init__(self, *, drop: Sequence[int], replay_of: str | None = None,
+                 num_examples: int | None = None) -> None:
+        super().__init__(warmup=0, every=1, until=1, num_examples=num_examples)
+        self.drop = torch.tensor(sorted(set(drop)), dtype=torch.long)
+        if len(self.drop) and (self.drop[0] < 0 or num_examples is not None
+                               and self.drop[-1] >= num_examples):
+            raise ValueError(f"drop holds indices outside the {num_examples} examples")
+        self.replay_of = replay_of
+
+    @classmethod
+    def for_run(cls, run: RunFacts, *, replay_of: str | None = None,
+                drop: Sequence[int] | None = None) -> RetrainWithout:
+        """Without ``drop``; for the spec ``retrain-after-<defense>`` (``replay_of``), the
+        indices that defense's trial dropped, which the caller reads from its record."""
+        if drop is None:
+            raise ValueError(f"retrain-after-{replay_of} trains without what a {replay_of} "
+                             f"trial dropped: run it with `epic bench run` into the store that "
+                             f"holds that trial" if replay_of is not None else
+                             "retrain needs the indices to drop (drop=)")
+        return cls(drop=drop, replay_of=replay_of, num_examples=run.num_examples)
+
+    def drop_rows(self, embeddings: Tensor, labels: Tensor, keep: Tensor
+                  ) -> tuple[Tensor, dict[str, Any]]:
+        return torch.isin(positions(keep), self.drop), {}
