@@ -54,3 +54,28 @@ def test_a_curve_is_the_detectors_own_choice_at_each_value(
     assert (tmp_path / "curves-1.png").stat().st_size > 0 and (tmp_path / "curves-3.png").exists()
     with pytest.raises(ValueError, match="after 1 to 3"):
         measure_curves(model, train, test, poisons, config, at=[4], sweeps=SWEEPS)
+
+
+def test_the_command_skips_the_sets_it_has_measured_with_the_same_options(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from epic.cli import main
+
+    poisons, out = tmp_path / "patch", tmp_path / "curves"
+    assert main(["craft", "--attack", "patch", "--subset", "100", "--budget", "4",
+                 "--source-class", "1", "--adversarial-class", "3", "--out", str(poisons)]) == 0
+    measure = ["bench", "curves", "--subset", "100", "--epochs", "2", "--poisons", str(poisons),
+               "--out", str(out)]
+    assert main([*measure, "--at", "2"]) == 0
+    first = (out / "curves.json").read_text()
+    assert sorted(json.loads(first)["patch"]["curves"]) == ["2"]
+    assert (out / "curves-2.png").exists()
+    capsys.readouterr()
+    assert main([*measure, "--at", "2"]) == 0
+    assert "measured already" in capsys.readouterr().out
+    assert (out / "curves.json").read_text() == first
+    assert main([*measure, "--at", "1", "2"]) == 0  # other options: measured again
+    assert sorted(json.loads((out / "curves.json").read_text())["patch"]["curves"]) == ["1", "2"]
+    (out / "curves.json").write_text('{"patch": [1, 2]}')
+    with pytest.raises(SystemExit):
+        main([*measure, "--at", "2"])
+    assert "not a curves.json written by epic bench curves" in capsys.readouterr().err

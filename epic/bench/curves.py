@@ -22,14 +22,14 @@ from torch import Tensor, nn
 from epic.data import ImageData
 from epic.defenses import ScheduledDefense, build_defense
 from epic.gradients import Examples, count_examples
-from epic.io.files import write_atomically
+from epic.io.files import read_json, write_atomically
 from epic.models import Classifier
 from epic.poisons import PoisonSet
 from epic.protocol import RunFacts
 from epic.training import TrainConfig, train
 
 __all__ = ["ONE_ROUND", "SWEEPS", "detection_curves", "measure_curves", "plot_curves",
-           "write_curves"]
+           "read_curves", "write_curves"]
 
 # detector -> (the option swept, its values, in the order that flags more); the value the
 # defense runs with by default is among them
@@ -120,6 +120,18 @@ def measure_curves(model: Classifier, train_data: ImageData, test_data: ImageDat
     return {"attack": poisons.metadata.get("attack"), "poisons": len(poisons),
             "test_acc": result.summary["test_acc"],
             "attack_success": result.summary["attack_success"], "curves": curves}
+
+
+def read_curves(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """The results a :func:`write_curves` ``curves.json`` holds, by poison set name (none when
+    the file does not exist); a ValueError naming the file when it is not such a file."""
+    if not os.path.exists(path):
+        return {}
+    results = read_json(path)
+    if not isinstance(results, dict) or not all(
+            isinstance(r, dict) and isinstance(r.get("curves"), dict) for r in results.values()):
+        raise ValueError(f"{path}: not a curves.json written by epic bench curves")
+    return results
 
 
 def write_curves(results: Mapping[str, Mapping[str, Any]], out: str | os.PathLike[str]

@@ -250,8 +250,7 @@ def _coverage(data: Path, out: Path, first: int, defenses: Sequence[str], *,
     # and at the end
     steps.append(Step(("bench", "curves", *common, "--epochs", str(COVERAGE_EPOCHS),
                        "--poisons", *sets, "--at", str(COVERAGE_EPOCHS // 4),
-                       str(COVERAGE_EPOCHS), "--out", str(out / "curves")),
-                      out / "curves" / "curves.json"))
+                       str(COVERAGE_EPOCHS), "--out", str(out / "curves"))))
     return steps
 
 

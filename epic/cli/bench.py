@@ -4,13 +4,14 @@ poisons of a set. The work is :mod:`epic.bench`'s; this module turns options int
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from epic.bench.curves import measure_curves, write_curves
+from epic.bench.curves import measure_curves, read_curves, write_curves
 from epic.bench.effective import measure_effective, write_effective
 from epic.bench.presets import PRESETS, run_preset
 from epic.bench.report import summarize, to_markdown, write_report
@@ -115,7 +116,8 @@ def _add_curves(bsub: Any) -> None:
                                     "each number of epochs given, run one round of every "
                                     "detector at each value of its threshold: the share of the "
                                     "poisons it flags against the share of the clean examples. "
-                                    "Writes curves.json and curves-<epochs>.png to --out.")
+                                    "Writes curves.json and curves-<epochs>.png to --out; a set "
+                                    "it holds, measured with the same options, is skipped.")
     add_data_args(c)
     add_train_args(c)
     c.add_argument("--poisons", nargs="+", required=True, metavar="PATH",
@@ -186,8 +188,9 @@ _PATHS = ("pretrained", "setups")
 
 
 def trial_setting(args: argparse.Namespace) -> dict[str, Any]:
-    """The setting of ``epic bench run`` ``args`` (:data:`SETTING`) as its records store it."""
-    setting = {name: getattr(args, name) for name in SETTING}
+    """The setting of ``epic bench run`` ``args`` (:data:`SETTING`) as its records store it
+    (None for an option the command does not take)."""
+    setting = {name: getattr(args, name, None) for name in SETTING}
     return setting | {name: setting_path(setting[name]) for name in _PATHS
                       if setting[name] is not None}
 
@@ -246,14 +249,22 @@ def cmd_effective(args: argparse.Namespace) -> int:
 def cmd_curves(args: argparse.Namespace) -> int:
     train_data, test_data = load_data(args)
     device = pick_device(args.device)
-    results = {}
+    config = train_config(args)
+    # what the curves of a set were measured with: a set already measured so is not again
+    how = json.loads(json.dumps({"at": sorted(args.at), "config": dataclasses.asdict(config),
+                                 "setting": trial_setting(args)}))
+    results = read_curves(Path(args.out) / "curves.json")
     for path in args.poisons:
+        name = Path(path).name
+        if {k: results.get(name, {}).get(k) for k in how} == how:
+            print(f"{path}: measured already", flush=True)
+            continue
         poisons = read_poisons(path, train_data)
-        results[Path(path).name] = measure_curves(make_model(args, train_data, device),
-                                                  train_data, test_data, poisons,
-                                                  train_config(args), at=args.at)
+        results[name] = measure_curves(make_model(args, train_data, device), train_data,
+                                       test_data, poisons, config, at=args.at) | how
+        write_curves(results, args.out)
         print(f"{path}: measured after {', '.join(map(str, args.at))} epochs", flush=True)
-    print(f"curves in {write_curves(results, args.out)}")
+    print(f"curves in {args.out}")
     return 0
 
 
