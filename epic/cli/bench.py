@@ -190,7 +190,7 @@ _PATHS = ("pretrained", "setups")
 def trial_setting(args: argparse.Namespace) -> dict[str, Any]:
     """The setting of ``epic bench run`` ``args`` (:data:`SETTING`) as its records store it
     (None for an option the command does not take)."""
-    setting = {name: getattr(args, name, None) for name in SETTING}
+    setting: dict[str, Any] = {name: getattr(args, name, None) for name in SETTING}
     return setting | {name: setting_path(setting[name]) for name in _PATHS
                       if setting[name] is not None}
 
