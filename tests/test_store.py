@@ -127,8 +127,9 @@ def test_a_store_reads_every_record_in_the_current_schema(tmp_path: Path,
     assert "line 2 skipped: written by a newer epic" in caplog.text
     config = records[0]["config"]
     assert records[0]["schema"] == VERSION and "grad_clip" not in config
-    # OLD's settings, defaults else, and its head drawn from torch's global RNG
-    assert config == dataclasses.asdict(TrainConfig(epochs=20, head_rng="global"))
+    # OLD's settings, defaults else, its head drawn from torch's global RNG, every last batch
+    # trained on
+    assert config == dataclasses.asdict(TrainConfig(epochs=20, head_rng="global", min_batch=1))
     assert records[0]["setting"] == {
         "dataset": "cifar10", "subset": None, "test_subset": 1000, "model": "convnet",
         "pretrained": None, "setups": OLD_ARGV[OLD_ARGV.index("--setups") + 1],

@@ -432,3 +432,21 @@ def test_channels_last_training_batches_are_channels_last_and_recorded(tiny_data
     assert layouts == {False: {(True, False), (False, True)}, True: {(True, True), (False, True)}}
     # a run stored before the setting existed trained without it
     assert config_record({"epochs": 2})["channels_last"] is False
+
+
+def test_a_last_batch_of_one_example_is_left_out_of_its_epoch(
+        tiny_data: tuple[ImageData, ImageData]) -> None:
+    """Batch norm learns nothing sound from one example: a defense that leaves a multiple of
+    the batch size plus one would make such a batch every epoch. Runs stored before
+    ``min_batch`` trained on it, and rerun so."""
+    from epic.data.imagedata import batch_indices
+
+    assert [len(b) for b in batch_indices(9, batch_size=4, min_batch=2)] == [4, 4]
+    assert [len(b) for b in batch_indices(9, batch_size=4)] == [4, 4, 1]
+    assert [len(b) for b in batch_indices(1, batch_size=4, min_batch=2)] == [1]  # the only one
+    train_data, test_data = tiny_data
+    for min_batch, seen in ((2, 58), (1, 59)):
+        config = TrainConfig(epochs=1, batch_size=29, min_batch=min_batch)
+        keep = RandomDrop(counts={0: 1}, num_examples=60)  # 59 kept: 29 + 29 + 1
+        result = train(seeded_convnet(train_data), train_data, test_data, config, defense=keep)
+        assert result.metrics[0]["trained_on"] == seen

@@ -32,17 +32,18 @@ from epic.training import TrainConfig, provenance, train
 from epic.training.config import RETIRED_SETTINGS
 from epic.training.records import describe, describe_device
 
-__all__ = ["Trial", "compare_rerun", "plan_trials", "rerun_defense",
+__all__ = ["HOW", "Trial", "compare_rerun", "plan_trials", "rerun_defense",
            "run_trials", "trial_id", "victim_features"]
 
 log = logging.getLogger(__name__)
 
 
 _POISON_FILES = ("poisons.json", "poisons.npz")  # a poison set, as PoisonSet.save writes it
-# Settings that say how a trial's random draws were made, not which trial it is: rows stored
-# before the new last layer came from the run's seed (TrainConfig.head_rng) are the same
-# trials, and `bench rerun` reruns each as it was drawn.
-_HOW = ("head_rng",)
+# Settings that say how the trainer ran a trial, not which trial it is: rows stored before
+# the new last layer came from the run's seed (TrainConfig.head_rng), or before a last batch
+# of one example was left out (min_batch), are the same trials; `bench rerun` reruns each as
+# it ran.
+HOW = ("head_rng", "min_batch")
 
 
 def trial_id(record: Mapping[str, Any], digests: dict[str, str | None] | None = None) -> str:
@@ -55,7 +56,8 @@ def trial_id(record: Mapping[str, Any], digests: dict[str, str | None] | None = 
     give the same identity, so a rerun with the same arguments skips it, while poison folders
     of one name in two places, or another ``--epochs``, make other trials. How a value was
     spelled does not count: a default given explicitly is the same trial; nor does where the
-    new last layer was drawn from (``head_rng``).
+    new last layer was drawn from (``head_rng``), nor which last batches were left out
+    (``min_batch``).
 
     Records written before poison sets were hashed lack ``poisons_sha256``: they are taken to
     have run on what their folder holds now. A record of an older schema is read as today's
@@ -76,7 +78,7 @@ def trial_id(record: Mapping[str, Any], digests: dict[str, str | None] | None = 
     facts = {k: record.get(k) for k in ("attack", "eps", "target_class", "adversarial_class",
                                         "setup", "scenario", "defense", "seed", "schedule")}
     current = migrate(dict(record))
-    config = {k: v for k, v in current["config"].items() if k not in _HOW}
+    config = {k: v for k, v in current["config"].items() if k not in HOW}
     facts |= {"poisons": [poisons, digest], "config": config, "setting": current["setting"]}
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -21,6 +21,8 @@ Versions:
   said so, and :func:`migrate` reads the setting from it. The configuration's ``head_rng``
   says where a new last layer was drawn from; records before version 3 drew it from torch's
   global RNG (``"global"``).
+- 4: the configuration's ``min_batch`` says which last batches an epoch left out; records
+  before version 4 trained on every last batch, down to a single example (``1``).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from epic.training import config_record
 
 __all__ = ["FIELDS", "VERSION", "migrate", "problem", "setting_path"]
 
-VERSION = 3
+VERSION = 4
 
 _NUMBER = (int, float)
 _NONE = type(None)
@@ -119,6 +121,8 @@ def migrate(record: dict[str, Any]) -> dict[str, Any]:
     if record.get("schema", 1) < 3:
         config = {"head_rng": "global"} | config
         setting = _v2_setting(record.get("argv", [])) if setting is None else setting
+    if record.get("schema", 1) < 4:
+        config = {"min_batch": 1} | config
     return record | {"config": config_record(config), "setting": setting, "schema": VERSION}
 
 

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from epic.bench.curves import measure_curves, read_curves, write_curves
 from epic.bench.effective import measure_effective, write_effective
 from epic.bench.presets import PRESETS, run_preset
 from epic.bench.report import summarize, to_markdown, write_report
-from epic.bench.runner import compare_rerun, rerun_defense, run_trials
+from epic.bench.runner import HOW, compare_rerun, rerun_defense, run_trials
 from epic.bench.schema import setting_path
 from epic.bench.store import ResultStore
 from epic.cli.argtypes import at_least, number
@@ -34,7 +35,6 @@ from epic.cli.common import (
 )
 from epic.formats import read_poisons
 from epic.setups import SetupError, victim_data
-from epic.training import HeadRng
 
 __all__ = ["SETTING", "add_bench_commands", "trial_setting"]
 
@@ -196,16 +196,17 @@ def trial_setting(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace, store: ResultStore,
-         head_rng: HeadRng = "seed") -> list[dict[str, Any]]:
-    """Run the trials ``args`` plan, drawing each new last layer as ``head_rng`` says (a rerun
-    of a stored row: as it was drawn)."""
+         how: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Run the trials ``args`` plan; ``how``: the stored row's ``head_rng`` and ``min_batch``
+    for a rerun (:data:`epic.bench.runner.HOW`: the trainer runs it as it ran), today's
+    defaults else."""
     device = pick_device(args.device)
     train_data, test_data = load_data(args)
-    config = train_config(args, head_rng=head_rng)
+    config = train_config(args, **(how or {}))
 
     def fresh(seed: int) -> Any:
         return make_model(argparse.Namespace(**(vars(args) | {"seed": seed})), train_data,
-                          device, head_rng=head_rng)
+                          device, head_rng=config.head_rng)
 
     return run_trials(args.poisons, args.defenses, seeds=args.seeds, train_data=train_data,
                test_data=test_data, make_model=fresh, config=config,
@@ -308,7 +309,7 @@ def cmd_rerun(args: argparse.Namespace) -> int:
                             "seeds": [old["seed"]], "out": out, "progress": False}.items():
             setattr(again, name, value)
         written = _run(again, ResultStore(Path(out) / "results.jsonl"),
-                       head_rng=old["config"]["head_rng"])
+                       how={k: old["config"][k] for k in HOW})
         if not written:
             raise ValueError(f"{out} already holds this trial: rerun into an empty --out")
         new = written[0]

@@ -169,7 +169,7 @@ def channels_last_on_cpu(x: Tensor) -> Tensor:
 
 def batch_indices(n: int, *, batch_size: int = 128, keep: Tensor | None = None,
                   shuffle: bool = False, generator: torch.Generator | None = None,
-                  shard: tuple[int, int] | None = None) -> Iterator[Tensor]:
+                  shard: tuple[int, int] | None = None, min_batch: int = 1) -> Iterator[Tensor]:
     """The CPU index batches ``(B,)`` of :func:`iterate_batches` over ``n`` examples, without
     reading any (the same order for the same generator state; arguments as there)."""
     if keep is None:
@@ -184,6 +184,8 @@ def batch_indices(n: int, *, batch_size: int = 128, keep: Tensor | None = None,
         rank, world = shard
         index = index[:len(index) - len(index) % world][rank::world]
     for start in range(0, len(index), batch_size):
+        if start and len(index) - start < min_batch:
+            return
         yield index[start:start + batch_size]
 
 
@@ -197,6 +199,7 @@ def iterate_batches(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     shard: tuple[int, int] | None = None,
+    min_batch: int = 1,
 ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
     """Yield ``(x, y, index)`` batches; ``x`` float in ``[0, 1]`` on ``device``.
 
@@ -209,10 +212,11 @@ def iterate_batches(
             from ``rank`` on, after cutting the order to a multiple of ``world``, so that every
             rank of a data-parallel job gets as many examples (the same generator state on
             every rank gives each the same order to cut).
+        min_batch: leave out a last batch of fewer examples (unless it is the only one).
     """
     device = torch.device(device) if device is not None else data.images.device
     for idx in batch_indices(len(data), batch_size=batch_size, keep=keep, shuffle=shuffle,
-                             generator=generator, shard=shard):
+                             generator=generator, shard=shard, min_batch=min_batch):
         src = idx.to(data.images.device)
         x = data.images[src].to(device, non_blocking=True).float().div_(255)
         y = data.labels[src].to(device, non_blocking=True)

@@ -79,6 +79,12 @@ class TrainConfig:
     torch's global RNG as the caller left it, as runs stored before this setting existed drew
     it (``epic`` built the model from ``torch.manual_seed(seed)`` just before); kept so that
     those rerun.
+
+    ``min_batch``: an epoch's last batch with fewer examples is left out of that epoch (its
+    examples train in other epochs, in other batches). Batch norm learns nothing sound from
+    one example, and a step on one can derail training at a high learning rate: a defense
+    that leaves a multiple of ``batch_size`` plus one examples would otherwise make such a
+    batch every epoch. Runs stored before this setting existed trained on it (``1``).
     """
 
     epochs: int = 40
@@ -100,6 +106,7 @@ class TrainConfig:
     crop_padding: int | None = None
     test_flips: bool = False
     head_rng: HeadRng = "seed"
+    min_batch: int = 2
 
     @property
     def resolved_lr(self) -> float:

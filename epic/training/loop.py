@@ -351,10 +351,11 @@ class _Run:
             return ((cached[i.to(device)], data.labels[i.to(data.labels.device)].to(device), i)
                     for i in batch_indices(len(data), batch_size=self.config.batch_size,
                                            keep=keep, shuffle=True, generator=self.generator,
-                                           shard=self.shard))
+                                           shard=self.shard, min_batch=self.config.min_batch))
         return iterate_batches(data, batch_size=self.config.batch_size, keep=keep,
                                shuffle=True, augment=self.augment, generator=self.generator,
-                               device=device, shard=self.shard)
+                               device=device, shard=self.shard,
+                               min_batch=self.config.min_batch)
 
     def measure(self, epoch: int, record: dict[str, Any]) -> None:
         """Add to ``record`` what is measured after the epoch: test accuracy and attack
