@@ -295,10 +295,11 @@ PRESETS: dict[str, tuple[Callable[[Path, Path, int, Sequence[str]], list[Step]],
                                                      "activation-clustering",
                                                      "lowest-confidence", "highest-loss")),
     # the foreign-groups detector against EPIC and Activation Clustering, with EPIC's drops
-    # (groups-epic), and a fresh model without all groups-epic dropped; fast-net victims
+    # (groups-epic), and fresh models without all either dropped; fast-net victims
     "cpu-groups": (_groups, len(COVERAGE_SETS),
                    ("none", "foreign-groups", "epic-0.1", "activation-clustering",
-                    "groups-epic-0.1", "retrain-after-groups-epic-0.1")),
+                    "groups-epic-0.1", "retrain-after-groups-epic-0.1",
+                    "retrain-after-foreign-groups")),
     "paper-transfer": (partial(_paper_transfer, recipe=PAPER_RECIPE), 10, ("none", "epic-0.2",
                                                                           "epic-0.1",
                                                                           "epic-0.3")),
