@@ -68,6 +68,7 @@ def detection_curves(model: nn.Module, data: Examples, poisons: Tensor, run: Run
         raise ValueError("detection curves need a data set of known size")
     poisoned = torch.zeros(n, dtype=torch.bool)
     poisoned[poisons.cpu()] = True
+    p = int(poisoned.sum())
     keep = torch.ones(n, dtype=torch.bool)
     rows: list[dict[str, Any]] = []
     for name, (option, values) in sweeps.items():
@@ -83,11 +84,9 @@ def detection_curves(model: nn.Module, data: Examples, poisons: Tensor, run: Run
             flagged[defense.choose(*embedded, keep)[0]] = True
             found, clean = int((flagged & poisoned).sum()), int((flagged & ~poisoned).sum())
             rows.append({"detector": name, "option": option, "value": value,
-                         "default": value == default, "poisons_flagged": found,
-                         "poisons": int(poisoned.sum()), "clean_flagged": clean,
-                         "clean": n - int(poisoned.sum()),
-                         "recall": found / max(1, int(poisoned.sum())),
-                         "clean_share": clean / max(1, n - int(poisoned.sum()))})
+                         "default": value == default, "poisons_flagged": found, "poisons": p,
+                         "clean_flagged": clean, "clean": n - p,
+                         "recall": found / max(1, p), "clean_share": clean / max(1, n - p)})
     return rows
 
 

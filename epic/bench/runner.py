@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -20,7 +20,7 @@ from epic.bench.report import defense_rounds
 from epic.bench.schema import VERSION, migrate
 from epic.bench.store import ResultStore
 from epic.data import ImageData
-from epic.defenses import build_defense, options_for, parse_spec, scheduled
+from epic.defenses import DEFENSES, build_defense, options_for, parse_spec, scheduled
 from epic.errors import EpicError
 from epic.gradients import feature_embeddings
 from epic.io.files import read_untrusted, replace_atomically
@@ -286,7 +286,9 @@ def _train_trial(trial: Trial, data: ImageData, test_data: ImageData,
     options = options_for(spec, dict(schedule))
     name, preset = parse_spec(spec)
     if "replay_of" in preset:
-        options |= _REPLAYED[name](replayed_rounds(records, trial.record, preset["replay_of"]))
+        replaying = cast(Any, DEFENSES[name])  # a class of REPLAYS: it reads the rounds
+        options |= replaying.replay_options(replayed_rounds(records, trial.record,
+                                                            preset["replay_of"]))
     defense = build_defense(spec, run, **options)
     model = make_model(config.seed)
     features = None
@@ -301,13 +303,6 @@ def _train_trial(trial: Trial, data: ImageData, test_data: ImageData,
     return trial.record | {"wall_seconds": round(time.perf_counter() - start, 3),
                            "resolved": resolved, "run_dir": str(run_dir),
                            "device": describe_device(_device_of(model))} | result.summary
-
-
-# what a defense that replays another trial's drops (epic.defenses.REPLAYS) takes of its rounds
-_REPLAYED: dict[str, Callable[[list[dict[str, Any]]], dict[str, Any]]] = {
-    "random": lambda rounds: {"counts": {int(r["epoch"]): len(r["dropped"]) for r in rounds}},
-    "retrain": lambda rounds: {"drop": sorted({int(i) for r in rounds for i in r["dropped"]})},
-}
 
 
 def replayed_rounds(records: Mapping[str, Mapping[str, Any]], record: Mapping[str, Any],

@@ -74,7 +74,8 @@ SHORT_SPECS: dict[str, tuple[str, str]] = {
 }
 # "<prefix><spec>" -> the defense that replays what a <spec> trial of the same data dropped:
 # as many random drops at the same epochs (the control of whether <spec> finds poisons), or
-# a fresh model trained without all of it from the first epoch (filter, then retrain)
+# a fresh model trained without all of it from the first epoch (filter, then retrain); each
+# such defense's replay_options(rounds) turns that trial's rounds into its options
 REPLAYS = {"random-as-": "random", "retrain-after-": "retrain"}
 
 

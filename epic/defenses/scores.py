@@ -126,6 +126,12 @@ class RandomDrop(_Blind):
         return cls(drop_fraction=drop_fraction, generator=generator,
                    **paper_schedule(run, warmup=warmup, every=every, until=until))
 
+    @staticmethod
+    def replay_options(rounds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """The options of ``random-as-<defense>`` from that defense's trial's rounds: as many
+        drops before each of their epochs."""
+        return {"counts": {int(r["epoch"]): len(r["dropped"]) for r in rounds}}
+
     def due(self, epoch: int) -> bool:
         if self.counts is not None:
             return epoch in self.counts
@@ -172,6 +178,12 @@ class RetrainWithout(_Blind):
                              f"holds that trial" if replay_of is not None else
                              "retrain needs the indices to drop (drop=)")
         return cls(drop=drop, replay_of=replay_of, num_examples=run.num_examples)
+
+    @staticmethod
+    def replay_options(rounds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """The options of ``retrain-after-<defense>`` from that defense's trial's rounds:
+        everything they dropped."""
+        return {"drop": sorted({int(i) for r in rounds for i in r["dropped"]})}
 
     def drop_rows(self, embeddings: Tensor, labels: Tensor, keep: Tensor
                   ) -> tuple[Tensor, dict[str, Any]]:
