@@ -16,14 +16,19 @@ from epic.cli import build_parser
 def test_every_preset_step_parses_as_an_epic_command(name: str, tmp_path: Path) -> None:
     steps = preset_steps(name, data_dir=tmp_path / "data", out=tmp_path / "out", first=3)
     parser = build_parser()
-    commands = []
+    commands, own_targets = [], []
     for step in steps:
         args = parser.parse_args(list(step.argv))
-        commands.append(args.command if args.command != "bench" else args.bench_command)
+        command = args.command if args.command != "bench" else args.bench_command
         if args.command in ("craft", "bench") and name not in PATCH_STUDIES:  # setups
+            if args.setups is None:  # the transfer protocol's budget study: its own test
+                own_targets.append(command)
+                continue
             assert args.first == 3 and args.exact_test == 1000
-    if name in PATCH_STUDIES:  # no setups, no attacker's model: their own test below
+        commands.append(command)
+    if name in PATCH_STUDIES:  # no setups: their own test below
         return
+    assert bool(own_targets) == ("paper-transfer" in name)
     # the attacker's model first, then crafting, then one bench run per defense
     assert commands[0] == "train" and steps[0].done is not None
     assert commands[1] == "craft"
@@ -47,29 +52,42 @@ PATCH_STUDIES = ("cpu-coverage", "cpu-groups")
                                              ("cpu-groups", "fastnet")])
 def test_patch_presets_craft_patch_sets_and_run_every_detector_on_each(name: str, model: str
                                                                        ) -> None:
-    from epic.bench.presets import COVERAGE_SETS
+    from epic.bench.presets import COVERAGE_SETS, GROUPS_SETS
 
+    sets = GROUPS_SETS if name == "cpu-groups" else COVERAGE_SETS
     steps = preset_steps(name, data_dir="d", out="o")
     parser = build_parser()
     crafts = [parser.parse_args(list(s.argv)) for s in steps if s.argv[0] == "craft"]
     assert [(c.attack, c.budget, c.clean_label, c.source_class, c.adversarial_class)
-            for c in crafts] == [
+            for c in crafts[:9]] == [
         *(("patch", b, clean, 1, 3) for b in (40, 20, 120) for clean in (False, True)),
         *(("blend", b, False, 1, 3) for b in (40, 20, 120))]
-    assert [(c.patch_size, c.alpha) for c in crafts] == [(4, None)] * 6 + [(None, 0.2)] * 3
-    assert all(s.done == Path("o/poisons") / name / "poisons.json"
-               for s, (name, _) in zip(steps, COVERAGE_SETS, strict=False))
+    assert [(c.patch_size, c.alpha, c.pretrained) for c in crafts[:9]] == (
+        [(4, None, None)] * 6 + [(None, 0.2, None)] * 3)
+    if name == "cpu-groups":  # crafted against a clean fast net trained first
+        clean = parser.parse_args(list(steps[0].argv))
+        assert (clean.command, clean.model, clean.subset, clean.epochs, clean.resume) == (
+            "train", "fastnet", 4000, 20, True)
+        assert steps[0].done == Path("o/clean/model.pt")
+        # Gradient Matching on one test automobile, Sleeper Agent on the class
+        assert [(c.attack, c.budget, c.target_index, c.pretrained) for c in crafts[9:]] == [
+            (attack, b, target, "o/clean/model.pt") for attack, target in (("gm", 6), ("sa", 0))
+            for b in (40, 20, 120)]
+    else:  # patches and patterns need no model
+        assert len(crafts) == 9 and steps[0].argv[0] == "craft"
+    assert [s.done for s in steps if s.argv[0] == "craft"] == [
+        Path("o/poisons") / name / "poisons.json" for name, _ in sets]
     [curves] = [s for s in steps if s.argv[:2] == ("bench", "curves")]
     assert curves.done is None  # the command skips the sets it has measured
     curve_args = parser.parse_args(list(curves.argv))
-    assert curve_args.poisons == [f"o/poisons/{name}" for name, _ in COVERAGE_SETS]
+    assert curve_args.poisons == [f"o/poisons/{name}" for name, _ in sets]
     assert (curve_args.model, curve_args.epochs, curve_args.at) == (model, 20, [5, 20])
     runs = [parser.parse_args(list(s.argv)) for s in steps if s.argv[:2] == ("bench", "run")]
     if name == "cpu-groups":  # last, the detector from epoch 2, then 1, on the 3% set
         probes = [runs.pop(), runs.pop()][::-1]
         assert [(p.poisons, p.defenses, p.warmup, p.every, p.model) for p in probes] == [
             (["o/poisons/badnets-0120"], ["foreign-groups"], w, 1, "fastnet") for w in (2, 1)]
-    assert all(r.poisons == [f"o/poisons/{name}" for name, _ in COVERAGE_SETS] for r in runs)
+    assert all(r.poisons == [f"o/poisons/{name}" for name, _ in sets] for r in runs)
     assert all((r.subset, r.model, r.epochs) == (4000, model, 20) for r in runs)
     # the paper's 40-epoch schedule halved: EPIC-0.1/0.2/0.3 from epoch 5/10/15, every 2nd;
     # the other detectors as EPIC-0.1
@@ -137,10 +155,24 @@ def test_paper_transfer_preset_follows_the_authors_script() -> None:
     assert (clean.schedule, clean.label_smoothing, clean.crop_padding, clean.test_flips) == (
         "onecycle", 0.2, 2, True)
     crafts = [parser.parse_args(list(s.argv)) for s in steps if s.argv[0] == "craft"]
+    studied = [c for c in crafts if c.setups is None]  # the budget study
+    crafts = [c for c in crafts if c.setups is not None]
     assert [(c.attack, c.eps, c.iterations) for c in crafts] == [("bp", 8, 250),
                                                                   ("fc", 255, 250)]
     assert all(c.setups.endswith("cifar10_from_scratch.pickle") for c in crafts)
+    # setup 0's target at 0.5% and 3% of the 50,000, crafted against the clean model
+    assert [(c.attack, c.eps, c.iterations, c.budget, c.target_index, c.adversarial_class,
+             c.scenario, c.pretrained, c.subset, Path(c.out).name) for c in studied] == [
+        (attack, eps, 250, budget, 99, 3, "transfer", str(Path("o") / "clean" / "model.pt"),
+         None, f"{attack}-{budget:04d}") for attack, eps in (("bp", 8), ("fc", 255))
+        for budget in (250, 1500)]
     runs = [parser.parse_args(list(s.argv)) for s in steps if s.argv[:2] == ("bench", "run")]
+    # those four sets undefended and under the defenses that drop examples, on all 50,000
+    budgets = [r for r in runs if r.setups is None]
+    runs = [r for r in runs if r.setups is not None]
+    assert [r.defenses for r in budgets] == [["none"], ["epic-0.2"], ["random"], ["deep-knn"]]
+    assert all((r.scenario, r.subset, r.no_augment, [Path(p).name for p in r.poisons]) == (
+        "transfer", None, True, ["bp-0250", "fc-0250", "bp-1500", "fc-1500"]) for r in budgets)
     for r in runs:  # a fresh last layer on all 50,000 images, the authors' schedule
         assert (r.scenario, r.victim_per_class, r.epochs, r.lr, r.milestones) == (
             "transfer", 5000, 40, 0.1, [15, 25, 35])

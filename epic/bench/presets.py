@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from epic.attacks import uses_model
 from epic.defenses import paper_warmup, parse_spec, scheduled
 
 __all__ = ["PRESETS", "Step", "preset_steps", "run_preset"]
@@ -72,6 +73,12 @@ SCHEDULED = ("epic", "random", "lowest-confidence", "highest-loss", "foreign-gro
              "groups-epic")
 
 
+# The budget study of the paper's transfer protocol: setup 0's target as this CIFAR-10 copy
+# holds it (test image 99, a horse standing in for 7762; epic.setups.resolve_target) -> cat
+BUDGET_TARGET = ("--target-index", "99", "--adversarial-class", "3")
+BUDGET_STUDY = (250, 1500)
+
+
 def _paper_transfer(data: Path, out: Path, first: int, defenses: Sequence[str], *,
                     recipe: Sequence[str] = FAST_RECIPE) -> list[Step]:
     """The EPIC paper's transfer rows as its authors' script ran them: a clean model trained on
@@ -92,13 +99,29 @@ def _paper_transfer(data: Path, out: Path, first: int, defenses: Sequence[str], 
     for attack, eps in (("bp", "8"), ("fc", "255")):
         steps.append(Step(("craft", *common, *picked, *victim, "--attack", attack, "--eps", eps,
                            "--iterations", "250", "--out", str(out / "poisons" / attack))))
-    bench = ("bench", "run", *common, *picked, *victim, "--epochs", "40", "--lr", "0.1",
-             "--milestones", "15", "25", "35")
+    head = ("--epochs", "40", "--lr", "0.1", "--milestones", "15", "25", "35")
+    bench = ("bench", "run", *common, *picked, *victim, *head)
     for spec in defenses:
         for attack in ("bp", "fc"):
             steps.append(Step((*bench, "--no-augment", "--poisons",
                                str(out / "poisons" / attack / "setup-*"), "--defenses", spec,
                                *_schedule(spec), "--out", str(out / "bench"))))
+    # The protocol's 1% beside 0.5% and 3%: setup 0's target attacked again with 250 and
+    # 1,500 poisons, random images of its base class, undefended and under the defenses that
+    # drop examples
+    for attack, eps in (("bp", "8"), ("fc", "255")):
+        for budget in BUDGET_STUDY:
+            poisons = out / "poisons" / f"{attack}-{budget:04d}"
+            steps.append(Step(("craft", *common, *victim, *BUDGET_TARGET, "--attack", attack,
+                               "--eps", eps, "--iterations", "250", "--budget", str(budget),
+                               "--out", str(poisons)), poisons / "poisons.json"))
+    sets = [str(out / "poisons" / f"{attack}-{budget:04d}") for budget in BUDGET_STUDY
+            for attack in ("bp", "fc")]
+    for spec in defenses:
+        if spec == "none" or scheduled(spec):
+            steps.append(Step(("bench", "run", *common, *victim, *head, "--no-augment",
+                               "--poisons", *sets, "--defenses", spec, *_schedule(spec),
+                               "--out", str(out / "bench"))))
     # The authors' victims crop and flip, which cached features cannot: on the first three
     # setups, undefended and EPIC-0.2 victims that do (every epoch a pass of the body)
     for spec in ("none", "epic-0.2"):
@@ -216,8 +239,18 @@ COVERAGE_EPOCHS = 20
 _PATCH = ("--attack", "patch", "--patch-size", "4")
 _KINDS = ((("badnets", _PATCH), ("clean-label", (*_PATCH, "--clean-label"))),
           (("blend", ("--attack", "blend", "--alpha", "0.2")),))
+_BUDGETS = (40, 20, 120)
 COVERAGE_SETS = tuple((f"{kind}-{budget:04d}", (*flags, "--budget", str(budget)))
-                      for kinds in _KINDS for budget in (40, 20, 120) for kind, flags in kinds)
+                      for kinds in _KINDS for budget in _BUDGETS for kind, flags in kinds)
+# Poisons crafted against a clean victim trained on the same 4,000 images (the preset's
+# clean/model.pt), at the same budgets, eps 16/255: Gradient Matching on the exact test
+# automobile 6 (which the clean fast net classifies right) -> cat, and Sleeper Agent
+# automobile -> cat, its surrogate retrained 4 times for 8 epochs
+CRAFTED_SETS = tuple((f"{kind}-{budget:04d}", (*flags, "--budget", str(budget)))
+                     for kind, flags in (("gm", ("--attack", "gm", "--target-index", "6",
+                                                 "--restarts", "1")),
+                                         ("sa", ("--attack", "sa", "--retrain-epochs", "8")))
+                     for budget in _BUDGETS)
 
 
 # The same poison sets against the fast net (epic.models.fast, 77% on 4,000 images in 20
@@ -228,24 +261,32 @@ GROUPS_VICTIM = ("--subset", "4000", "--test-subset", "1000", "--model", "fastne
 
 
 def _coverage(data: Path, out: Path, first: int, defenses: Sequence[str], *,
-              victim: Sequence[str] = COVERAGE_VICTIM) -> list[Step]:
+              victim: Sequence[str] = COVERAGE_VICTIM,
+              sets: Sequence[tuple[str, tuple[str, ...]]] = COVERAGE_SETS) -> list[Step]:
     """What each detector flags of poisons that share a trigger: backdoors crafted on
     the first 4,000 training images (no model needed), then per defense a fresh ``victim``
     (the convnet by default) trained from scratch on each set, its drops recorded (poisons
     and clean examples). The paper's 40-epoch schedule scaled to 20 epochs: EPIC-0.1/0.2/0.3
     from epoch 5/10/15, a round every 2nd epoch; the feature-space filters and drop rules as
     EPIC-0.1; last, every detector's curve over its threshold (``epic bench curves``).
-    ``first``: how many of :data:`COVERAGE_SETS`, in their order."""
+    ``first``: how many of ``sets``, in their order. A set whose attack crafts against a
+    model is crafted against a clean victim trained first (``clean/model.pt``)."""
     common = ("--dataset", "cifar10", "--data-dir", str(data), *victim)
-    poisons = out / "poisons"
-    steps = [Step(("craft", *common, "--source-class", "1", "--adversarial-class", "3", *flags,
-                   "--out", str(poisons / name)), poisons / name / "poisons.json")
-             for name, flags in COVERAGE_SETS[:first]]
-    sets = [str(poisons / name) for name, _ in COVERAGE_SETS[:first]]
+    epochs = ("--epochs", str(COVERAGE_EPOCHS))
+    poisons, clean = out / "poisons", out / "clean" / "model.pt"
+    chosen = sets[:first]
+    attacked = {name: uses_model(flags[flags.index("--attack") + 1]) for name, flags in chosen}
+    steps = [Step(("train", *common, *epochs, "--out", str(clean.parent), "--resume"), clean)
+             ] if any(attacked.values()) else []
+    for name, flags in chosen:
+        attacker = ("--pretrained", str(clean)) if attacked[name] else ()
+        steps.append(Step(("craft", *common, *attacker, "--source-class", "1",
+                           "--adversarial-class", "3", *flags, "--out", str(poisons / name)),
+                          poisons / name / "poisons.json"))
+    sets = [str(poisons / name) for name, _ in chosen]
     for group, flags in _grouped(defenses, COVERAGE_EPOCHS):
-        steps.append(Step(("bench", "run", *common, "--epochs", str(COVERAGE_EPOCHS),
-                           "--poisons", *sets, "--defenses", *group, *flags,
-                           "--out", str(out / "bench"))))
+        steps.append(Step(("bench", "run", *common, *epochs, "--poisons", *sets,
+                           "--defenses", *group, *flags, "--out", str(out / "bench"))))
     # every detector at every threshold, on the undefended victim at EPIC-0.1's first round
     # and at the end
     steps.append(Step(("bench", "curves", *common, "--epochs", str(COVERAGE_EPOCHS),
@@ -254,12 +295,15 @@ def _coverage(data: Path, out: Path, first: int, defenses: Sequence[str], *,
     return steps
 
 
+GROUPS_SETS = COVERAGE_SETS + CRAFTED_SETS
+
+
 def _groups(data: Path, out: Path, first: int, defenses: Sequence[str]) -> list[Step]:
-    """:func:`_coverage` with fast-net victims; then, on the 3% dirty-label set, where the
-    fast net learns the trigger before EPIC-0.1's first round, foreign-groups with a round
-    every epoch from epoch 2, then from epoch 1."""
-    steps = _coverage(data, out, first, defenses, victim=GROUPS_VICTIM)
-    early = [name for name, _ in COVERAGE_SETS[:first] if name == "badnets-0120"]
+    """:func:`_coverage` with fast-net victims, on the backdoors and then the crafted sets;
+    last, on the 3% dirty-label set, where the fast net learns the trigger before EPIC-0.1's
+    first round, foreign-groups with a round every epoch from epoch 2, then from epoch 1."""
+    steps = _coverage(data, out, first, defenses, victim=GROUPS_VICTIM, sets=GROUPS_SETS)
+    early = [name for name, _ in GROUPS_SETS[:first] if name == "badnets-0120"]
     if early and "foreign-groups" in defenses:
         common = ("--dataset", "cifar10", "--data-dir", str(data), *GROUPS_VICTIM)
         steps += [Step(("bench", "run", *common, "--epochs", str(COVERAGE_EPOCHS),
@@ -296,7 +340,7 @@ PRESETS: dict[str, tuple[Callable[[Path, Path, int, Sequence[str]], list[Step]],
                                                      "lowest-confidence", "highest-loss")),
     # the foreign-groups detector against EPIC and Activation Clustering, with EPIC's drops
     # (groups-epic), and fresh models without all either dropped; fast-net victims
-    "cpu-groups": (_groups, len(COVERAGE_SETS),
+    "cpu-groups": (_groups, len(GROUPS_SETS),
                    ("none", "foreign-groups", "epic-0.1", "activation-clustering",
                     "groups-epic-0.1", "retrain-after-groups-epic-0.1",
                     "retrain-after-foreign-groups")),
