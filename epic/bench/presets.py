@@ -283,14 +283,14 @@ def _coverage(data: Path, out: Path, first: int, defenses: Sequence[str], *,
         steps.append(Step(("craft", *common, *attacker, "--source-class", "1",
                            "--adversarial-class", "3", *flags, "--out", str(poisons / name)),
                           poisons / name / "poisons.json"))
-    sets = [str(poisons / name) for name, _ in chosen]
+    folders = [str(poisons / name) for name, _ in chosen]
     for group, flags in _grouped(defenses, COVERAGE_EPOCHS):
-        steps.append(Step(("bench", "run", *common, *epochs, "--poisons", *sets,
+        steps.append(Step(("bench", "run", *common, *epochs, "--poisons", *folders,
                            "--defenses", *group, *flags, "--out", str(out / "bench"))))
     # every detector at every threshold, on the undefended victim at EPIC-0.1's first round
     # and at the end
     steps.append(Step(("bench", "curves", *common, "--epochs", str(COVERAGE_EPOCHS),
-                       "--poisons", *sets, "--at", str(COVERAGE_EPOCHS // 4),
+                       "--poisons", *folders, "--at", str(COVERAGE_EPOCHS // 4),
                        str(COVERAGE_EPOCHS), "--out", str(out / "curves"))))
     return steps
 
