@@ -79,3 +79,25 @@ def test_the_command_skips_the_sets_it_has_measured_with_the_same_options(
     with pytest.raises(SystemExit):
         main([*measure, "--at", "2"])
     assert "not a curves.json written by epic bench curves" in capsys.readouterr().err
+
+
+def test_the_summary_gives_each_detectors_best_point_within_the_clean_limit(
+        tmp_path: Path) -> None:
+    from epic.bench.curves import curves_markdown
+
+    def row(detector: str, value: float, found: int, clean: int) -> dict[str, object]:
+        return {"detector": detector, "option": "o", "value": value, "default": False,
+                "poisons_flagged": found, "poisons": 10, "clean_flagged": clean,
+                "clean": 1000, "recall": found / 10, "clean_share": clean / 1000}
+
+    rows = [row("a", 1, 3, 5), row("a", 2, 6, 20), row("a", 3, 9, 21),  # 21 > 2% of 1000
+            row("b", 1, 10, 50), row("c", 1, 0, 0), row("c", 2, 0, 3)]
+    results = {"set": {"attack_success": 0.5, "test_acc": 0.75, "curves": {"4": rows}}}
+    table = curves_markdown(results, clean_limit=0.02)
+    assert "| undefended: attack success, accuracy | 50.0%, 75.0% |" in table
+    # a: 60% at 2.0% (90% takes 2.1%); b: no value flags so few; c: the fewer clean of two 0%
+    assert [line for line in table.splitlines() if line.startswith("| a")
+            or line.startswith("| b") or line.startswith("| c")] == [
+        "| a (o) | 60% @ 2.0% |", "| b (o) | – |", "| c (o) | 0% @ 0.0% |"]
+    write_curves(results, tmp_path)
+    assert (tmp_path / "curves.md").read_text() == curves_markdown(results)

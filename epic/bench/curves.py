@@ -28,8 +28,8 @@ from epic.poisons import PoisonSet
 from epic.protocol import RunFacts
 from epic.training import TrainConfig, train
 
-__all__ = ["ONE_ROUND", "SWEEPS", "detection_curves", "measure_curves", "plot_curves",
-           "read_curves", "write_curves"]
+__all__ = ["CLEAN_LIMIT", "ONE_ROUND", "SWEEPS", "best_within", "curves_markdown",
+           "detection_curves", "measure_curves", "plot_curves", "read_curves", "write_curves"]
 
 # detector -> (the option swept, its values, in the order that flags more); the value the
 # defense runs with by default is among them
@@ -42,6 +42,8 @@ SWEEPS: dict[str, tuple[str, tuple[float, ...]]] = {
     "highest-loss": ("threshold", (4.0, 3.0, 2.0, 1.0, 0.5)),
     "foreign-groups": ("threshold", (5.0, 4.0, 3.0, 2.5, 2.0, 1.5, 1.0)),
 }
+# the share of the clean examples a detector may flag in the summary tables (curves.md)
+CLEAN_LIMIT = 0.02
 # options that let a detector decide in one round: foreign-groups waits for a second round's
 # scores by default
 ONE_ROUND: dict[str, dict[str, Any]] = {"foreign-groups": {"min_rounds": 1}}
@@ -133,13 +135,56 @@ def read_curves(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     return results
 
 
+def best_within(rows: Sequence[Mapping[str, Any]], clean_limit: float = CLEAN_LIMIT
+                ) -> Mapping[str, Any] | None:
+    """Of one detector's rows (:func:`detection_curves`), the one that flags the most poisons
+    while flagging at most ``clean_limit`` of the clean examples (of those, the one that
+    flags fewest clean); None when every value flags more."""
+    within = [r for r in rows if r["clean_share"] <= clean_limit]
+    return max(within, key=lambda r: (r["recall"], -r["clean_share"]), default=None)
+
+
+def curves_markdown(results: Mapping[str, Mapping[str, Any]],
+                    clean_limit: float = CLEAN_LIMIT) -> str:
+    """Per number of epochs, a table of the poisons each detector flags at best while
+    flagging at most ``clean_limit`` of the clean examples, a column per poison set of
+    ``results`` (:func:`read_curves`), the clean share it takes in each cell."""
+    names = list(results)
+    lines = [f"Poisons flagged at best while flagging at most {100 * clean_limit:g}% of the "
+             f"clean examples (that share in each cell; –: no value of the option flags so "
+             f"few); first, each set's undefended victim.", ""]
+    for epochs in sorted({int(e) for r in results.values() for e in r["curves"]}):
+        lines += [f"After {epochs} epochs:", "",
+                  "| detector (its option) | " + " | ".join(names) + " |",
+                  "|---|" + "---|" * len(names),
+                  "| undefended: attack success, accuracy | " + " | ".join(
+                      f"{100 * results[n]['attack_success']:.1f}%, "
+                      f"{100 * results[n]['test_acc']:.1f}%" for n in names) + " |"]
+        curves = {n: results[n]["curves"].get(epochs, results[n]["curves"].get(str(epochs)))
+                  for n in names}
+        detectors = dict.fromkeys((r["detector"], r["option"]) for rows in curves.values()
+                                  if rows for r in rows)
+        for detector, option in detectors:
+            cells = []
+            for n in names:
+                best = best_within([r for r in curves[n] or () if r["detector"] == detector],
+                                   clean_limit)
+                cells.append("–" if best is None else f"{100 * best['recall']:.0f}% @ "
+                             f"{100 * best['clean_share']:.1f}%")
+            lines.append(f"| {detector} ({option}) | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def write_curves(results: Mapping[str, Mapping[str, Any]], out: str | os.PathLike[str]
                  ) -> Path:
-    """``curves.json`` (``results``: poison set name -> :func:`measure_curves`) and per
-    number of epochs ``curves-<epochs>.png``, a panel per poison set, in the folder ``out``."""
+    """``curves.json`` (``results``: poison set name -> :func:`measure_curves`), its summary
+    ``curves.md`` (:func:`curves_markdown`) and per number of epochs ``curves-<epochs>.png``,
+    a panel per poison set, in the folder ``out``."""
     outp = Path(out)
     outp.mkdir(parents=True, exist_ok=True)
     write_atomically(outp / "curves.json", json.dumps(results, indent=1))
+    write_atomically(outp / "curves.md", curves_markdown(results))
     for epochs in sorted({e for r in results.values() for e in r["curves"]}):
         plot_curves({f"{name}, after {epochs} epochs": r["curves"][epochs]
                      for name, r in results.items() if epochs in r["curves"]},
