@@ -147,3 +147,19 @@ def test_the_benchmark_transfer_setups_fit_the_shared_cifar10() -> None:
         assert len(indices) == 2500 and torch.bincount(train.labels[indices]).tolist() == [250] * 10
         target, stand_in = resolve_target(test.labels, s, exact_below=1000)
         assert stand_in == (s.target_index >= 1000) and int(test.labels[target]) == s.target_class
+
+
+@requires_cifar
+@pytest.mark.skipif(_benchmark_file("cifar10_from_scratch.pickle") is None,
+                    reason="the poisoning benchmark's setups not found under $EPIC_DATA_DIR")
+def test_the_transfer_budget_study_attacks_setup_0s_target() -> None:
+    from epic.bench.presets import BUDGET_TARGET
+    from epic.data import load_cifar
+
+    path = _benchmark_file("cifar10_from_scratch.pickle")
+    assert path is not None
+    setup = load_setups(path)[0]
+    _, test = load_cifar("cifar10", Path(os.environ["EPIC_DATA_DIR"]) / "cifar10")
+    target, _ = resolve_target(test.labels, setup, exact_below=1000)
+    attacked = ("--target-index", str(target), "--adversarial-class", str(setup.base_class))
+    assert attacked == BUDGET_TARGET
