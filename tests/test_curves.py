@@ -75,10 +75,11 @@ def test_the_command_skips_the_sets_it_has_measured_with_the_same_options(
     assert (out / "curves.json").read_text() == first
     assert main([*measure, "--at", "1", "2"]) == 0  # other options: measured again
     assert sorted(json.loads((out / "curves.json").read_text())["patch"]["curves"]) == ["1", "2"]
-    (out / "curves.json").write_text('{"patch": [1, 2]}')
-    with pytest.raises(SystemExit):
-        main([*measure, "--at", "2"])
-    assert "not a curves.json written by epic bench curves" in capsys.readouterr().err
+    for malformed in ('{"patch": [1, 2]}', '{"patch": {"curves": {}, "test_acc": 0.5}}'):
+        (out / "curves.json").write_text(malformed)
+        with pytest.raises(SystemExit):
+            main([*measure, "--at", "2"])
+        assert "not a curves.json written by epic bench curves" in capsys.readouterr().err
 
 
 def test_the_summary_gives_each_detectors_best_point_within_the_clean_limit(

@@ -130,7 +130,9 @@ def read_curves(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
         return {}
     results = read_json(path)
     if not isinstance(results, dict) or not all(
-            isinstance(r, dict) and isinstance(r.get("curves"), dict) for r in results.values()):
+            isinstance(r, dict) and isinstance(r.get("curves"), dict)
+            and all(isinstance(r.get(k), (int, float)) for k in ("attack_success", "test_acc"))
+            for r in results.values()):
         raise ValueError(f"{path}: not a curves.json written by epic bench curves")
     return results
 
