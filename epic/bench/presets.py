@@ -263,8 +263,8 @@ GROUPS_VICTIM = ("--subset", "4000", "--test-subset", "1000", "--model", "fastne
 def _coverage(data: Path, out: Path, first: int, defenses: Sequence[str], *,
               victim: Sequence[str] = COVERAGE_VICTIM,
               sets: Sequence[tuple[str, tuple[str, ...]]] = COVERAGE_SETS) -> list[Step]:
-    """What each detector flags of poisons that share a trigger: backdoors crafted on
-    the first 4,000 training images (no model needed), then per defense a fresh ``victim``
+    """What each detector flags of each poison set of ``sets``: crafted on the first 4,000
+    training images (the backdoors need no model), then per defense a fresh ``victim``
     (the convnet by default) trained from scratch on each set, its drops recorded (poisons
     and clean examples). The paper's 40-epoch schedule scaled to 20 epochs: EPIC-0.1/0.2/0.3
     from epoch 5/10/15, a round every 2nd epoch; the feature-space filters and drop rules as
@@ -289,9 +289,9 @@ def _coverage(data: Path, out: Path, first: int, defenses: Sequence[str], *,
                            "--defenses", *group, *flags, "--out", str(out / "bench"))))
     # every detector at every threshold, on the undefended victim at EPIC-0.1's first round
     # and at the end
-    steps.append(Step(("bench", "curves", *common, "--epochs", str(COVERAGE_EPOCHS),
-                       "--poisons", *folders, "--at", str(COVERAGE_EPOCHS // 4),
-                       str(COVERAGE_EPOCHS), "--out", str(out / "curves"))))
+    steps.append(Step(("bench", "curves", *common, *epochs, "--poisons", *folders,
+                       "--at", str(COVERAGE_EPOCHS // 4), str(COVERAGE_EPOCHS),
+                       "--out", str(out / "curves"))))
     return steps
 
 
@@ -339,7 +339,8 @@ PRESETS: dict[str, tuple[Callable[[Path, Path, int, Sequence[str]], list[Step]],
                                                      "activation-clustering",
                                                      "lowest-confidence", "highest-loss")),
     # the foreign-groups detector against EPIC and Activation Clustering, with EPIC's drops
-    # (groups-epic), and fresh models without all either dropped; fast-net victims
+    # (groups-epic), and fresh models without all either dropped; fast-net victims, on the
+    # backdoors and on Gradient Matching and Sleeper Agent sets
     "cpu-groups": (_groups, len(GROUPS_SETS),
                    ("none", "foreign-groups", "epic-0.1", "activation-clustering",
                     "groups-epic-0.1", "retrain-after-groups-epic-0.1",
