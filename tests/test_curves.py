@@ -75,7 +75,16 @@ def test_the_command_skips_the_sets_it_has_measured_with_the_same_options(
     assert (out / "curves.json").read_text() == first
     assert main([*measure, "--at", "1", "2"]) == 0  # other options: measured again
     assert sorted(json.loads((out / "curves.json").read_text())["patch"]["curves"]) == ["1", "2"]
-    for malformed in ('{"patch": [1, 2]}', '{"patch": {"curves": {}, "test_acc": 0.5}}'):
+    # a set added to those read back is measured beside them, and the summary holds both
+    other = tmp_path / "other"
+    assert main(["craft", "--attack", "patch", "--subset", "100", "--budget", "6",
+                 "--source-class", "1", "--adversarial-class", "3", "--out", str(other)]) == 0
+    assert main([*measure[:-3], str(poisons), str(other), "--out", str(out), "--at", "1", "2"]
+                ) == 0
+    assert sorted(json.loads((out / "curves.json").read_text())) == ["other", "patch"]
+    assert "| detector (its option) | patch | other |" in (out / "curves.md").read_text()
+    for malformed in ('{"patch": [1, 2]}', '{"patch": {"curves": {}, "test_acc": 0.5}}',
+                      '{"patch": {"curves": {"x": []}, "test_acc": 0.5, "attack_success": 0}}'):
         (out / "curves.json").write_text(malformed)
         with pytest.raises(SystemExit):
             main([*measure, "--at", "2"])
@@ -93,7 +102,7 @@ def test_the_summary_gives_each_detectors_best_point_within_the_clean_limit(
 
     rows = [row("a", 1, 3, 5), row("a", 2, 6, 20), row("a", 3, 9, 21),  # 21 > 2% of 1000
             row("b", 1, 10, 50), row("c", 1, 0, 0), row("c", 2, 0, 3)]
-    results = {"set": {"attack_success": 0.5, "test_acc": 0.75, "curves": {"4": rows}}}
+    results = {"set": {"attack_success": 0.5, "test_acc": 0.75, "curves": {4: rows}}}
     table = curves_markdown(results, clean_limit=0.02)
     assert "| undefended: attack success, accuracy | 50.0%, 75.0% |" in table
     # a: 60% at 2.0% (90% takes 2.1%); b: no value flags so few; c: the fewer clean of two 0%

@@ -125,15 +125,19 @@ def measure_curves(model: Classifier, train_data: ImageData, test_data: ImageDat
 
 def read_curves(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     """The results a :func:`write_curves` ``curves.json`` holds, by poison set name (none when
-    the file does not exist); a ValueError naming the file when it is not such a file."""
+    the file does not exist), each set's curves by number of epochs as :func:`measure_curves`
+    gives them; a ValueError naming the file when it is not such a file."""
     if not os.path.exists(path):
         return {}
     results = read_json(path)
     if not isinstance(results, dict) or not all(
             isinstance(r, dict) and isinstance(r.get("curves"), dict)
+            and all(isinstance(e, str) and e.isdigit() for e in r["curves"])
             and all(isinstance(r.get(k), (int, float)) for k in ("attack_success", "test_acc"))
             for r in results.values()):
         raise ValueError(f"{path}: not a curves.json written by epic bench curves")
+    for r in results.values():  # JSON names the epochs with strings
+        r["curves"] = {int(e): rows for e, rows in r["curves"].items()}
     return results
 
 
@@ -155,15 +159,14 @@ def curves_markdown(results: Mapping[str, Mapping[str, Any]],
     lines = [f"Poisons flagged at best while flagging at most {100 * clean_limit:g}% of the "
              f"clean examples (that share in each cell; –: no value of the option flags so "
              f"few); first, each set's undefended victim.", ""]
-    for epochs in sorted({int(e) for r in results.values() for e in r["curves"]}):
+    for epochs in sorted({e for r in results.values() for e in r["curves"]}):
         lines += [f"After {epochs} epochs:", "",
                   "| detector (its option) | " + " | ".join(names) + " |",
                   "|---|" + "---|" * len(names),
                   "| undefended: attack success, accuracy | " + " | ".join(
                       f"{100 * results[n]['attack_success']:.1f}%, "
                       f"{100 * results[n]['test_acc']:.1f}%" for n in names) + " |"]
-        curves = {n: results[n]["curves"].get(epochs, results[n]["curves"].get(str(epochs)))
-                  for n in names}
+        curves = {n: results[n]["curves"].get(epochs) for n in names}
         detectors = dict.fromkeys((r["detector"], r["option"]) for rows in curves.values()
                                   if rows for r in rows)
         for detector, option in detectors:
