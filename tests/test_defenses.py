@@ -58,6 +58,20 @@ def test_activation_clustering_splits_off_the_small_cluster_only() -> None:
     assert not drop[200:].any()  # a unimodal class splits roughly in half: nothing dropped
 
 
+def test_activation_clustering_names_the_classes_its_analysis_left_unconverged_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    import warnings
+
+    g = torch.Generator().manual_seed(0)
+    feats, labels = torch.randn(200, 32, generator=g), torch.arange(200) % 2  # no structure
+    with warnings.catch_warnings(record=True) as shown, caplog.at_level("INFO"):
+        warnings.simplefilter("always")
+        activation_clusters(feats, labels)
+    assert not [w for w in shown if "converge" in str(w.message)]
+    [line] = [r.getMessage() for r in caplog.records if "did not converge" in r.getMessage()]
+    assert "class(es) [0, 1]" in line
+
+
 def test_confidence_and_loss_rules_match_their_definitions() -> None:
     logits = torch.tensor([[2.0, 0.0], [0.0, 0.0], [-1.0, 3.0]])
     zeros, ones = torch.zeros(3, dtype=torch.long), torch.ones(3, dtype=torch.long)
