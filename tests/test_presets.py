@@ -171,8 +171,9 @@ def test_paper_transfer_preset_follows_the_authors_script() -> None:
     budgets = [r for r in runs if r.setups is None]
     runs = [r for r in runs if r.setups is not None]
     assert [r.defenses for r in budgets] == [["none"], ["epic-0.2"], ["random"], ["deep-knn"]]
-    assert all((r.scenario, r.subset, r.no_augment, [Path(p).name for p in r.poisons]) == (
-        "transfer", None, True, ["bp-0250", "fc-0250", "bp-1500", "fc-1500"]) for r in budgets)
+    assert all((r.scenario, r.subset, r.no_augment, [Path(p).name for p in r.poisons], r.out
+                ) == ("transfer", None, True, ["bp-0250", "fc-0250", "bp-1500", "fc-1500"],
+                      str(Path("o") / "budgets")) for r in budgets)
     for r in runs:  # a fresh last layer on all 50,000 images, the authors' schedule
         assert (r.scenario, r.victim_per_class, r.epochs, r.lr, r.milestones) == (
             "transfer", 5000, 40, 0.1, [15, 25, 35])

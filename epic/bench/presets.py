@@ -117,11 +117,11 @@ def _paper_transfer(data: Path, out: Path, first: int, defenses: Sequence[str], 
                                "--out", str(poisons)), poisons / "poisons.json"))
     sets = [str(out / "poisons" / f"{attack}-{budget:04d}") for budget in BUDGET_STUDY
             for attack in ("bp", "fc")]
-    for spec in defenses:
+    for spec in defenses:  # a store of their own: the protocol's summary stays at 1%
         if spec == "none" or scheduled(spec):
             steps.append(Step(("bench", "run", *common, *victim, *head, "--no-augment",
                                "--poisons", *sets, "--defenses", spec, *_schedule(spec),
-                               "--out", str(out / "bench"))))
+                               "--out", str(out / "budgets"))))
     # The authors' victims crop and flip, which cached features cannot: on the first three
     # setups, undefended and EPIC-0.2 victims that do (every epoch a pass of the body)
     for spec in ("none", "epic-0.2"):
