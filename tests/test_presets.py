@@ -50,7 +50,7 @@ PATCH_STUDIES = ("cpu-coverage", "cpu-groups")
 
 @pytest.mark.parametrize(("name", "model"), [("cpu-coverage", "convnet"),
                                              ("cpu-groups", "fastnet")])
-def test_patch_presets_craft_patch_sets_and_run_every_detector_on_each(name: str, model: str
+def test_coverage_presets_craft_their_sets_and_run_every_detector_on_each(name: str, model: str
                                                                        ) -> None:
     from epic.bench.presets import COVERAGE_SETS, GROUPS_SETS
 
