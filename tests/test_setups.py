@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from epic.data import ImageData
 from epic.io.safe_pickle import UnsafePickleError
 from epic.setups import (
+    Setup,
     SetupError,
     load_setups,
     outside_victims,
@@ -131,17 +133,26 @@ def _benchmark_file(name: str) -> Path | None:
     return path if path is not None and path.exists() else None
 
 
-@requires_cifar
-@pytest.mark.skipif(_benchmark_file("cifar10_transfer_learning.pickle") is None,
-                    reason="the poisoning benchmark's setups not found under $EPIC_DATA_DIR")
-def test_the_benchmark_transfer_setups_fit_the_shared_cifar10() -> None:
+def _needs_setups(name: str) -> pytest.MarkDecorator:
+    return pytest.mark.skipif(_benchmark_file(name) is None, reason=(
+        "the poisoning benchmark's setups not found under $EPIC_DATA_DIR"))
+
+
+def _shared_setups(name: str) -> tuple[list[Setup], ImageData, ImageData]:
+    """The setup file ``name`` and the shared CIFAR-10 (train, test)."""
     from epic.data import load_cifar
 
-    path = _benchmark_file("cifar10_transfer_learning.pickle")
+    path = _benchmark_file(name)
     assert path is not None
-    setups = load_setups(path)
+    return (load_setups(path),
+            *load_cifar("cifar10", Path(os.environ["EPIC_DATA_DIR"]) / "cifar10"))
+
+
+@requires_cifar
+@_needs_setups("cifar10_transfer_learning.pickle")
+def test_the_benchmark_transfer_setups_fit_the_shared_cifar10() -> None:
+    setups, train, test = _shared_setups("cifar10_transfer_learning.pickle")
     assert len(setups) == 100 and [s.id for s in setups if s.repeated_bases] == [78, 84]
-    train, test = load_cifar("cifar10", Path(os.environ["EPIC_DATA_DIR"]) / "cifar10")
     for s in setups[:20]:
         indices, rows = transfer_victim_indices(train.labels, s)
         assert len(indices) == 2500 and torch.bincount(train.labels[indices]).tolist() == [250] * 10
@@ -150,16 +161,12 @@ def test_the_benchmark_transfer_setups_fit_the_shared_cifar10() -> None:
 
 
 @requires_cifar
-@pytest.mark.skipif(_benchmark_file("cifar10_from_scratch.pickle") is None,
-                    reason="the poisoning benchmark's setups not found under $EPIC_DATA_DIR")
+@_needs_setups("cifar10_from_scratch.pickle")
 def test_the_transfer_budget_study_attacks_setup_0s_target() -> None:
     from epic.bench.presets import BUDGET_TARGET
-    from epic.data import load_cifar
 
-    path = _benchmark_file("cifar10_from_scratch.pickle")
-    assert path is not None
-    setup = load_setups(path)[0]
-    _, test = load_cifar("cifar10", Path(os.environ["EPIC_DATA_DIR"]) / "cifar10")
+    setups, _, test = _shared_setups("cifar10_from_scratch.pickle")
+    setup = setups[0]
     target, _ = resolve_target(test.labels, setup, exact_below=1000)
     attacked = ("--target-index", str(target), "--adversarial-class", str(setup.base_class))
     assert attacked == BUDGET_TARGET

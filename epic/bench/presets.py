@@ -109,14 +109,13 @@ def _paper_transfer(data: Path, out: Path, first: int, defenses: Sequence[str], 
     # The protocol's 1% beside 0.5% and 3%: setup 0's target attacked again with 250 and
     # 1,500 poisons, random images of its base class, undefended and under the defenses that
     # drop examples
-    for attack, eps in (("bp", "8"), ("fc", "255")):
-        for budget in BUDGET_STUDY:
-            poisons = out / "poisons" / f"{attack}-{budget:04d}"
-            steps.append(Step(("craft", *common, *victim, *BUDGET_TARGET, "--attack", attack,
-                               "--eps", eps, "--iterations", "250", "--budget", str(budget),
-                               "--out", str(poisons)), poisons / "poisons.json"))
-    sets = [str(out / "poisons" / f"{attack}-{budget:04d}") for budget in BUDGET_STUDY
-            for attack in ("bp", "fc")]
+    studied = {(attack, eps, budget): out / "poisons" / f"{attack}-{budget:04d}"
+               for budget in BUDGET_STUDY for attack, eps in (("bp", "8"), ("fc", "255"))}
+    for (attack, eps, budget), poisons in sorted(studied.items()):  # bp's sets, then fc's
+        steps.append(Step(("craft", *common, *victim, *BUDGET_TARGET, "--attack", attack,
+                           "--eps", eps, "--iterations", "250", "--budget", str(budget),
+                           "--out", str(poisons)), poisons / "poisons.json"))
+    sets = [str(poisons) for poisons in studied.values()]
     for spec in defenses:  # a store of their own: the protocol's summary stays at 1%
         if spec == "none" or scheduled(spec):
             steps.append(Step(("bench", "run", *common, *victim, *head, "--no-augment",
