@@ -139,6 +139,16 @@ def test_scratch_preset_scales_the_papers_proxy_schedule_to_the_fast_net() -> No
         ["gm-eps16"] * 4 + ["gm-eps8"] + ["sa-eps16"] * 4)
 
 
+def test_sleeper_agent_preset_halves_the_papers_schedule_for_every_drop_defense() -> None:
+    steps = preset_steps("cpu-scratch-sa", data_dir="d", out="o")
+    runs = [build_parser().parse_args(list(s.argv)) for s in steps
+            if s.argv[:2] == ("bench", "run")]
+    # EPIC-f from epoch f x 50 of 20, a round every epoch; the group detectors as EPIC-0.1
+    assert [(r.defenses, r.warmup, r.every) for r in runs] == [
+        (["none"], None, None), (["epic-0.1"], 5, 1), (["epic-0.2"], 10, 1),
+        (["epic-0.3"], 15, 1), (["groups-epic-0.1"], 5, 1), (["foreign-groups"], 5, 1)]
+
+
 def test_unknown_preset_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown preset"):
         preset_steps("gpu-everything", data_dir="d", out="o")

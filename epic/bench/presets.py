@@ -151,11 +151,9 @@ def _scratch_sa(data: Path, out: Path, first: int, defenses: Sequence[str]) -> l
                    str(clean / "model.pt"), "--retrain-epochs", "5", "--out", str(poisons)))]
     for spec in defenses:
         # the paper's 40-epoch schedule halved for 20 epochs: warmup 5/10/15, every epoch
-        extra = (("--warmup", str(round(50 * float(spec.rpartition("-")[2]))), "--every", "1")
-                 if spec.startswith("epic") else ())
         steps.append(Step(("bench", "run", *common, *picked, "--epochs", "20", "--poisons",
-                           str(poisons / "setup-*"), "--defenses", spec, *extra,
-                           "--out", str(out / "bench"))))
+                           str(poisons / "setup-*"), "--defenses", spec,
+                           *_scaled_schedule(spec, 20, every=1), "--out", str(out / "bench"))))
     return steps
 
 
@@ -214,9 +212,9 @@ def _grouped(specs: Sequence[str], epochs: int) -> list[tuple[list[str], tuple[s
     return groups
 
 
-def _scaled_schedule(spec: str, epochs: int) -> tuple[str, ...]:
+def _scaled_schedule(spec: str, epochs: int, every: int = 2) -> tuple[str, ...]:
     """The paper's 40-epoch schedule scaled to ``epochs``: EPIC-f's first round at f x 100 of
-    40 epochs (10, 20, 30 for 0.1, 0.2, 0.3), a round every 2nd epoch until the last
+    40 epochs (10, 20, 30 for 0.1, 0.2, 0.3), a round every ``every`` epochs until the last
     milestone; a replayed control as the trial it replays; the other drop rules and filters
     as EPIC-0.1."""
     if not scheduled(spec):
@@ -225,7 +223,7 @@ def _scaled_schedule(spec: str, epochs: int) -> tuple[str, ...]:
     replayed = parse_spec(options.get("replay_of", spec))[1]
     fraction = replayed.get("fraction", replayed.get("isolated", 0.1))  # groups-epic-f too
     warmup = round(paper_warmup(fraction) * epochs / 40)
-    return ("--warmup", str(warmup), "--every", "2")
+    return ("--warmup", str(warmup), "--every", str(every))
 
 
 # The coverage study's victim (which poisons each defense finds): the 3-conv net from scratch
@@ -320,7 +318,8 @@ PRESETS: dict[str, tuple[Callable[[Path, Path, int, Sequence[str]], list[Step]],
                          tuple[str, ...]]] = {
     # name: (steps, default number of setups, default defenses)
     "cpu-transfer": (_transfer, 20, TRANSFER_DEFENSES),
-    "cpu-scratch-sa": (_scratch_sa, 8, ("none", "epic-0.1", "epic-0.2", "epic-0.3")),
+    "cpu-scratch-sa": (_scratch_sa, 8, ("none", "epic-0.1", "epic-0.2", "epic-0.3",
+                                         "groups-epic-0.1", "foreign-groups")),
     # random-as-epic-0.1: as many random drops as EPIC-0.1's, at its epochs, per setup
     "cpu-scratch": (_scratch, 10, ("none", "epic-0.1", "random-as-epic-0.1", "epic-0.2",
                                    "epic-0.3", "deep-knn", "spectral-signatures",
