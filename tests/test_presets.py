@@ -83,7 +83,11 @@ def test_coverage_presets_craft_their_sets_and_run_every_detector_on_each(name: 
     assert curve_args.poisons == [f"o/poisons/{name}" for name, _ in sets]
     assert (curve_args.model, curve_args.epochs, curve_args.at) == (model, 20, [5, 20])
     runs = [parser.parse_args(list(s.argv)) for s in steps if s.argv[:2] == ("bench", "run")]
-    if name == "cpu-groups":  # last, the detector from epoch 2, then 1, on the 3% set
+    if name == "cpu-groups":  # last, the detector from epoch 2, then 1, on the 3% set,
+        # and Gradient Matching's 0.5% set with two more seeds
+        seeded = runs.pop()
+        assert (seeded.poisons, seeded.defenses, seeded.seeds, seeded.warmup, seeded.every) == (
+            ["o/poisons/gm-0020"], ["none", "epic-0.1", "groups-epic-0.1"], [1, 2], 5, 2)
         probes = [runs.pop(), runs.pop()][::-1]
         assert [(p.poisons, p.defenses, p.warmup, p.every, p.model) for p in probes] == [
             (["o/poisons/badnets-0120"], ["foreign-groups"], w, 1, "fastnet") for w in (2, 1)]

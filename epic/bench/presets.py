@@ -295,18 +295,29 @@ def _coverage(data: Path, out: Path, first: int, defenses: Sequence[str], *,
 GROUPS_SETS = COVERAGE_SETS + CRAFTED_SETS
 
 
+# Gradient Matching's one target flips or not with any change to training: its 0.5% set's
+# undefended, EPIC-0.1 and groups-epic-0.1 victims again with these seeds
+GM_SEEDS = ("1", "2")
+
+
 def _groups(data: Path, out: Path, first: int, defenses: Sequence[str]) -> list[Step]:
     """:func:`_coverage` with fast-net victims, on the backdoors and then the crafted sets;
     last, on the 3% dirty-label set, where the fast net learns the trigger before EPIC-0.1's
-    first round, foreign-groups with a round every epoch from epoch 2, then from epoch 1."""
+    first round, foreign-groups with a round every epoch from epoch 2, then from epoch 1;
+    and the 0.5% Gradient Matching set with more seeds (:data:`GM_SEEDS`)."""
     steps = _coverage(data, out, first, defenses, victim=GROUPS_VICTIM, sets=GROUPS_SETS)
-    early = [name for name, _ in GROUPS_SETS[:first] if name == "badnets-0120"]
-    if early and "foreign-groups" in defenses:
-        common = ("--dataset", "cifar10", "--data-dir", str(data), *GROUPS_VICTIM)
-        steps += [Step(("bench", "run", *common, "--epochs", str(COVERAGE_EPOCHS),
-                        "--poisons", str(out / "poisons" / early[0]),
-                        "--defenses", "foreign-groups", "--warmup", warmup, "--every", "1",
-                        "--out", str(out / "bench"))) for warmup in ("2", "1")]
+    chosen = [name for name, _ in GROUPS_SETS[:first]]
+    bench = ("bench", "run", "--dataset", "cifar10", "--data-dir", str(data), *GROUPS_VICTIM,
+             "--epochs", str(COVERAGE_EPOCHS), "--out", str(out / "bench"))
+    if "badnets-0120" in chosen and "foreign-groups" in defenses:
+        steps += [Step((*bench, "--poisons", str(out / "poisons" / "badnets-0120"),
+                        "--defenses", "foreign-groups", "--warmup", warmup, "--every", "1"))
+                  for warmup in ("2", "1")]
+    seeded = [spec for spec in ("none", "epic-0.1", "groups-epic-0.1") if spec in defenses]
+    if "gm-0020" in chosen and seeded:
+        steps.append(Step((*bench, "--poisons", str(out / "poisons" / "gm-0020"), "--defenses",
+                           *seeded, *_scaled_schedule("epic-0.1", COVERAGE_EPOCHS),
+                           "--seeds", *GM_SEEDS)))
     return steps
 
 
