@@ -145,15 +145,17 @@ def _scratch_sa(data: Path, out: Path, first: int, defenses: Sequence[str]) -> l
               "--exact-test", "1000")
     clean = out / "clean"
     poisons = out / "poisons" / "sa"
-    steps = [Step(("train", *common, "--subset", "10000", "--epochs", "20", "--out", str(clean)),
-                  clean / "model.pt"),
+    epochs = 20
+    steps = [Step(("train", *common, "--subset", "10000", "--epochs", str(epochs),
+                   "--out", str(clean)), clean / "model.pt"),
              Step(("craft", *common, *picked, "--attack", "sa", "--pretrained",
                    str(clean / "model.pt"), "--retrain-epochs", "5", "--out", str(poisons)))]
     for spec in defenses:
-        # the paper's 40-epoch schedule halved for 20 epochs: warmup 5/10/15, every epoch
-        steps.append(Step(("bench", "run", *common, *picked, "--epochs", "20", "--poisons",
-                           str(poisons / "setup-*"), "--defenses", spec,
-                           *_scaled_schedule(spec, 20, every=1), "--out", str(out / "bench"))))
+        # the paper's 40-epoch schedule halved: warmup 5/10/15, every epoch
+        steps.append(Step(("bench", "run", *common, *picked, "--epochs", str(epochs),
+                           "--poisons", str(poisons / "setup-*"), "--defenses", spec,
+                           *_scaled_schedule(spec, epochs, every=1),
+                           "--out", str(out / "bench"))))
     return steps
 
 
