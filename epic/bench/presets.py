@@ -259,6 +259,14 @@ GROUPS_VICTIM = ("--subset", "4000", "--test-subset", "1000", "--model", "fastne
                  "2", "--channels-last")
 
 
+_COVERAGE_TRAINING = ("--epochs", str(COVERAGE_EPOCHS))
+
+
+def _coverage_common(data: Path, victim: Sequence[str]) -> tuple[str, ...]:
+    """The coverage studies' data and victim options (crafting takes them too)."""
+    return ("--dataset", "cifar10", "--data-dir", str(data), *victim)
+
+
 def _coverage(data: Path, out: Path, first: int, defenses: Sequence[str], *,
               victim: Sequence[str] = COVERAGE_VICTIM,
               sets: Sequence[tuple[str, tuple[str, ...]]] = COVERAGE_SETS) -> list[Step]:
@@ -270,8 +278,7 @@ def _coverage(data: Path, out: Path, first: int, defenses: Sequence[str], *,
     EPIC-0.1; last, every detector's curve over its threshold (``epic bench curves``).
     ``first``: how many of ``sets``, in their order. A set whose attack crafts against a
     model is crafted against a clean victim trained first (``clean/model.pt``)."""
-    common = ("--dataset", "cifar10", "--data-dir", str(data), *victim)
-    epochs = ("--epochs", str(COVERAGE_EPOCHS))
+    common, epochs = _coverage_common(data, victim), _COVERAGE_TRAINING
     poisons, clean = out / "poisons", out / "clean" / "model.pt"
     chosen = sets[:first]
     attacked = {name: uses_model(flags[flags.index("--attack") + 1]) for name, flags in chosen}
@@ -309,8 +316,8 @@ def _groups(data: Path, out: Path, first: int, defenses: Sequence[str]) -> list[
     and the 0.5% Gradient Matching set with more seeds (:data:`GM_SEEDS`)."""
     steps = _coverage(data, out, first, defenses, victim=GROUPS_VICTIM, sets=GROUPS_SETS)
     chosen = [name for name, _ in GROUPS_SETS[:first]]
-    bench = ("bench", "run", "--dataset", "cifar10", "--data-dir", str(data), *GROUPS_VICTIM,
-             "--epochs", str(COVERAGE_EPOCHS), "--out", str(out / "bench"))
+    bench = ("bench", "run", *_coverage_common(data, GROUPS_VICTIM), *_COVERAGE_TRAINING,
+             "--out", str(out / "bench"))
     if "badnets-0120" in chosen and "foreign-groups" in defenses:
         steps += [Step((*bench, "--poisons", str(out / "poisons" / "badnets-0120"),
                         "--defenses", "foreign-groups", "--warmup", warmup, "--every", "1"))
