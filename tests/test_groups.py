@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -15,7 +17,7 @@ from epic.defenses import (
     deep_knn_outliers,
     unlikeness,
 )
-from epic.defenses.groups import connected, neighbour_links, robust_z
+from epic.defenses.groups import GroupRound, connected, learning, neighbour_links, robust_z
 from epic.models import Classifier
 
 
@@ -32,6 +34,32 @@ def _classes_with_a_planted_group(group: int = 30, seed: int = 0
     feats[:group] = centres[1] + 0.4 * torch.randn(group, 16, generator=g)
     feats[250] = centres[1] + torch.randn(16, generator=g)
     return feats, labels, torch.arange(group)
+
+
+def _model_and_data(feats: torch.Tensor, labels: torch.Tensor,
+                    learned: torch.Tensor | None = None) -> tuple[Classifier, TensorDataset]:
+    """A model whose features are its inputs, ``feats`` and one more feature, 1 for the
+    ``learned`` rows and 0 elsewhere, and whose head reads the blobs of
+    :func:`_classes_with_a_planted_group` and that feature as class 0: it takes the planted
+    group for class 1 unless it has learned them; and those inputs with ``labels``."""
+    model = Classifier(nn.Identity(), 17, 3, mean=[0.0] * 17, std=[1.0] * 17)
+    with torch.no_grad():
+        model.classifier.weight.copy_(torch.eye(3, 17))
+        model.classifier.weight[0, 16] = 10.0
+        model.classifier.bias.zero_()
+    extra = torch.zeros(len(feats), 1)
+    if learned is not None:
+        extra[learned] = 1.0
+    return model, TensorDataset(torch.cat([feats, extra], 1)[:, :, None, None], labels)
+
+
+def _round(defense: ForeignGroups, feats: torch.Tensor, labels: torch.Tensor,
+           learned: torch.Tensor | None = None, epoch: int = 0) -> GroupRound:
+    """One round of ``defense`` (:func:`_model_and_data`); its record."""
+    defense.update(*_model_and_data(feats, labels, learned), epoch)
+    record = defense.history[-1]
+    assert isinstance(record, GroupRound)
+    return record
 
 
 def test_unlikeness_sees_a_group_that_vouches_for_itself() -> None:
@@ -56,10 +84,10 @@ def test_a_group_in_a_mode_of_its_own_is_outlying_not_foreign_and_dropped() -> N
     assert (foreign[:20] < 0).all()
     assert robust_z(outlying)[:20].min() > 2.5 > robust_z(outlying)[20:100].median()
     defense = ForeignGroups(warmup=0, every=1, num_examples=300)
-    keep = torch.ones(300, dtype=torch.bool)
-    for _ in range(2):
-        dropped, _ = defense.drop_rows(feats, labels, keep)
-    assert dropped.nonzero().squeeze(1).tolist() == list(range(20))
+    for epoch in range(2):
+        record = _round(defense, feats, labels, epoch=epoch)
+    assert record.dropped.tolist() == list(range(20))
+    assert record.groups[0]["learned"] == 1.0  # the head reads them as their label
 
 
 def test_unlikeness_on_a_sample_of_each_class_agrees_in_sign() -> None:
@@ -90,21 +118,48 @@ def test_connected_joins_rows_linked_either_way() -> None:
 
 def test_the_defense_scores_first_drops_later_and_resumes_to_the_same_drops() -> None:
     feats, labels, group = _classes_with_a_planted_group()
-    keep = torch.ones(300, dtype=torch.bool)
     defense = ForeignGroups(warmup=0, every=1, num_examples=300)
-    first, _ = defense.drop_rows(feats, labels, keep)
-    assert not first.any()  # one round's scores alone drop nothing (min_rounds=2)
+    first = _round(defense, feats, labels, learned=group)
+    assert len(first.dropped) == 0  # one round's scores alone drop nothing (min_rounds=2)
     resumed = ForeignGroups(warmup=0, every=1, num_examples=300)
-    resumed.load_state_dict(defense.state_dict())
-    dropped, extra = defense.drop_rows(feats, labels, keep)
-    again, _ = resumed.drop_rows(feats, labels, keep)
-    assert torch.equal(dropped, again)
-    assert dropped[group].all() and int(dropped.sum()) == len(group)
-    found = extra["groups"][0]  # the most cohesive first
-    assert (found["label"], found["nearest"], found["size"], found["dropped"]) == (
-        0, 1, len(group), True)
+    resumed.load_state_dict(copy.deepcopy(defense.state_dict()))  # as saved and loaded
+    second = _round(defense, feats, labels, learned=group, epoch=1)
+    again = _round(resumed, feats, labels, learned=group, epoch=1)
+    assert torch.equal(second.dropped, again.dropped)
+    assert second.dropped.tolist() == group.tolist()
+    found = second.groups[0]  # the most cohesive first
+    assert (found["label"], found["nearest"], found["size"], found["learned"],
+            found["dropped"]) == (0, 1, len(group), 1.0, True)
     assert found["members"] == group.tolist() and found["cohesion"] == 1.0
-    assert all(not g["dropped"] for g in extra["groups"][1:])
+    assert all(not g["dropped"] for g in second.groups[1:])
+
+
+def test_a_large_group_the_model_has_not_learned_is_spared_a_small_one_is_not() -> None:
+    """A group of more than ``unlearned`` of its class is dropped only once the model
+    predicts its label for most of its members; a smaller one is dropped learned or not."""
+    for size, learned, dropped in ((30, False, False), (30, True, True), (10, False, True)):
+        feats, labels, group = _classes_with_a_planted_group(size)
+        defense = ForeignGroups(warmup=0, every=1, num_examples=300)
+        for epoch in range(2):
+            record = _round(defense, feats, labels, group if learned else None, epoch)
+        found = record.groups[0]
+        assert (found["members"], found["learned"]) == (group.tolist(), float(learned))
+        assert found["dropped"] == dropped
+        assert record.dropped.tolist() == (group.tolist() if dropped else [])
+    # at any size when unlearned=1
+    defense = ForeignGroups(unlearned=1.0, warmup=0, every=1, num_examples=300)
+    for epoch in range(2):
+        record = _round(defense, feats, labels, epoch=epoch)
+    assert record.dropped.tolist() == group.tolist()
+
+
+def test_learning_is_per_group_within_its_class() -> None:
+    ids = torch.tensor([0, 0, -1, 1, 1, 1, -1, -1])
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1])
+    learned = torch.tensor([True, False, True, True, True, True, False, False])
+    share, of_class = learning(ids, labels, learned)
+    assert share.tolist() == [0.5, 1.0]
+    assert torch.allclose(of_class, torch.tensor([2 / 3, 3 / 5]))
 
 
 def test_built_by_name_on_epic_0_1s_schedule() -> None:
@@ -115,14 +170,11 @@ def test_built_by_name_on_epic_0_1s_schedule() -> None:
 
 
 def test_with_isolated_it_also_drops_what_epic_drops_and_ranks_both() -> None:
-    """groups-epic: the cohesive group as before, and exactly EPIC's isolated medoids of the
-    same examples' last-layer gradients, each listed with its score for review."""
+    """groups-epic: the cohesive (learned) group as before, and exactly EPIC's isolated
+    medoids of the same examples' last-layer gradients, each listed with its score for
+    review."""
     feats, labels, group = _classes_with_a_planted_group()
-    model = Classifier(nn.Identity(), 16, 3, mean=[0.0] * 16, std=[1.0] * 16)
-    with torch.no_grad():  # a head that reads the blobs: the group is taken for class 1
-        model.classifier.weight.copy_(torch.eye(3, 16))
-        model.classifier.bias.zero_()
-    data = TensorDataset(feats[:, :, None, None], labels)
+    model, data = _model_and_data(feats, labels, learned=group)
     defense = build_defense("groups-epic-0.1", RunFacts(num_examples=300, epochs=4),
                             warmup=0, every=1)
     assert isinstance(defense, ForeignGroups) and defense.isolated == 0.1
