@@ -93,9 +93,12 @@ class Group:
         label: its members' class name; ``nearest``: the other class nearest them.
         cohesion: the mean share of its members' nearest class-mates inside it (None for an
             isolated example).
+        learned: the share of its members the model predicted as their label (None for an
+            isolated example).
         score: its members' mean unlikeness score (robust z).
-        flagged: whether the round dropped it (a group: its cohesion reached the detector's;
-            an isolated example always).
+        flagged: whether the round dropped it (a group: its cohesion reached the detector's
+            and, if it held more than the detector's ``unlearned`` share of its class, it was
+            learned; an isolated example always).
         members: their positions in the data set.
     """
 
@@ -105,6 +108,7 @@ class Group:
     label: str
     nearest: str
     cohesion: float | None
+    learned: float | None
     score: float
     flagged: bool
     members: tuple[int, ...]
@@ -189,14 +193,14 @@ def collect(data: ImageData, defense: Detector, *, files: Sequence[str] | None =
 def _findings(r: GroupRound, k: int, classes: Sequence[str]) -> list[Group]:
     """Round ``k``'s groups and isolated examples, ranked for review: flagged first, then
     the highest score first; named by that rank."""
-    found = [(g["label"], g["nearest"], g["cohesion"], g["score"], g["dropped"],
+    found = [(g["label"], g["nearest"], g["cohesion"], g["learned"], g["score"], g["dropped"],
               tuple(g["members"])) for g in r.groups]
-    found += [(e["label"], e["nearest"], None, e["score"], True, (e["index"],))
+    found += [(e["label"], e["nearest"], None, None, e["score"], True, (e["index"],))
               for e in r.isolated]
-    found.sort(key=lambda f: (not f[4], -f[3]))
+    found.sort(key=lambda f: (not f[5], -f[4]))
     return [Group(f"{k}.{rank}", k, r.epoch, classes[label], classes[nearest], cohesion,
-                  score, flagged, members)
-            for rank, (label, nearest, cohesion, score, flagged, members)
+                  learned, score, flagged, members)
+            for rank, (label, nearest, cohesion, learned, score, flagged, members)
             in enumerate(found, 1)]
 
 
@@ -412,7 +416,8 @@ def _group_sections(result: ScanResult, thumb_size: int, show: int) -> list[str]
             figures.append(f'<p class="more">and {more} more (suspicious.csv lists the '
                            f'flagged ones)</p>')
         size = ("" if g.isolated else
-                f" {len(g.members)} examples, cohesion {g.cohesion:.2f},")
+                f" {len(g.members)} examples, cohesion {g.cohesion:.2f},"
+                f" {g.learned:.0%} learned,")
         sections.append(_section(
             f"{esc(g.label)} nearer {esc(g.nearest)}",
             f"{kind} {esc(g.name)}:{size} score {g.score:.1f}, {verdict} in round {g.round} "
@@ -427,10 +432,10 @@ def write_html(result: ScanResult, path: str | os.PathLike[str], *, thumb_size: 
     EPIC's flags: one section per class with flags (heading: class name, flagged and total
     counts), one thumbnail per flagged example captioned with its file, cluster size and
     round. Groups: one section per group the detector found (heading: its class, the class
-    its members lie nearer, size, cohesion, score, and whether it was flagged) and per
-    isolated example it flagged (``groups-epic``), ranked together: flagged ones first, the
-    highest score first, a group's members side by side. Then the skipped files and their
-    reasons. Every name is HTML-escaped.
+    its members lie nearer, size, cohesion, learned share, score, and whether it was
+    flagged) and per isolated example it flagged (``groups-epic``), ranked together: flagged
+    ones first, the highest score first, a group's members side by side. Then the skipped
+    files and their reasons. Every name is HTML-escaped.
     """
     esc = html.escape
     sections = (_group_sections(result, thumb_size, group_members_shown) if result.groups

@@ -257,7 +257,8 @@ def test_groups_page_in_a_browser(group_scan, tmp_path) -> None:  # type: ignore
     shown = sum(len(g.members) for g in group_scan.groups)
     assert len(dom.imgs) == shown and dom.body.get("data-checked") == str(shown)
     assert all(img["data-state"] == "decoded" for img in dom.imgs) and not dom.failed
-    assert dom.headings[0].startswith("red nearer green group 1.1: 12 examples, cohesion 1.00")
+    assert dom.headings[0].startswith("red nearer green group 1.1: 12 examples, cohesion 1.00, "
+                                      "100% learned")
     assert "flagged in round 1" in dom.headings[0]
     assert all("not flagged" in h for h in dom.headings[1:-1])
     assert sorted(dom.captions[:12]) == sorted(GROUP)
@@ -271,7 +272,7 @@ def test_groups_and_isolated_examples_page_in_a_browser(mixed_scan, tmp_path) ->
     expected = [f"{g.label} nearer {g.nearest} "
                 + (f"isolated example {g.name}: score {g.score:.1f}," if g.isolated else
                    f"group {g.name}: {len(g.members)} examples, cohesion {g.cohesion:.2f}, "
-                   f"score {g.score:.1f},")
+                   f"{g.learned:.0%} learned, score {g.score:.1f},")
                 for g in mixed_scan.groups]
     assert len(dom.headings) == len(expected) + 1  # and the skipped files
     assert all(h.startswith(e) for h, e in zip(dom.headings, expected, strict=False))
