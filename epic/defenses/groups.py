@@ -18,6 +18,13 @@ model's penultimate features scaled to unit length:
    (:func:`neighbour_links`) form groups; a group whose members' nearest class-mates lie
    mostly inside it (``cohesion``) is dropped. A hard clean example that looks like another
    class, or the ragged edge of a class, rarely forms such a group.
+4. Unless it is large and unlearned (:func:`learning`): a group holding more than
+   ``unlearned`` of its class's kept examples is dropped only once the model predicts their
+   label for most of its members. Poisons work by being learned; a large part of a class the
+   model does not fit yet is more likely a mode of the class that a weakly fitted model has
+   still to learn, and dropping it takes that mode from the class (docs/defenses.md). A
+   smaller group is dropped learned or not: poisons early in training are not learned yet,
+   and dropping them then is what stops them.
 
 With ``isolated`` (an EPIC fraction), each round also drops what EPIC would: the medoids of
 the last-layer gradients whose cluster holds only themselves, among the same kept examples, so
@@ -48,10 +55,11 @@ from epic.protocol import RunFacts
 from epic.selection import class_rows
 
 # A group holding more than ``unlearned`` of its class is learned when the model predicts their
-# label for at least this share of its members. Measured: clean groups of 17-36% of a class
-# that a from-scratch convnet at half its final accuracy did not fit held 3-15% learned; the
-# 3% patch backdoor's poisons, when first dropped, 59%; transfer poisons 90%.
-LEARNED = 0.25
+# label for more than this share of its members. Measured: clean groups of 17-36% of a class
+# in a from-scratch convnet at half its final accuracy held 3-38% learned (a quarter let one
+# through as the model began to fit it); the 3% patch backdoor's poisons, when first dropped,
+# 59%; transfer poisons 90%.
+LEARNED = 0.5
 
 __all__ = ["ForeignGroups", "GroupRound", "cohesive_groups", "connected", "learning",
            "neighbour_links", "robust_z", "unlikeness"]
@@ -272,7 +280,7 @@ class ForeignGroups(ScheduledDefense):
         cohesion: a group is dropped when its members' neighbours lie inside it at least this
             often on average (:func:`cohesive_groups`).
         unlearned: a group holding more than this share of its class's kept examples is
-            dropped only when the model predicts their label for at least :data:`LEARNED` of
+            dropped only when the model predicts their label for more than :data:`LEARNED` of
             its members (1: at any size, learned or not).
         min_rounds: an example is a candidate only once this many rounds have scored it (the
             first round only scores, by default).
@@ -375,7 +383,7 @@ class ForeignGroups(ScheduledDefense):
         predicted = (gradients + F.one_hot(labels, self._classes)).argmax(1)
         learned, class_share = learning(ids, labels, predicted == labels)
         dropped = (cohesion >= self.cohesion) & ((class_share <= self.unlearned)
-                                                 | (learned >= LEARNED))
+                                                 | (learned > LEARNED))
         drop = torch.isin(ids, dropped.nonzero().squeeze(1))
         drop[isolated] = True
         where = keep.nonzero().squeeze(1)
