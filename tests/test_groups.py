@@ -164,8 +164,11 @@ def test_learning_is_per_group_within_its_class() -> None:
 
 def test_built_by_name_on_epic_0_1s_schedule() -> None:
     defense = build_defense("foreign-groups", RunFacts(num_examples=10, epochs=40,
-                                                       milestones=(25, 35)), cohesion=0.9)
-    assert isinstance(defense, ForeignGroups) and defense.cohesion == 0.9
+                                                       milestones=(25, 35)), cohesion=0.9,
+                            unlearned=0.2)
+    assert isinstance(defense, ForeignGroups)
+    assert (defense.cohesion, defense.unlearned) == (0.9, 0.2)
+    assert defense.recorded_settings()["unlearned"] == 0.2
     assert [e for e in range(40) if defense.due(e)] == list(range(10, 35, 2))
 
 
