@@ -319,7 +319,7 @@ class ForeignGroups(ScheduledDefense):
         self.isolated = isolated
         # EPIC's selection, for its drop_rows only (this defense keeps the schedule and mask)
         self._epic = None if isolated is None else EPIC(isolated, warmup=warmup, every=every)
-        self._classes = 0  # logit-gradient columns at the end of this round's embeddings
+        self._classes = 0  # with isolated: the logit-gradient columns of the embeddings
         # per example: running sums of its two unlikeness scores, and the rounds that saw it
         self.score_sum: Tensor | None = None
         self.rounds_seen: Tensor | None = None
@@ -342,16 +342,22 @@ class ForeignGroups(ScheduledDefense):
 
     def embed(self, model: nn.Module, data: Examples, keep: Tensor,
               features: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """The kept examples' features, their last-layer gradients
-        (:func:`~epic.gradients.logit_gradients` of the model's ``classifier``) after them."""
+        """The kept examples' features; with ``isolated``, their last-layer gradients
+        (:func:`~epic.gradients.logit_gradients` of the model's ``classifier``) after them;
+        last, one column: 1 where the model predicts the example's label, else 0."""
         feats, labels = feature_embeddings(model, data, keep=keep, batch_size=self.batch_size,
                                            features=features)
         head: nn.Module = getattr(model, "classifier")  # noqa: B009
         device = next(head.parameters()).device
         with torch.no_grad():
-            gradients = logit_gradients(head(feats.to(device)).float(), labels.to(device))
-        self._classes = gradients.shape[1]
-        return torch.cat([feats.float(), gradients.to(feats.device)], 1), labels
+            logits = head(feats.to(device)).float()
+        parts = [feats.float()]
+        if self._epic is not None:
+            gradients = logit_gradients(logits, labels.to(device))
+            self._classes = gradients.shape[1]
+            parts.append(gradients.to(feats.device))
+        learned = logits.argmax(1) == labels.to(device)
+        return torch.cat([*parts, learned.float()[:, None].to(feats.device)], 1), labels
 
     def scores(self, embeddings: Tensor, labels: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
         """Add this round's unlikeness of the kept rows to the running sums; their score
@@ -371,19 +377,18 @@ class ForeignGroups(ScheduledDefense):
 
     def drop_rows(self, embeddings: Tensor, labels: Tensor, keep: Tensor
                   ) -> tuple[Tensor, dict[str, Any]]:
-        features, gradients = embeddings.tensor_split([-self._classes], dim=1)
+        features, learned = embeddings[:, :-1], embeddings[:, -1] > 0.5
         isolated = torch.empty(0, dtype=torch.long, device=embeddings.device)
         if self._epic is not None:
+            features, gradients = features.tensor_split([-self._classes], dim=1)
             isolated = self._epic.drop_rows(gradients, labels, keep)[0]
         score, scored = self.scores(features, labels, keep)
         links = neighbour_links(features, labels, self.neighbours)
         ids, cohesion = cohesive_groups((score > self.threshold) & scored, links,
                                         share=self.share)
-        # the logit gradients are the predicted probabilities less the one-hot labels
-        predicted = (gradients + F.one_hot(labels, self._classes)).argmax(1)
-        learned, class_share = learning(ids, labels, predicted == labels)
+        learned_share, class_share = learning(ids, labels, learned)
         dropped = (cohesion >= self.cohesion) & ((class_share <= self.unlearned)
-                                                 | (learned > LEARNED))
+                                                 | (learned_share > LEARNED))
         drop = torch.isin(ids, dropped.nonzero().squeeze(1))
         drop[isolated] = True
         where = keep.nonzero().squeeze(1)
@@ -395,7 +400,7 @@ class ForeignGroups(ScheduledDefense):
                 groups.append({"label": int(labels[rows[0]]), "nearest": nearest(rows),
                                "size": len(rows), "cohesion": round(value, 4),
                                "score": round(float(score[rows].mean()), 4),
-                               "learned": round(float(learned[g]), 4),
+                               "learned": round(float(learned_share[g]), 4),
                                "dropped": bool(dropped[g]),
                                "members": where[rows.cpu()].tolist()})
         singles = [{"index": int(where[i]), "label": int(labels[i]),
