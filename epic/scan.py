@@ -35,7 +35,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -193,15 +193,13 @@ def collect(data: ImageData, defense: Detector, *, files: Sequence[str] | None =
 def _findings(r: GroupRound, k: int, classes: Sequence[str]) -> list[Group]:
     """Round ``k``'s groups and isolated examples, ranked for review: flagged first, then
     the highest score first; named by that rank."""
-    found = [(g["label"], g["nearest"], g["cohesion"], g["learned"], g["score"], g["dropped"],
-              tuple(g["members"])) for g in r.groups]
-    found += [(e["label"], e["nearest"], None, None, e["score"], True, (e["index"],))
-              for e in r.isolated]
-    found.sort(key=lambda f: (not f[5], -f[4]))
-    return [Group(f"{k}.{rank}", k, r.epoch, classes[label], classes[nearest], cohesion,
-                  learned, score, flagged, members)
-            for rank, (label, nearest, cohesion, learned, score, flagged, members)
-            in enumerate(found, 1)]
+    found = [Group("", k, r.epoch, classes[g["label"]], classes[g["nearest"]], g["cohesion"],
+                   g["learned"], g["score"], g["dropped"], tuple(g["members"]))
+             for g in r.groups]
+    found += [Group("", k, r.epoch, classes[e["label"]], classes[e["nearest"]], None, None,
+                    e["score"], True, (e["index"],)) for e in r.isolated]
+    found.sort(key=lambda g: (not g.flagged, -g.score))
+    return [replace(g, name=f"{k}.{rank}") for rank, g in enumerate(found, 1)]
 
 
 def scan(
