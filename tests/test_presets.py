@@ -152,7 +152,7 @@ def test_sleeper_agent_preset_halves_the_papers_schedule_for_every_drop_defense(
         (["none"], None, None), (["epic-0.1"], 5, 1), (["epic-0.2"], 10, 1),
         (["epic-0.3"], 15, 1), (["groups-epic-0.1"], 5, 1), (["foreign-groups"], 5, 1)]
     # a second seed where the backdoor's noise matters most
-    assert [r.seeds for r in runs] == [[0, 1], [0, 1], [0], [0], [0, 1], [0]]
+    assert [r.seeds for r in runs] == [[0, 1, 2, 3], [0, 1, 2, 3], [0], [0], [0, 1, 2, 3], [0]]
 
 
 def test_unknown_preset_is_refused() -> None:

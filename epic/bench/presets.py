@@ -141,7 +141,7 @@ def _schedule(spec: str) -> tuple[str, ...]:
 # seed), these defenses' victims run with more seeds: undefended, EPIC and the group detector
 SEEDED = ("none", "epic-0.1", "groups-epic-0.1")
 # the from-scratch Sleeper Agent backdoor is that weak
-SA_SEEDS = ("0", "1")
+SA_SEEDS = ("0", "1", "2", "3")
 
 
 def _scratch_sa(data: Path, out: Path, first: int, defenses: Sequence[str]) -> list[Step]:
