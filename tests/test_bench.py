@@ -366,3 +366,52 @@ def test_detection_pools_each_detectors_drops_per_poison_set() -> None:
     table = detection_markdown(rows)
     assert "| badnets | 10 | epic-0.1 | 2 | 30.0% | 7.27% | 4.0% |" in table
     assert "| badnets | 10 | deep-knn | 1 | 0.0% | 0.00% | – |" in table
+
+
+def test_paired_compares_defenses_on_the_same_poison_set_and_seed(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Pairs are the same scenario, attack, poison set and seed; a side run twice, or missing,
+    makes no pair; the sign test counts only the pairs that differ."""
+    from epic.bench.report import paired, paired_markdown, sign_test
+
+    def rec(defense: str, poisons: str, seed: int, success: float) -> dict[str, Any]:
+        return {"attack": "sleeper_agent", "scenario": "scratch", "defense": defense,
+                "poisons_dir": poisons, "seed": seed, "attack_success": success,
+                "test_acc": 0.6, "seconds": 1.0, "config": {}, "schedule": {}}
+
+    records = [rec("epic-0.1", "a", 0, 0.10), rec("groups-epic-0.1", "a", 0, 0.15),
+               rec("epic-0.1", "a", 1, 0.20), rec("groups-epic-0.1", "a", 1, 0.20),
+               rec("epic-0.1", "b", 0, 0.30), rec("groups-epic-0.1", "b", 0, 0.40),
+               rec("groups-epic-0.1", "b", 1, 0.90),  # no EPIC trial of b with seed 1
+               rec("epic-0.1", "c", 0, 0.50), rec("epic-0.1", "c", 0, 0.70),
+               rec("groups-epic-0.1", "c", 0, 0.00)]  # EPIC ran twice on c: which is its pair?
+    (row,) = paired(records, "epic-0.1")
+    assert (row["defense"], row["against"], row["pairs"]) == ("groups-epic-0.1", "epic-0.1", 3)
+    assert row["difference"] == pytest.approx(0.05)  # (0.05 + 0 + 0.10) / 3
+    assert (row["higher"], row["equal"], row["lower"]) == (2, 1, 0)
+    assert row["p"] == sign_test(2, 0) == 0.5
+    assert [r["defense"] for r in paired(records, "groups-epic-0.1")] == ["epic-0.1"]
+    assert paired(records, "none") == []
+    assert "| groups-epic-0.1 | epic-0.1 | 3 | +5.0 ± 2.9 points | 2 / 1 / 0 | 0.5 |" in (
+        paired_markdown([row]))
+    assert sign_test(0, 0) == 1.0 and sign_test(10, 0) == pytest.approx(2 / 1024)
+
+    store = tmp_path / "bench" / "results.jsonl"
+    store.parent.mkdir()
+    store.write_text("".join(json.dumps(r | {"key": str(i), "eps": 0.1, "target_class": 0,
+                                             "adversarial_class": 1, "wall_seconds": 1.0,
+                                             "run_dir": f"t/{i}", "device": "cpu",
+                                             "setup": None, "run": {}, "argv": [],
+                                             "epochs": 1, "examples": 10, "poisons": 1,
+                                             "poisons_dropped": 0, "examples_dropped": 0})
+                                 + "\n" for i, r in enumerate(records)))
+    report = ["bench", "report", str(store), "--out", str(tmp_path / "report")]
+    assert main([*report, "--against", "epic-0.1"]) == 0
+    assert "| groups-epic-0.1 | epic-0.1 | 3 | +5.0 ± 2.9 points |" in capsys.readouterr().out
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "<td>+5.0 ± 2.9 points</td>" in page
+    assert json.loads((tmp_path / "report" / "paired.json").read_text())[0]["pairs"] == 3
+    with pytest.raises(SystemExit):
+        main([*report, "--against", "epic-0.2"])
+    assert (f"--against epic-0.2: no such defense in {store}; it has epic-0.1, groups-epic-0.1"
+            in capsys.readouterr().err)

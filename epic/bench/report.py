@@ -14,6 +14,7 @@ import json
 import math
 import os
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,8 @@ from epic.io.files import read_json, replace_atomically, write_atomically
 from epic.pages import write_page
 
 __all__ = ["cluster_size_rounds", "defense_label", "defense_labels", "defense_rounds", "detection",
-           "detection_markdown", "drop_curve", "plot_effective", "summarize", "to_markdown",
-           "write_report"]
+           "detection_markdown", "drop_curve", "paired", "paired_markdown", "plot_effective",
+           "sign_test", "summarize", "to_markdown", "write_report"]
 
 SIZE_BUCKETS = ((1, 1), (2, 5), (6, 20), (21, 100), (101, math.inf))
 
@@ -126,6 +127,62 @@ def detection(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                      "clean_flagged": (dropped - hit) / max(clean, 1),
                      "precision": hit / dropped if dropped else None})
     return rows
+
+
+def sign_test(higher: int, lower: int) -> float:
+    """The two-sided exact sign test's p-value for ``higher`` pairs against ``lower`` (ties
+    left out): the chance, were either side equally likely in each pair, of a split at least
+    this uneven. 1.0 when no pair differs.
+
+    Example:
+        >>> round(sign_test(5, 0), 4), sign_test(2, 2)
+        (0.0625, 1.0)
+    """
+    n, k = higher + lower, min(higher, lower)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+
+
+def paired(records: list[dict[str, Any]], against: str) -> list[dict[str, Any]]:
+    """Each defense against the defense labelled ``against`` (:func:`defense_labels`) on the
+    same victims: the pairs of trials with the same scenario, attack, poison set and seed, each
+    side run once. One row per (scenario, attack, defense) with pairs: ``pairs``, the mean
+    difference in attack success (the defense's minus ``against``'s) and its standard error,
+    in how many pairs the defense's is ``higher``, ``equal`` and ``lower``, and ``p``, the
+    :func:`sign_test` over the pairs that differ. Where an attack's outcome moves with the
+    seed by more than defenses move it, the mean of each defense apart hides what the pairs
+    show."""
+    trials: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
+    for r, label in zip(records, defense_labels(records), strict=True):
+        if r.get("poisons_dir") is not None and r.get("seed") is not None:
+            trials[(r["scenario"], r["attack"], label, r["poisons_dir"], r["seed"])].append(r)
+    differences: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    for (scenario, attack, label, poisons, seed), rs in sorted(trials.items(), key=str):
+        base = trials.get((scenario, attack, against, poisons, seed), [])
+        if label != against and len(rs) == 1 == len(base):
+            differences[(scenario, attack, label)].append(
+                float(rs[0]["attack_success"]) - float(base[0]["attack_success"]))
+    rows = []
+    for (scenario, attack, label), diffs in sorted(differences.items()):
+        mean, se = _mean_se(diffs)
+        higher, lower = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+        rows.append({"scenario": scenario, "attack": attack, "defense": label,
+                     "against": against, "pairs": len(diffs), "difference": mean,
+                     "difference_se": se, "higher": higher,
+                     "equal": len(diffs) - higher - lower, "lower": lower,
+                     "p": sign_test(higher, lower)})
+    return rows
+
+
+def paired_markdown(rows: list[dict[str, Any]]) -> str:
+    """:func:`paired` rows as a Markdown table (differences in percentage points)."""
+    lines = ["| scenario | attack | defense | against | pairs | attack success difference | "
+             "higher / equal / lower | sign test p |", "|---|---|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['scenario']} | {r['attack']} | {r['defense']} | {r['against']} | "
+                     f"{r['pairs']} | {100 * r['difference']:+.1f} ± "
+                     f"{100 * r['difference_se']:.1f} points | {r['higher']} / {r['equal']} / "
+                     f"{r['lower']} | {r['p']:.3g} |")
+    return "\n".join(lines)
 
 
 def detection_markdown(rows: list[dict[str, Any]]) -> str:
@@ -456,9 +513,12 @@ def _figures(records: list[dict[str, Any]], rows: list[dict[str, Any]],
 
 
 def write_report(records: list[dict[str, Any]], out: str | os.PathLike[str], *,
-                 trials: str | os.PathLike[str] | None = None) -> Path:
+                 trials: str | os.PathLike[str] | None = None,
+                 against: Sequence[str] = ("none",)) -> Path:
     """Write ``summary.md``, ``summary.json``, ``detection.md`` and ``detection.json`` (each
-    defense as a detector, :func:`detection`), the figures and ``report.html`` to ``out``.
+    defense as a detector, :func:`detection`), ``paired.md`` and ``paired.json`` (every
+    defense against each of ``against`` on the same victims, :func:`paired`), the figures and
+    ``report.html`` to ``out``.
 
     ``trials``: the folder holding the run folders (``trials/`` beside a store's
     ``results.jsonl``); the records' ``run_dir`` then only names a folder in it. By default
@@ -477,6 +537,9 @@ def write_report(records: list[dict[str, Any]], out: str | os.PathLike[str], *,
     found = detection(records)
     write_atomically(outp / "detection.json", json.dumps(found, indent=2))
     write_atomically(outp / "detection.md", detection_markdown(found) + "\n")
+    pairs = [row for spec in against for row in paired(records, spec)]
+    write_atomically(outp / "paired.json", json.dumps(pairs, indent=2))
+    write_atomically(outp / "paired.md", paired_markdown(pairs) + "\n")
     figures = (_figures(records, rows, found, outp, None if trials is None else Path(trials))
                if records else [])
     parts = ["<h1>Benchmark report</h1>", f"<p>{len(records)} trials.</p><table><tr>"]
@@ -502,6 +565,9 @@ def write_report(records: list[dict[str, Any]], out: str | os.PathLike[str], *,
             cells.append(f"<td>{html.escape(text)}</td>")
         parts.append("<tr>" + "".join(cells) + "</tr>")
     parts.append("</table>")
+    if pairs:
+        parts.append("<h2>Paired: the same poison sets and seeds</h2>"
+                     + _html_table(paired_markdown(pairs)))
     for caption, path in figures:
         data = base64.b64encode(path.read_bytes()).decode()
         parts.append(f"<figure><img src='data:image/png;base64,{data}'>"
@@ -509,6 +575,15 @@ def write_report(records: list[dict[str, Any]], out: str | os.PathLike[str], *,
     page = outp / "report.html"
     write_page(page, "epic benchmark", "\n".join(parts), style=_STYLE)
     return page
+
+
+def _html_table(markdown: str) -> str:
+    """A Markdown table of this module's (no pipes inside cells) as an HTML table."""
+    head, _, *body = ([html.escape(c.strip()) for c in line.strip("|").split("|")]
+                      for line in markdown.splitlines())
+    return ("<table><tr>" + "".join(f"<th>{c}</th>" for c in head) + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in body)
+            + "</table>")
 
 
 _STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:auto}"

@@ -15,7 +15,14 @@ from typing import Any
 from epic.bench.curves import measure_curves, read_curves, write_curves
 from epic.bench.effective import measure_effective, write_effective
 from epic.bench.presets import PRESETS, run_preset
-from epic.bench.report import summarize, to_markdown, write_report
+from epic.bench.report import (
+    defense_labels,
+    paired,
+    paired_markdown,
+    summarize,
+    to_markdown,
+    write_report,
+)
 from epic.bench.runner import HOW, compare_rerun, rerun_defense, run_trials
 from epic.bench.schema import setting_path
 from epic.bench.store import ResultStore
@@ -135,6 +142,10 @@ def _add_report(bsub: Any) -> None:
                                       "figures and a self-contained report.html.")
     rep.add_argument("store", help="a results.jsonl written by `epic bench run`")
     rep.add_argument("--out", default=None, help="output folder (default: beside the store)")
+    rep.add_argument("--against", nargs="+", default=None, metavar="DEFENSE",
+                     help="compare every defense with these on the same poison sets and "
+                          "seeds, pair by pair (paired.md; default: none, the undefended "
+                          "victims, where the store has them)")
     rep.add_argument("--json", action="store_true", help="print the summary rows as JSON last")
     rep.set_defaults(handler=cmd_report)
 
@@ -167,7 +178,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                    defenses=explicit, run=lambda argv: run_command(args.parser, argv))
         return cmd_report(argparse.Namespace(store=str(Path(args.out) / "bench" /
                                                        "results.jsonl"), out=None,
-                                             json=args.json))
+                                             against=None, json=args.json))
     if not args.poisons:
         raise ValueError("bench run needs --poisons DIR ... (or --preset)")
     store = ResultStore(Path(args.out) / "results.jsonl")
@@ -274,10 +285,18 @@ def cmd_report(args: argparse.Namespace) -> int:
     records = store.load()
     if not records:
         raise ValueError(f"no records in {args.store}")
+    against = args.against or ["none"]
+    labels = set(defense_labels(records))
+    if args.against and not labels.issuperset(against):
+        raise ValueError(f"--against {' '.join(sorted(set(against) - labels))}: no such defense "
+                         f"in {args.store}; it has {', '.join(sorted(labels))}")
     page = write_report(records, args.out or Path(args.store).parent / "report",
-                        trials=Path(args.store).parent / "trials")
+                        trials=Path(args.store).parent / "trials", against=against)
     rows = summarize(records)
     print(to_markdown(rows))
+    pairs = [row for spec in against for row in paired(records, spec)]
+    if pairs:
+        print(paired_markdown(pairs))
     print(f"report: {page}")
     if store.skipped:
         print(f"({store.skipped} unreadable lines skipped)")
