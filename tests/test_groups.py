@@ -134,17 +134,20 @@ def test_the_defense_scores_first_drops_later_and_resumes_to_the_same_drops() ->
     assert all(not g["dropped"] for g in second.groups[1:])
 
 
-def test_a_large_group_the_model_has_not_learned_is_spared_a_small_one_is_not() -> None:
+def test_a_large_loose_group_the_model_has_not_learned_is_spared_a_small_one_is_not() -> None:
     """A group of more than ``unlearned`` of its class is dropped only once the model
-    predicts its label for most of its members; a smaller one is dropped learned or not."""
-    for size, learned, dropped in ((30, False, False), (30, True, True), (10, False, True)):
+    predicts its label for most of its members, or if it is ``tight``; a smaller one is
+    dropped learned or not. The planted group is 0.9 cohesive: loose where the bar for tight
+    is off, tight where it is 0.85."""
+    for size, learned, tight, dropped in ((30, False, 0.85, True), (30, False, None, False),
+                                          (30, True, None, True), (10, False, None, True)):
         feats, labels, group = _classes_with_a_planted_group(size)
-        defense = ForeignGroups(warmup=0, every=1, num_examples=300)
+        defense = ForeignGroups(tight=tight, warmup=0, every=1, num_examples=300)
         for epoch in range(2):
             record = _round(defense, feats, labels, group if learned else None, epoch)
         found = record.groups[0]
         assert (found["members"], found["learned"]) == (group.tolist(), float(learned))
-        assert found["dropped"] == dropped
+        assert found["cohesion"] >= 0.85 and found["dropped"] == dropped
         assert record.dropped.tolist() == (group.tolist() if dropped else [])
     # at any size when unlearned=1
     defense = ForeignGroups(unlearned=1.0, warmup=0, every=1, num_examples=300)
@@ -165,10 +168,11 @@ def test_learning_is_per_group_within_its_class() -> None:
 def test_built_by_name_on_epic_0_1s_schedule() -> None:
     defense = build_defense("foreign-groups", RunFacts(num_examples=10, epochs=40,
                                                        milestones=(25, 35)), cohesion=0.9,
-                            unlearned=0.2)
+                            unlearned=0.2, tight=0.95)
     assert isinstance(defense, ForeignGroups)
-    assert (defense.cohesion, defense.unlearned) == (0.9, 0.2)
+    assert (defense.cohesion, defense.unlearned, defense.tight) == (0.9, 0.2, 0.95)
     assert defense.recorded_settings()["unlearned"] == 0.2
+    assert defense.recorded_settings()["tight"] == 0.95
     assert [e for e in range(40) if defense.due(e)] == list(range(10, 35, 2))
 
 

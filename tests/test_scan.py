@@ -396,22 +396,22 @@ def test_scan_help_names_every_option() -> None:
 
 def test_cli_scan_for_groups_trains_under_the_detector(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     data_dir = planted_group_folder(tmp_path / "data")
-    assert main(["scan", "--data", str(data_dir), "--detector", "groups", "--epochs", "14",
+    assert main(["scan", "--data", str(data_dir), "--detector", "groups", "--epochs", "6",
                  "--warmup", "2", "--every", "1", "--batch-size", "16",
                  "--out", str(tmp_path / "scan"), "--json"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[1] == ("training convnet for 14 epochs with foreign-groups, rounds before "
-                        "epochs [2, 3, 4, 5, 6, 7, 8, 9, 10, 11]")  # until the last milestone
+    assert lines[1] == ("training convnet for 6 epochs with foreign-groups, rounds before "
+                        "epochs [2, 3, 4]")  # until the last milestone
     # the first round only scores
     assert any(line.startswith("epoch 2: foreign-groups round 1 flagged 0,") for line in lines)
     with open(json.loads(lines[-1])["suspicious.csv"], newline="") as f:
         assert {r["file"] for r in csv.DictReader(f)} == GROUP
-    # the group (12 of its class's 42) was found from the second round, but flagged only once
-    # the model had learned it
+    # the group (12 of its class's 42) was found and flagged in the second round, before the
+    # model had learned most of it: a shared trigger makes a tight group
     rounds = json.loads((tmp_path / "scan" / "train" / "defense.json").read_text())
-    found = [(g["learned"], g["dropped"]) for r in rounds for g in r["groups"]
-             if g["size"] == len(GROUP)]
-    assert found[0] == (0.0, False) and found[-1][1] and found[-1][0] > 0.5
+    learned, cohesion, flagged = next((g["learned"], g["cohesion"], g["dropped"])
+                                      for g in rounds[1]["groups"] if g["size"] == len(GROUP))
+    assert flagged and learned <= 0.5 and cohesion >= 0.9
 
 
 def test_cli_scan_for_groups_and_isolated_examples_trains_under_both(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]

@@ -18,13 +18,15 @@ model's penultimate features scaled to unit length:
    (:func:`neighbour_links`) form groups; a group whose members' nearest class-mates lie
    mostly inside it (``cohesion``) is dropped. A hard clean example that looks like another
    class, or the ragged edge of a class, rarely forms such a group.
-4. Unless it is large and unlearned (:func:`learning`): a group holding more than
+4. Unless it is large, loose and unlearned (:func:`learning`): a group holding more than
    ``unlearned`` of its class's kept examples is dropped only once the model predicts their
-   label for most of its members. Poisons work by being learned; a large part of a class the
-   model does not fit yet is more likely a mode of the class that a weakly fitted model has
-   still to learn, and dropping it takes that mode from the class (docs/defenses.md). A
-   smaller group is dropped learned or not: poisons early in training are not learned yet,
-   and dropping them then is what stops them.
+   label for most of its members, or when it is ``tight`` (nearly every member's neighbours
+   inside it). Poisons work by being learned; a large part of a class the model does not fit
+   yet is more likely a mode of the class that a weakly fitted model has still to learn, and
+   dropping it takes that mode from the class (docs/defenses.md). A shared trigger makes a
+   near-clique before the model has learned it, which no mode of a class has been seen to
+   be. A smaller group is dropped learned or not: poisons early in training are not learned
+   yet, and dropping them then is what stops them.
 
 With ``isolated`` (an EPIC fraction), each round also drops what EPIC would: the medoids of
 the last-layer gradients whose cluster holds only themselves, among the same kept examples, so
@@ -41,6 +43,7 @@ class and cohesive, on EPIC's schedule (docs/defenses.md, "Foreign groups").
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -246,7 +249,7 @@ class GroupRound(DropRound):
     most cohesive first, each with its ``label``, the ``nearest`` other class (by its
     members' majority), ``size``, ``cohesion``, mean ``score`` (robust z), ``learned`` (the
     share of its members the model predicts as their label), whether it was ``dropped``
-    (cohesion at least the defense's ``cohesion``, and learned if it is large) and its
+    (cohesion at least the defense's ``cohesion``, and if it is large, learned or ``tight``) and its
     ``members`` (dataset indices). ``isolated`` lists the examples dropped as EPIC drops them
     (with ``isolated`` set), the highest score first, each with its ``index``, ``label``,
     ``nearest`` class and ``score`` (this round's, however many rounds scored it)."""
@@ -281,7 +284,11 @@ class ForeignGroups(ScheduledDefense):
             often on average (:func:`cohesive_groups`).
         unlearned: a group holding more than this share of its class's kept examples is
             dropped only when the model predicts their label for more than :data:`LEARNED` of
-            its members (1: at any size, learned or not).
+            its members, or when it is ``tight`` (1: at any size, learned or not).
+        tight: a group at least this cohesive is dropped however large and unlearned (None:
+            only once learned). Measured (docs/defenses.md): 746 large clean groups in the
+            benchmark stores' rounds were at most 0.86 cohesive; a 3% patch backdoor's group
+            before the model learned it, 0.94 and 0.97.
         min_rounds: an example is a candidate only once this many rounds have scored it (the
             first round only scores, by default).
         reference: class members each median distance is measured against (see
@@ -294,17 +301,20 @@ class ForeignGroups(ScheduledDefense):
     """
 
     SETTINGS = (*ScheduledDefense.SCHEDULE, "threshold", "neighbours", "share", "cohesion",
-                "unlearned", "min_rounds", "reference", "seed", "isolated")
+                "unlearned", "tight", "min_rounds", "reference", "seed", "isolated")
     record_type = GroupRound
 
     def __init__(self, *, threshold: float = 2.5, neighbours: int = 10, share: float = 0.6,
-                 cohesion: float = 0.75, unlearned: float = 0.125, min_rounds: int = 2,
+                 cohesion: float = 0.75, unlearned: float = 0.125, tight: float | None = 0.9,
+                 min_rounds: int = 2,
                  reference: int | None = 1000, seed: int = 0, isolated: float | None = None,
                  warmup: int = 10, every: int = 2, until: int | None = None,
                  num_examples: int | None = None, batch_size: int | None = None) -> None:
-        if neighbours < 2 or not all(0 < v <= 1 for v in (share, cohesion, unlearned)):
-            raise ValueError(f"need neighbours >= 2 and share, cohesion and unlearned in (0, 1], "
-                             f"got {neighbours}, {share}, {cohesion}, {unlearned}")
+        shares = (share, cohesion, unlearned, 1.0 if tight is None else tight)
+        if neighbours < 2 or not all(0 < v <= 1 for v in shares):
+            raise ValueError(f"need neighbours >= 2 and share, cohesion, unlearned and tight in "
+                             f"(0, 1], got {neighbours}, {share}, {cohesion}, {unlearned}, "
+                             f"{tight}")
         super().__init__(warmup=warmup, every=every, until=until, num_examples=num_examples,
                          batch_size=batch_size)
         self.threshold = threshold
@@ -312,6 +322,7 @@ class ForeignGroups(ScheduledDefense):
         self.share = share
         self.cohesion = cohesion
         self.unlearned = unlearned
+        self.tight = tight
         self.min_rounds = min_rounds
         self.reference = reference
         self.seed = seed
@@ -327,14 +338,15 @@ class ForeignGroups(ScheduledDefense):
     @classmethod
     def for_run(cls, run: RunFacts, *, threshold: float | None = None,
                 cohesion: float | None = None, unlearned: float | None = None,
-                min_rounds: int | None = None, isolated: float | None = None,
+                tight: float | None = None, min_rounds: int | None = None,
+                isolated: float | None = None,
                 warmup: int | None = None, every: int | None = None,
                 until: int | None = None) -> ForeignGroups:
         """On EPIC's schedule (:func:`paper_schedule`: EPIC-``isolated``'s, or EPIC-0.1's),
         seeded by the run."""
         given: dict[str, Any] = {k: v for k, v in (
             ("threshold", threshold), ("cohesion", cohesion), ("unlearned", unlearned),
-            ("min_rounds", min_rounds)) if v is not None}
+            ("tight", tight), ("min_rounds", min_rounds)) if v is not None}
         if warmup is None and isolated is not None:
             warmup = paper_warmup(isolated)
         return cls(seed=run.seed, isolated=isolated, **given,
@@ -387,8 +399,9 @@ class ForeignGroups(ScheduledDefense):
         ids, cohesion = cohesive_groups((score > self.threshold) & scored, links,
                                         share=self.share)
         learned_share, class_share = learning(ids, labels, learned)
+        tight = cohesion >= (math.inf if self.tight is None else self.tight)
         dropped = (cohesion >= self.cohesion) & ((class_share <= self.unlearned)
-                                                 | (learned_share > LEARNED))
+                                                 | (learned_share > LEARNED) | tight)
         drop = torch.isin(ids, dropped.nonzero().squeeze(1))
         drop[isolated] = True
         where = keep.nonzero().squeeze(1)
