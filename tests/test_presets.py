@@ -87,7 +87,8 @@ def test_coverage_presets_craft_their_sets_and_run_every_detector_on_each(name: 
         # and Gradient Matching's 0.5% set with two more seeds
         seeded = runs.pop()
         assert (seeded.poisons, seeded.defenses, seeded.seeds, seeded.warmup, seeded.every) == (
-            ["o/poisons/gm-0020"], ["none", "epic-0.1", "groups-epic-0.1"], [1, 2], 5, 2)
+            ["o/poisons/gm-0020"], ["none", "epic-0.1", "groups-epic-0.1", "foreign-groups"],
+            [1, 2], 5, 2)
         probes = [runs.pop(), runs.pop()][::-1]
         assert [(p.poisons, p.defenses, p.warmup, p.every, p.model) for p in probes] == [
             (["o/poisons/badnets-0120"], ["foreign-groups"], w, 1, "fastnet") for w in (2, 1)]
@@ -152,7 +153,8 @@ def test_sleeper_agent_preset_halves_the_papers_schedule_for_every_drop_defense(
         (["none"], None, None), (["epic-0.1"], 5, 1), (["epic-0.2"], 10, 1),
         (["epic-0.3"], 15, 1), (["groups-epic-0.1"], 5, 1), (["foreign-groups"], 5, 1)]
     # a second seed where the backdoor's noise matters most
-    assert [r.seeds for r in runs] == [[0, 1, 2, 3], [0, 1, 2, 3], [0], [0], [0, 1, 2, 3], [0]]
+    assert [r.seeds for r in runs] == [[0, 1, 2, 3], [0, 1, 2, 3], [0], [0], [0, 1, 2, 3],
+                                      [0, 1, 2, 3]]
 
 
 def test_unknown_preset_is_refused() -> None:

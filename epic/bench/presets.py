@@ -138,8 +138,8 @@ def _schedule(spec: str) -> tuple[str, ...]:
 
 
 # Where an attack's outcome moves with any change to training (a few examples dropped, another
-# seed), these defenses' victims run with more seeds: undefended, EPIC and the group detector
-SEEDED = ("none", "epic-0.1", "groups-epic-0.1")
+# seed), these defenses' victims run with more seeds: undefended, EPIC and the group detectors
+SEEDED = ("none", "epic-0.1", "groups-epic-0.1", "foreign-groups")
 # the from-scratch Sleeper Agent backdoor is that weak
 SA_SEEDS = ("0", "1", "2", "3")
 
@@ -313,7 +313,7 @@ GROUPS_SETS = COVERAGE_SETS + CRAFTED_SETS
 
 
 # Gradient Matching's one target flips or not with any change to training: its 0.5% set's
-# undefended, EPIC-0.1 and groups-epic-0.1 victims again with these seeds
+# undefended, EPIC-0.1 and group-detector victims again with these seeds
 GM_SEEDS = ("1", "2")
 
 
