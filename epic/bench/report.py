@@ -156,7 +156,7 @@ def paired(records: list[dict[str, Any]], against: str) -> list[dict[str, Any]]:
         if r.get("poisons_dir") is not None and r.get("seed") is not None:
             trials[(r["scenario"], r["attack"], label, r["poisons_dir"], r["seed"])].append(r)
     differences: dict[tuple[str, str, str], list[float]] = defaultdict(list)
-    for (scenario, attack, label, poisons, seed), rs in sorted(trials.items(), key=str):
+    for (scenario, attack, label, poisons, seed), rs in trials.items():
         base = trials.get((scenario, attack, against, poisons, seed), [])
         if label != against and len(rs) == 1 == len(base):
             differences[(scenario, attack, label)].append(
