@@ -19,14 +19,19 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from epic.bench import ResultStore
 from epic.bench.report import defense_rounds
 
 
 def _quantiles(values: list[float]) -> dict[str, float]:
-    ordered = sorted(values)
-    return {f"q{int(100 * q)}": ordered[round(q * (len(ordered) - 1))]
-            for q in (0.0, 0.1, 0.5, 0.9, 1.0)} if ordered else {}
+    """The 0, 10, 50, 90 and 100th percentiles, each one of ``values``."""
+    if not values:
+        return {}
+    levels = (0, 10, 50, 90, 100)
+    return {f"q{q}": float(v) for q, v in
+            zip(levels, np.percentile(values, levels, method="nearest"), strict=True)}
 
 
 def main() -> None:
